@@ -1,0 +1,1 @@
+"""What the shard keeps between calls: KV blocks, KV tensors, adapters."""

@@ -1,0 +1,1 @@
+"""The shard process: gRPC service, batch lifecycle, sampling, CLI."""

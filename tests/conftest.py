@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny Mistral models and PEFT adapters, made locally (no hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shard_server.tools.tiny_model import TinyModelSpec, make_tiny_adapter, make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """tiny_model_factory(**spec_fields) -> directory; one directory per distinct spec per session."""
+    made: dict[tuple, Path] = {}
+
+    def make(**fields) -> Path:
+        key = tuple(sorted(fields.items()))
+        if key not in made:
+            out = tmp_path_factory.mktemp("tiny-model")
+            made[key] = make_tiny_model(out, TinyModelSpec(**fields))
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_factory) -> Path:
+    """The default tiny model: 2 layers, hidden 64, 4 heads, 2 KV heads, full attention."""
+    return tiny_model_factory()
+
+
+@pytest.fixture(scope="session")
+def adapter_factory(tmp_path_factory):
+    """adapter_factory(base_dir, rank=, target_modules=, use_rslora=, seed=) -> PEFT adapter dir."""
+    made: dict[tuple, Path] = {}
+
+    def make(base_dir: Path, **kwargs) -> Path:
+        if "target_modules" in kwargs:
+            kwargs["target_modules"] = tuple(kwargs["target_modules"])
+        key = (str(base_dir), tuple(sorted(kwargs.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("adapter")
+            made[key] = make_tiny_adapter(base_dir, out, **kwargs)
+        return made[key]
+
+    return make
