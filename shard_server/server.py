@@ -1,0 +1,212 @@
+"""The shard's gRPC server: unix socket, health + reflection, one model thread, SIGTERM drain.
+
+`create_server` wires a ready engine into a grpc.Server listening on `unix://{uds_path}-{rank}`;
+`serve` is the whole process lifecycle used by `shard-server serve`: logging, engine construction on the
+model thread, start, wait for SIGTERM/SIGINT, drain, remove the socket, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shard_server.config import ServeConfig
+from shard_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
+from shard_server.service import EngineWorkers, LoraxServiceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["LoraxService"].full_name  # generate.v1.LoraxService
+# Large batches (thousands of requests with token ids, logprobs of every prompt token) exceed gRPC's 4 MiB.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def socket_path(uds_path: str, rank: int) -> str:
+    return f"{uds_path}-{rank}"
+
+
+def service_urls(uds_path: str, world_size: int) -> list[str]:
+    return [f"unix://{socket_path(uds_path, r)}" for r in range(world_size)]
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead shard; refuse to touch a live one or a non-socket file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RuntimeError(f"{path} exists and is not a unix socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"another process is already serving on {path}")
+
+
+def create_server(
+    engine: Any,
+    uds_path: str,
+    rank: int,
+    world_size: int,
+    *,
+    workers: EngineWorkers | None = None,
+    grpc_threads: int = 16,
+) -> tuple[grpc.Server, str]:
+    """A bound, not yet started server for a ready engine. Returns (server, "unix://{uds_path}-{rank}").
+
+    `workers` owns the model thread; pass the one the engine was built on (see `serve`).
+    """
+    path = socket_path(uds_path, rank)
+    remove_stale_socket(path)
+    workers = workers or EngineWorkers()
+    health_servicer = health.HealthServicer()
+
+    def on_health(ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        health_servicer.set("", status)
+        health_servicer.set(SERVICE_NAME, status)
+
+    servicer = LoraxServiceServicer(engine, service_urls(uds_path, world_size), workers, on_health)
+    # Handler threads only convert messages and wait on the model thread; several of them keep Health,
+    # Info and ServiceDiscovery answering while one waits on a long Decode.
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=grpc_threads, thread_name_prefix="grpc"), options=SERVER_OPTIONS
+    )
+    generate_pb2_grpc.add_LoraxServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"unix://{path}"
+    # gRPC binds the socket in add_insecure_port: a umask there makes it 0600 from birth (no window in
+    # which another user could connect); the chmod below makes it independent of umask semantics.
+    old_umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(address)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    on_health(True)  # the engine is built and the socket bound: ready once started
+    return server, address
+
+
+# ---------------------------------------------------------------- logging
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(log_format: str, level: str, rank: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s %(levelname)s [rank {rank}] %(name)s [%(threadName)s] %(message)s"
+            )
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# ---------------------------------------------------------------- process lifecycle
+
+
+def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) -> int:
+    """Run one shard until SIGTERM/SIGINT; returns the process exit code.
+
+    `engine_factory` defaults to `ShardEngine(config.shard)`. It runs on the model thread so that
+    thread-local torch state set while building (current CUDA device, process group) is where the
+    engine will run.
+    """
+    shard = config.shard
+    configure_logging(config.log_format, config.log_level, shard.rank)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():
+            log.info("signal %s: already stopping", signal.Signals(signum).name)
+        else:
+            log.info("signal %s: draining (grace %.0fs)", signal.Signals(signum).name, config.grace_seconds)
+        stop.set()
+
+    # Installed before the (slow) engine build so that a SIGTERM during start-up also exits cleanly.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    if engine_factory is None:
+        from shard_server.engine import ShardEngine  # heavy (torch, model): imported only to serve
+
+        def engine_factory() -> Any:
+            return ShardEngine(shard)
+
+    workers = EngineWorkers()
+    path = socket_path(config.uds_path, shard.rank)
+    try:
+        engine = workers.model(engine_factory)
+        server, address = create_server(
+            engine,
+            config.uds_path,
+            shard.rank,
+            shard.world_size,
+            workers=workers,
+            grpc_threads=config.grpc_threads,
+        )
+    except Exception:
+        log.exception("shard rank %d failed to start", shard.rank)
+        workers.close()
+        return 1
+    server.start()
+    log.info("shard rank %d/%d serving on %s", shard.rank, shard.world_size, address)
+    # Event.wait with a timeout keeps the main thread returning to the interpreter, where signal
+    # handlers run.
+    while not stop.wait(0.5):
+        pass
+    # stop(grace): new RPCs are refused at once; RPCs in flight get `grace` seconds to finish.
+    server.stop(config.grace_seconds).wait()
+    workers.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    log.info("shard rank %d stopped", shard.rank)
+    return 0
