@@ -1,0 +1,11 @@
+"""Triton kernels for the CUDA decode/prefill path, each next to a pure-torch reference of the same
+signature (the reference is the spec; tests compare the two on random inputs).
+
+Importing a kernel module needs triton (CUDA installs only; CI has none), so this package imports
+nothing eagerly: use `from model.kernels.paged_attention import paged_decode_attention`, etc.
+
+  paged_attention  paged decode attention (GQA-grouped, split-K flash-decoding, sliding window, fp8 K/V)
+  lora             BGMV (decode, per-token slot) and SGMV (prefill, segments) shrink/expand
+  rmsnorm          fused residual-add + RMSNorm
+  rotary           rotary embedding fused with the paged K/V cache write
+"""
