@@ -1,0 +1,1 @@
+"""Test and demo tooling that drives real shard processes over gRPC (no engine imports)."""

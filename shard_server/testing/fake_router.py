@@ -1,0 +1,493 @@
+"""A fake router: drives one or more shard processes over gRPC the way the LoRAX router does.
+
+It discovers every shard from one URL (ServiceDiscovery), sends each RPC to all shards at once (tensor
+parallel ranks must enter their collectives together), concatenates the shards' `generations` and takes
+`batch` from the first. `warmup()` sends the router's worst-case batch (PROTOCOL.md, Warmup) and keeps
+the returned token budget; `generate()` is the continuous-batching loop: a waiting queue, Prefill of
+new requests within the budget (concatenated into the running batch through `cached_batch`, or through
+a multi-batch Decode), Decode, FilterBatch after requests finish or are cancelled, ClearCache at the end.
+Protocol breaches it can see (a missing or duplicate Generation, a CachedBatch listing the wrong
+requests) raise ProtocolViolation, so tests catch them where they happen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import grpc
+
+from shard_server.pb.generate.v1 import generate_pb2 as pb
+from shard_server.pb.generate.v1 import generate_pb2_grpc
+from shard_server.service import adapter_to_pb
+from shard_server.types import (
+    AdapterSpec,
+    AlternativeTokensOut,
+    FinishReason,
+    GeneratedTextOut,
+    GenerationOut,
+    ImageChunk,
+    RequestSpec,
+    TextChunk,
+    TokensOut,
+)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 512 << 20),
+    ("grpc.max_send_message_length", 512 << 20),
+]
+
+
+class ProtocolViolation(AssertionError):
+    """The shard answered something a router cannot accept."""
+
+
+@dataclass(frozen=True)
+class RouterLimits:
+    """The router's launch settings that shape its batches (names as in the router's CLI)."""
+
+    max_input_length: int = 64
+    max_total_tokens: int = 128
+    max_prefill_tokens: int = 256
+    max_batch_total_tokens: int = 4096  # used only when Warmup returns no max_supported_total_tokens
+    max_batch_size: int | None = None
+    concat_via: str = "prefill"  # prefill: PrefillRequest.cached_batch | decode: DecodeRequest with 2 batches
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    id: int
+    logprob: float
+    text: str
+    is_special: bool
+
+
+@dataclass
+class RequestResult:
+    token_ids: list[int] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    generated_tokens: int = 0
+    seed: int | None = None
+    prefill_tokens: TokensOut | None = None
+    prefill_tokens_length: int = 0
+    cancelled: bool = False
+
+
+# on_token(index of the request in generate()'s list, event) -> False cancels that request.
+TokenCallback = Callable[[int, TokenEvent], Any]
+
+
+# ---------------------------------------------------------------- domain <-> protobuf (router side)
+
+
+def request_to_pb(r: RequestSpec) -> pb.Request:
+    s, st = r.sampling, r.stopping
+    chunks = [
+        pb.InputChunk(text=c.text)
+        if isinstance(c, TextChunk)
+        else pb.InputChunk(image=pb.Image(data=c.data, mimetype=c.mimetype))
+        for c in r.input_chunks
+    ]
+    return pb.Request(
+        id=r.id,
+        inputs=r.inputs,
+        tokenized_inputs=pb.TokenizedInputs(ids=r.input_ids, input_chunks=chunks),
+        truncate=r.truncate,
+        parameters=pb.NextTokenChooserParameters(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            typical_p=s.typical_p,
+            do_sample=s.do_sample,
+            seed=s.seed,
+            repetition_penalty=s.repetition_penalty,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            watermark=s.watermark,
+            schema=s.schema,
+            return_k_alternatives=s.return_k_alternatives,
+        ),
+        stopping_parameters=pb.StoppingCriteriaParameters(
+            max_new_tokens=st.max_new_tokens,
+            stop_sequences=st.stop_sequences,
+            ignore_eos_token=st.ignore_eos_token,
+        ),
+        prefill_logprobs=r.prefill_logprobs,
+        adapter_index=r.adapter_index,
+        blocks=r.blocks,
+        slots=r.slots,
+        cache_len=r.cache_len,
+        chunk_len=r.chunk_len,
+    )
+
+
+def tokens_from_pb(t: pb.NextTokens) -> TokensOut:
+    return TokensOut(
+        ids=tuple(t.ids),
+        logprobs=tuple(t.logprobs),
+        texts=tuple(t.texts),
+        is_special=tuple(t.is_special),
+        alternatives=tuple(
+            AlternativeTokensOut(tuple(a.ids), tuple(a.logprobs), tuple(a.texts))
+            for a in t.alternative_tokens
+        ),
+    )
+
+
+def generation_from_pb(g: pb.Generation) -> GenerationOut:
+    gt = None
+    if g.HasField("generated_text"):
+        x = g.generated_text
+        gt = GeneratedTextOut(
+            text=x.text,
+            generated_tokens=x.generated_tokens,
+            finish_reason=FinishReason(x.finish_reason),
+            seed=x.seed if x.HasField("seed") else None,
+        )
+    return GenerationOut(
+        request_id=g.request_id,
+        next_tokens=tokens_from_pb(g.next_tokens),
+        prefill_tokens=tokens_from_pb(g.prefill_tokens) if g.HasField("prefill_tokens") else None,
+        prefill_tokens_length=g.prefill_tokens_length,
+        generated_text=gt,
+    )
+
+
+def tiny_png() -> bytes:
+    """A valid 1x1 RGB PNG, built here so no binary blob lives in the source."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def warmup_request(limits: RouterLimits) -> pb.WarmupRequest:
+    """The router's worst-case batch: max_input_length-token requests up to max_prefill_tokens."""
+    from shard_server.types import SamplingParams, StoppingParams
+
+    sampling = SamplingParams(
+        temperature=0.9,
+        top_k=10,
+        top_p=0.9,
+        typical_p=0.9,
+        do_sample=False,
+        seed=0,
+        repetition_penalty=1.2,
+        frequency_penalty=0.5,
+        presence_penalty=0.5,
+        watermark=True,
+    )
+    text = "_test " * limits.max_input_length
+    requests, n_tokens = [], 0
+    while n_tokens < limits.max_prefill_tokens:
+        truncate = min(limits.max_input_length, limits.max_prefill_tokens - n_tokens)
+        chunks: list[TextChunk | ImageChunk] = [TextChunk(text)]
+        if not requests:  # multimodal routers put an image in the first request; text models ignore it
+            chunks.append(ImageChunk(tiny_png(), "image/png"))
+        spec = RequestSpec(
+            id=0,
+            inputs=text,
+            input_chunks=tuple(chunks),
+            truncate=truncate,
+            sampling=sampling,
+            stopping=StoppingParams(max_new_tokens=limits.max_total_tokens - truncate, ignore_eos_token=True),
+            prefill_logprobs=True,
+        )
+        requests.append(request_to_pb(spec))
+        n_tokens += limits.max_input_length
+    batch = pb.Batch(id=0, requests=requests, size=len(requests), max_tokens=0, max_blocks=0)
+    return pb.WarmupRequest(
+        batch=batch,
+        max_input_length=limits.max_input_length,
+        max_prefill_tokens=limits.max_prefill_tokens,
+        max_new_tokens=limits.max_total_tokens - limits.max_input_length,
+    )
+
+
+# ---------------------------------------------------------------- the router
+
+
+@dataclass
+class _Live:
+    index: int  # position in generate()'s list
+    spec: RequestSpec
+    tokens: int  # budget reserved: input length + max_new_tokens
+    result: RequestResult
+    blocks: tuple[int, ...] = ()
+
+
+class FakeRouter:
+    def __init__(
+        self,
+        url: str,
+        limits: RouterLimits | None = None,
+        *,
+        timeout: float = 300.0,
+        tokenize: Callable[[str], Sequence[int]] | None = None,
+    ) -> None:
+        self.limits = limits or RouterLimits()
+        self.timeout = timeout
+        self._tokenize = tokenize  # exact input lengths; without it text length is bounded by bytes + BOS
+        first = grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
+        try:
+            urls = (
+                generate_pb2_grpc.LoraxServiceStub(first)
+                .ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=timeout)
+                .urls
+            )
+        finally:
+            first.close()
+        self.urls = list(urls) or [url]
+        self._channels = [grpc.insecure_channel(u, options=CHANNEL_OPTIONS) for u in self.urls]
+        self.stubs = [generate_pb2_grpc.LoraxServiceStub(c) for c in self._channels]
+        self._pool = ThreadPoolExecutor(max_workers=len(self.stubs), thread_name_prefix="fake-router")
+        self._batch_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self.budget = self.limits.max_batch_total_tokens
+        self.info_pb = self._call("Info", pb.InfoRequest())[0]
+        # Router-allocation mode: block 0 is the shard's (Health); the rest are ours to hand out.
+        self._free_blocks: list[int] = []
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> FakeRouter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any) -> list[Any]:
+        """Send to every shard at once; return their responses in rank order (first error raised)."""
+        futures = [self._pool.submit(getattr(s, method), request, timeout=self.timeout) for s in self.stubs]
+        return [f.result() for f in futures]
+
+    # ------------------------------------------------------------ single RPCs
+    def health(self) -> None:
+        self._call("Health", pb.HealthRequest())
+
+    def clear_cache(self, batch_id: int | None = None) -> None:
+        self._call("ClearCache", pb.ClearCacheRequest(id=batch_id))
+
+    def warmup(self) -> int:
+        """Warmup with the router's batch; the answer becomes this router's token budget."""
+        self.clear_cache()  # the router clears on connect: a restarted router must not inherit batches
+        resp = self._call("Warmup", warmup_request(self.limits))[0]
+        if resp.HasField("max_supported_total_tokens"):
+            self.budget = resp.max_supported_total_tokens
+        if self.info_pb.requires_block_allocator:
+            self._free_blocks = list(range(1, self.budget // self.info_pb.block_size))
+        return self.budget
+
+    def prefill(
+        self, batch: pb.Batch, cached: pb.CachedBatch | None = None
+    ) -> tuple[list[GenerationOut], Any]:
+        return self._merge(self._call("Prefill", pb.PrefillRequest(batch=batch, cached_batch=cached)))
+
+    def decode(self, batches: Sequence[pb.CachedBatch]) -> tuple[list[GenerationOut], Any]:
+        return self._merge(self._call("Decode", pb.DecodeRequest(batches=batches)))
+
+    def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> pb.CachedBatch:
+        req = pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids)
+        return self._call("FilterBatch", req)[0].batch
+
+    def download_adapter(self, spec: AdapterSpec) -> float:
+        params, source = adapter_to_pb(spec)
+        req = pb.DownloadAdapterRequest(
+            adapter_parameters=params, adapter_source=source, api_token=spec.api_token
+        )
+        return self.stubs[0].DownloadAdapter(req, timeout=self.timeout).memory_fraction  # rank 0 only
+
+    def load_adapter(self, index: int, spec: AdapterSpec) -> bool:
+        params, source = adapter_to_pb(spec)
+        req = pb.LoadAdapterRequest(
+            adapter_parameters=params, adapter_source=source, adapter_index=index, api_token=spec.api_token
+        )
+        return all(r.loaded for r in self._call("LoadAdapter", req))
+
+    def offload_adapter(self, index: int, spec: AdapterSpec) -> bool:
+        params, source = adapter_to_pb(spec)
+        req = pb.OffloadAdapterRequest(adapter_parameters=params, adapter_source=source, adapter_index=index)
+        return all(r.offloaded for r in self._call("OffloadAdapter", req))
+
+    @staticmethod
+    def _merge(responses: list[Any]) -> tuple[list[GenerationOut], Any]:
+        gens = [generation_from_pb(g) for r in responses for g in r.generations]
+        first = responses[0]
+        return gens, (first.batch if first.HasField("batch") else None)
+
+    # ------------------------------------------------------------ continuous batching
+    def _input_tokens(self, r: RequestSpec) -> int:
+        if r.input_ids:
+            n = len(r.input_ids)
+        elif self._tokenize is not None:
+            n = len(self._tokenize(r.inputs))
+        else:
+            n = len(r.inputs.encode()) + 1  # byte-level BPE: at most one token per byte, plus BOS
+        return min(n, r.truncate) if r.truncate else n
+
+    def _admit(self, queue: deque[_Live], live: dict[int, _Live]) -> list[_Live]:
+        reserved = sum(e.tokens for e in live.values())
+        taken: list[_Live] = []
+        prefill_tokens = 0
+        size_cap = self.limits.max_batch_size or math.inf
+        while queue:
+            e = queue[0]
+            inp = e.tokens - e.spec.stopping.max_new_tokens
+            if reserved + e.tokens > self.budget or len(live) + len(taken) >= size_cap:
+                break
+            if taken and prefill_tokens + inp > self.limits.max_prefill_tokens:
+                break
+            if self.info_pb.requires_block_allocator:
+                if not self._allocate(e, inp):
+                    break
+            queue.popleft()
+            taken.append(e)
+            reserved += e.tokens
+            prefill_tokens += inp
+        return taken
+
+    def _allocate(self, e: _Live, input_len: int) -> bool:
+        bs = self.info_pb.block_size
+        n = math.ceil(e.tokens / bs)
+        if n > len(self._free_blocks):
+            return False
+        blocks = tuple(self._free_blocks[:n])
+        del self._free_blocks[:n]
+        slots = tuple(b * bs + i for b in blocks for i in range(bs))[: e.tokens]
+        e.blocks = blocks
+        e.spec = replace(e.spec, blocks=blocks, slots=slots)
+        return True
+
+    def _release(self, e: _Live) -> None:
+        self._free_blocks.extend(e.blocks)
+        e.blocks = ()
+
+    def generate(
+        self, requests: Sequence[RequestSpec], on_token: TokenCallback | None = None
+    ) -> list[RequestResult]:
+        """Run every request to completion with continuous batching; results in input order."""
+        queue: deque[_Live] = deque()
+        for i, r in enumerate(requests):
+            spec = replace(r, id=next(self._request_ids))
+            e = _Live(i, spec, self._input_tokens(spec) + spec.stopping.max_new_tokens, RequestResult())
+            if e.tokens > self.budget:
+                raise ValueError(f"request {i} needs {e.tokens} tokens; the shard's budget is {self.budget}")
+            queue.append(e)
+        live: dict[int, _Live] = {}
+        done: list[_Live] = []
+        running: pb.CachedBatch | None = None
+        pending: pb.CachedBatch | None = None  # concat_via=decode: prefilled, merged by the next Decode
+        prefilled_last = False
+        while queue or running is not None or pending is not None:
+            # One Decode between two Prefills, so a long queue cannot starve the running batch.
+            new = [] if prefilled_last else self._admit(queue, live)
+            if new:
+                batch = pb.Batch(
+                    id=next(self._batch_ids),
+                    requests=[request_to_pb(e.spec) for e in new],
+                    size=len(new),
+                    max_tokens=sum(e.tokens for e in new),
+                    max_blocks=max(len(e.blocks) for e in new),
+                )
+                new_ids = {e.spec.id for e in new}
+                live.update((e.spec.id, e) for e in new)
+                if running is not None and self.limits.concat_via == "decode":
+                    gens, fresh = self.prefill(batch)
+                    pending = self._apply(gens, fresh, new_ids, new_ids, live, done, on_token)
+                else:
+                    members = new_ids | set(running.request_ids if running is not None else ())
+                    gens, running = self.prefill(batch, running)
+                    running = self._apply(gens, running, new_ids, members, live, done, on_token)
+                prefilled_last = True
+            elif running is not None or pending is not None:
+                batches = [b for b in (running, pending) if b is not None]
+                members = {rid for b in batches for rid in b.request_ids}
+                gens, running = self.decode(batches)
+                pending = None
+                running = self._apply(gens, running, members, members, live, done, on_token)
+                prefilled_last = False
+            else:
+                raise RuntimeError("nothing runs and the next request does not fit the budget")
+        self.clear_cache()
+        return [e.result for e in sorted(done, key=lambda e: e.index)]
+
+    def _apply(
+        self,
+        gens: list[GenerationOut],
+        batch: pb.CachedBatch | None,
+        stepped: set[int],
+        members: set[int],
+        live: dict[int, _Live],
+        done: list[_Live],
+        on_token: TokenCallback | None,
+    ) -> pb.CachedBatch | None:
+        """Apply one step's generations, check the shard's answer, filter out what finished.
+
+        stepped: requests that must each get exactly one Generation (across all shards);
+        members: requests the returned CachedBatch must list, less those that finished.
+        """
+        seen: set[int] = set()
+        finished: set[int] = set()
+        for g in gens:
+            e = live.get(g.request_id)
+            if e is None or g.request_id in seen or g.request_id not in stepped:
+                raise ProtocolViolation(f"unexpected or duplicate Generation for request {g.request_id}")
+            seen.add(g.request_id)
+            res = e.result
+            if g.prefill_tokens is not None:
+                res.prefill_tokens, res.prefill_tokens_length = g.prefill_tokens, g.prefill_tokens_length
+            nt = g.next_tokens
+            for k, tid in enumerate(nt.ids):
+                res.token_ids.append(tid)
+                res.logprobs.append(nt.logprobs[k] if k < len(nt.logprobs) else math.nan)
+                res.token_texts.append(nt.texts[k] if k < len(nt.texts) else "")
+                special = nt.is_special[k] if k < len(nt.is_special) else False
+                event = TokenEvent(tid, res.logprobs[-1], res.token_texts[-1], special)
+                if on_token is not None and on_token(e.index, event) is False:
+                    res.cancelled = True  # the client went away: the router filters it out below
+            if g.generated_text is not None:
+                gt = g.generated_text
+                res.text, res.finish_reason, res.seed = gt.text, gt.finish_reason, gt.seed
+                res.generated_tokens, res.cancelled = gt.generated_tokens, False
+                finished.add(g.request_id)
+        if stepped - seen:
+            raise ProtocolViolation(f"no Generation for live requests {sorted(stepped - seen)}")
+        expected = members - finished
+        listed = set(batch.request_ids) if batch is not None else set()
+        if listed != expected:
+            raise ProtocolViolation(
+                f"CachedBatch lists {sorted(listed)} but the unfinished requests are {sorted(expected)}"
+            )
+        cancelled = {rid for rid in expected if live[rid].result.cancelled}
+        for rid in finished | cancelled:
+            e = live.pop(rid)
+            self._release(e)
+            done.append(e)
+        if batch is not None and (finished or cancelled):
+            # Finished requests already left the batch (a no-op for them); cancelled ones leave here.
+            keep = [rid for rid in batch.request_ids if rid in live]
+            if not keep:
+                self.clear_cache(batch.id)
+                return None
+            batch = self.filter_batch(batch.id, keep)
+        return batch
