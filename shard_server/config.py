@@ -51,7 +51,9 @@ class ShardConfig:
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank} world_size={self.world_size}")
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={self.rank} world_size={self.world_size}"
+            )
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import struct
-import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,17 +25,8 @@ import grpc
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
 from shard_server.service import adapter_to_pb
-from shard_server.types import (
-    AdapterSpec,
-    AlternativeTokensOut,
-    FinishReason,
-    GeneratedTextOut,
-    GenerationOut,
-    ImageChunk,
-    RequestSpec,
-    TextChunk,
-    TokensOut,
-)
+from shard_server.testing.wire import generation_from_pb, request_to_pb, warmup_request
+from shard_server.types import AdapterSpec, FinishReason, GenerationOut, RequestSpec, TokensOut
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 512 << 20),
@@ -85,140 +74,6 @@ class RequestResult:
 
 # on_token(index of the request in generate()'s list, event) -> False cancels that request.
 TokenCallback = Callable[[int, TokenEvent], Any]
-
-
-# ---------------------------------------------------------------- domain <-> protobuf (router side)
-
-
-def request_to_pb(r: RequestSpec) -> pb.Request:
-    s, st = r.sampling, r.stopping
-    chunks = [
-        pb.InputChunk(text=c.text)
-        if isinstance(c, TextChunk)
-        else pb.InputChunk(image=pb.Image(data=c.data, mimetype=c.mimetype))
-        for c in r.input_chunks
-    ]
-    return pb.Request(
-        id=r.id,
-        inputs=r.inputs,
-        tokenized_inputs=pb.TokenizedInputs(ids=r.input_ids, input_chunks=chunks),
-        truncate=r.truncate,
-        parameters=pb.NextTokenChooserParameters(
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            typical_p=s.typical_p,
-            do_sample=s.do_sample,
-            seed=s.seed,
-            repetition_penalty=s.repetition_penalty,
-            frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty,
-            watermark=s.watermark,
-            schema=s.schema,
-            return_k_alternatives=s.return_k_alternatives,
-        ),
-        stopping_parameters=pb.StoppingCriteriaParameters(
-            max_new_tokens=st.max_new_tokens,
-            stop_sequences=st.stop_sequences,
-            ignore_eos_token=st.ignore_eos_token,
-        ),
-        prefill_logprobs=r.prefill_logprobs,
-        adapter_index=r.adapter_index,
-        blocks=r.blocks,
-        slots=r.slots,
-        cache_len=r.cache_len,
-        chunk_len=r.chunk_len,
-    )
-
-
-def tokens_from_pb(t: pb.NextTokens) -> TokensOut:
-    return TokensOut(
-        ids=tuple(t.ids),
-        logprobs=tuple(t.logprobs),
-        texts=tuple(t.texts),
-        is_special=tuple(t.is_special),
-        alternatives=tuple(
-            AlternativeTokensOut(tuple(a.ids), tuple(a.logprobs), tuple(a.texts))
-            for a in t.alternative_tokens
-        ),
-    )
-
-
-def generation_from_pb(g: pb.Generation) -> GenerationOut:
-    gt = None
-    if g.HasField("generated_text"):
-        x = g.generated_text
-        gt = GeneratedTextOut(
-            text=x.text,
-            generated_tokens=x.generated_tokens,
-            finish_reason=FinishReason(x.finish_reason),
-            seed=x.seed if x.HasField("seed") else None,
-        )
-    return GenerationOut(
-        request_id=g.request_id,
-        next_tokens=tokens_from_pb(g.next_tokens),
-        prefill_tokens=tokens_from_pb(g.prefill_tokens) if g.HasField("prefill_tokens") else None,
-        prefill_tokens_length=g.prefill_tokens_length,
-        generated_text=gt,
-    )
-
-
-def tiny_png() -> bytes:
-    """A valid 1x1 RGB PNG, built here so no binary blob lives in the source."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00"))
-        + chunk(b"IEND", b"")
-    )
-
-
-def warmup_request(limits: RouterLimits) -> pb.WarmupRequest:
-    """The router's worst-case batch: max_input_length-token requests up to max_prefill_tokens."""
-    from shard_server.types import SamplingParams, StoppingParams
-
-    sampling = SamplingParams(
-        temperature=0.9,
-        top_k=10,
-        top_p=0.9,
-        typical_p=0.9,
-        do_sample=False,
-        seed=0,
-        repetition_penalty=1.2,
-        frequency_penalty=0.5,
-        presence_penalty=0.5,
-        watermark=True,
-    )
-    text = "_test " * limits.max_input_length
-    requests, n_tokens = [], 0
-    while n_tokens < limits.max_prefill_tokens:
-        truncate = min(limits.max_input_length, limits.max_prefill_tokens - n_tokens)
-        chunks: list[TextChunk | ImageChunk] = [TextChunk(text)]
-        if not requests:  # multimodal routers put an image in the first request; text models ignore it
-            chunks.append(ImageChunk(tiny_png(), "image/png"))
-        spec = RequestSpec(
-            id=0,
-            inputs=text,
-            input_chunks=tuple(chunks),
-            truncate=truncate,
-            sampling=sampling,
-            stopping=StoppingParams(max_new_tokens=limits.max_total_tokens - truncate, ignore_eos_token=True),
-            prefill_logprobs=True,
-        )
-        requests.append(request_to_pb(spec))
-        n_tokens += limits.max_input_length
-    batch = pb.Batch(id=0, requests=requests, size=len(requests), max_tokens=0, max_blocks=0)
-    return pb.WarmupRequest(
-        batch=batch,
-        max_input_length=limits.max_input_length,
-        max_prefill_tokens=limits.max_prefill_tokens,
-        max_new_tokens=limits.max_total_tokens - limits.max_input_length,
-    )
 
 
 # ---------------------------------------------------------------- the router
@@ -290,8 +145,11 @@ class FakeRouter:
 
     def warmup(self) -> int:
         """Warmup with the router's batch; the answer becomes this router's token budget."""
+        lim = self.limits
         self.clear_cache()  # the router clears on connect: a restarted router must not inherit batches
-        resp = self._call("Warmup", warmup_request(self.limits))[0]
+        resp = self._call(
+            "Warmup", warmup_request(lim.max_input_length, lim.max_prefill_tokens, lim.max_total_tokens)
+        )[0]
         if resp.HasField("max_supported_total_tokens"):
             self.budget = resp.max_supported_total_tokens
         if self.info_pb.requires_block_allocator:
