@@ -1,0 +1,46 @@
+"""CUDA backend on PyTorch's bundled FlashAttention-2 (`torch.nn.attention.varlen.varlen_attn`).
+
+Prefill: varlen_attn over the flattened batch (causal, bottom-right aligned when a sequence continues
+from a cached prefix, which `gather_prefill_kv` lays out in front of the new tokens). Decode: the
+sync-free paged decode in torch (reference.paged_decode); the fast Triton kernel belongs elsewhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch.nn.attention.varlen import varlen_attn
+
+from model.attention import AttentionBackend
+from model.attention.reference import gather_prefill_kv, paged_decode
+
+
+class TorchCudaBackend(AttentionBackend):
+    name = "torch_cuda"
+    block_size = 16
+
+    def __init__(self) -> None:
+        # Older torch (2.11) has no enable_gqa: repeat the KV heads instead.
+        self._native_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+    def prefill(self, q, k, v, kv, seqlen, block_tables, *, scale, window):
+        cu_k, max_k = seqlen.cu_seqlen_q, seqlen.max_q
+        if block_tables is not None and seqlen.has_cached_prefix():
+            k, v = gather_prefill_kv(k, v, kv, seqlen, block_tables)  # [Tk, Hkv, D]
+            cu_k, max_k = seqlen.cu_seqlen_k, seqlen.max_k
+        extra = {}
+        if q.shape[1] != k.shape[1]:
+            if self._native_gqa:
+                extra["enable_gqa"] = True
+            else:
+                g = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [Tk, Hq, D]
+        # (-1, 0) is plain causal; (W - 1, 0) keeps W keys including the query (see package docstring).
+        window_size = (-1, 0) if window is None else (window - 1, 0)
+        return varlen_attn(
+            q, k, v, seqlen.cu_seqlen_q, cu_k, seqlen.max_q, max_k,
+            scale=scale, window_size=window_size, **extra,
+        )
+
+    def decode(self, q, kv, seqlen, block_tables, max_s, *, scale, window):
+        return paged_decode(q, kv, seqlen, block_tables, max_s, scale=scale, window=window)

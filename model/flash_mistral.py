@@ -1,0 +1,264 @@
+"""Mistral on a paged KV cache: flattened tokens, fused projections, pluggable attention, LoRA hooks.
+
+Tokens of all sequences are flattened to [T]; `cu_seqlen_prefill` is None in decode (one token per
+sequence). Every LoRA-targetable projection calls `adapter_data.add_lora(layer_idx, target, x, out)`
+after its base matmul (after the all-reduce for row-parallel ones), `out` being a view of that target's
+output columns, so the adapter adds its delta in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from cache.kv_cache import KVCache, LayerKV
+from model.attention import AttentionBackend, Seqlen, select_attention_backend
+from model.config import MistralConfig
+from model.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from model.parallel import TPGroup
+
+
+class AdapterHook(Protocol):
+    def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None: ...
+
+
+@dataclass
+class StepInputs:
+    """What every layer needs from one forward call (built per call: no module-global context)."""
+
+    cos: torch.Tensor  # [T, 1, D/2]
+    sin: torch.Tensor
+    is_prefill: bool
+    block_tables: torch.Tensor | None  # [B, max_blocks] int32
+    slots: torch.Tensor | None  # [T] (or [len(prefill_cache_indices)]) int64; -1: no write
+    seqlen: Seqlen
+    max_s: int
+    adapter_data: AdapterHook | None
+    prefill_cache_indices: torch.Tensor | None  # rows of this step's K/V that go to the cache
+
+
+class MistralRMSNorm(RMSNorm):
+    """RMSNorm; `forward(x, residual)` fuses the residual add and returns (normed, x + residual)."""
+
+
+class MistralAttention(nn.Module):
+    def __init__(
+        self, config: MistralConfig, layer_idx: int, tp: TPGroup, attention: AttentionBackend, **dd
+    ):
+        super().__init__()
+        self.layer_idx, self.attention = layer_idx, attention
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.window = config.sliding_window
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.head_dim, config.num_attention_heads, config.num_key_value_heads,
+            tp, **dd,
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, tp, **dd)
+
+    def forward(self, x: torch.Tensor, kv: LayerKV | None, step: StepInputs) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        q_size, k_size, v_size = self.qkv_proj.local_sizes()
+        q = qkv[:, :q_size]
+        k = qkv[:, q_size : q_size + k_size]
+        v = qkv[:, q_size + k_size :]
+        if step.adapter_data is not None:
+            for target, out in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                step.adapter_data.add_lora(self.layer_idx, target, x, out)
+        q, k = RotaryEmbedding.apply(q.view(t, -1, d), k.view(t, -1, d), step.cos, step.sin)  # [T, H, D]
+        v = v.view(t, -1, d)  # [T, Hkv, D]
+
+        if kv is not None:
+            if step.prefill_cache_indices is not None:  # sliding window: only the last W tokens are kept
+                kv.write(k[step.prefill_cache_indices], v[step.prefill_cache_indices], step.slots)
+            else:
+                kv.write(k, v, step.slots)
+        if step.is_prefill:
+            attn = self.attention.prefill(
+                q, k, v, kv, step.seqlen, step.block_tables, scale=self.scale, window=self.window
+            )
+        else:
+            attn = self.attention.decode(
+                q, kv, step.seqlen, step.block_tables, step.max_s, scale=self.scale, window=self.window
+            )
+        attn = attn.reshape(t, -1)  # [T, Hq * D]
+        out = self.o_proj(attn)  # [T, hidden]
+        if step.adapter_data is not None:
+            step.adapter_data.add_lora(self.layer_idx, "o_proj", attn, out)
+        return out
+
+
+class MistralMLP(nn.Module):
+    def __init__(self, config: MistralConfig, layer_idx: int, tp: TPGroup, **dd):
+        super().__init__()
+        self.layer_idx = layer_idx
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], tp, **dd)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, tp, **dd)
+
+    def forward(self, x: torch.Tensor, adapter_data: AdapterHook | None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
+        gate, up = gate_up.chunk(2, dim=-1)  # views, so LoRA deltas land in gate_up
+        if adapter_data is not None:
+            adapter_data.add_lora(self.layer_idx, "gate_proj", x, gate)
+            adapter_data.add_lora(self.layer_idx, "up_proj", x, up)
+        act = nn.functional.silu(gate) * up  # [T, I / world]
+        out = self.down_proj(act)
+        if adapter_data is not None:
+            adapter_data.add_lora(self.layer_idx, "down_proj", act, out)
+        return out
+
+
+class MistralLayer(nn.Module):
+    def __init__(self, config: MistralConfig, layer_idx: int, tp: TPGroup, attention: AttentionBackend, **dd):
+        super().__init__()
+        self.input_layernorm = MistralRMSNorm(config.hidden_size, config.rms_norm_eps, **dd)
+        self.self_attn = MistralAttention(config, layer_idx, tp, attention, **dd)
+        self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, config.rms_norm_eps, **dd)
+        self.mlp = MistralMLP(config, layer_idx, tp, **dd)
+
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, kv: LayerKV | None, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this block's output, residual stream before it); the next norm adds them."""
+        normed, residual = self.input_layernorm(hidden, residual)
+        attn = self.self_attn(normed, kv, step)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(normed, step.adapter_data), residual
+
+
+class MistralModel(nn.Module):
+    def __init__(self, config: MistralConfig, tp: TPGroup, attention: AttentionBackend, **dd):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, **dd)
+        self.layers = nn.ModuleList(
+            MistralLayer(config, i, tp, attention, **dd) for i in range(config.num_hidden_layers)
+        )
+        self.norm = MistralRMSNorm(config.hidden_size, config.rms_norm_eps, **dd)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, device=dd.get("device")
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, kv_cache: Sequence[LayerKV] | None, step_args: dict
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary.cos_sin(step_args.pop("position_ids"), hidden.dtype)
+        step = StepInputs(cos=cos, sin=sin, **step_args)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, None if kv_cache is None else kv_cache[i], step)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class FlashMistralForCausalLM(nn.Module):
+    """Build with weights (model/weights.Weights) to load them; `weights=None` leaves parameters
+    uninitialised (for memory planning); `attention=None` selects the best backend for device/dtype."""
+
+    def __init__(
+        self,
+        config: MistralConfig,
+        weights=None,
+        tp: TPGroup | None = None,
+        attention: AttentionBackend | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        tp = tp or TPGroup()
+        dtype = dtype or (weights.dtype if weights is not None else torch.float32)
+        device = torch.device(device or (weights.device if weights is not None else "cpu"))
+        self.config, self.tp, self.dtype, self.device = config, tp, dtype, device
+        self.attention = attention or select_attention_backend(device, dtype)
+        dd = {"dtype": dtype, "device": device}
+        self.model = MistralModel(config, tp, self.attention, **dd)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, **dd)
+        if weights is not None:
+            from model.weights import load_weights
+
+            load_weights(self, weights)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        tp: TPGroup | None = None,
+        attention: AttentionBackend | None = None,
+    ) -> FlashMistralForCausalLM:
+        from model.weights import Weights
+
+        config = MistralConfig.from_pretrained(model_dir)
+        weights = Weights.from_dir(model_dir, dtype=dtype, device=device)
+        return cls(config, weights, tp or TPGroup(), attention)
+
+    @property
+    def block_size(self) -> int:
+        """KV block size the attention backend needs; size the cache and block manager with it."""
+        return self.attention.block_size
+
+    def new_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache.for_model(
+            self.config, self.tp, num_blocks, self.block_size, dtype or self.dtype, self.device
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        position_ids: torch.Tensor,  # [T]
+        cu_seqlen_prefill: torch.Tensor | None,  # [B+1] int32; None: decode
+        kv_cache: Sequence[LayerKV] | None,
+        block_tables: torch.Tensor | None,  # [B, max_blocks] int32
+        slots: torch.Tensor | None,  # [T] int64
+        seqlen: Seqlen,
+        max_s: int,
+        adapter_data: AdapterHook | None,
+        prefill_cache_indices: torch.Tensor | None = None,
+        lm_head_indices: torch.Tensor | None = None,
+        skip_lm_head: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """-> (logits [T or len(lm_head_indices), V] or the final hidden states if skip_lm_head, None)."""
+        is_prefill = cu_seqlen_prefill is not None
+        window = self.config.sliding_window
+        if not is_prefill and window is not None:
+            # Decode reads at most the last W keys; input_lengths stay true lengths (absolute positions).
+            max_s = min(max_s, window)
+        if prefill_cache_indices is not None and slots is not None:
+            slots = slots[prefill_cache_indices]  # slots cover every token; only these get cached
+        hidden = self.model(
+            input_ids,
+            kv_cache,
+            dict(
+                position_ids=position_ids, is_prefill=is_prefill, block_tables=block_tables, slots=slots,
+                seqlen=seqlen, max_s=max_s, adapter_data=adapter_data,
+                prefill_cache_indices=prefill_cache_indices,
+            ),
+        )
+        if lm_head_indices is not None:
+            hidden = hidden[lm_head_indices]  # [N, hidden]
+        if skip_lm_head:
+            return hidden, None
+        logits = self.lm_head(hidden)  # [N, V]
+        if adapter_data is not None:
+            adapter_data.add_lora(-1, "lm_head", hidden, logits)
+        return logits, None

@@ -1,0 +1,119 @@
+"""FlashMistralForCausalLM on the paged cache == transformers.MistralForCausalLM (fp32, CPU, 1e-4)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import SHAPES
+from mistral_harness import PagedRunner, hf_logits, random_prompts
+
+ATOL = 1e-4
+VOCAB = 512
+
+
+def _check_prefill(logits, cu, hf, prompts, offset=0):
+    for b, p in enumerate(prompts):
+        ref = hf_logits(hf, p)[offset:]
+        torch.testing.assert_close(logits[cu[b] : cu[b + 1]], ref, atol=ATOL, rtol=0)
+
+
+def _decode_steps(runner, hf, steps, seed=1, pad_rows=0):
+    """Greedy-free decode: random next tokens, each step compared with transformers' full forward."""
+    g = random.Random(seed)
+    for _ in range(steps):
+        tokens = [g.randrange(3, VOCAB) for _ in runner.seqs]
+        logits = runner.decode(tokens, pad_rows=pad_rows)
+        assert logits.shape == (len(tokens) + pad_rows, VOCAB)
+        for b, seq in enumerate(runner.seqs):
+            torch.testing.assert_close(logits[b], hf_logits(hf, seq)[-1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_ragged_prefill_then_48_decode_steps(model_pair, shape):
+    ours, hf, _ = model_pair(**shape)
+    runner = PagedRunner(ours, ours.new_kv_cache(num_blocks=48), seed=3)  # shuffled block pool
+    prompts = random_prompts([13, 5, 22, 1], VOCAB, seed=2)
+    logits, cu = runner.prefill(prompts)
+    assert logits.shape == (sum(map(len, prompts)), VOCAB)
+    _check_prefill(logits, cu, hf, prompts)
+    pairs = [(a, b) for blocks in runner.blocks for a, b in zip(blocks, blocks[1:], strict=False)]
+    assert any(b != a + 1 for a, b in pairs)  # the block tables really are non-contiguous
+    _decode_steps(runner, hf, steps=48, pad_rows=2)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_sliding_window_8_crossed_in_prefill_and_decode(model_pair, shape):
+    ours, hf, _ = model_pair(sliding_window=8, **shape)
+    assert hf.config.sliding_window == 8 and ours.config.sliding_window == 8
+    # Block size 4: the window spans several blocks; only the last 8 prompt tokens are cached.
+    from cache.kv_cache import KVCache
+
+    cache = KVCache.for_model(ours.config, ours.tp, num_blocks=96, block_size=4, dtype=torch.float32)
+    runner = PagedRunner(ours, cache, seed=5)
+    prompts = random_prompts([40, 40, 6], VOCAB, seed=4)
+    logits, cu = runner.prefill(prompts)
+    _check_prefill(logits, cu, hf, prompts)
+    _decode_steps(runner, hf, steps=40, seed=6)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_prefill_in_two_chunks_equals_prefill_at_once(model_pair, window):
+    ours, hf, _ = model_pair(sliding_window=window, heads=4, kv_heads=2)
+    prompts = random_prompts([30, 19, 12], VOCAB, seed=7)
+    whole = PagedRunner(ours, ours.new_kv_cache(num_blocks=32), seed=1)
+    full_logits, full_cu = whole.prefill(prompts)
+
+    chunked = PagedRunner(ours, ours.new_kv_cache(num_blocks=32), seed=2)
+    cut = [17, 4, 12]  # the third sequence has nothing left for chunk 2
+    first, _ = chunked.prefill([p[:c] for p, c in zip(prompts, cut, strict=False)])
+    second, cu2 = chunked.prefill([p[c:] for p, c in zip(prompts, cut, strict=False)], seq_ids=[0, 1, 2])
+    for b, c in enumerate(cut):
+        at_once = full_logits[full_cu[b] + c : full_cu[b + 1]]
+        torch.testing.assert_close(second[cu2[b] : cu2[b + 1]], at_once, atol=ATOL, rtol=0)
+    # The cache left behind is as good as the one-shot prefill's: decoding continues exactly.
+    _decode_steps(chunked, hf, steps=6, seed=8)
+
+
+def test_lm_head_indices_and_skip_lm_head(model_pair):
+    ours, hf, _ = model_pair(heads=4, kv_heads=2)
+    prompts = random_prompts([9, 4, 15], VOCAB, seed=9)
+    full, cu = PagedRunner(ours, ours.new_kv_cache(16)).prefill(prompts)
+    last, _ = PagedRunner(ours, ours.new_kv_cache(16)).prefill(prompts, last_only=True)
+    assert last.shape == (3, VOCAB)
+    torch.testing.assert_close(last, full[[c - 1 for c in cu[1:]]], atol=0, rtol=0)
+
+    runner = PagedRunner(ours, ours.new_kv_cache(16))
+    hidden, _ = runner.prefill(prompts, last_only=True, skip_lm_head=True)
+    assert hidden.shape == (3, ours.config.hidden_size)
+    torch.testing.assert_close(ours.lm_head(hidden), last, atol=1e-6, rtol=0)
+
+
+def test_prefill_without_cache_for_embeddings(model_pair):
+    """kv_cache=None in prefill (embedding requests): same logits, nothing written anywhere."""
+    ours, hf, _ = model_pair(heads=4, kv_heads=2)
+    from model.attention import Seqlen
+
+    prompt = random_prompts([11], VOCAB, seed=10)[0]
+    seqlen = Seqlen.from_lengths([11])
+    logits, _ = ours(
+        input_ids=torch.tensor(prompt), position_ids=torch.arange(11), cu_seqlen_prefill=seqlen.cu_seqlen_q,
+        kv_cache=None, block_tables=None, slots=None, seqlen=seqlen, max_s=11, adapter_data=None,
+    )
+    torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=ATOL, rtol=0)
+
+
+def test_padding_rows_with_slot_minus_one_write_nothing(model_pair):
+    ours, _, _ = model_pair(heads=4, kv_heads=2)
+    cache = ours.new_kv_cache(num_blocks=8)
+    runner = PagedRunner(ours, cache)
+    runner.prefill(random_prompts([5, 7], VOCAB, seed=11))
+    before = [(layer.k_slots.clone(), layer.v_slots.clone()) for layer in cache]
+    runner.decode([10, 11], pad_rows=3)
+    written = {runner._slot(i, runner.cached[i] - 1) for i in range(2)}
+    untouched = [s for s in range(cache.num_blocks * cache.block_size) if s not in written]
+    for layer, (k0, v0) in zip(cache, before, strict=False):
+        assert torch.equal(layer.k_slots[untouched], k0[untouched])
+        assert torch.equal(layer.v_slots[untouched], v0[untouched])
+        assert not torch.equal(layer.k_slots[sorted(written)], k0[sorted(written)])
