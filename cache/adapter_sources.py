@@ -1,0 +1,103 @@
+"""Where adapter files come from: LOCAL directories and the Hugging Face Hub; S3 and PBASE are refused.
+
+    sources = AdapterSources(AdapterSourceConfig(adapter_root=..., hub_cache_dir=..., hub_offline=...))
+    path = sources.resolve(adapter_id, source, api_token)     # -> local directory holding the PEFT files
+
+LOCAL: `adapter_id` is a directory. With `adapter_root` set, ids are confined to it: a relative id is taken
+under the root, and the fully resolved path (symlinks and `..` resolved) must stay inside the resolved
+root, else AdapterInvalid. HUB: `org/name` or `org/name@revision`, fetched by huggingface_hub into its
+standard cache (`models--org--name/snapshots/<commit>/`, `refs/<revision>`); only the two PEFT files are
+fetched. This module reads no environment variable: huggingface_hub itself honours HF_HUB_OFFLINE and
+HF_HUB_CACHE/HF_HOME; the CLI can also pass `hub_offline` / `hub_cache_dir` explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.adapters.errors import AdapterInvalid, AdapterNotFound, AdapterSourceUnsupported
+from model.adapters.peft_loader import CONFIG_FILE, WEIGHTS_FILE
+
+SOURCES = ("hub", "s3", "local", "pbase")
+
+
+@dataclass(frozen=True)
+class AdapterSourceConfig:
+    adapter_root: Path | None = None  # LOCAL ids must resolve inside it (None: any directory)
+    hub_cache_dir: Path | None = None  # None: huggingface_hub's default cache
+    hub_offline: bool = False  # True: cache only (local_files_only), never the network
+
+
+class AdapterSources:
+    def __init__(self, config: AdapterSourceConfig | None = None):
+        self.config = config or AdapterSourceConfig()
+
+    def resolve(self, adapter_id: str, source: str = "hub", api_token: str | None = None) -> Path:
+        """-> directory with adapter_config.json (+ adapter_model.safetensors). Raises Adapter* errors."""
+        source = source.lower()
+        if source == "local":
+            return self._local(adapter_id)
+        if source == "hub":
+            return self._hub(adapter_id, api_token)
+        if source == "pbase":
+            raise AdapterSourceUnsupported(
+                f"adapter source PBASE (proprietary) is not supported by this shard: {adapter_id!r}"
+            )
+        if source == "s3":
+            raise AdapterSourceUnsupported(
+                f"adapter source S3 is not supported by this shard: {adapter_id!r}"
+            )
+        raise AdapterInvalid(f"unknown adapter source {source!r}; known: {', '.join(SOURCES)}")
+
+    def _local(self, adapter_id: str) -> Path:
+        if not adapter_id:
+            raise AdapterInvalid("empty LOCAL adapter id")
+        root = self.config.adapter_root
+        path = Path(adapter_id)
+        if root is not None:
+            root_resolved = Path(root).resolve()
+            # Resolve first, then compare: a symlink or `..` inside the id must not escape the root.
+            resolved = (root_resolved / path).resolve()
+            if not resolved.is_relative_to(root_resolved):
+                raise AdapterInvalid(
+                    f"LOCAL adapter id {adapter_id!r} resolves to {resolved}, outside the adapter root "
+                    f"{root_resolved}"
+                )
+            path = resolved
+        else:
+            path = path.resolve()
+        if not path.is_dir():
+            raise AdapterNotFound(f"LOCAL adapter directory {path} does not exist")
+        return path
+
+    def _hub(self, adapter_id: str, api_token: str | None) -> Path:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        repo_id, _, revision = adapter_id.partition("@")
+        try:
+            path = snapshot_download(
+                repo_id,
+                revision=revision or None,
+                cache_dir=self.config.hub_cache_dir,
+                token=api_token,
+                local_files_only=self.config.hub_offline,
+                allow_patterns=[CONFIG_FILE, WEIGHTS_FILE],
+            )
+        except HFValidationError as e:
+            raise AdapterInvalid(f"HUB adapter id {adapter_id!r} is not a valid repository id: {e}") from e
+        except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError,
+                EntryNotFoundError) as e:  # fmt: skip
+            where = "in the local hub cache (offline)" if self.config.hub_offline else "on the hub"
+            raise AdapterNotFound(f"HUB adapter {adapter_id!r} not found {where}: {e}") from e
+        except OSError as e:  # network failures surface as OSError subclasses
+            raise AdapterNotFound(f"HUB adapter {adapter_id!r} could not be fetched: {e}") from e
+        return Path(path)

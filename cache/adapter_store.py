@@ -1,0 +1,296 @@
+"""Adapters by index: a bounded device-resident set in fixed-capacity stacks, the rest in host memory.
+
+Public API (called by the engine from its one model thread; not thread-safe):
+
+    store = AdapterStore(config, device, dtype, budget_bytes=None, tp=None, max_slots=64,
+                         sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...])
+    store.download(spec) -> float        # fetch + validate; device bytes of the adapter / budget
+    store.load(index, spec) -> None      # register under index and make it device-resident
+    store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
+    store.is_loaded(index) / loaded_spec(index) / generation(index)   # generation: bumps on every load
+    store.batch_data(adapter_indices, tokens, is_prefill) -> AdapterBatchData
+    store.device_bytes() / budget_bytes / layout_version / preloaded_adapters() / resident_indices()
+
+Errors (model.adapters.errors; engine maps `code`): AdapterNotFound (NOT_FOUND: index not loaded, files
+missing), AdapterConflict (FAILED_PRECONDITION: load on an index holding another adapter), AdapterInvalid
+(INVALID_ARGUMENT), AdapterSourceUnsupported (UNIMPLEMENTED: S3, PBASE, TIES/DARE), AdapterBudgetExceeded
+(RESOURCE_EXHAUSTED: one batch or one adapter needs more than the budget).
+
+Index 0 is the base model unless an adapter was loaded (or preloaded) there; any other index must be loaded.
+
+Device layout (CUDA-graph friendly, issue 6): per (layer_idx, target) one stack A [cap, R, in_local],
+B [cap, out_local, R] (B scaled, TP-sliced), R = the bucket (power of two >= 8) of the largest resident
+rank for that module, zero padding elsewhere; an adapter not targeting a module leaves its slot zero.
+A batch only changes the per-token slot index. `device_bytes()` is what these stacks allocate and never
+exceeds the budget: when new adapters do not fit, least recently used residents move out (their host
+copy stays), and the stacks are re-laid out only when capacity or a rank bucket must change
+(`layout_version` then increments: recapture CUDA graphs, rebuild AdapterBatchData).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from cache.adapter_sources import AdapterSources
+from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
+from model.adapters.errors import AdapterBudgetExceeded, AdapterConflict, AdapterInvalid, AdapterNotFound
+from model.adapters.merge import check_strategy, merge_adapters
+from model.adapters.peft_loader import LoraAdapter, load_peft_adapter
+from model.adapters.sharding import shard_lora
+
+MIN_RANK_BUCKET = 8
+Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
+HostWeights = dict[Key, tuple[torch.Tensor, torch.Tensor]]  # A [r, in_local], B [out_local, r], store dtype
+
+
+def rank_bucket(r: int) -> int:
+    """Padded rank of a stack: powers of two from 8, so few distinct shapes (and CUDA graphs) exist."""
+    return max(MIN_RANK_BUCKET, 1 << (r - 1).bit_length())
+
+
+def _spec_key(spec) -> object:
+    return dataclasses.replace(spec, api_token=None)  # the token does not change what is loaded
+
+
+@dataclasses.dataclass
+class _Entry:
+    spec: object  # AdapterSpec
+    weights: HostWeights
+    generation: int
+
+
+class AdapterStore:
+    def __init__(self, config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 budget_bytes: int | None = None, tp=None, max_slots: int = 64,
+                 sources: AdapterSources | None = None, preloaded: Sequence[tuple[int, object]] = (),
+                 host_cache_entries: int = 8):  # fmt: skip
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.budget_bytes = budget_bytes
+        self.tp = tp
+        self.max_slots = max_slots
+        self.sources = sources or AdapterSources()
+        self.layout_version = 0
+        self._entries: dict[int, _Entry] = {}
+        self._host_cache: OrderedDict[object, HostWeights] = OrderedDict()  # downloaded, by spec
+        self._host_cache_entries = host_cache_entries
+        self._next_generation = 1
+        self._cap = 0  # slots allocated in every stack
+        self._stacks: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident index -> slot, LRU first
+        self._preloaded = tuple(preloaded)
+        for index, spec in self._preloaded:
+            self.load(index, spec)
+
+    # ---- registry -------------------------------------------------------------------------------------
+    def download(self, spec) -> float:
+        """Fetch and validate `spec` (cached by its parameters); -> its device bytes / budget (0 if none)."""
+        weights = self._host_weights(spec)
+        if not self.budget_bytes:
+            return 0.0
+        return self._adapter_device_bytes(weights) / self.budget_bytes
+
+    def load(self, index: int, spec) -> None:
+        """Register `spec` under `index` and make it device-resident. Same spec again: a no-op."""
+        entry = self._entries.get(index)
+        if entry is not None:
+            if _spec_key(entry.spec) == _spec_key(spec):
+                return
+            raise AdapterConflict(
+                f"adapter index {index} already holds {list(entry.spec.adapter_ids)}; offload it before "
+                f"loading {list(spec.adapter_ids)}"
+            )
+        weights = self._host_weights(spec)
+        self._entries[index] = _Entry(spec, weights, self._next_generation)
+        self._next_generation += 1
+        try:
+            self._ensure_resident([index])
+        except AdapterBudgetExceeded:
+            del self._entries[index]
+            raise
+
+    def offload(self, index: int) -> bool:
+        """Forget `index` (requests for it are then NOT_FOUND) and zero its device slot."""
+        if self._entries.pop(index, None) is None:
+            return False
+        slot = self._slot_of.pop(index, None)
+        if slot is not None:
+            self._zero_slot(slot)
+        if not self._entries:  # nothing left: give the stacks' memory back
+            self._rebuild([], 0)
+        return True
+
+    def is_loaded(self, index: int) -> bool:
+        return index in self._entries
+
+    def loaded_spec(self, index: int):
+        entry = self._entries.get(index)
+        return None if entry is None else entry.spec
+
+    def generation(self, index: int) -> int:
+        """Identity of what `index` serves (0: base model); a reload gets a new value (prefix caching)."""
+        entry = self._entries.get(index)
+        return 0 if entry is None else entry.generation
+
+    def preloaded_adapters(self) -> tuple[tuple[int, object], ...]:
+        return self._preloaded
+
+    def resident_indices(self) -> list[int]:
+        return list(self._slot_of)
+
+    def device_bytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self._stacks.values())
+
+    # ---- batches --------------------------------------------------------------------------------------
+    def batch_data(self, adapter_indices: Sequence[int], tokens: Sequence[int], is_prefill: bool
+                   ) -> AdapterBatchData:  # fmt: skip
+        """Per-request adapter index and token count -> AdapterBatchData; makes all of them resident.
+
+        Valid until the next load/offload/batch_data that changes `layout_version` or evicts.
+        """
+        for index in adapter_indices:
+            if index not in self._entries and index != 0:
+                raise AdapterNotFound(f"adapter index {index} is not loaded")
+        required = list(dict.fromkeys(i for i in adapter_indices if i in self._entries))
+        self._ensure_resident(required)
+        slots = [self._slot_of.get(i, -1) for i in adapter_indices]
+        meta = AdapterBatchMetadata.from_requests(slots, tokens, self.device)
+        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp)
+
+    # ---- host side ------------------------------------------------------------------------------------
+    def _host_weights(self, spec) -> HostWeights:
+        key = _spec_key(spec)
+        for entry in self._entries.values():
+            if _spec_key(entry.spec) == key:
+                return entry.weights
+        if key in self._host_cache:
+            self._host_cache.move_to_end(key)
+            return self._host_cache[key]
+        if not spec.adapter_ids:
+            raise AdapterInvalid("adapter parameters name no adapter id")
+        if len(spec.adapter_ids) > 1:
+            check_strategy(spec.merge_strategy)  # refuse TIES/DARE before reading any file
+        adapters = [
+            load_peft_adapter(self.sources.resolve(i, spec.source, spec.api_token), self.config, name=i)
+            for i in spec.adapter_ids
+        ]
+        merged = adapters[0]
+        if len(adapters) > 1 or spec.weights:
+            name = "+".join(spec.adapter_ids)
+            merged = merge_adapters(adapters, spec.weights, spec.merge_strategy, name=name)
+        weights = self._to_host_layout(merged)
+        self._host_cache[key] = weights
+        while len(self._host_cache) > self._host_cache_entries:
+            self._host_cache.popitem(last=False)
+        return weights
+
+    def _to_host_layout(self, adapter: LoraAdapter) -> HostWeights:
+        rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
+        pin = self.device.type == "cuda"  # pinned host copies make re-uploads after eviction async
+        out: HostWeights = {}
+        for (layer, target), (a, b) in adapter.weights.items():
+            a, b = shard_lora(target, a, b, self.config, rank, world)
+            a, b = a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous()
+            out[(layer, target)] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
+        return out
+
+    def _adapter_device_bytes(self, weights: HostWeights) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return sum(rank_bucket(a.shape[0]) * (a.shape[1] + b.shape[0]) * elem for a, b in weights.values())
+
+    # ---- device layout --------------------------------------------------------------------------------
+    def _need(self, indices: Sequence[int]) -> dict[Key, tuple[int, int, int]]:
+        """(R, in_local, out_local) per module for holding `indices` together."""
+        need: dict[Key, tuple[int, int, int]] = {}
+        for index in indices:
+            for key, (a, b) in self._entries[index].weights.items():
+                r = max(rank_bucket(a.shape[0]), need.get(key, (0,))[0])
+                need[key] = (r, a.shape[1], b.shape[0])
+        return need
+
+    def _layout_bytes(self, cap: int, need: dict[Key, tuple[int, int, int]]) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return sum(cap * r * (fan_in + fan_out) * elem for r, fan_in, fan_out in need.values())
+
+    def _fits(self, cap: int, need) -> bool:
+        if cap > self.max_slots:
+            return False
+        return self.budget_bytes is None or self._layout_bytes(cap, need) <= self.budget_bytes
+
+    def _fits_current_shapes(self, index: int) -> bool:
+        return all(
+            key in self._stacks and self._stacks[key][0].shape[1] >= a.shape[0]
+            for key, (a, _) in self._entries[index].weights.items()
+        )
+
+    def _ensure_resident(self, required: list[int]) -> None:
+        for index in required:
+            if index in self._slot_of:
+                self._slot_of.move_to_end(index)  # most recently used last
+        missing = [i for i in required if i not in self._slot_of]
+        if not missing:
+            return
+        if len(required) > self.max_slots:
+            raise AdapterBudgetExceeded(f"batch needs {len(required)} adapters; only {self.max_slots} slots")
+        shapes_ok = all(self._fits_current_shapes(i) for i in missing)
+        free = sorted(set(range(self._cap)) - set(self._slot_of.values()))
+        evictable = [i for i in self._slot_of if i not in required]  # LRU first
+        if shapes_ok and len(free) >= len(missing):
+            return self._place(missing, free)
+        # Grow (capacity or rank buckets) while keeping every resident adapter, if the budget allows.
+        members = list(self._slot_of) + missing
+        need = self._need(members)
+        for cap in (min(self.max_slots, 1 << (len(members) - 1).bit_length()), len(members)):
+            if cap >= len(members) and self._fits(cap, need):
+                return self._rebuild(members, cap)
+        # Evict least recently used residents into the slots the current layout already has.
+        if shapes_ok and len(free) + len(evictable) >= len(missing):
+            for index in evictable[: len(missing) - len(free)]:
+                free.append(self._slot_of.pop(index))
+            return self._place(missing, sorted(free))
+        # Re-lay out for the required set plus as many recent residents as the budget allows.
+        keep = [i for i in evictable]
+        while True:
+            members = keep + required
+            need = self._need(members)
+            if self._fits(len(members), need):
+                return self._rebuild(members, len(members))
+            if not keep:
+                raise AdapterBudgetExceeded(
+                    f"adapters {required} need {self._layout_bytes(len(members), need)} device bytes; the "
+                    f"adapter budget is {self.budget_bytes}"
+                )
+            keep.pop(0)
+
+    def _place(self, indices: list[int], free_slots: list[int]) -> None:
+        for index, slot in zip(indices, free_slots, strict=False):
+            self._zero_slot(slot)
+            for key, (a, b) in self._entries[index].weights.items():
+                stack_a, stack_b = self._stacks[key]
+                r = a.shape[0]
+                stack_a[slot, :r].copy_(a, non_blocking=True)  # [r, in] into [R, in]
+                stack_b[slot, :, :r].copy_(b, non_blocking=True)  # [out, r] into [out, R]
+            self._slot_of[index] = slot
+
+    def _zero_slot(self, slot: int) -> None:
+        for stack_a, stack_b in self._stacks.values():
+            stack_a[slot].zero_()
+            stack_b[slot].zero_()
+
+    def _rebuild(self, members: list[int], cap: int) -> None:
+        """New stacks of `cap` slots shaped for `members` (LRU order kept); everyone else is evicted."""
+        self._stacks = {}  # a new dict: an older AdapterBatchData keeps its own consistent view
+        self._slot_of = OrderedDict()
+        self._cap = cap
+        for key, (r, fan_in, fan_out) in sorted(self._need(members).items()):
+            self._stacks[key] = (
+                torch.zeros(cap, r, fan_in, device=self.device, dtype=self.dtype),
+                torch.zeros(cap, fan_out, r, device=self.device, dtype=self.dtype),
+            )
+        self.layout_version += 1
+        self._place(members, list(range(len(members))))

@@ -1,0 +1,109 @@
+"""Per-batch LoRA state: which device slot each token uses, and the `add_lora` hook the model calls.
+
+Contract (docs/INTERNALS.md): every LoRA-targetable projection calls, after its base matmul (and after
+the all-reduce of a row-parallel layer),
+
+    adapter_data.add_lora(layer_idx, target, x, out)   # layer_idx -1 for lm_head
+    # x [T, in_local]: the layer's input on this rank; out [T, out_local]: view of the target's columns
+    # effect: out[t] += LoRA_{slot[t]}(x[t]) for every token whose adapter targets (layer_idx, target)
+
+Prefill uses SGMV over segments, decode BGMV over the per-token slot index (see ops.py for semantics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model.adapters import ops
+from model.adapters.peft_loader import ROW_PARALLEL
+
+# (layer_idx, target) -> (A [S, R, in_local], B [S, out_local, R]); the store's stacked device tensors.
+LoraStacks = Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class AdapterBatchMetadata:
+    """token_slots [T] int32 (-1: base model) and segments (runs of one slot; base runs are not segments).
+
+    `segments` is the host copy of (start, end, slot) so prefill needs no device->host sync.
+    """
+
+    token_slots: torch.Tensor  # [T] int32
+    segment_starts: torch.Tensor  # [G] int32
+    segment_ends: torch.Tensor  # [G] int32
+    segment_slots: torch.Tensor  # [G] int32
+    segments: tuple[tuple[int, int, int], ...]
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(self.segments)
+
+    @classmethod
+    def from_requests(
+        cls, request_slots: Sequence[int], request_tokens: Sequence[int], device: torch.device | str = "cpu"
+    ) -> AdapterBatchMetadata:
+        """request_slots[i]: device slot of request i (-1: base); request_tokens[i]: its tokens this step."""
+        if len(request_slots) != len(request_tokens):
+            raise ValueError(f"{len(request_slots)} request slots but {len(request_tokens)} token counts")
+        segments: list[tuple[int, int, int]] = []
+        pos = 0
+        for slot, n in zip(request_slots, request_tokens, strict=True):
+            if slot >= 0 and n > 0:
+                if segments and segments[-1][2] == slot and segments[-1][1] == pos:
+                    segments[-1] = (segments[-1][0], pos + n, slot)  # same adapter as the previous request
+                else:
+                    segments.append((pos, pos + n, slot))
+            pos += n
+        slots_t = torch.tensor(list(request_slots), dtype=torch.int32)
+        tokens_t = torch.tensor(list(request_tokens), dtype=torch.int64)
+        token_slots = torch.repeat_interleave(slots_t, tokens_t)  # [T]
+        seg = torch.tensor(segments, dtype=torch.int32).reshape(-1, 3)  # [G, 3]
+        return cls(
+            token_slots=token_slots.to(device),
+            segment_starts=seg[:, 0].contiguous().to(device),
+            segment_ends=seg[:, 1].contiguous().to(device),
+            segment_slots=seg[:, 2].contiguous().to(device),
+            segments=tuple(segments),
+        )
+
+
+class AdapterBatchData:
+    """AdapterBatchData(meta, stacks, is_prefill, tp=None): what `forward(adapter_data=...)` receives.
+
+    `stacks` is the store's current layout (AdapterStore.batch_data builds this object); it is valid until
+    the store's `layout_version` changes. `tp`: anything with rank / world_size / group (model.parallel.
+    TPGroup); None means world size 1. For a decode CUDA graph, capture with has_lora true and update
+    `meta.token_slots` in place: every index value, -1 included, is then served by the captured graph.
+    """
+
+    def __init__(self, meta: AdapterBatchMetadata, stacks: LoraStacks, is_prefill: bool, tp=None):
+        self.meta = meta
+        self.stacks = stacks
+        self.is_prefill = is_prefill
+        self.tp = tp
+
+    def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += LoRA(x) in place for the tokens whose slot targets (layer_idx, target); else a no-op."""
+        if not self.meta.has_lora:
+            return
+        stack = self.stacks.get((layer_idx, target))
+        if stack is None:  # no resident adapter targets this module
+            return
+        lora_a, lora_b = stack  # [S, R, in_local], [S, out_local, R]
+        m = self.meta
+        if self.is_prefill:
+            # The reference ops take the host copy of the segments (no device->host sync per layer).
+            seg_host = tuple(zip(*m.segments, strict=True))
+            v = ops.sgmv_shrink(x, lora_a, *seg_host)  # [T, R]
+        else:
+            v = ops.bgmv_shrink(x, lora_a, m.token_slots)  # [T, R]
+        if target in ROW_PARALLEL and self.tp is not None and self.tp.world_size > 1:
+            # Row-parallel: each rank holds A's columns for its input slice, so v is a partial sum.
+            torch.distributed.all_reduce(v, group=self.tp.group)
+        if self.is_prefill:
+            ops.sgmv_expand(out, v, lora_b, *seg_host)
+        else:
+            ops.bgmv_expand(out, v, lora_b, m.token_slots)

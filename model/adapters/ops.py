@@ -1,0 +1,92 @@
+"""Torch reference LoRA ops over a stacked slot layout: SGMV (prefill, segments), BGMV (decode, per token).
+
+Layout (the adapter store's, fixed capacity so CUDA graphs can capture LoRA):
+
+    lora_a  [S, R, in]    S device slots, rank zero-padded to the stack's bucket R
+    lora_b  [S, out, R]   scaling already folded in; zeros where a slot's adapter skips this module
+    indices [T] int32     slot of each token's adapter, -1 = base model (no LoRA)
+    segments              seg_starts [G], seg_ends [G], seg_slots [G] (int32): token runs of one slot
+
+Semantics (any implementation, the Triton ones in model/kernels/ included, must match these):
+
+    shrink:  v[t] = x[t] @ A[idx[t]].T      (v[t] = 0 where idx[t] == -1)        v: [T, R]
+    expand:  y[t] += v[t] @ B[idx[t]].T     (nothing where idx[t] == -1)         y: [T, out], in place
+    SGMV:    for s in segments: y[s.start:s.end] += (x[s.start:s.end] @ A[s.slot].T) @ B[s.slot].T
+    BGMV:    for t in tokens:   y[t] += (x[t] @ A[idx[t]].T) @ B[idx[t]].T   (idx -1: no adapter)
+
+Shrink and expand are separate because under tensor parallelism a row-parallel layer's partial shrink
+result must be all-reduced between them (see batch.AdapterBatchData).
+
+No Python loop over tokens: BGMV contracts against every slot and masks with a one-hot of the index
+(S-fold work, but no gather of [T, out, R] weights, no host sync, and capturable in a CUDA graph);
+SGMV loops over segments, which the batch keeps few by grouping requests by adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IntSeq = Sequence[int] | torch.Tensor
+
+
+def _onehot(indices: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    # [T, S]; a -1 index matches no slot, so base-model tokens get exact zeros.
+    slots = torch.arange(num_slots, device=indices.device, dtype=indices.dtype)
+    return (indices.unsqueeze(1) == slots).to(dtype)
+
+
+def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """v[t] = x[t] @ A[idx[t]].T, zeros for idx -1.  x [T, in], lora_a [S, R, in], indices [T] -> v [T, R]."""
+    s, r, fan_in = lora_a.shape
+    t = x.shape[0]
+    all_slots = (x @ lora_a.reshape(s * r, fan_in).T).view(t, s, r)  # [T, S, R]
+    return (all_slots * _onehot(indices, s, x.dtype).unsqueeze(-1)).sum(dim=1)  # [T, R]
+
+
+def bgmv_expand(y: torch.Tensor, v: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor) -> None:
+    """y[t] += v[t] @ B[idx[t]].T in place, nothing for idx -1.  y [T, out], v [T, R], lora_b [S, out, R]."""
+    s = lora_b.shape[0]
+    masked = v.unsqueeze(1) * _onehot(indices, s, v.dtype).unsqueeze(-1)  # [T, S, R]
+    y += torch.einsum("tsr,sor->to", masked, lora_b)
+
+
+def bgmv(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor
+) -> None:
+    """BGMV: for t in tokens: y[t] += (x[t] @ A[idx[t]].T) @ B[idx[t]].T   (idx -1: no adapter)."""
+    bgmv_expand(y, bgmv_shrink(x, lora_a, indices), lora_b, indices)
+
+
+def _segments(starts: IntSeq, ends: IntSeq, slots: IntSeq) -> list[tuple[int, int, int]]:
+    as_list = [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in (starts, ends, slots)]
+    return [(a, b, k) for a, b, k in zip(*as_list, strict=True) if k >= 0 and b > a]
+
+
+def sgmv_shrink(
+    x: torch.Tensor, lora_a: torch.Tensor, seg_starts: IntSeq, seg_ends: IntSeq, seg_slots: IntSeq
+) -> torch.Tensor:
+    """for s in segments: v[s.start:s.end] = x[s.start:s.end] @ A[s.slot].T; other rows 0.  -> v [T, R]."""
+    v = x.new_zeros(x.shape[0], lora_a.shape[1])
+    for start, end, slot in _segments(seg_starts, seg_ends, seg_slots):
+        v[start:end] = x[start:end] @ lora_a[slot].T  # [n, in] @ [in, R]
+    return v
+
+
+def sgmv_expand(
+    y: torch.Tensor, v: torch.Tensor, lora_b: torch.Tensor, seg_starts: IntSeq, seg_ends: IntSeq,
+    seg_slots: IntSeq,
+) -> None:  # fmt: skip
+    """for s in segments: y[s.start:s.end] += v[s.start:s.end] @ B[s.slot].T, in place."""
+    for start, end, slot in _segments(seg_starts, seg_ends, seg_slots):
+        y[start:end] += v[start:end] @ lora_b[slot].T  # [n, R] @ [R, out]
+
+
+def sgmv(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, seg_starts: IntSeq,
+    seg_ends: IntSeq, seg_slots: IntSeq,
+) -> None:  # fmt: skip
+    """SGMV: for s in segments: y[s.start:s.end] += (x[s.start:s.end] @ A[s.slot].T) @ B[s.slot].T."""
+    sgmv_expand(y, sgmv_shrink(x, lora_a, seg_starts, seg_ends, seg_slots), lora_b, seg_starts, seg_ends,
+                seg_slots)  # fmt: skip

@@ -1,0 +1,235 @@
+"""Load a PEFT LoRA adapter directory and validate it against the base Mistral model.
+
+Input: `adapter_config.json` + `adapter_model.safetensors` as written by `peft.save_pretrained`, keys like
+
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight   [r, in]
+    base_model.model.model.layers.{i}.mlp.down_proj.lora_B.weight      [out, r]
+    base_model.model.lm_head.lora_A.weight                             [r, hidden]
+
+Output: a `LoraAdapter` on the host, float32, whose B is already multiplied by the PEFT scaling
+(`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA; per-module `rank_pattern`/`alpha_pattern`
+honoured), so that at serving time every kernel computes `y += (x @ A.T) @ B.T` with no scale argument.
+
+Refused (AdapterInvalid, the message names the problem): a pickle-only `adapter_model.bin` (never opened,
+let alone unpickled), missing files, a non-LoRA peft_type, DoRA, `modules_to_save`, LoRA biases, unknown
+target modules, layers beyond the base model, shapes that do not fit the base model, ranks outside 1..256.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.adapters.errors import AdapterInvalid, AdapterNotFound
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+# Row-parallel layers shard their input dim, so under TP their LoRA A is sliced on `in` and the shrink
+# result must be all-reduced; every other target shards its output dim (B sliced on `out`).
+ROW_PARALLEL = frozenset({"o_proj", "down_proj"})
+MAX_RANK = 256
+LM_HEAD_LAYER = -1  # layer_idx used for lm_head in add_lora and in LoraAdapter.weights keys
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+
+# adapter_config.json fields that change the math in ways this shard does not implement.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA (use_dora=true) is not supported: only plain LoRA adapters can be served",
+    "modules_to_save": "modules_to_save is not supported: the adapter replaces whole base modules",
+    "lora_bias": "LoRA biases (lora_bias=true) are not supported",
+    "fan_in_fan_out": "fan_in_fan_out=true (Conv1D-style transposed weights) does not apply to Mistral",
+    "layer_replication": "layer_replication is not supported",
+    "trainable_token_indices": "trainable_token_indices is not supported",
+    "use_qalora": "QA-LoRA (use_qalora=true) is not supported",
+}
+
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<part>lora_A|lora_B)\.weight$")
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TargetShapes:
+    """(in_features, out_features) of every LoRA-targetable projection of the base model (full, TP=1)."""
+
+    shapes: dict[str, tuple[int, int]]
+    num_layers: int
+
+    @classmethod
+    def from_config(cls, config) -> TargetShapes:
+        """`config`: model.config.MistralConfig or anything with the same attribute names."""
+        h, inter = config.hidden_size, config.intermediate_size
+        d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+        q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+        shapes = {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
+            "lm_head": (h, config.vocab_size),
+        }  # fmt: skip
+        return cls(shapes=shapes, num_layers=config.num_hidden_layers)
+
+
+@dataclass
+class LoraAdapter:
+    """Host-side LoRA weights of one (possibly merged) adapter.
+
+    weights[(layer_idx, target)] = (A [r, in] float32, B [out, r] float32 with the scaling folded in);
+    layer_idx is LM_HEAD_LAYER (-1) for lm_head. Modules the adapter does not target are absent.
+    """
+
+    name: str
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[0] for a, _ in self.weights.values()), default=0)
+
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset(t for _, t in self.weights)
+
+    def delta(self, layer_idx: int, target: str) -> torch.Tensor | None:
+        """The dense weight delta B @ A [out, in] (tests, merges); None when the module is not targeted."""
+        if (layer_idx, target) not in self.weights:
+            return None
+        a, b = self.weights[(layer_idx, target)]
+        return b @ a
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    # PEFT matches rank_pattern/alpha_pattern keys as a suffix of the module name on a dot boundary.
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json, checked for the features that change the math (refused by name)."""
+    path = adapter_dir / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterInvalid(f"{adapter_dir}: missing {CONFIG_FILE} (not a PEFT adapter directory)")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterInvalid(f"{path}: unreadable JSON: {e}") from e
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterInvalid(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key, why in _UNSUPPORTED_FIELDS.items():
+        if cfg.get(key):
+            raise AdapterInvalid(f"{path}: {why}")
+    ranks = [cfg.get("r")] + list((cfg.get("rank_pattern") or {}).values())
+    for r in ranks:
+        if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
+            raise AdapterInvalid(f"{path}: rank r={r!r} is out of range 1..{MAX_RANK}")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):  # a string is a regex; then the tensor keys are checked instead
+        unknown = sorted({t.split(".")[-1] for t in targets} - set(TARGETS))
+        if unknown:
+            raise AdapterInvalid(
+                f"{path}: unknown target module(s) {unknown}; supported: {', '.join(TARGETS)}"
+            )
+    return cfg
+
+
+def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = adapter_dir / WEIGHTS_FILE
+    if not path.is_file():
+        if (adapter_dir / PICKLE_FILE).exists():
+            # Unpickling runs arbitrary code from whoever published the adapter: never open it.
+            raise AdapterInvalid(
+                f"{adapter_dir}: only a pickle file {PICKLE_FILE} is present; pickle-only adapters are "
+                f"refused (never unpickled) - convert it to {WEIGHTS_FILE}"
+            )
+        raise AdapterInvalid(f"{adapter_dir}: missing {WEIGHTS_FILE}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterInvalid(f"{path}: unreadable safetensors file: {e}") from e
+
+
+def _parse_key(key: str, num_layers: int, where: Path) -> tuple[int, str, str] | None:
+    """-> (layer_idx, target, 'lora_A'|'lora_B'), None for keys to skip; raises on unsupported keys."""
+    m = _KEY_RE.match(key)
+    if m is None:
+        # peft saves the unchanged base weight of an lm_head/embedding target (save_embedding_layers).
+        if key.endswith(".base_layer.weight"):
+            return None
+        if "lora_magnitude_vector" in key:
+            raise AdapterInvalid(f"{where}: DoRA magnitude vector {key!r} is not supported")
+        if "modules_to_save" in key:
+            raise AdapterInvalid(f"{where}: modules_to_save weight {key!r} is not supported")
+        raise AdapterInvalid(f"{where}: unsupported tensor {key!r} (not a LoRA A/B weight)")
+    module, part = m.group("module"), m.group("part")
+    target = module.split(".")[-1]
+    if target not in TARGETS:
+        raise AdapterInvalid(
+            f"{where}: unknown target module {target!r} in {key!r}; supported: {', '.join(TARGETS)}"
+        )
+    if target == "lm_head":
+        return LM_HEAD_LAYER, target, part
+    lm = _LAYER_RE.search("." + module + ".")
+    if lm is None:
+        raise AdapterInvalid(f"{where}: cannot find the layer index in {key!r}")
+    layer = int(lm.group(1))
+    if layer >= num_layers:
+        raise AdapterInvalid(f"{where}: {key!r} targets layer {layer} but the base model has {num_layers}")
+    return layer, target, part
+
+
+def load_peft_adapter(adapter_dir: str | Path, config, name: str | None = None) -> LoraAdapter:
+    """Read, validate and scale one PEFT LoRA adapter. `config`: the base model's MistralConfig."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterNotFound(f"adapter directory {adapter_dir} does not exist")
+    cfg = read_adapter_config(adapter_dir)
+    tensors = _read_tensors(adapter_dir)
+    shapes = TargetShapes.from_config(config)
+    where = adapter_dir / WEIGHTS_FILE
+
+    parts: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        parsed = _parse_key(key, shapes.num_layers, where)
+        if parsed is not None:
+            layer, target, part = parsed
+            parts.setdefault((layer, target), {})[part] = (key, t)
+
+    alpha, r_default = cfg.get("lora_alpha", cfg["r"]), cfg["r"]
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    adapter = LoraAdapter(name=name or str(adapter_dir))
+    for (layer, target), ab in sorted(parts.items()):
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise AdapterInvalid(
+                f"{where}: layer {layer} {target} has only {sorted(ab)}; needs lora_A and lora_B"
+            )
+        (ka, a), (kb, b) = ab["lora_A"], ab["lora_B"]
+        fan_in, fan_out = shapes.shapes[target]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or not 1 <= r <= MAX_RANK:
+            raise AdapterInvalid(f"{where}: {ka!r} has shape {tuple(a.shape)}; rank must be in 1..{MAX_RANK}")
+        if tuple(a.shape) != (r, fan_in):
+            raise AdapterInvalid(
+                f"{where}: shape mismatch for {ka!r}: got {tuple(a.shape)}, base model needs ({r}, {fan_in})"
+            )
+        if tuple(b.shape) != (fan_out, r):
+            raise AdapterInvalid(
+                f"{where}: shape mismatch for {kb!r}: got {tuple(b.shape)}, base model needs ({fan_out}, {r})"
+            )
+        module = ka[len("base_model.model.") : -len(".lora_A.weight")]
+        r_cfg = _pattern_value(rank_pattern, module, r_default)
+        if r != r_cfg:
+            raise AdapterInvalid(f"{where}: {ka!r} has rank {r} but adapter_config.json says r={r_cfg}")
+        a_mod = _pattern_value(alpha_pattern, module, alpha)
+        scale = a_mod / math.sqrt(r) if cfg.get("use_rslora") else a_mod / r
+        adapter.weights[(layer, target)] = (a.float().contiguous(), (b.float() * scale).contiguous())
+    if not adapter.weights:
+        raise AdapterInvalid(f"{where}: no LoRA weights found")
+    return adapter

@@ -1,0 +1,62 @@
+"""Tensor-parallel slicing of one module's LoRA weights (issue 7), applied once at upload time.
+
+Column-parallel targets (q/k/v/gate/up, lm_head) shard their output dim, so each rank keeps the full
+A [r, in] and the rows of B [out, r] of its own output columns:  out_local = x @ A.T @ B_local.T.
+Row-parallel targets (o_proj, down_proj) shard their input dim, so each rank keeps the columns of
+A [r, in] that match its input slice and the full B; the shrink result is a partial sum,
+
+    v = sum_over_ranks(x_local @ A_local.T)     # all-reduce of [T, r], before the expand
+    y += v @ B.T                                  # added after the base layer's own all-reduce
+
+which is exact (each rank adds the same full delta once to the already-reduced base output), unlike
+adding a per-rank expand before the base all-reduce with a duplicated B.
+
+The head split matches the model's fused QKV: query heads contiguous per rank; KV heads contiguous when
+there are at least as many as ranks, else replicated (rank r holds head r * Hkv // world).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.adapters.errors import AdapterInvalid
+from model.adapters.peft_loader import ROW_PARALLEL
+
+
+def _even_chunk(n: int, rank: int, world: int, what: str) -> slice:
+    if n % world:
+        raise AdapterInvalid(f"{what} size {n} is not divisible by the tensor-parallel world size {world}")
+    size = n // world
+    return slice(rank * size, (rank + 1) * size)
+
+
+def _head_rows(num_heads: int, head_dim: int, rank: int, world: int) -> slice:
+    if num_heads >= world:
+        heads = _even_chunk(num_heads, rank, world, "head count")
+        return slice(heads.start * head_dim, heads.stop * head_dim)
+    head = rank * num_heads // world  # replicated KV heads
+    return slice(head * head_dim, (head + 1) * head_dim)
+
+
+def shard_lora(
+    target: str, a: torch.Tensor, b: torch.Tensor, config, rank: int, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) full -> this rank's (A_local, B_local). World size 1 returns them unchanged."""
+    if world_size == 1:
+        return a, b
+    if target in ROW_PARALLEL:
+        return a[:, _even_chunk(a.shape[1], rank, world_size, f"{target} input")], b
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if target == "q_proj":
+        rows = _head_rows(config.num_attention_heads, d, rank, world_size)
+    elif target in ("k_proj", "v_proj"):
+        rows = _head_rows(config.num_key_value_heads, d, rank, world_size)
+    elif target == "lm_head":
+        # Vocab-parallel head: ceil split, the last rank's short chunk zero-padded to the common width.
+        size = -(-b.shape[0] // world_size)
+        part = b[rank * size : (rank + 1) * size]
+        pad = b.new_zeros(size - part.shape[0], b.shape[1])
+        return a, torch.cat([part, pad]) if pad.numel() else part
+    else:  # gate_proj, up_proj
+        rows = _even_chunk(b.shape[0], rank, world_size, f"{target} output")
+    return a, b[rows]

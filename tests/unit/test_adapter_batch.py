@@ -1,0 +1,81 @@
+"""AdapterBatchMetadata segments, AdapterBatchData.add_lora, and the tensor-parallel slicing math."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
+from model.adapters.sharding import shard_lora
+
+
+def test_metadata_per_token_slots_and_segments_merge_runs_and_skip_base():
+    m = AdapterBatchMetadata.from_requests([1, 1, -1, 2, 1, 0], [3, 2, 4, 1, 2, 0])
+    assert m.token_slots.dtype == torch.int32
+    assert m.token_slots.tolist() == [1] * 5 + [-1] * 4 + [2] + [1] * 2
+    assert m.segments == ((0, 5, 1), (9, 10, 2), (10, 12, 1))
+    assert m.segment_starts.tolist() == [0, 9, 10] and m.segment_slots.dtype == torch.int32
+    assert m.has_lora
+    assert not AdapterBatchMetadata.from_requests([-1, -1], [1, 1]).has_lora
+
+
+def _stacks(gen, slots=3, r=8, fan_in=10, fan_out=6):
+    a = torch.randn(slots, r, fan_in, generator=gen)
+    b = torch.randn(slots, fan_out, r, generator=gen)
+    return {(0, "q_proj"): (a, b)}, a, b
+
+
+@pytest.mark.parametrize("is_prefill", [True, False])
+def test_add_lora_adds_each_tokens_delta_in_place_and_ignores_other_modules(is_prefill):
+    gen = torch.Generator().manual_seed(0)
+    stacks, a, b = _stacks(gen)
+    slots, tokens = [2, -1, 0, 0], [3, 2, 1, 4]
+    data = AdapterBatchData(AdapterBatchMetadata.from_requests(slots, tokens), stacks, is_prefill)
+    x = torch.randn(10, 10, generator=gen)
+    fused = torch.randn(10, 20, generator=gen)  # e.g. a fused qkv output; q is columns 4..10
+    expected = fused.clone()
+    idx = data.meta.token_slots
+    for t in range(10):
+        if idx[t] >= 0:
+            expected[t, 4:10] += x[t] @ (b[idx[t]] @ a[idx[t]]).T
+    data.add_lora(0, "q_proj", x, fused[:, 4:10])
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    before = fused.clone()
+    data.add_lora(0, "k_proj", x, fused[:, 10:16])  # no stack for this module: a no-op
+    data.add_lora(1, "q_proj", x, fused[:, 4:10])
+    assert torch.equal(fused, before)
+
+
+CFG = SimpleNamespace(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+                      intermediate_size=24, vocab_size=10)  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("target,fan_in,fan_out", [("q_proj", 16, 16), ("k_proj", 16, 8), ("up_proj", 16, 24),
+                                                   ("lm_head", 16, 10)])  # fmt: skip
+def test_column_parallel_slices_b_rows_like_the_model_shards_outputs(world, target, fan_in, fan_out):
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, fan_in, generator=gen), torch.randn(fan_out, 3, generator=gen)
+    x = torch.randn(5, fan_in, generator=gen)
+    full = x @ a.T @ b.T  # [5, out]
+    locals_ = [x @ la.T @ lb.T for la, lb in (shard_lora(target, a, b, CFG, r, world) for r in range(world))]
+    if target == "k_proj" and world == 4:  # 2 KV heads over 4 ranks: rank r holds head r * 2 // 4
+        got = torch.cat([locals_[0], locals_[2]], dim=1)
+    else:
+        got = torch.cat(locals_, dim=1)[:, :fan_out]  # lm_head: padded vocab cut after the gather
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("target,fan_in", [("o_proj", 16), ("down_proj", 24)])
+def test_row_parallel_partial_shrinks_sum_to_the_full_delta(world, target, fan_in):
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(5, fan_in, generator=gen), torch.randn(16, 5, generator=gen)
+    x = torch.randn(7, fan_in, generator=gen)
+    n = fan_in // world
+    v = 0
+    for r in range(world):
+        la, lb = shard_lora(target, a, b, CFG, r, world)
+        assert torch.equal(lb, b)  # B replicated; the expand runs once on the reduced shrink
+        v = v + x[:, r * n : (r + 1) * n] @ la.T  # what the all-reduce sums
+    torch.testing.assert_close(v @ b.T, x @ a.T @ b.T, rtol=1e-5, atol=1e-5)
