@@ -139,3 +139,118 @@ def test_paged_decode_attention_cuda_graph():
         torch.cuda.synchronize()
         ref = paged_decode_attention_ref(q, k, v, tables, seq_lens, D**-0.5, bucket)
         assert rel_err(out, ref) <= 1e-2
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+LORA_SHAPES = [  # (in, outs of the targets batched in one launch)
+    (4096, (4096, 1024, 1024)),  # q,k,v
+    (4096, (14336, 14336)),  # gate,up
+    (14336, (4096,)),  # down
+    (4096, (4096,)),  # o
+]
+
+
+def make_lora_case(gen, T, S, R, fan_in, outs, dtype, no_adapter_frac=0.25):
+    nt = len(outs)
+    x = torch.randn(T, fan_in, generator=gen, device=DEV).to(dtype)
+    a = (torch.randn(S, nt * R, fan_in, generator=gen, device=DEV) / fan_in**0.5).to(dtype)
+    b = (torch.randn(S, sum(outs), R, generator=gen, device=DEV) / R**0.5).to(dtype)
+    idx = torch.randint(0, S, (T,), generator=gen, device=DEV, dtype=torch.int32)
+    idx[torch.rand(T, generator=gen, device=DEV) < no_adapter_frac] = -1
+    offsets = [0]
+    for o in outs:
+        offsets.append(offsets[-1] + o)
+    return x, a, b, idx, tuple(offsets)
+
+
+@pytest.mark.parametrize("T", [1, 8, 64, 256])
+@pytest.mark.parametrize("R", [8, 16, 64, 128])
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=str)
+def test_bgmv(T, R, shape):
+    from model.kernels import lora
+
+    fan_in, outs = shape
+    dtype = torch.float16 if R == 64 else torch.bfloat16
+    gen = gen_for("bgmv", T, R, str(shape))
+    x, a, b, idx, offsets = make_lora_case(gen, T, 8, R, fan_in, outs, dtype)
+    v = torch.full((T, a.shape[1]), float("nan"), dtype=dtype, device=DEV)
+    lora.bgmv_shrink(x, a, idx, out=v)
+    v_ref = lora.bgmv_shrink_ref(x, a, idx)
+    assert rel_err(v, v_ref) <= 1e-2
+    assert v[idx < 0].eq(0).all()
+    y0 = torch.randn(T, sum(outs), generator=gen, device=DEV).to(dtype)
+    y, y_ref = y0.clone(), y0.clone()
+    lora.bgmv_expand(y, v_ref, b, idx, slice_offsets=offsets)
+    lora.bgmv_expand_ref(y_ref, v_ref, b, idx, slice_offsets=offsets)
+    assert rel_err(y - y0, y_ref - y0) <= 1e-2
+    assert torch.equal(y[idx < 0], y0[idx < 0])
+
+
+@pytest.mark.parametrize("T", [1, 100, 1024, 4096])
+@pytest.mark.parametrize("R", [8, 16, 64, 128])
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=str)
+def test_sgmv(T, R, shape):
+    from model.kernels import lora
+
+    fan_in, outs = shape
+    dtype = torch.float16 if R == 64 else torch.bfloat16
+    gen = gen_for("sgmv", T, R, str(shape))
+    x, a, b, _, offsets = make_lora_case(gen, T, 8, R, fan_in, outs, dtype)
+    # ragged segments: a gap (uncovered row), a no-adapter segment, the rest random slots
+    g = torch.Generator().manual_seed(T * 131 + R)
+    cuts = sorted(set(torch.randint(1, T, (min(6, T - 1),), generator=g).tolist())) if T > 1 else []
+    bounds = [0, *cuts, T]
+    segs = [(s + (1 if i == 1 and e - s > 1 else 0), e, -1 if i == 2 else (i * 3) % 8)
+            for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    starts, ends, slots = (torch.tensor(c, dtype=torch.int32, device=DEV) for c in zip(*segs, strict=True))
+    max_len = max(e - s for s, e, _ in segs)
+    covered = torch.zeros(T, dtype=torch.bool, device=DEV)
+    for s, e, _ in segs:
+        covered[s:e] = True
+    v = torch.full((T, a.shape[1]), float("nan"), dtype=dtype, device=DEV)
+    lora.sgmv_shrink(x, a, starts, ends, slots, max_seg_len=max_len, out=v)
+    v_ref = lora.sgmv_shrink_ref(x, a, starts, ends, slots)
+    assert rel_err(v[covered], v_ref[covered]) <= 1e-2
+    assert torch.isnan(v[~covered]).all()
+    y0 = torch.randn(T, sum(outs), generator=gen, device=DEV).to(dtype)
+    y, y_ref = y0.clone(), y0.clone()
+    lora.sgmv_expand(y, v_ref, b, starts, ends, slots, max_seg_len=max_len, slice_offsets=offsets)
+    lora.sgmv_expand_ref(y_ref, v_ref, b, starts, ends, slots, slice_offsets=offsets)
+    assert rel_err(y - y0, y_ref - y0) <= 1e-2
+    assert torch.equal(y[~covered], y0[~covered])
+
+
+def test_bgmv_cuda_graph():
+    """LoRA inside a captured decode graph: slot indices updated in place, every value incl. -1 served."""
+    from model.kernels import lora
+
+    T, S, R = 64, 32, 16
+    gen = gen_for("bgmv-graph")
+    x, a, b, idx, offsets = make_lora_case(gen, T, S, R, 4096, (4096, 1024, 1024), torch.bfloat16)
+    y = torch.zeros(T, offsets[-1], dtype=torch.bfloat16, device=DEV)
+    v = torch.empty(T, 3 * R, dtype=torch.bfloat16, device=DEV)
+
+    def step():
+        lora.bgmv_shrink(x, a, idx, out=v)
+        lora.bgmv_expand(y, v, b, idx, slice_offsets=offsets)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in range(3):
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        idx.copy_(torch.randint(-1, S, (T,), generator=g, device=DEV, dtype=torch.int32))
+        x.copy_(torch.randn(x.shape, generator=g, device=DEV))
+        y0 = torch.randn(y.shape, generator=g, device=DEV).to(y.dtype)
+        y.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        v_ref = lora.bgmv_shrink_ref(x, a, idx)
+        y_ref = lora.bgmv_expand_ref(y0.clone(), v_ref, b, idx, slice_offsets=offsets)
+        assert rel_err(y - y0, y_ref - y0) <= 1e-2
