@@ -51,13 +51,16 @@ class IncrementalDetokenizer:
             else []
         )
         self._read = len(self._ids)  # ids[:read] are emitted (or context); ids[read:] are pending
+        self._prefix_text: str | None = None  # decode(ids[:read]); fixed until the next emission
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def _text_with(self, ids: list[int]) -> str | None:
         """Text that the pending ids plus `ids` complete, or None if a character is still open."""
-        prefix_text = self._decode(self._ids[: self._read])
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[: self._read])
+        prefix_text = self._prefix_text
         full_text = self._decode(self._ids + ids)
         if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
             return full_text[len(prefix_text) :]
@@ -72,6 +75,7 @@ class IncrementalDetokenizer:
         # The emitted tokens become the next context: drop everything before them.
         self._ids = self._ids[self._read :]
         self._read = len(self._ids)
+        self._prefix_text = None
         return text
 
     def peek(self, token_id: int) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -112,7 +113,32 @@ def _seed_bits(seed: int) -> int:
     return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
-@dataclass
+@dataclass(frozen=True)
+class ChooserFlags:
+    """Which processors run for a batch: host bools from the params only (no device sync), so the
+    step's control flow is fixed for the batch's lifetime (CUDA-graph friendly)."""
+
+    any_sampled: bool
+    any_watermark: bool
+    top_k: bool
+    top_p: bool
+    typical: bool
+    max_alternatives: int
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], vocab_size: int) -> ChooserFlags:
+        sampled = [p for p in params if is_sampled(p)]
+        return cls(
+            any_sampled=bool(sampled),
+            any_watermark=any(p.watermark for p in params),
+            top_k=any(0 < p.top_k < vocab_size for p in sampled),
+            top_p=any(p.top_p < 1.0 for p in sampled),
+            typical=any(p.typical_p < 1.0 for p in sampled),
+            max_alternatives=min(max((p.return_k_alternatives for p in params), default=0), vocab_size),
+        )
+
+
+@dataclass(eq=False)
 class NextTokenChooser:
     """Per-request sampling parameters and state for a batch of B requests over a vocabulary of V.
 
@@ -203,13 +229,9 @@ class NextTokenChooser:
     def __len__(self) -> int:
         return len(self.params)
 
-    # ---- host-side flags (from params only: no device sync, stable for CUDA graphs) -----------
-
-    def _sampled(self) -> list[SamplingParams]:
-        return [p for p in self.params if is_sampled(p)]
-
-    def max_alternatives(self) -> int:
-        return min(max((p.return_k_alternatives for p in self.params), default=0), self.vocab_size)
+    @cached_property
+    def flags(self) -> ChooserFlags:
+        return ChooserFlags.of(self.params, self.vocab_size)
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -222,18 +244,17 @@ class NextTokenChooser:
             x = lp.apply_repetition_penalty(x, self.seen, self.repetition)
         if self.counts is not None:
             x = lp.apply_frequency_presence(x, self.counts, self.frequency, self.presence)
-        if any(p.watermark for p in self.params):
+        flags = self.flags
+        if flags.any_watermark:
             wm = self.watermark_config
             green = lp.green_mask(self.prev_ids, self.vocab_size, wm.gamma, wm.key)
             x = x + wm.delta * (green & self.watermark[:, None]).to(x.dtype)
-        sampled = self._sampled()
-        if not any(sampled):
+        if not flags.any_sampled:
             return x
         y = x / self.temperature[:, None]
-        use_top_p = any(p.top_p < 1.0 for p in sampled)
-        if use_top_p or any(0 < p.top_k < self.vocab_size for p in sampled):
-            y = lp.apply_top_k_top_p(y, self.top_k, self.top_p, use_top_p)
-        if any(p.typical_p < 1.0 for p in sampled):
+        if flags.top_k or flags.top_p:
+            y = lp.apply_top_k_top_p(y, self.top_k, self.top_p, flags.top_p)
+        if flags.typical:
             y = lp.apply_typical(y, self.typical_p)
         return torch.where(self.do_sample[:, None], y, x)
 
@@ -243,14 +264,14 @@ class NextTokenChooser:
         Does not advance the state: call `update(next_ids)` once the step's tokens are final.
         """
         scores = self.process(logits)  # [B, V]
-        if any(self._sampled()):
+        if self.flags.any_sampled:
             noise = lp.gumbel_noise(self.seed, self.step, self.vocab_size)
             next_ids = torch.where(self.do_sample[:, None], scores + noise, scores).argmax(dim=-1)
         else:
             next_ids = scores.argmax(dim=-1)
         logprobs = scores.log_softmax(dim=-1)  # [B, V]
         out = SampleOutput(next_ids=next_ids, logprobs=logprobs.gather(1, next_ids[:, None])[:, 0])
-        k = self.max_alternatives()
+        k = self.flags.max_alternatives
         if k > 0:
             out.alt_logprobs, out.alt_ids = logprobs.topk(k, dim=-1)
             out.alt_k = tuple(min(p.return_k_alternatives, k) for p in self.params)
@@ -264,7 +285,7 @@ class NextTokenChooser:
             self.counts[rows, ids] += 1
         if self.seen is not None:
             self.seen[rows, ids] = True
-        self.prev_ids = ids.clone()
+        self.prev_ids.copy_(ids)  # in place: tensors keep their addresses (CUDA graphs)
         self.step += 1
 
     # ---- batch lifecycle -----------------------------------------------------------------------

@@ -246,3 +246,17 @@ def test_prompt_logprobs_single_and_flattened():
         torch.testing.assert_close(out[t], logp[t - 1, ids[t]])
     single = prompt_logprobs(logits[:4], ids[:4])
     torch.testing.assert_close(single, out[:4], equal_nan=True)
+
+
+def test_one_seed_over_many_steps_matches_probabilities_and_updates_in_place():
+    base = torch.tensor([1.0, 0.0, -1.0] + [-30.0] * (V - 3))[None, :]
+    c = NextTokenChooser.from_params([SP(do_sample=True, seed=42)], [[1]], V)
+    ptrs = (c.step.data_ptr(), c.prev_ids.data_ptr())
+    draws = []
+    for _ in range(1500):
+        ids = c.choose(base).next_ids
+        c.update(ids)
+        draws.append(int(ids))
+    freq = torch.bincount(torch.tensor(draws), minlength=V).float() / len(draws)
+    torch.testing.assert_close(freq, base[0].softmax(-1), atol=0.04, rtol=0)
+    assert (c.step.data_ptr(), c.prev_ids.data_ptr()) == ptrs and int(c.step) == 1500
