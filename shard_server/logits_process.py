@@ -111,6 +111,18 @@ def _keep_by_mass(sorted_logits: torch.Tensor, mass: torch.Tensor) -> torch.Tens
     return keep | (mass >= 1.0)[:, None]
 
 
+def apply_top_k(x: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
+    """Top-k alone, without a full sort: only the `max_k` largest values are found.
+
+    x [B, V]; top_k [B] int64 with V meaning "off"; max_k = the largest k below V in the batch.
+    """
+    vocab = x.shape[-1]
+    top_vals = x.topk(max_k, dim=-1).values  # [B, max_k], descending
+    kth = top_vals.gather(1, (top_k.clamp(1, max_k) - 1)[:, None])  # [B, 1]
+    kth = kth.masked_fill((top_k >= vocab)[:, None], float("-inf"))  # "off" rows keep everything
+    return x.masked_fill(x < kth, float("-inf"))
+
+
 def apply_top_k_top_p(
     x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, use_top_p: bool
 ) -> torch.Tensor:

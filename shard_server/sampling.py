@@ -120,7 +120,7 @@ class ChooserFlags:
 
     any_sampled: bool
     any_watermark: bool
-    top_k: bool
+    top_k: int  # largest k < V among sampled rows; 0 if none uses top-k
     top_p: bool
     typical: bool
     max_alternatives: int
@@ -131,7 +131,7 @@ class ChooserFlags:
         return cls(
             any_sampled=bool(sampled),
             any_watermark=any(p.watermark for p in params),
-            top_k=any(0 < p.top_k < vocab_size for p in sampled),
+            top_k=max((p.top_k for p in sampled if 0 < p.top_k < vocab_size), default=0),
             top_p=any(p.top_p < 1.0 for p in sampled),
             typical=any(p.typical_p < 1.0 for p in sampled),
             max_alternatives=min(max((p.return_k_alternatives for p in params), default=0), vocab_size),
@@ -252,8 +252,10 @@ class NextTokenChooser:
         if not flags.any_sampled:
             return x
         y = x / self.temperature[:, None]
-        if flags.top_k or flags.top_p:
-            y = lp.apply_top_k_top_p(y, self.top_k, self.top_p, flags.top_p)
+        if flags.top_p:  # one sort serves both
+            y = lp.apply_top_k_top_p(y, self.top_k, self.top_p, use_top_p=True)
+        elif flags.top_k:
+            y = lp.apply_top_k(y, self.top_k, flags.top_k)
         if flags.typical:
             y = lp.apply_typical(y, self.typical_p)
         return torch.where(self.do_sample[:, None], y, x)

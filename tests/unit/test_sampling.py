@@ -260,3 +260,16 @@ def test_one_seed_over_many_steps_matches_probabilities_and_updates_in_place():
     freq = torch.bincount(torch.tensor(draws), minlength=V).float() / len(draws)
     torch.testing.assert_close(freq, base[0].softmax(-1), atol=0.04, rtol=0)
     assert (c.step.data_ptr(), c.prev_ids.data_ptr()) == ptrs and int(c.step) == 1500
+
+
+def test_top_k_without_top_p_matches_transformers_per_row():
+    # No row uses top_p, so the partial top-k path runs; k = 0 (off) and k > V rows keep everything.
+    ks = [3, 0, 10, 1000]
+    c = NextTokenChooser.from_params([SP(do_sample=True, top_k=k) for k in ks], [[1]] * 4, V)
+    x = logits_rows(4, seed=12)
+    ours = c.process(x)
+    for b, k in enumerate(ks):
+        ref = TopKLogitsWarper(k)(torch.tensor([[1]]), x[b : b + 1].clone()) if 0 < k < V else x[b : b + 1]
+        same_filtered(ours[b : b + 1], ref)
+    full_sort = lp.apply_top_k_top_p(x, c.top_k, torch.ones(4), use_top_p=False)
+    assert torch.equal(full_sort, ours)
