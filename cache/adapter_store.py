@@ -8,7 +8,7 @@ Public API (called by the engine from its one model thread; not thread-safe):
     store.load(index, spec) -> None      # register under index and make it device-resident
     store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
     store.is_loaded(index) / loaded_spec(index) / generation(index)   # generation: bumps on every load
-    store.batch_data(adapter_indices, tokens, is_prefill) -> AdapterBatchData
+    store.batch_data(adapter_indices, tokens, is_prefill, lm_head_indices=None) -> AdapterBatchData
     store.device_bytes() / budget_bytes / layout_version / preloaded_adapters() / resident_indices()
 
 Errors (model.adapters.errors; engine maps `code`): AdapterNotFound (NOT_FOUND: index not loaded, files
@@ -147,9 +147,11 @@ class AdapterStore:
         return sum(a.nbytes + b.nbytes for a, b in self._stacks.values())
 
     # ---- batches --------------------------------------------------------------------------------------
-    def batch_data(self, adapter_indices: Sequence[int], tokens: Sequence[int], is_prefill: bool
-                   ) -> AdapterBatchData:  # fmt: skip
+    def batch_data(self, adapter_indices: Sequence[int], tokens: Sequence[int], is_prefill: bool,
+                   lm_head_indices: torch.Tensor | None = None) -> AdapterBatchData:  # fmt: skip
         """Per-request adapter index and token count -> AdapterBatchData; makes all of them resident.
+
+        `lm_head_indices`: the tensor passed to forward(lm_head_indices=...), if any.
 
         Valid until the next load/offload/batch_data that changes `layout_version` or evicts.
         """
@@ -160,7 +162,7 @@ class AdapterStore:
         self._ensure_resident(required)
         slots = [self._slot_of.get(i, -1) for i in adapter_indices]
         meta = AdapterBatchMetadata.from_requests(slots, tokens, self.device)
-        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp)
+        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp, lm_head_indices)
 
     # ---- host side ------------------------------------------------------------------------------------
     def _host_weights(self, spec) -> HostWeights:

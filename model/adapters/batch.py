@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from model.adapters import ops
-from model.adapters.peft_loader import ROW_PARALLEL
+from model.adapters.peft_loader import LM_HEAD_LAYER, ROW_PARALLEL
 
 # (layer_idx, target) -> (A [S, R, in_local], B [S, out_local, R]); the store's stacked device tensors.
 LoraStacks = Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
@@ -71,7 +71,7 @@ class AdapterBatchMetadata:
 
 
 class AdapterBatchData:
-    """AdapterBatchData(meta, stacks, is_prefill, tp=None): what `forward(adapter_data=...)` receives.
+    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None): forward's adapter_data.
 
     `stacks` is the store's current layout (AdapterStore.batch_data builds this object); it is valid until
     the store's `layout_version` changes. `tp`: anything with rank / world_size / group (model.parallel.
@@ -79,11 +79,16 @@ class AdapterBatchData:
     `meta.token_slots` in place: every index value, -1 included, is then served by the captured graph.
     """
 
-    def __init__(self, meta: AdapterBatchMetadata, stacks: LoraStacks, is_prefill: bool, tp=None):
+    def __init__(
+        self, meta: AdapterBatchMetadata, stacks: LoraStacks, is_prefill: bool, tp=None,
+        lm_head_indices: torch.Tensor | None = None,
+    ):  # fmt: skip
         self.meta = meta
         self.stacks = stacks
         self.is_prefill = is_prefill
         self.tp = tp
+        # The same rows as forward(lm_head_indices=...): lm_head then sees [N] rows, not [T] tokens.
+        self.lm_head_indices = lm_head_indices
 
     def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += LoRA(x) in place for the tokens whose slot targets (layer_idx, target); else a no-op."""
@@ -94,6 +99,15 @@ class AdapterBatchData:
             return
         lora_a, lora_b = stack  # [S, R, in_local], [S, out_local, R]
         m = self.meta
+        if layer_idx == LM_HEAD_LAYER and x.shape[0] != m.token_slots.shape[0]:
+            if self.lm_head_indices is None:
+                raise ValueError(
+                    f"lm_head got {x.shape[0]} rows for {m.token_slots.shape[0]} tokens: build the "
+                    "AdapterBatchData with the lm_head_indices passed to forward"
+                )
+            idx = m.token_slots[self.lm_head_indices]  # [N]: per-row slots; rows are no longer segments
+            ops.bgmv(out, x, lora_a, lora_b, idx)
+            return
         if self.is_prefill:
             # The reference ops take the host copy of the segments (no device->host sync per layer).
             seg_host = tuple(zip(*m.segments, strict=True))

@@ -1,6 +1,6 @@
 """Tensor-parallel slicing of one module's LoRA weights (issue 7), applied once at upload time.
 
-Column-parallel targets (q/k/v/gate/up, lm_head) shard their output dim, so each rank keeps the full
+Column-parallel targets (q/k/v/gate/up) shard their output dim, so each rank keeps the full
 A [r, in] and the rows of B [out, r] of its own output columns:  out_local = x @ A.T @ B_local.T.
 Row-parallel targets (o_proj, down_proj) shard their input dim, so each rank keeps the columns of
 A [r, in] that match its input slice and the full B; the shrink result is a partial sum,
@@ -10,6 +10,9 @@ A [r, in] that match its input slice and the full B; the shrink result is a part
 
 which is exact (each rank adds the same full delta once to the already-reduced base output), unlike
 adding a per-rank expand before the base all-reduce with a duplicated B.
+
+lm_head is not sliced: the model calls its hook on the gathered logits [N, V] (every rank holds all of
+them), so every rank adds the full delta with the full B.
 
 The head split matches the model's fused QKV: query heads contiguous per rank; KV heads contiguous when
 there are at least as many as ranks, else replicated (rank r holds head r * Hkv // world).
@@ -42,7 +45,7 @@ def shard_lora(
     target: str, a: torch.Tensor, b: torch.Tensor, config, rank: int, world_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [r, in], B [out, r]) full -> this rank's (A_local, B_local). World size 1 returns them unchanged."""
-    if world_size == 1:
+    if world_size == 1 or target == "lm_head":
         return a, b
     if target in ROW_PARALLEL:
         return a[:, _even_chunk(a.shape[1], rank, world_size, f"{target} input")], b
@@ -51,12 +54,6 @@ def shard_lora(
         rows = _head_rows(config.num_attention_heads, d, rank, world_size)
     elif target in ("k_proj", "v_proj"):
         rows = _head_rows(config.num_key_value_heads, d, rank, world_size)
-    elif target == "lm_head":
-        # Vocab-parallel head: ceil split, the last rank's short chunk zero-padded to the common width.
-        size = -(-b.shape[0] // world_size)
-        part = b[rank * size : (rank + 1) * size]
-        pad = b.new_zeros(size - part.shape[0], b.shape[1])
-        return a, torch.cat([part, pad]) if pad.numel() else part
     else:  # gate_proj, up_proj
         rows = _even_chunk(b.shape[0], rank, world_size, f"{target} output")
     return a, b[rows]

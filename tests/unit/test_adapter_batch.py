@@ -51,8 +51,9 @@ CFG = SimpleNamespace(hidden_size=16, num_attention_heads=4, num_key_value_heads
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("target,fan_in,fan_out", [("q_proj", 16, 16), ("k_proj", 16, 8), ("up_proj", 16, 24),
-                                                   ("lm_head", 16, 10)])  # fmt: skip
+@pytest.mark.parametrize(
+    "target,fan_in,fan_out", [("q_proj", 16, 16), ("k_proj", 16, 8), ("up_proj", 16, 24)]
+)
 def test_column_parallel_slices_b_rows_like_the_model_shards_outputs(world, target, fan_in, fan_out):
     gen = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, fan_in, generator=gen), torch.randn(fan_out, 3, generator=gen)
@@ -62,7 +63,7 @@ def test_column_parallel_slices_b_rows_like_the_model_shards_outputs(world, targ
     if target == "k_proj" and world == 4:  # 2 KV heads over 4 ranks: rank r holds head r * 2 // 4
         got = torch.cat([locals_[0], locals_[2]], dim=1)
     else:
-        got = torch.cat(locals_, dim=1)[:, :fan_out]  # lm_head: padded vocab cut after the gather
+        got = torch.cat(locals_, dim=1)
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
 
 
@@ -79,3 +80,28 @@ def test_row_parallel_partial_shrinks_sum_to_the_full_delta(world, target, fan_i
         assert torch.equal(lb, b)  # B replicated; the expand runs once on the reduced shrink
         v = v + x[:, r * n : (r + 1) * n] @ la.T  # what the all-reduce sums
     torch.testing.assert_close(v @ b.T, x @ a.T @ b.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("is_prefill", [True, False])
+def test_lm_head_on_selected_rows_uses_the_slots_of_those_tokens(is_prefill):
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 8, 10, generator=gen), torch.randn(2, 6, 8, generator=gen)
+    meta = AdapterBatchMetadata.from_requests([1, -1, 0], [3, 2, 4])
+    rows = torch.tensor([2, 4, 8])  # the last token of each request
+    x = torch.randn(3, 10, generator=gen)
+    with pytest.raises(ValueError, match="lm_head got 3 rows for 9 tokens"):
+        AdapterBatchData(meta, {(-1, "lm_head"): (a, b)}, is_prefill).add_lora(
+            -1, "lm_head", x, torch.zeros(3, 6)
+        )
+    data = AdapterBatchData(meta, {(-1, "lm_head"): (a, b)}, is_prefill, lm_head_indices=rows)
+    out = torch.zeros(3, 6)
+    data.add_lora(-1, "lm_head", x, out)
+    want = torch.stack([x[0] @ (b[1] @ a[1]).T, torch.zeros(6), x[2] @ (b[0] @ a[0]).T])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lm_head_is_not_sliced_because_the_hook_sees_gathered_logits():
+    a, b = torch.randn(3, 16), torch.randn(10, 3)
+    for r in range(2):
+        la, lb = shard_lora("lm_head", a, b, CFG, r, 2)
+        assert la is a and lb is b
