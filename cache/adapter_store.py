@@ -9,6 +9,7 @@ Public API (called by the engine from its one model thread; not thread-safe):
     store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
     store.is_loaded(index) / loaded_spec(index) / generation(index)   # generation: bumps on every load
     store.batch_data(adapter_indices, tokens, is_prefill, lm_head_indices=None) -> AdapterBatchData
+    store.request_slots(adapter_indices) -> list[int]; store.graph_batch_data(static_meta)  # CUDA graphs
     store.device_bytes() / budget_bytes / layout_version / preloaded_adapters() / resident_indices()
 
 Errors (model.adapters.errors; engine maps `code`): AdapterNotFound (NOT_FOUND: index not loaded, files
@@ -155,14 +156,25 @@ class AdapterStore:
 
         Valid until the next load/offload/batch_data that changes `layout_version` or evicts.
         """
+        meta = AdapterBatchMetadata.from_requests(self.request_slots(adapter_indices), tokens, self.device)
+        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp, lm_head_indices)
+
+    def request_slots(self, adapter_indices: Sequence[int]) -> list[int]:
+        """Device slot per request (-1: base), after making every adapter of the batch resident.
+
+        For a CUDA-graph decode: `meta.token_slots.copy_(torch.tensor(store.request_slots(...)))` into
+        the bucket's static metadata, then `graph_batch_data(meta)` if `layout_version` changed.
+        """
         for index in adapter_indices:
             if index not in self._entries and index != 0:
                 raise AdapterNotFound(f"adapter index {index} is not loaded")
         required = list(dict.fromkeys(i for i in adapter_indices if i in self._entries))
         self._ensure_resident(required)
-        slots = [self._slot_of.get(i, -1) for i in adapter_indices]
-        meta = AdapterBatchMetadata.from_requests(slots, tokens, self.device)
-        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp, lm_head_indices)
+        return [self._slot_of.get(i, -1) for i in adapter_indices]
+
+    def graph_batch_data(self, meta: AdapterBatchMetadata) -> AdapterBatchData:
+        """Decode AdapterBatchData over the current stacks for a graph bucket's static metadata."""
+        return AdapterBatchData(meta, self._stacks, False, self.tp)
 
     # ---- host side ------------------------------------------------------------------------------------
     def _host_weights(self, spec) -> HostWeights:

@@ -28,7 +28,9 @@ LoraStacks = Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 class AdapterBatchMetadata:
     """token_slots [T] int32 (-1: base model) and segments (runs of one slot; base runs are not segments).
 
-    `segments` is the host copy of (start, end, slot) so prefill needs no device->host sync.
+    `segments` is the host copy of (start, end, slot) so prefill needs no device->host sync. `has_lora`
+    false lets add_lora return at once (an all-base batch costs nothing); a CUDA graph is captured with it
+    true (see `for_cuda_graph`) so that the captured step serves any slot indices later copied in.
     """
 
     token_slots: torch.Tensor  # [T] int32
@@ -36,10 +38,15 @@ class AdapterBatchMetadata:
     segment_ends: torch.Tensor  # [G] int32
     segment_slots: torch.Tensor  # [G] int32
     segments: tuple[tuple[int, int, int], ...]
+    has_lora: bool
 
-    @property
-    def has_lora(self) -> bool:
-        return bool(self.segments)
+    @classmethod
+    def for_cuda_graph(cls, num_tokens: int, device: torch.device | str) -> AdapterBatchMetadata:
+        """Static decode metadata of a graph bucket: all -1 now; before each replay the runner does
+        `meta.token_slots.copy_(slots)` (padding rows -1). Decode uses BGMV only, so no segments."""
+        empty = torch.zeros(0, dtype=torch.int32, device=device)
+        token_slots = torch.full((num_tokens,), -1, dtype=torch.int32, device=device)
+        return cls(token_slots, empty, empty.clone(), empty.clone(), (), has_lora=True)
 
     @classmethod
     def from_requests(
@@ -67,6 +74,7 @@ class AdapterBatchMetadata:
             segment_ends=seg[:, 1].contiguous().to(device),
             segment_slots=seg[:, 2].contiguous().to(device),
             segments=tuple(segments),
+            has_lora=bool(segments),
         )
 
 

@@ -105,3 +105,17 @@ def test_lm_head_is_not_sliced_because_the_hook_sees_gathered_logits():
     for r in range(2):
         la, lb = shard_lora("lm_head", a, b, CFG, r, 2)
         assert la is a and lb is b
+
+
+def test_only_row_parallel_targets_all_reduce_the_shrink_result(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda v, group=None: calls.append((v.shape, group)))
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 8, 10, generator=gen), torch.randn(2, 6, 8, generator=gen)
+    stacks = {(0, t): (a, b) for t in ("q_proj", "o_proj", "down_proj", "up_proj")}
+    tp = SimpleNamespace(rank=0, world_size=2, group="G")
+    for is_prefill in (True, False):
+        data = AdapterBatchData(AdapterBatchMetadata.from_requests([0, 1], [2, 3]), stacks, is_prefill, tp)
+        for target in ("q_proj", "o_proj", "down_proj", "up_proj"):
+            data.add_lora(0, target, torch.randn(5, 10), torch.zeros(5, 6))
+    assert calls == [(torch.Size([5, 8]), "G")] * 4  # o_proj and down_proj, prefill and decode

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from cache.adapter_sources import AdapterSourceConfig, AdapterSources
 from cache.adapter_store import AdapterStore, rank_bucket
+from model.adapters.batch import AdapterBatchMetadata
 from model.adapters.errors import (
     AdapterBudgetExceeded,
     AdapterConflict,
@@ -179,3 +180,26 @@ def test_merged_adapter_and_refused_sources(tiny_model_dir, peft_dir, tmp_path):
         store.load(5, AdapterSpec(adapter_ids=("org/x",), source="pbase"))
     with pytest.raises(AdapterNotFound, match="does not exist"):
         store.download(local(tmp_path / "nope"))
+
+
+def test_cuda_graph_style_static_metadata_serves_any_slots_copied_in(tiny_model_dir, peft_dir, tmp_path):
+    config = base_config(tiny_model_dir)
+    other = synth(peft_dir, tmp_path / "other", rank=6, seed=8)
+    store = AdapterStore(config)
+    store.load(1, local(peft_dir))
+    store.load(2, local(other))
+    meta = AdapterBatchMetadata.for_cuda_graph(6, "cpu")  # a bucket of 6 rows, captured once
+    graph_data = store.graph_batch_data(meta)
+    version = store.layout_version
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 64, generator=gen)
+    for indices in ([1, 2, 0, 1], [2, 2, 1, 0], [0, 0, 0, 0]):
+        slots = store.request_slots(indices) + [-1, -1]  # 4 requests + 2 padding rows
+        meta.token_slots.copy_(torch.tensor(slots, dtype=torch.int32))  # in place, as before a replay
+        assert store.layout_version == version
+        got = torch.zeros(6, 64)
+        graph_data.add_lora(0, "q_proj", x, got)
+        want = torch.zeros(6, 64)
+        store.batch_data(indices + [0, 0], [1] * 6, is_prefill=False).add_lora(0, "q_proj", x, want)
+        torch.testing.assert_close(got, want)
+    assert torch.equal(got, torch.zeros(6, 64))  # the all-base batch ran through the same code path
