@@ -254,3 +254,67 @@ def test_bgmv_cuda_graph():
         v_ref = lora.bgmv_shrink_ref(x, a, idx)
         y_ref = lora.bgmv_expand_ref(y0.clone(), v_ref, b, idx, slice_offsets=offsets)
         assert rel_err(y - y0, y_ref - y0) <= 1e-2
+
+
+# ------------------------------------------------------------------------------------ RMSNorm, rotary
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 256, 4096])
+@pytest.mark.parametrize("H", [1024, 4096, 5120])
+@pytest.mark.parametrize("with_res", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_add_rmsnorm(T, H, with_res, dtype):
+    from model.kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref
+
+    gen = gen_for("rms", T, H, with_res, str(dtype))
+    x = torch.randn(T, H, generator=gen, device=DEV).to(dtype)
+    res = torch.randn(T, H, generator=gen, device=DEV).to(dtype) if with_res else None
+    w = (1 + 0.1 * torch.randn(H, generator=gen, device=DEV)).to(dtype)
+    out = torch.full_like(x, float("nan"))
+    res_out = torch.full_like(x, float("nan")) if with_res else None
+    normed, new_res = fused_add_rmsnorm(x, res, w, 1e-5, out=out, residual_out=res_out)
+    ref_normed, ref_res = fused_add_rmsnorm_ref(x, res, w, 1e-5)
+    assert rel_err(normed, ref_normed) <= 1e-2
+    assert torch.equal(new_res, ref_res)
+
+
+@pytest.mark.parametrize("T", [1, 64, 4096])
+@pytest.mark.parametrize("heads", [(32, 8), (32, 32), (8, 1)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("bs", [16, 256])
+@pytest.mark.parametrize("variant", ["half-table", "full-table", "fp8"])
+def test_rotary_kv_write(T, heads, D, bs, variant):
+    from model.kernels.rotary import rotary_kv_write, rotary_kv_write_ref
+
+    Hq, Hkv = heads
+    gen = gen_for("rope", T, str(heads), D, bs, variant)
+    max_pos = 8192
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=DEV).float() / D))
+    freqs = torch.outer(torch.arange(max_pos, device=DEV).float(), inv_freq)  # [max_pos, D/2]
+    if variant == "full-table":
+        freqs = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = freqs.cos(), freqs.sin()
+    qkv = torch.randn(T, Hq + 2 * Hkv, D, generator=gen, device=DEV).to(torch.bfloat16)
+    positions = torch.randint(0, max_pos, (T,), generator=gen, device=DEV)
+    num_blocks = T // bs + 3
+    cache_dtype = torch.float8_e4m3fn if variant == "fp8" else torch.bfloat16
+    shape = (num_blocks, bs, Hkv, D)
+    caches = [torch.full(shape, float("nan"), device=DEV).to(cache_dtype) for _ in range(4)]  # poisoned
+    slots = torch.randperm(num_blocks * bs, generator=gen, device=DEV)[:T]
+    slots[torch.rand(T, generator=gen, device=DEV) < 0.2] = -1
+    scales = {"k_scale": 0.05, "v_scale": torch.tensor([0.02], device=DEV)} if variant == "fp8" else {}
+
+    def views(t):
+        return t[:, :Hq], t[:, Hq:Hq + Hkv], t[:, Hq + Hkv:]
+
+    mine, ref = qkv.clone(), qkv.clone()
+    rotary_kv_write(*views(mine), positions, cos, sin, caches[0], caches[1], slots, **scales)
+    rotary_kv_write_ref(*views(ref), positions, cos, sin, caches[2], caches[3], slots, **scales)
+    torch.cuda.synchronize()
+    assert rel_err(mine, ref) <= 1e-2
+    written = torch.zeros(num_blocks * bs, dtype=torch.bool, device=DEV)
+    written[slots[slots >= 0]] = True
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        got, want = got.view(-1, Hkv, D).float(), want.view(-1, Hkv, D).float()
+        assert rel_err(got[written], want[written]) <= 1e-2
+        assert torch.isnan(got[~written]).all()

@@ -9,7 +9,9 @@ fresh under private names (a copy imported earlier by other code would be compil
 Two shims patch triton 3.6's interpreter for this process (never the kernels):
   * scalars loaded from memory are 1-element numpy arrays, and numpy 2 refuses int() on them, which
     breaks `range(lo, hi)` with loaded bounds;
-  * numpy has no bfloat16, the interpreter keeps bf16 as raw uint16 and tl.dot multiplied the raw bits.
+  * numpy has no bfloat16, the interpreter keeps bf16 as raw uint16 and tl.dot multiplied the raw bits;
+  * its float down-casts (fp32 -> bf16/fp16/fp8) truncate, where the GPU (and torch) round to nearest
+    even: they are routed through torch so that exact-rounding checks mean the same on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -61,6 +63,23 @@ def _patch_interpreter(monkeypatch) -> None:
     def create_dot(self, a, b, d, *args):
         return orig_dot(self, as_f32(a), as_f32(b), d, *args)
 
+    torch_dtypes = {"fp32": (torch.float32, torch.int32, np.uint32),
+                    "fp16": (torch.float16, torch.int16, np.uint16),
+                    "bf16": (torch.bfloat16, torch.int16, np.uint16),
+                    "fp8e4nv": (torch.float8_e4m3fn, torch.uint8, np.uint8)}
+    orig_convert = interp._convert_float
+
+    def convert_float(data, in_dt, out_dt, rounding_mode):
+        if in_dt.name not in torch_dtypes or out_dt.name not in torch_dtypes or \
+                in_dt.primitive_bitwidth <= out_dt.primitive_bitwidth:
+            return orig_convert(data, in_dt, out_dt, rounding_mode)
+        src_t, src_bits, src_np = torch_dtypes[in_dt.name]
+        dst_t, dst_bits, dst_np = torch_dtypes[out_dt.name]
+        raw = np.ascontiguousarray(data).view(src_np).view(getattr(np, str(src_bits).split(".")[1]))
+        res = torch.from_numpy(raw).view(src_t).to(dst_t)
+        return res.view(dst_bits).numpy().view(dst_np)
+
+    monkeypatch.setattr(interp, "_convert_float", convert_float)
     monkeypatch.setattr(interp, "_patch_lang_tensor", patch_tensor)
     monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
 
@@ -249,3 +268,101 @@ def test_sgmv_interpret(kernels, case):
     lora.sgmv_expand_ref(y_ref, v_ref, b, starts, ends, slots, slice_offsets=offsets)
     assert rel_err(y - y0, y_ref - y0) <= 1e-2
     assert torch.equal(y[~covered], y0[~covered])
+
+
+# ------------------------------------------------------------------------------------ RMSNorm, rotary
+
+
+@pytest.mark.parametrize("T,H,with_res,dtype", [
+    (1, 64, True, torch.bfloat16), (5, 96, False, torch.bfloat16),
+    (9, 256, True, torch.float16), (3, 4096, True, torch.bfloat16),
+])
+def test_fused_add_rmsnorm_interpret(kernels, T, H, with_res, dtype):
+    rms = kernels["rmsnorm"]
+    gen = torch.Generator().manual_seed(T * H)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    res = torch.randn(T, H, generator=gen).to(dtype) if with_res else None
+    w = (1 + 0.1 * torch.randn(H, generator=gen)).to(dtype)
+    out = torch.full_like(x, float("nan"))
+    res_out = torch.full_like(x, float("nan")) if with_res else None
+    normed, new_res = rms.fused_add_rmsnorm(x, res, w, 1e-5, out=out, residual_out=res_out)
+    ref_normed, ref_res = rms.fused_add_rmsnorm_ref(x, res, w, 1e-5)
+    assert normed is out and rel_err(normed, ref_normed) <= 1e-2
+    assert torch.equal(new_res, ref_res)  # the sum is rounded exactly as torch rounds it
+    normed2, _ = rms.fused_add_rmsnorm(x, res, w, 1e-5)  # allocating path
+    assert rel_err(normed2, ref_normed) <= 1e-2
+
+
+def test_rmsnorm_ref_matches_transformers(kernels):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    rms = kernels["rmsnorm"]
+    del transformers
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, generator=gen).bfloat16()
+    res = torch.randn(4, 64, generator=gen).bfloat16()
+    norm = MistralRMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=gen))
+        normed, new_res = rms.fused_add_rmsnorm_ref(x, res, norm.weight, 1e-6)
+        assert torch.equal(new_res, res + x)
+        assert torch.equal(normed, norm(res + x))
+
+
+def make_rotary_case(gen, T, Hq, Hkv, D, block_size, dtype, full_table, fp8=False):
+    max_pos = 64
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)  # [max_pos, D/2]
+    if full_table:
+        freqs = torch.cat((freqs, freqs), dim=-1)  # HF's emb layout [max_pos, D]
+    qkv = torch.randn(T, Hq + 2 * Hkv, D, generator=gen).to(dtype)  # fused projection output
+    q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+    positions = torch.randint(0, max_pos, (T,), generator=gen)
+    num_blocks = T // block_size + 2
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    k_cache = torch.full((num_blocks, block_size, Hkv, D), float("nan")).to(cache_dtype)
+    v_cache = torch.full((num_blocks, block_size, Hkv, D), float("nan")).to(cache_dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:T]
+    slots[torch.rand(T, generator=gen) < 0.2] = -1
+    return q, k, v, positions, freqs.cos(), freqs.sin(), k_cache, v_cache, slots
+
+
+@pytest.mark.parametrize("T,Hq,Hkv,D,bs,full,fp8", [
+    (1, 4, 2, 64, 16, False, False), (13, 8, 2, 128, 16, True, False),
+    (7, 6, 3, 64, 32, False, True), (20, 4, 4, 32, 64, True, False),
+])
+def test_rotary_kv_write_interpret(kernels, T, Hq, Hkv, D, bs, full, fp8):
+    rot = kernels["rotary"]
+    gen = torch.Generator().manual_seed(T + D)
+    case = make_rotary_case(gen, T, Hq, Hkv, D, bs, torch.bfloat16, full, fp8)
+    mine = [x.clone() for x in case]
+    fused = torch.cat(case[:3], dim=1)  # the kernel gets strided views of one fused qkv output
+    mine[:3] = fused[:, :Hq], fused[:, Hq:Hq + Hkv], fused[:, Hq + Hkv:]
+    theirs = [x.clone() for x in case]
+    scales = {"k_scale": 0.05, "v_scale": 0.02} if fp8 else {}
+    rot.rotary_kv_write(*mine, **scales)
+    rot.rotary_kv_write_ref(*theirs, **scales)
+    for i in (0, 1):  # q, k rotated in place
+        assert rel_err(mine[i], theirs[i]) <= 1e-2
+    written = torch.zeros(mine[6].shape[0] * bs, dtype=torch.bool)
+    written[case[8][case[8] >= 0]] = True
+    for i in (6, 7):  # caches: written rows match, the rest stay poisoned
+        got = mine[i].view(-1, Hkv, D).float()
+        want = theirs[i].view(-1, Hkv, D).float()
+        assert rel_err(got[written], want[written]) <= (2e-2 if fp8 else 1e-2)
+        assert torch.isnan(got[~written]).all()
+
+
+def test_rotary_ref_matches_transformers(kernels):
+    pytest.importorskip("transformers")
+    from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+    rot = kernels["rotary"]
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, positions, cos, sin, kc, vc, slots = make_rotary_case(gen, 5, 4, 2, 64, 16, torch.float32, True)
+    heads_first = (q.transpose(0, 1)[None], k.transpose(0, 1)[None])  # HF: [batch, heads, seq, D]
+    want_q, want_k = apply_rotary_pos_emb(*heads_first, cos[positions][None], sin[positions][None])
+    rot.rotary_kv_write_ref(q, k, v, positions, cos, sin, kc, vc, slots)
+    assert torch.allclose(q, want_q[0].transpose(0, 1), atol=1e-6)
+    assert torch.allclose(k, want_k[0].transpose(0, 1), atol=1e-6)
