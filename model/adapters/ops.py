@@ -14,6 +14,16 @@ Semantics (any implementation, the Triton ones in model/kernels/ included, must 
     SGMV:    for s in segments: y[s.start:s.end] += (x[s.start:s.end] @ A[s.slot].T) @ B[s.slot].T
     BGMV:    for t in tokens:   y[t] += (x[t] @ A[idx[t]].T) @ B[idx[t]].T   (idx -1: no adapter)
 
+Signatures (the Triton kernels in model/kernels/ take the same arguments; y is updated in place):
+
+    bgmv_shrink(x [T, in], lora_a [S, R, in], indices [T] int32) -> v [T, R]
+    bgmv_expand(y [T, out], v [T, R], lora_b [S, out, R], indices [T] int32) -> None
+    bgmv(y, x, lora_a, lora_b, indices) -> None
+    sgmv_shrink(x, lora_a, seg_starts [G], seg_ends [G], seg_slots [G]) -> v [T, R]
+    sgmv_expand(y, v, lora_b, seg_starts, seg_ends, seg_slots) -> None
+    sgmv(y, x, lora_a, lora_b, seg_starts, seg_ends, seg_slots) -> None
+    (segment arguments: int32 tensors, or host int sequences; the reference converts tensors to lists)
+
 Shrink and expand are separate because under tensor parallelism a row-parallel layer's partial shrink
 result must be all-reduced between them (see batch.AdapterBatchData).
 
