@@ -182,6 +182,7 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
     workers = EngineWorkers()
     path = socket_path(config.uds_path, shard.rank)
     try:
+        remove_stale_socket(path)  # fail fast, before the slow engine build, if the path is taken
         engine = workers.model(engine_factory)
         server, address = create_server(
             engine,

@@ -116,6 +116,7 @@ class FakeRouter:
         self._batch_ids = itertools.count(1)
         self._request_ids = itertools.count(1)
         self.budget = self.limits.max_batch_total_tokens
+        self.warmup_response: pb.WarmupResponse | None = None
         self.info_pb = self._call("Info", pb.InfoRequest())[0]
         # Router-allocation mode: block 0 is the shard's (Health); the rest are ours to hand out.
         self._free_blocks: list[int] = []
@@ -147,9 +148,8 @@ class FakeRouter:
         """Warmup with the router's batch; the answer becomes this router's token budget."""
         lim = self.limits
         self.clear_cache()  # the router clears on connect: a restarted router must not inherit batches
-        resp = self._call(
-            "Warmup", warmup_request(lim.max_input_length, lim.max_prefill_tokens, lim.max_total_tokens)
-        )[0]
+        request = warmup_request(lim.max_input_length, lim.max_prefill_tokens, lim.max_total_tokens)
+        self.warmup_response = resp = self._call("Warmup", request)[0]
         if resp.HasField("max_supported_total_tokens"):
             self.budget = resp.max_supported_total_tokens
         if self.info_pb.requires_block_allocator:

@@ -1,0 +1,99 @@
+"""Info, Health, ServiceDiscovery, grpc.health.v1, reflection, the socket file, Warmup."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from shard_harness import LIMITS, running_shard, start_shard
+
+from shard_server.pb.generate.v1 import generate_pb2 as pb
+from shard_server.testing.wire import warmup_request
+
+
+def test_info_health_service_discovery(shared_shard, tiny_model_dir):
+    stub = shared_shard.stub()
+    info = stub.Info(pb.InfoRequest(), timeout=10)
+    assert info.dtype == "float32" and info.device_type == "cpu"
+    assert info.block_size > 0
+    assert info.supports_generation and not info.supports_classification
+    assert not info.requires_block_allocator  # default --block-allocator shard
+    assert not info.requires_padding and info.speculate == 0
+    assert not info.HasField("window_size")  # the default tiny model has full attention
+    stub.Health(pb.HealthRequest(), timeout=10)
+    urls = stub.ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=10).urls
+    assert list(urls) == [shared_shard.process.url(0)]
+
+
+def test_standard_grpc_health_service(shared_shard):
+    health = health_pb2_grpc.HealthStub(shared_shard.process.channel())
+    for service in ("", "generate.v1.LoraxService"):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as e:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_service(shared_shard):
+    stub = reflection_pb2_grpc.ServerReflectionStub(shared_shard.process.channel())
+    reqs = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="generate.v1.LoraxService"),
+    ]
+    listed, described = list(stub.ServerReflectionInfo(iter(reqs), timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"generate.v1.LoraxService", "grpc.health.v1.Health"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto  # the .proto is served too
+
+
+def test_socket_is_private(shared_shard):
+    st = os.stat(shared_shard.process.socket(0))
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_stale_socket_is_removed_and_live_one_refused(tiny_model_dir):
+    with tempfile.TemporaryDirectory(prefix="shard-", dir="/tmp") as d:
+        uds = str(Path(d) / "s")
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(f"{uds}-0")  # a socket file nobody listens on, as a killed shard leaves it
+        stale.close()
+        assert Path(f"{uds}-0").exists()
+        with running_shard(tiny_model_dir, uds_path=uds) as sp:
+            sp.stub().Health(pb.HealthRequest(), timeout=10)
+            # A second shard on the same live path must refuse, not steal the socket.
+            other = start_shard(tiny_model_dir, uds_path=uds, wait=False)
+            assert other.proc.wait(120) != 0
+            assert "already serving" in other.log()
+            sp.stub().Health(pb.HealthRequest(), timeout=10)
+
+
+def test_warmup_with_the_routers_batch(shared_shard):
+    req = warmup_request(LIMITS.max_input_length, LIMITS.max_prefill_tokens, LIMITS.max_total_tokens)
+    # The router's batch (PROTOCOL.md): ids 0, "_test " text, truncate, an image first, all processors.
+    assert len(req.batch.requests) == LIMITS.max_prefill_tokens // LIMITS.max_input_length
+    first = req.batch.requests[0]
+    assert [c.WhichOneof("chunk") for c in first.tokenized_inputs.input_chunks] == ["text", "image"]
+    for r in req.batch.requests:
+        assert r.id == 0 and r.inputs.startswith("_test _test ") and r.truncate == LIMITS.max_input_length
+        assert r.stopping_parameters.max_new_tokens == LIMITS.max_total_tokens - r.truncate
+        p = r.parameters
+        assert (p.top_k, p.watermark, r.prefill_logprobs) == (10, True, True)
+        assert p.repetition_penalty == pytest.approx(1.2) and p.frequency_penalty == pytest.approx(0.5)
+    resp = shared_shard.warmup
+    assert resp.HasField("max_supported_total_tokens")
+    assert resp.max_supported_total_tokens >= LIMITS.max_total_tokens
+    # Warmup leaves nothing cached: its batch id 0 is unknown afterwards.
+    with pytest.raises(grpc.RpcError) as e:
+        shared_shard.stub().Decode(
+            pb.DecodeRequest(batches=[pb.CachedBatch(id=0, request_ids=[0])]), timeout=30
+        )
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
