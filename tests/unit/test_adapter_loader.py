@@ -197,3 +197,32 @@ def test_refuses_missing_and_corrupt_files(bad_copy, tiny_model_dir, tmp_path):
     (bad_copy / "adapter_config.json").unlink()
     with pytest.raises(AdapterInvalid, match="missing adapter_config.json"):
         load_peft_adapter(bad_copy, cfg)
+
+
+def test_rank_pattern_and_alpha_pattern_match_peft(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralForCausalLM
+
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+        rank_pattern={"layers.1.self_attn.q_proj": 6},
+        alpha_pattern={"down_proj": 3},
+    )
+    peft = get_peft_model(MistralForCausalLM.from_pretrained(tiny_model_dir), cfg)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    peft.save_pretrained(tmp_path / "rp")
+    ad = load_peft_adapter(tmp_path / "rp", base_config(tiny_model_dir))
+    inner = peft.base_model.model
+    assert ad.weights[(1, "q_proj")][0].shape[0] == 6 and ad.weights[(0, "q_proj")][0].shape[0] == 4
+    for (layer, target), module in [
+        ((0, "q_proj"), inner.model.layers[0].self_attn.q_proj),
+        ((1, "q_proj"), inner.model.layers[1].self_attn.q_proj),
+        ((1, "down_proj"), inner.model.layers[1].mlp.down_proj),
+    ]:
+        torch.testing.assert_close(ad.delta(layer, target), module.get_delta_weight("default"))
