@@ -107,15 +107,19 @@ class AdapterBatchData:
             return
         lora_a, lora_b = stack  # [S, R, in_local], [S, out_local, R]
         m = self.meta
-        if layer_idx == LM_HEAD_LAYER and x.shape[0] != m.token_slots.shape[0]:
-            if self.lm_head_indices is None:
-                raise ValueError(
-                    f"lm_head got {x.shape[0]} rows for {m.token_slots.shape[0]} tokens: build the "
-                    "AdapterBatchData with the lm_head_indices passed to forward"
-                )
+        if layer_idx == LM_HEAD_LAYER and self.lm_head_indices is not None:
             idx = m.token_slots[self.lm_head_indices]  # [N]: per-row slots; rows are no longer segments
             ops.bgmv(out, x, lora_a, lora_b, idx)
             return
+        if x.shape[0] != m.token_slots.shape[0]:
+            raise ValueError(
+                f"{target} of layer {layer_idx} got {x.shape[0]} rows for {m.token_slots.shape[0]} tokens"
+                + (
+                    ": pass forward's lm_head_indices to the AdapterBatchData"
+                    if layer_idx == LM_HEAD_LAYER
+                    else ""
+                )
+            )
         if self.is_prefill:
             # The reference ops take the host copy of the segments (no device->host sync per layer).
             seg_host = tuple(zip(*m.segments, strict=True))

@@ -89,7 +89,7 @@ def test_lm_head_on_selected_rows_uses_the_slots_of_those_tokens(is_prefill):
     meta = AdapterBatchMetadata.from_requests([1, -1, 0], [3, 2, 4])
     rows = torch.tensor([2, 4, 8])  # the last token of each request
     x = torch.randn(3, 10, generator=gen)
-    with pytest.raises(ValueError, match="lm_head got 3 rows for 9 tokens"):
+    with pytest.raises(ValueError, match="got 3 rows for 9 tokens: pass forward.s lm_head_indices"):
         AdapterBatchData(meta, {(-1, "lm_head"): (a, b)}, is_prefill).add_lora(
             -1, "lm_head", x, torch.zeros(3, 6)
         )
