@@ -291,15 +291,24 @@ def launch(num_shard: int, serve_args: list[str], grace_seconds: float = 30.0) -
     print(
         f"shard-server launch: started {len(procs)} shard(s), pids {[p.pid for p in procs]}", file=sys.stderr
     )
+    stop_deadline: float | None = None
     while True:
         codes = [p.poll() for p in procs]
         if stopping.is_set():
+            stop_deadline = stop_deadline or time.monotonic() + grace_seconds + 5.0
             if all(c is not None for c in codes):
                 bad = [f"rank {r} ({_describe_exit(c)})" for r, c in enumerate(codes) if c != 0]
                 if bad:
                     print(f"shard-server launch: stopped; unclean exit of {', '.join(bad)}", file=sys.stderr)
                     return 1
                 return 0
+            if time.monotonic() > stop_deadline:  # a rank ignores SIGTERM past its grace period
+                hung = [r for r, c in enumerate(codes) if c is None]
+                print(
+                    f"shard-server launch: ranks {hung} did not stop in time; killing them", file=sys.stderr
+                )
+                _terminate(procs, 0.0)
+                return 1
         else:
             for rank, code in enumerate(codes):
                 if code is not None:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -68,6 +69,14 @@ def remove_stale_socket(path: str) -> None:
     raise RuntimeError(f"another process is already serving on {path}")
 
 
+@dataclass
+class BuiltServer:
+    server: grpc.Server  # bound, not started
+    address: str  # unix://{uds_path}-{rank}
+    health: health.HealthServicer  # grpc.health.v1 status, SERVING once built
+    workers: EngineWorkers  # the model thread (and adapter I/O thread)
+
+
 def create_server(
     engine: Any,
     uds_path: str,
@@ -81,6 +90,19 @@ def create_server(
 
     `workers` owns the model thread; pass the one the engine was built on (see `serve`).
     """
+    built = build_server(engine, uds_path, rank, world_size, workers=workers, grpc_threads=grpc_threads)
+    return built.server, built.address
+
+
+def build_server(
+    engine: Any,
+    uds_path: str,
+    rank: int,
+    world_size: int,
+    *,
+    workers: EngineWorkers | None = None,
+    grpc_threads: int = 16,
+) -> BuiltServer:
     path = socket_path(uds_path, rank)
     remove_stale_socket(path)
     workers = workers or EngineWorkers()
@@ -110,7 +132,7 @@ def create_server(
         os.umask(old_umask)
     os.chmod(path, 0o600)
     on_health(True)  # the engine is built and the socket bound: ready once started
-    return server, address
+    return BuiltServer(server, address, health_servicer, workers)
 
 
 # ---------------------------------------------------------------- logging
@@ -184,7 +206,7 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
     try:
         remove_stale_socket(path)  # fail fast, before the slow engine build, if the path is taken
         engine = workers.model(engine_factory)
-        server, address = create_server(
+        built = build_server(
             engine,
             config.uds_path,
             shard.rank,
@@ -196,14 +218,15 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
         log.exception("shard rank %d failed to start", shard.rank)
         workers.close()
         return 1
-    server.start()
-    log.info("shard rank %d/%d serving on %s", shard.rank, shard.world_size, address)
+    built.server.start()
+    log.info("shard rank %d/%d serving on %s", shard.rank, shard.world_size, built.address)
     # Event.wait with a timeout keeps the main thread returning to the interpreter, where signal
     # handlers run.
     while not stop.wait(0.5):
         pass
+    built.health.enter_graceful_shutdown()  # NOT_SERVING for health checkers from now on
     # stop(grace): new RPCs are refused at once; RPCs in flight get `grace` seconds to finish.
-    server.stop(config.grace_seconds).wait()
+    built.server.stop(config.grace_seconds).wait()
     workers.close()
     try:
         os.unlink(path)
