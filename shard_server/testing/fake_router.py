@@ -83,7 +83,8 @@ TokenCallback = Callable[[int, TokenEvent], Any]
 class _Live:
     index: int  # position in generate()'s list
     spec: RequestSpec
-    tokens: int  # budget reserved: input length + max_new_tokens
+    input_tokens: int  # exact, or an upper bound for text without a tokenizer
+    tokens: int  # budget reserved: input length + max_new_tokens, in whole blocks
     result: RequestResult
     blocks: tuple[int, ...] = ()
 
@@ -194,6 +195,11 @@ class FakeRouter:
         return gens, (first.batch if first.HasField("batch") else None)
 
     # ------------------------------------------------------------ continuous batching
+    def _reserve(self, tokens: int) -> int:
+        """Budget a request by whole KV blocks, as the router does: the shard cannot give out less."""
+        bs = max(1, self.info_pb.block_size)
+        return -(-tokens // bs) * bs
+
     def _input_tokens(self, r: RequestSpec) -> int:
         if r.input_ids:
             n = len(r.input_ids)
@@ -210,13 +216,13 @@ class FakeRouter:
         size_cap = self.limits.max_batch_size or math.inf
         while queue:
             e = queue[0]
-            inp = e.tokens - e.spec.stopping.max_new_tokens
+            inp = e.input_tokens
             if reserved + e.tokens > self.budget or len(live) + len(taken) >= size_cap:
                 break
             if taken and prefill_tokens + inp > self.limits.max_prefill_tokens:
                 break
             if self.info_pb.requires_block_allocator:
-                if not self._allocate(e, inp):
+                if not self._allocate(e):
                     break
             queue.popleft()
             taken.append(e)
@@ -224,14 +230,18 @@ class FakeRouter:
             prefill_tokens += inp
         return taken
 
-    def _allocate(self, e: _Live, input_len: int) -> bool:
+    def _allocate(self, e: _Live) -> bool:
+        """Router-allocation mode: whole blocks for prompt + max_new_tokens, one slot per token."""
+        if not e.spec.input_ids and self._tokenize is None:
+            raise ValueError("router-allocation mode needs exact prompt lengths: pass input_ids or tokenize=")
         bs = self.info_pb.block_size
         n = math.ceil(e.tokens / bs)
         if n > len(self._free_blocks):
             return False
         blocks = tuple(self._free_blocks[:n])
         del self._free_blocks[:n]
-        slots = tuple(b * bs + i for b in blocks for i in range(bs))[: e.tokens]
+        needed = e.input_tokens + e.spec.stopping.max_new_tokens
+        slots = tuple(b * bs + i for b in blocks for i in range(bs))[:needed]
         e.blocks = blocks
         e.spec = replace(e.spec, blocks=blocks, slots=slots)
         return True
@@ -247,7 +257,8 @@ class FakeRouter:
         queue: deque[_Live] = deque()
         for i, r in enumerate(requests):
             spec = replace(r, id=next(self._request_ids))
-            e = _Live(i, spec, self._input_tokens(spec) + spec.stopping.max_new_tokens, RequestResult())
+            inp = self._input_tokens(spec)
+            e = _Live(i, spec, inp, self._reserve(inp + spec.stopping.max_new_tokens), RequestResult())
             if e.tokens > self.budget:
                 raise ValueError(f"request {i} needs {e.tokens} tokens; the shard's budget is {self.budget}")
             queue.append(e)
