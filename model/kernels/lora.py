@@ -19,8 +19,8 @@ Cost model, Mistral-7B decode (x: 4096, q/o out 4096, k/v out 1024, gate/up 1433
   qkv fused, B=64 tokens, 32 distinct adapters: shrink reads 32*48*4096*2 = 12.6 MB -> 3.8 us at
   3.35 TB/s, predicted ~7 us; expand reads 32*6144*16*2 = 6.3 MB + y 2*64*6144*2 = 1.6 MB -> 2.4 us,
   predicted ~5 us. One adapter, T=1: launch-bound, predicted ~4 us per shrink+expand pair.
-Heuristics: BGMV shrink splits the reduction over `in` (fp32 partials + one sum) until ~2 waves of
-programs exist, because at small T one program per token would stream 128 KB alone; BGMV expand tiles
+Heuristics: BGMV shrink spreads the rows of A over programs until ~2 waves exist (at T=1 one program per
+token would stream 128 KB alone; a split over `in` would need a merge launch); BGMV expand tiles
 `out` so each program reads ~8K weights; SGMV uses 64x64 tl.dot tiles and a grid over max_seg_len.
 """
 
@@ -40,28 +40,22 @@ def _slice_of(col, b1, b2, b3):
 
 
 @triton.jit
-def _bgmv_shrink_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, N, K, k_per_split,
-                        stride_xt, stride_as, stride_an, stride_ot, stride_osplit,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+def _bgmv_shrink_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, N, K, stride_xt, stride_as, stride_an, stride_ot,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.program_id(2)
     slot = tl.load(idx_ptr + t)
-    k_lo = ks * k_per_split
-    k_hi = tl.where(slot >= 0, tl.minimum(k_lo + k_per_split, K), k_lo)  # no adapter: no reads, v = 0
+    k_end = tl.where(slot >= 0, K, 0)  # no adapter: no reads, v = 0
     a_rows = a_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_as + offs_n[:, None] * stride_an
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_hi
+        k_ok = offs_k < K
         xv = tl.load(x_ptr + t * stride_xt + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         a = tl.load(a_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.sum(a.to(tl.float32) * xv[None, :], axis=1)  # [BLOCK_N]
-    if SPLIT:
-        tl.store(out_ptr + ks * stride_osplit + t * stride_ot + offs_n, acc, mask=n_ok)
-    else:
-        tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -175,17 +169,14 @@ def bgmv_shrink(x, lora_a, indices, *, out=None):
     out = torch.empty((T, N), device=x.device, dtype=x.dtype) if out is None else out
     if T == 0:
         return out
-    BLOCK_N, BLOCK_K = min(16, triton.next_power_of_2(N)), 256
-    n_tiles = triton.cdiv(N, BLOCK_N)
-    splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), max(T * n_tiles, 1)), triton.cdiv(K, BLOCK_K)))
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
-    splits = triton.cdiv(K, k_per_split)
-    part = torch.empty((splits, T, N), device=x.device, dtype=torch.float32) if splits > 1 else out
-    _bgmv_shrink_kernel[(T, n_tiles, splits)](
-        x, lora_a, indices, part, N, K, k_per_split, x.stride(0), lora_a.stride(0), lora_a.stride(1),
-        part.stride(-2), part.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=splits > 1, num_warps=4)
-    if splits > 1:
-        out.copy_(part.sum(dim=0))  # deterministic split-K merge (no atomics), graph-capturable
+    # Rows of A, not the reduction, are spread over programs: at small T each program owns few rows and
+    # streams them whole (BLOCK_N * BLOCK_K ~ 4K elements in flight), so no split-K merge launch is needed.
+    rows_per_prog = T * N // (2 * _num_sms(x.device))
+    BLOCK_N = min(16, triton.next_power_of_2(N), 1 << max(rows_per_prog.bit_length() - 1, 0))
+    BLOCK_K = min(triton.next_power_of_2(K), max(256, 4096 // BLOCK_N))
+    _bgmv_shrink_kernel[(T, triton.cdiv(N, BLOCK_N))](
+        x, lora_a, indices, out, N, K, x.stride(0), lora_a.stride(0), lora_a.stride(1), out.stride(0),
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
     return out
 
 
