@@ -51,20 +51,22 @@ class LayerKV:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v: [N, Hkv, D] written to `slots` [N] int64; rows with slot -1 write nothing."""
-        k, v = self._quantize(k, self.k_scale), self._quantize(v, self.v_scale)
+        k, v = _bits(self._quantize(k, self.k_scale)), _bits(self._quantize(v, self.v_scale))
+        k_slots, v_slots = _bits(self.k_slots), _bits(self.v_slots)
         n = self.num_slots
-        if self.k_slots.shape[0] > n:
+        if k_slots.shape[0] > n:
             idx = torch.where(slots < 0, n, slots)  # padding -> scratch slot n
-            self.k_slots.index_copy_(0, idx, k)
-            self.v_slots.index_copy_(0, idx, v)
+            k_slots.index_copy_(0, idx, k)
+            v_slots.index_copy_(0, idx, v)
         else:
             keep = slots >= 0
-            self.k_slots[slots[keep]] = k[keep]
-            self.v_slots[slots[keep]] = v[keep]
+            k_slots[slots[keep]] = k[keep]
+            v_slots[slots[keep]] = v[keep]
 
     def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather K and V at `slots` (any shape S, all >= 0) -> ([*S, Hkv, D], [*S, Hkv, D]) in `dtype`."""
-        k, v = self.k_slots[slots], self.v_slots[slots]
+        k = _bits(self.k_slots)[slots].view(self.k.dtype)
+        v = _bits(self.v_slots)[slots].view(self.v.dtype)
         return self._dequantize(k, self.k_scale, dtype), self._dequantize(v, self.v_scale, dtype)
 
     def _quantize(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -77,6 +79,11 @@ class LayerKV:
         if scale is None:
             return x.to(dtype)
         return (x.float() * scale).to(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as uint8: index_copy_ and gathers are not implemented for float8 on every device."""
+    return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 
 class KVCache:

@@ -83,16 +83,15 @@ class MistralAttention(nn.Module):
         q, k = RotaryEmbedding.apply(q.view(t, -1, d), k.view(t, -1, d), step.cos, step.sin)  # [T, H, D]
         v = v.view(t, -1, d)  # [T, Hkv, D]
 
-        if kv is not None:
-            if step.prefill_cache_indices is not None:  # sliding window: only the last W tokens are kept
-                kv.write(k[step.prefill_cache_indices], v[step.prefill_cache_indices], step.slots)
-            else:
-                kv.write(k, v, step.slots)
         if step.is_prefill:
+            # Attend first, cache after: a cached prefix is read before this step's writes, which (with
+            # a window-sized ring of blocks) may reuse the slots of prefix keys that early queries need.
             attn = self.attention.prefill(
                 q, k, v, kv, step.seqlen, step.block_tables, scale=self.scale, window=self.window
             )
+            self._write_cache(kv, k, v, step)
         else:
+            self._write_cache(kv, k, v, step)  # decode reads the new token's K/V from the cache
             attn = self.attention.decode(
                 q, kv, step.seqlen, step.block_tables, step.max_s, scale=self.scale, window=self.window
             )
@@ -101,6 +100,15 @@ class MistralAttention(nn.Module):
         if step.adapter_data is not None:
             step.adapter_data.add_lora(self.layer_idx, "o_proj", attn, out)
         return out
+
+
+    @staticmethod
+    def _write_cache(kv: LayerKV | None, k: torch.Tensor, v: torch.Tensor, step: StepInputs) -> None:
+        if kv is None:
+            return
+        if step.prefill_cache_indices is not None:  # sliding window: only the last W tokens are kept
+            k, v = k[step.prefill_cache_indices], v[step.prefill_cache_indices]
+        kv.write(k, v, step.slots)
 
 
 class MistralMLP(nn.Module):

@@ -67,12 +67,13 @@ def _cumsum0(x: torch.Tensor) -> torch.Tensor:
 
 
 class AttentionBackend(ABC):
-    """Attention over the paged cache. The model writes this step's K/V to the cache *before* calling.
+    """Attention over the paged cache.
 
-    prefill: q [T, Hq, D], k/v [T, Hkv, D] of the new tokens (all of them, even when a window means only
-      some were cached); sequences with `seqlen.cache_lengths > 0` also attend to their cached prefix,
-      read through `block_tables` [B, max_blocks]. Causal, with transformers' left window.
-    decode: q [B, Hq, D], one new token per sequence, its K/V already in the cache. Must be
+    prefill: q [T, Hq, D], k/v [T, Hkv, D] of the new tokens, which are *not* in the cache yet (the
+      model writes them afterwards, and with a window only the last W of them); sequences with
+      `seqlen.cache_lengths > 0` also attend to their cached prefix, read through `block_tables`
+      [B, max_blocks]. Causal, with transformers' left window.
+    decode: q [B, Hq, D], one new token per sequence, its K/V already written to the cache. Must be
       CUDA-graph capturable: no host syncs, shapes depend only on python ints (`max_s`).
     """
 

@@ -25,7 +25,7 @@ class FlashAttnBackend(AttentionBackend):
     def prefill(self, q, k, v, kv, seqlen, block_tables, *, scale, window):
         cu_k, max_k = seqlen.cu_seqlen_q, seqlen.max_q
         if block_tables is not None and seqlen.has_cached_prefix():
-            # Not flash_attn's block_table path: with a window only the last W new tokens are cached.
+            # Not flash_attn's block_table path: the new tokens are not in the cache yet (see base class).
             k, v = gather_prefill_kv(k, v, kv, seqlen, block_tables)
             cu_k, max_k = seqlen.cu_seqlen_k, seqlen.max_k
         return flash_attn_varlen_func(

@@ -18,7 +18,7 @@ def gather_prefill_kv(
     """Keys/values at positions [0, input_length) of every sequence, flattened by `cu_seqlen_k`.
 
     Positions below cache_length come from the cache (through the block table), the rest from this
-    step's k/v [T, Hkv, D] (not the cache: with a sliding window only the last W new tokens were cached).
+    step's k/v [T, Hkv, D], which are not cached yet (and with a window only their last W will be).
     Cached positions older than the window were never written; they read as zeros and are masked out.
     Returns ([Tk, Hkv, D], [Tk, Hkv, D]). One host sync (Tk), acceptable in prefill.
     """

@@ -33,6 +33,7 @@ class PagedRunner:
     model: object
     kv_cache: object
     seed: int = 0
+    ring: int | None = None  # blocks per sequence reused cyclically (the block manager's window ring)
     seqs: list[list[int]] = field(default_factory=list)
     cached: list[int] = field(default_factory=list)  # tokens of each sequence already in the cache
     blocks: list[list[int]] = field(default_factory=list)
@@ -45,15 +46,22 @@ class PagedRunner:
         self.device = self.model.device
 
     def _ensure_blocks(self, i: int, length: int) -> None:
-        while len(self.blocks[i]) * self.bs < length:
+        while len(self.blocks[i]) * self.bs < length and len(self.blocks[i]) != self.ring:
             self.blocks[i].append(self.pool.pop())
 
     def _slot(self, i: int, pos: int) -> int:
-        return self.blocks[i][pos // self.bs] * self.bs + pos % self.bs
+        blocks = self.blocks[i]
+        return blocks[(pos // self.bs) % len(blocks)] * self.bs + pos % self.bs
+
+    def _table(self, i: int) -> list[int]:
+        """One entry per logical block; a ring repeats (as cache/block_manager.py expands it)."""
+        n = -(-self.cached[i] // self.bs)
+        return [self.blocks[i][j % len(self.blocks[i])] for j in range(n)]
 
     def _block_tables(self, idx: list[int]) -> torch.Tensor:
-        width = max(len(self.blocks[i]) for i in idx)
-        rows = [self.blocks[i] + [0] * (width - len(self.blocks[i])) for i in idx]
+        tables = [self._table(i) for i in idx]
+        width = max(map(len, tables))
+        rows = [t + [0] * (width - len(t)) for t in tables]
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
     def prefill(self, chunks: list[list[int]], seq_ids: list[int] | None = None, last_only=False, **kw):

@@ -20,14 +20,26 @@ def _check_prefill(logits, cu, hf, prompts, offset=0):
 
 
 def _decode_steps(runner, hf, steps, seed=1, pad_rows=0):
-    """Greedy-free decode: random next tokens, each step compared with transformers' full forward."""
+    """Random next tokens; every step's logits vs transformers' full forward of the same prefix.
+
+    transformers is causal, so row t of its forward over the final sequence *is* its full forward of
+    the prefix [0, t]: one call per sequence gives every step's truth. The first, a middle and the last
+    step are also checked against a separate forward of exactly that prefix.
+    """
     g = random.Random(seed)
-    for _ in range(steps):
+    start = [len(s) for s in runner.seqs]
+    got = []  # [steps] of [B, V]
+    for step in range(steps):
         tokens = [g.randrange(3, VOCAB) for _ in runner.seqs]
         logits = runner.decode(tokens, pad_rows=pad_rows)
         assert logits.shape == (len(tokens) + pad_rows, VOCAB)
-        for b, seq in enumerate(runner.seqs):
-            torch.testing.assert_close(logits[b], hf_logits(hf, seq)[-1], atol=ATOL, rtol=0)
+        got.append(logits[: len(tokens)])
+        if step in (0, steps // 2, steps - 1):
+            for b, seq in enumerate(runner.seqs):
+                torch.testing.assert_close(logits[b], hf_logits(hf, seq)[-1], atol=ATOL, rtol=0)
+    for b, seq in enumerate(runner.seqs):
+        ref = hf_logits(hf, seq)[start[b] : start[b] + steps]  # [steps, V]
+        torch.testing.assert_close(torch.stack([g_[b] for g_ in got]), ref, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -74,6 +86,22 @@ def test_prefill_in_two_chunks_equals_prefill_at_once(model_pair, window):
         torch.testing.assert_close(second[cu2[b] : cu2[b + 1]], at_once, atol=ATOL, rtol=0)
     # The cache left behind is as good as the one-shot prefill's: decoding continues exactly.
     _decode_steps(chunked, hf, steps=6, seed=8)
+
+
+def test_window_with_a_ring_of_blocks_and_chunked_prefill(model_pair):
+    """Blocks reused cyclically (ceil(W / bs) + 1 per sequence, as the block manager's ring): a 30-token
+    chunk overwrites ring slots of prefix keys its first queries still need, so they must be read first."""
+    from cache.kv_cache import KVCache
+
+    ours, hf, _ = model_pair(sliding_window=8, heads=4, kv_heads=2)
+    cache = KVCache.for_model(ours.config, ours.tp, num_blocks=16, block_size=4, dtype=torch.float32)
+    runner = PagedRunner(ours, cache, seed=4, ring=3)
+    prompts = random_prompts([40, 13], VOCAB, seed=12)
+    runner.prefill([p[:10] for p in prompts])
+    logits, cu = runner.prefill([p[10:] for p in prompts], seq_ids=[0, 1])
+    for b, p in enumerate(prompts):
+        torch.testing.assert_close(logits[cu[b] : cu[b + 1]], hf_logits(hf, p)[10:], atol=ATOL, rtol=0)
+    _decode_steps(runner, hf, steps=20, seed=13)
 
 
 def test_lm_head_indices_and_skip_lm_head(model_pair):
