@@ -1,0 +1,107 @@
+"""Admission of a batch's requests: inputs -> token ids, and every check that names the bad field.
+
+Everything a router can get wrong is refused here with INVALID_ARGUMENT (or UNIMPLEMENTED for a feature
+we do not build) before any KV block is taken or any device work runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shard_server.errors import InvalidArgument, Unimplemented
+from shard_server.sampling import validate_sampling_params
+from shard_server.stopping import GenerationTracker
+from shard_server.types import BatchSpec, ImageChunk, RequestSpec, StoppingParams, TextChunk
+
+
+@dataclass(frozen=True)
+class Limits:
+    tokenizer: Any
+    vocab_size: int
+    max_positions: int
+    router_blocks: bool  # router-allocation mode: requests bring blocks and slots
+
+
+@dataclass(frozen=True)
+class Admitted:
+    spec: RequestSpec
+    ids: tuple[int, ...]  # the prompt after tokenization and truncation
+
+
+def admit_batch(spec: BatchSpec, limits: Limits, *, warmup: bool, generation: bool = True) -> list[Admitted]:
+    """Validate and tokenize every request; the router's warmup batch may repeat ids and carry images."""
+    if not warmup:
+        seen: set[int] = set()
+        for r in spec.requests:
+            if r.id in seen:
+                raise InvalidArgument(f"batch.requests: request id {r.id} appears twice")
+            seen.add(r.id)
+    return [admit(r, limits, warmup=warmup, generation=generation) for r in spec.requests]
+
+
+def admit(r: RequestSpec, limits: Limits, *, warmup: bool, generation: bool = True) -> Admitted:
+    where = f"request {r.id}"
+    ids = _input_ids(r, limits, warmup, where)
+    if not ids:
+        raise InvalidArgument(f"{where}: inputs is empty (no text, no tokenized_inputs.ids)")
+    bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(
+            f"{where}: tokenized_inputs.ids holds token id {bad}, "
+            f"outside the vocabulary of {limits.vocab_size}"
+        )
+    if generation:
+        _check_generation(r, len(ids), limits, where)
+    if not limits.router_blocks and (r.blocks or r.slots or r.cache_len):
+        raise InvalidArgument(
+            f"{where}: blocks/slots/cache_len are only accepted when the shard runs with "
+            "--block-allocator router (Info.requires_block_allocator)"
+        )
+    return Admitted(r, tuple(ids))
+
+
+def _input_ids(r: RequestSpec, limits: Limits, warmup: bool, where: str) -> list[int]:
+    if r.input_ids:
+        ids = list(r.input_ids)
+    else:
+        texts = []
+        for chunk in r.input_chunks:
+            if isinstance(chunk, ImageChunk):
+                if warmup:
+                    continue  # a text-only model ignores the router's warmup image
+                raise InvalidArgument(
+                    f"{where}: tokenized_inputs.input_chunks holds an image "
+                    f"({chunk.mimetype or 'no mimetype'}); this model is text-only"
+                )
+            if isinstance(chunk, TextChunk):
+                texts.append(chunk.text)
+        text = "".join(texts) if r.input_chunks else r.inputs
+        ids = limits.tokenizer(text).input_ids if text else []
+    if r.truncate > 0 and len(ids) > r.truncate:
+        ids = ids[-r.truncate :]
+    return ids
+
+
+def _check_generation(r: RequestSpec, prompt_len: int, limits: Limits, where: str) -> None:
+    max_new = r.stopping.max_new_tokens
+    if max_new < 1:
+        raise InvalidArgument(f"{where}: stopping_parameters.max_new_tokens must be >= 1, got {max_new}")
+    if prompt_len + max_new > limits.max_positions:
+        raise InvalidArgument(
+            f"{where}: prompt of {prompt_len} tokens + stopping_parameters.max_new_tokens {max_new} exceeds "
+            f"the model's {limits.max_positions} positions"
+        )
+    try:
+        validate_sampling_params(r.sampling)
+    except NotImplementedError as e:
+        raise Unimplemented(f"{where}: {e}") from None
+    except ValueError as e:
+        raise InvalidArgument(f"{where}: parameters.{e}") from None
+
+
+def tracker(
+    tokenizer, prompt: Sequence[int], stopping: StoppingParams, eos_ids, special_ids
+) -> GenerationTracker:
+    return GenerationTracker(tokenizer, prompt, stopping, eos_ids, special_ids)
