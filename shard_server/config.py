@@ -32,7 +32,8 @@ class ShardConfig:
     # the engine picks their indices and reports them in info().preloaded_adapters.
     preloaded_adapter_ids: tuple[str, ...] = ()
     block_allocator: str = "shard"  # shard: the shard allocates KV blocks | router: requests bring them
-    max_batch_size: int | None = None  # None: bounded by the KV cache only
+    max_batch_size: int | None = None  # None: bounded by the KV cache only (graphs up to 256)
+    cuda_graphs: bool = True  # decode replays CUDA graphs per batch bucket (CUDA only)
     # Tensor parallelism (torch.distributed, env:// style rendezvous values passed explicitly).
     rank: int = 0
     world_size: int = 1

@@ -54,6 +54,10 @@ class ShardEngine:
             self.model, self.model.new_kv_cache(num_blocks, self.kv_dtype), self.adapters
         )
         self.blocks = self._new_block_manager(num_blocks)
+        if self.device.type == "cuda" and config.cuda_graphs:
+            from shard_server.graphs import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
         self.batches: dict[int, Batch] = {}
         self._next_seq_id = 0
         log.info(
