@@ -69,7 +69,9 @@ def test_graph_and_eager_engines_generate_the_same_tokens(gpu_model):
     model_dir, adapters = gpu_model
     outputs = []
     for graphs in (True, False):
-        engine = ShardEngine(ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", cuda_graphs=graphs))
+        engine = ShardEngine(
+            ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", cuda_graphs=graphs)
+        )
         engine.load_adapter(1, AdapterSpec(adapter_ids=(str(adapters[0]),), source="local"))
         result = engine.prefill(BatchSpec(id=3, requests=_requests(6, [0, 1], max_new=16)))
         tokens: dict[int, list[int]] = {}
