@@ -18,6 +18,7 @@ import json
 import platform
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 import triton
@@ -177,7 +178,6 @@ def norm_rope_cases(dev, smoke):
 
 def apply_interpreter_shims() -> None:
     import importlib.util
-    from pathlib import Path
 
     import pytest
 
@@ -265,6 +265,7 @@ def main() -> None:
     result = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
                   torch=torch.__version__, triton=triton.__version__, commit=commit, bandwidth_GBps=bw,
                   rows=rows, paged_sweep=sweep)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
