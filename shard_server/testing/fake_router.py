@@ -251,7 +251,11 @@ class FakeRouter:
         e.blocks = ()
 
     def generate(
-        self, requests: Sequence[RequestSpec], on_token: TokenCallback | None = None
+        self,
+        requests: Sequence[RequestSpec],
+        on_token: TokenCallback | None = None,
+        *,
+        clear_at_end: bool = True,
     ) -> list[RequestResult]:
         """Run every request to completion with continuous batching; results in input order."""
         queue: deque[_Live] = deque()
@@ -297,7 +301,8 @@ class FakeRouter:
                 prefilled_last = False
             else:
                 raise RuntimeError("nothing runs and the next request does not fit the budget")
-        self.clear_cache()
+        if clear_at_end:  # the router owns the shard: nothing of this run may stay cached
+            self.clear_cache()
         return [e.result for e in sorted(done, key=lambda e: e.index)]
 
     def _apply(
