@@ -154,8 +154,10 @@ def _boundaries(slice_offsets, n_total: int, rank: int, v_cols: int) -> tuple[li
     return inner + [_NO_BOUNDARY] * (3 - len(inner)), align
 
 
-def _check(x_or_v, stack, y=None):
+def _check(x_or_v, stack, y=None, *index_vectors):
     assert x_or_v.stride(-1) == 1 and stack.stride(-1) == 1 and (y is None or y.stride(-1) == 1)
+    for ix in index_vectors:  # slot indices / segment bounds: dense int32 vectors
+        assert ix.dtype == torch.int32 and ix.stride(0) == 1, (ix.dtype, ix.stride())
 
 
 def bgmv_shrink(x, lora_a, indices, *, out=None):
@@ -163,7 +165,7 @@ def bgmv_shrink(x, lora_a, indices, *, out=None):
 
         for t: v[t] = x[t] @ lora_a[indices[t]].T if indices[t] >= 0 else 0
     """
-    _check(x, lora_a)
+    _check(x, lora_a, None, indices)
     T, K = x.shape
     N = lora_a.shape[1]
     out = torch.empty((T, N), device=x.device, dtype=x.dtype) if out is None else out
@@ -187,7 +189,7 @@ def bgmv_expand(y, v, lora_b, indices, *, slice_offsets=None):
         for t with indices[t] >= 0, for slice i, cols c in [off[i], off[i+1]):
             y[t, c] += v[t, i*R:(i+1)*R] @ lora_b[indices[t], c]
     """
-    _check(v, lora_b, y)
+    _check(v, lora_b, y, indices)
     T, N = y.shape
     R = lora_b.shape[2]
     bounds, align = _boundaries(slice_offsets, N, R, v.shape[1])
@@ -208,7 +210,7 @@ def sgmv_shrink(x, lora_a, seg_starts, seg_ends, seg_slots, *, max_seg_len=None,
         v = zeros (only when out is None: rows outside every segment are then 0, as in ops.sgmv_shrink)
         for g: v[starts[g]:ends[g]] = x[starts[g]:ends[g]] @ lora_a[slots[g]].T  (0 if slots[g] < 0)
     """
-    _check(x, lora_a)
+    _check(x, lora_a, None, seg_starts, seg_ends, seg_slots)
     T, K = x.shape
     N = lora_a.shape[1]
     out = torch.zeros((T, N), device=x.device, dtype=x.dtype) if out is None else out
@@ -231,7 +233,7 @@ def sgmv_expand(y, v, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_len=No
         for g with slots[g] >= 0, for slice i, cols c of slice i:
             y[starts[g]:ends[g], c] += v[starts[g]:ends[g], i*R:(i+1)*R] @ lora_b[slots[g], c]
     """
-    _check(v, lora_b, y)
+    _check(v, lora_b, y, seg_starts, seg_ends, seg_slots)
     T, N = y.shape
     R = lora_b.shape[2]
     bounds, align = _boundaries(slice_offsets, N, R, v.shape[1])

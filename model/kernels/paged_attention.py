@@ -152,6 +152,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_
     assert D in (64, 128, 256) and block_size & (block_size - 1) == 0
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
     assert block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32
+    assert block_tables.stride(1) == 1 and seq_lens.stride(0) == 1
     G = Hq // Hkv
     if out is None:
         out = torch.empty_like(q)

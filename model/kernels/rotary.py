@@ -103,6 +103,7 @@ def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *, k_
     assert D % 2 == 0 and triton.next_power_of_2(D // 2) == D // 2 and cos.shape[1] in (D // 2, D)
     for x in (q, k, v, cos, sin, k_cache, v_cache):
         assert x.stride(-1) == 1
+    assert positions.stride(0) == 1 and slots.stride(0) == 1 and slots.dtype == torch.int64
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     scale_ptr = isinstance(k_scale, torch.Tensor)
     if scale_ptr:
