@@ -95,6 +95,7 @@ def run_demo(root: Path, max_new_tokens: int, timeout: float) -> int:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"unix://{uds}-0"
+    results = None
     try:
         wait_serving(proc, url, timeout)
         with FakeRouter(
@@ -122,6 +123,12 @@ def run_demo(root: Path, max_new_tokens: int, timeout: float) -> int:
 
             print("streaming:")
             results = router.generate(requests, on_token)
+    except grpc.RpcError as e:  # the shard refused something: say what, still stop it cleanly
+        print(f"shard error: {e.code().name}: {e.details()}", file=sys.stderr)
+    finally:
+        _stop(proc)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    if results is not None:
         print("results:")
         for req, res in zip(requests, results, strict=True):
             how = "sampled" if req.sampling.do_sample else "greedy"
@@ -130,17 +137,18 @@ def run_demo(root: Path, max_new_tokens: int, timeout: float) -> int:
                 f"  adapter {req.adapter_index} {how:7} {req.inputs!r} -> {res.text!r} ({reason}, "
                 f"{res.generated_tokens} tokens)"
             )
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(sock_dir, ignore_errors=True)
     print(f"shard stopped with SIGTERM: exit code {proc.returncode}")
-    return 0 if proc.returncode == 0 else 1
+    return 0 if proc.returncode == 0 and results is not None else 1
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
