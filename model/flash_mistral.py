@@ -39,8 +39,6 @@ class AdapterHook(Protocol):
 class StepInputs:
     """What every layer needs from one forward call (built per call: no module-global context)."""
 
-    cos: torch.Tensor  # [T, 1, D/2]
-    sin: torch.Tensor
     is_prefill: bool
     block_tables: torch.Tensor | None  # [B, max_blocks] int32
     slots: torch.Tensor | None  # [T] (or [len(prefill_cache_indices)]) int64; -1: no write
@@ -48,6 +46,8 @@ class StepInputs:
     max_s: int
     adapter_data: AdapterHook | None
     prefill_cache_indices: torch.Tensor | None  # rows of this step's K/V that go to the cache
+    cos: torch.Tensor | None = None  # [T, 1, D/2] rotary tables of this step's positions (MistralModel)
+    sin: torch.Tensor | None = None
 
 
 class MistralRMSNorm(RMSNorm):
@@ -163,11 +163,14 @@ class MistralModel(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, kv_cache: Sequence[LayerKV] | None, step_args: dict
+        self,
+        input_ids: torch.Tensor,  # [T]
+        position_ids: torch.Tensor,  # [T]
+        kv_cache: Sequence[LayerKV] | None,
+        step: StepInputs,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.rotary.cos_sin(step_args.pop("position_ids"), hidden.dtype)
-        step = StepInputs(cos=cos, sin=sin, **step_args)
+        step.cos, step.sin = self.rotary.cos_sin(position_ids, hidden.dtype)  # once for all layers
         residual = None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, None if kv_cache is None else kv_cache[i], step)
@@ -253,15 +256,11 @@ class FlashMistralForCausalLM(nn.Module):
             max_s = min(max_s, window)
         if prefill_cache_indices is not None and slots is not None:
             slots = slots[prefill_cache_indices]  # slots cover every token; only these get cached
-        hidden = self.model(
-            input_ids,
-            kv_cache,
-            dict(
-                position_ids=position_ids, is_prefill=is_prefill, block_tables=block_tables, slots=slots,
-                seqlen=seqlen, max_s=max_s, adapter_data=adapter_data,
-                prefill_cache_indices=prefill_cache_indices,
-            ),
+        step = StepInputs(
+            is_prefill=is_prefill, block_tables=block_tables, slots=slots, seqlen=seqlen, max_s=max_s,
+            adapter_data=adapter_data, prefill_cache_indices=prefill_cache_indices,
         )
+        hidden = self.model(input_ids, position_ids, kv_cache, step)  # [T, hidden]
         if lm_head_indices is not None:
             hidden = hidden[lm_head_indices]  # [N, hidden]
         if skip_lm_head:

@@ -37,8 +37,9 @@ class TorchCudaBackend(AttentionBackend):
                 k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [Tk, Hq, D]
         # (-1, 0) is plain causal; (W - 1, 0) keeps W keys including the query (see package docstring).
         window_size = (-1, 0) if window is None else (window - 1, 0)
+        # v (and k without a prefix) are column slices of the fused qkv output: make rows dense.
         return varlen_attn(
-            q, k, v, seqlen.cu_seqlen_q, cu_k, seqlen.max_q, max_k,
+            q, k.contiguous(), v.contiguous(), seqlen.cu_seqlen_q, cu_k, seqlen.max_q, max_k,
             scale=scale, window_size=window_size, **extra,
         )
 

@@ -110,6 +110,11 @@ class PagedRunner:
 
     def decode(self, tokens: list[int], seq_ids: list[int] | None = None, pad_rows: int = 0, **kw):
         """One token for each sequence; `pad_rows` extra rows with slot -1 (CUDA-graph bucket padding)."""
+        logits, _ = self.model(**self.decode_args(tokens, seq_ids, pad_rows, **kw))
+        return logits
+
+    def decode_args(self, tokens: list[int], seq_ids: list[int] | None = None, pad_rows: int = 0, **kw):
+        """forward() keyword arguments of one decode step (device tensors built here, not in forward)."""
         seq_ids = list(range(len(self.seqs))) if seq_ids is None else seq_ids
         pos, slots, lengths = [], [], []
         for i, tok in zip(seq_ids, tokens, strict=True):
@@ -126,7 +131,7 @@ class PagedRunner:
             pos, slots, lengths = pos + [0] * pad_rows, slots + [-1] * pad_rows, lengths + [0] * pad_rows
             bt = torch.cat([bt, torch.zeros(pad_rows, bt.shape[1], dtype=bt.dtype, device=bt.device)])
         t = lambda x, dt: torch.tensor(x, dtype=dt, device=self.device)  # noqa: E731
-        logits, _ = self.model(
+        return dict(
             input_ids=t(tokens, torch.int64),
             position_ids=t(pos, torch.int64),
             cu_seqlen_prefill=None,
@@ -138,7 +143,6 @@ class PagedRunner:
             adapter_data=kw.pop("adapter_data", None),
             **kw,
         )
-        return logits
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
