@@ -159,8 +159,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, max_seq_len, sliding_window, _num_sms(q.device))
     scale_ptr = isinstance(k_scale, torch.Tensor)
+    assert scale_ptr == isinstance(v_scale, torch.Tensor), "k_scale and v_scale: both floats or both tensors"
     if scale_ptr:
-        assert isinstance(v_scale, torch.Tensor)
         ks_t, vs_t, ks, vs = k_scale, v_scale, 1.0, 1.0
     else:
         ks_t = vs_t = seq_lens  # unused placeholders (SCALE_FROM_PTR=False)

@@ -106,6 +106,7 @@ def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *, k_
     assert positions.stride(0) == 1 and slots.stride(0) == 1 and slots.dtype == torch.int64
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     scale_ptr = isinstance(k_scale, torch.Tensor)
+    assert scale_ptr == isinstance(v_scale, torch.Tensor), "k_scale and v_scale: both floats or both tensors"
     if scale_ptr:
         ks_t, vs_t, k_inv, v_inv = k_scale, v_scale, 1.0, 1.0
     else:

@@ -303,7 +303,8 @@ def test_rotary_kv_write(T, heads, D, bs, variant):
     caches = [torch.full(shape, float("nan"), device=DEV).to(cache_dtype) for _ in range(4)]  # poisoned
     slots = torch.randperm(num_blocks * bs, generator=gen, device=DEV)[:T]
     slots[torch.rand(T, generator=gen, device=DEV) < 0.2] = -1
-    scales = {"k_scale": 0.05, "v_scale": torch.tensor([0.02], device=DEV)} if variant == "fp8" else {}
+    scales = {"k_scale": torch.tensor([0.05], device=DEV), "v_scale": torch.tensor([0.02], device=DEV)} \
+        if variant == "fp8" else {}
 
     def views(t):
         return t[:, :Hq], t[:, Hq:Hq + Hkv], t[:, Hq + Hkv:]

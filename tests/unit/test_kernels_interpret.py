@@ -354,6 +354,12 @@ def test_rotary_kv_write_interpret(kernels, T, Hq, Hkv, D, bs, full, fp8):
     scales = {"k_scale": 0.05, "v_scale": 0.02} if fp8 else {}
     rot.rotary_kv_write(*mine, **scales)
     rot.rotary_kv_write_ref(*theirs, **scales)
+    if fp8:  # the same with device-resident scales (the CUDA-graph path)
+        again = [x.clone() for x in case]
+        again[:3] = (t.clone() for t in case[:3])
+        rot.rotary_kv_write(*again, k_scale=torch.tensor([0.05]), v_scale=torch.tensor([0.02]))
+        assert torch.equal(again[6].view(torch.uint8), mine[6].view(torch.uint8))
+        assert torch.equal(again[7].view(torch.uint8), mine[7].view(torch.uint8))
     for i in (0, 1):  # q, k rotated in place
         assert rel_err(mine[i], theirs[i]) <= 1e-2
     written = torch.zeros(mine[6].shape[0] * bs, dtype=torch.bool)
