@@ -210,6 +210,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, softmax_
                    k_scale, v_scale, out, num_splits)
 
 
+def _gather_pages(cache, tables):
+    # gather raw bytes: indexing kernels need not support float8 dtypes on every device
+    if cache.element_size() == 1:
+        return cache.view(torch.uint8)[tables].view(cache.dtype)
+    return cache[tables]
+
+
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale: float,
                                max_seq_len: int, *, sliding_window: int | None = None, k_scale=None,
                                v_scale=None, out: torch.Tensor | None = None,
@@ -220,8 +227,8 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, soft
     _, bs, Hkv, _ = k_cache.shape
     nblk = max(math.ceil(max_seq_len / bs), 1)
     tables = block_tables[:, :nblk].long()
-    k = k_cache[tables].reshape(B, nblk * bs, Hkv, D).float()  # [B, N, Hkv, D]
-    v = v_cache[tables].reshape(B, nblk * bs, Hkv, D).float()
+    k = _gather_pages(k_cache, tables).reshape(B, nblk * bs, Hkv, D).float()  # [B, N, Hkv, D]
+    v = _gather_pages(v_cache, tables).reshape(B, nblk * bs, Hkv, D).float()
     if k_scale is not None:
         k = k * (k_scale.float() if isinstance(k_scale, torch.Tensor) else k_scale)
     if v_scale is not None:

@@ -147,5 +147,8 @@ def rotary_kv_write_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *
             val = val / (scale.float() if isinstance(scale, torch.Tensor) else scale)
         if cache.dtype == torch.float8_e4m3fn:
             val = val.clamp(-_FP8_MAX, _FP8_MAX)
-        flat[rows] = val.to(cache.dtype)
+        if cache.element_size() == 1:  # scatter raw bytes: index_put need not support float8 dtypes
+            flat.view(torch.uint8)[rows] = val.to(cache.dtype).view(torch.uint8)
+        else:
+            flat[rows] = val.to(cache.dtype)
     return q, k
