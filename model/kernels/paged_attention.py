@@ -5,10 +5,18 @@ Cost model, Mistral-7B decode, one layer (Hq=32, Hkv=8, D=128, bf16 K/V):
            + q/out (B * Hq * D * 2 B each, negligible) + block-table reads (4 B / block).
   FLOPs  = 4 * Hq * D per cached token (QK^T and PV), i.e. 16 KFLOP per 4 KiB: ~4 FLOP/B, so
            memory-bound by ~100x on an H100 even with the query group padded to 16 rows for tl.dot.
-  B=1,  ctx=4096:  16.8 MB ->  5.0 us at 3.35 TB/s; split-K (16 splits) is what lets 128 programs
-                   stream it; predicted ~10 us (launch + reduce dominate at this size).
-  B=64, ctx=640:  168 MB  -> 50 us at 3.35 TB/s; predicted ~60 us (~85% of bandwidth).
-  B=64, ctx=4096: 1.07 GB -> 320 us; predicted ~360 us.
+  Floors at 3.35 TB/s and predictions (bench/kernels.py cases, block size 16, bf16 unless noted):
+    B=1   ctx=512    2.1 MB     0.6 us   predicted   6 us (launch + merge dominate; 2 splits)
+    B=1   ctx=4096   16.8 MB    5.0 us   predicted  10 us (16 splits -> 128 programs stream it)
+    B=1   ctx=32768, window 4096: as ctx=4096 (only the window is read)
+    B=8   ctx=4096   134 MB     40 us    predicted  50 us
+    B=32  ctx=640    84 MB      25 us    predicted  32 us
+    B=64  ctx=640    168 MB     50 us    predicted  60 us (~85% of bandwidth)
+    B=128 ctx=640    336 MB    100 us    predicted 120 us
+    B=64  ctx=4096   1.07 GB   320 us    predicted 360 us; fp8 K/V: 537 MB, 160 us, predicted 190 us
+    B=256 ctx=1024   1.07 GB   320 us    predicted 360 us
+  sm_90 build (ptxas, offline): 182 registers at block size 16, 126 at 256, no spills, K/V tiles
+  arrive by 16-byte cp.async (8-byte for fp8), 2 programs of 4 warps per SM by registers.
 
 Design:
   * one program per (sequence, KV head, split): the G = Hq/Hkv query heads that share the KV head are
