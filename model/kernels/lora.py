@@ -18,7 +18,11 @@ Cost model, Mistral-7B decode (x: 4096, q/o out 4096, k/v out 1024, gate/up 1433
   FLOPs 2 * T * R * (in + out) per target: ~10^-3 FLOP/B per distinct adapter, memory-bound.
   qkv fused, B=64 tokens, 32 distinct adapters: shrink reads 32*48*4096*2 = 12.6 MB -> 3.8 us at
   3.35 TB/s, predicted ~7 us; expand reads 32*6144*16*2 = 6.3 MB + y 2*64*6144*2 = 1.6 MB -> 2.4 us,
-  predicted ~5 us. One adapter, T=1: launch-bound, predicted ~4 us per shrink+expand pair.
+  predicted ~5 us. One adapter, T=1: launch-bound, predicted ~3 us per launch.
+  gate_up, T=64, 32 adapters: shrink 8.4 MB -> 2.5 us (pred. 6 us); expand 29 MB + y 7.3 MB -> 11 us
+  (pred. 14 us). down: shrink 14.7 MB -> 4.4 us (pred. 8 us); expand 4.2 MB -> 1.3 us (pred. 4 us).
+  SGMV prefill, qkv, T=16384, 8 adapters: shrink reads x 134 MB -> 40 us (pred. 55 us); expand
+  reads+writes y 403 MB -> 120 us (pred. 140 us): y += LoRA(x) costs a full pass over y in prefill.
 Heuristics: BGMV shrink spreads the rows of A over programs until ~2 waves exist (at T=1 one program per
 token would stream 128 KB alone; a split over `in` would need a merge launch); BGMV expand tiles
 `out` so each program reads ~8K weights; SGMV uses 64x64 tl.dot tiles and a grid over max_seg_len.

@@ -5,6 +5,7 @@ Cost model, Mistral-7B (H=4096, bf16), per call: read x, residual, weight; write
   bytes = T * H * 2 B * 4 + H * 2 B;  FLOPs ~ 5 * T * H (negligible: ~0.6 FLOP/B).
   decode T=64:    2.1 MB ->  0.6 us at 3.35 TB/s; predicted ~3 us (launch-bound; 64 programs).
   prefill T=4096: 134 MB  ->  40 us at 3.35 TB/s; predicted ~48 us.
+  T=16384:        537 MB  -> 160 us; predicted ~180 us.   T=1: launch-bound, predicted ~3 us.
 Two of these run per layer (input and post-attention norms), 65 per decode step.
 """
 

@@ -8,6 +8,7 @@ Cost model, Mistral-7B (Hq=32, Hkv=8, D=128, bf16), per token: read q,k,v (48 he
 + cos/sin (2 * 64 * 4 B), write q,k (10 KiB) + cache k,v (4 KiB): ~26.5 KiB; FLOPs ~6 per q/k element.
   decode T=64:    1.7 MB  -> 0.5 us at 3.35 TB/s; predicted ~3 us (launch-bound).
   prefill T=4096: 111 MB  ->  33 us at 3.35 TB/s; predicted ~45 us (per-token programs, gathers).
+  T=16384:        444 MB  -> 133 us; predicted ~160 us.
 """
 
 from __future__ import annotations
