@@ -15,7 +15,8 @@ Cost model, Mistral-7B decode (x: 4096, q/o out 4096, k/v out 1024, gate/up 1433
   A+B bytes of one adapter in one layer, all 7 targets: R * sum(in + out) * 2 B = 16 * 81920 * 2 = 2.6 MB,
   read once from HBM per step per distinct adapter (tokens sharing a slot hit L2); x/v/y traffic is
   T * (in + R + 2*out) * 2 B per target.
-  FLOPs 2 * T * R * (in + out) per target: ~10^-3 FLOP/B per distinct adapter, memory-bound.
+  FLOPs 2 * T * R * (in + out) per target: each 2-byte weight serves the tokens of its adapter at 2 FLOP
+  each, so ~(tokens per adapter) FLOP/B: memory-bound in decode, and in prefill until ~300 tokens/adapter.
   qkv fused, B=64 tokens, 32 distinct adapters: shrink reads 32*48*4096*2 = 12.6 MB -> 3.8 us at
   3.35 TB/s, predicted ~7 us; expand reads 32*6144*16*2 = 6.3 MB + y 2*64*6144*2 = 1.6 MB -> 2.4 us,
   predicted ~5 us. One adapter, T=1: launch-bound, predicted ~3 us per launch.
