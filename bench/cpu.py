@@ -1,9 +1,10 @@
 """`make bench-cpu`: the cost of the gRPC layer, measured on the tiny model.
 
-The same workload runs twice, one after the other on the same cores:
+The same workload runs on two sides, interleaved run by run on the same cores:
   grpc:   a `python -m shard_server serve` process driven by the fake router over a unix socket
           (Prefill of every request, Decode until done, ClearCache; protobuf both ways);
-  direct: the same steps as ShardEngine calls in this process (BatchSpec in, StepResult out).
+  direct: the same steps as ShardEngine calls in this process, on one dedicated thread as in the
+          server (BatchSpec in, StepResult out; no protobuf, no socket).
 Both print generated tokens per second (best of --repeats); their ratio is the share of throughput the
 RPC layer keeps, and the difference per step is the RPC overhead per step.
 """
@@ -11,13 +12,17 @@ RPC layer keeps, and the difference per step is the RPC overhead per step.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,84 +75,110 @@ class Timing:
         return self.tokens / self.seconds
 
 
-def run_grpc(model_dir: Path, work: Workload, repeats: int) -> Timing:
-    sock_dir = Path(tempfile.mkdtemp(prefix="shard-bench-", dir="/tmp"))
-    uds = sock_dir / "s"
-    cmd = [
-        sys.executable,
-        "-m",
-        "shard_server",
-        "serve",
-        str(model_dir),
-        "--uds-path",
-        str(uds),
-        "--device",
-        "cpu",
-        "--max-kv-cache-bytes",
-        str(KV_BYTES),
-        "--log-level",
-        "WARNING",
-    ]
-    proc = subprocess.Popen(cmd)
-    try:
+class GrpcSide:
+    """A `serve` process and the fake router that drives it."""
+
+    def __init__(self, model_dir: Path, work: Workload, threads: int):
+        self._dir = Path(tempfile.mkdtemp(prefix="shard-bench-", dir="/tmp"))
+        uds = self._dir / "s"
+        cmd = [
+            sys.executable,
+            "-m",
+            "shard_server",
+            "serve",
+            str(model_dir),
+            "--uds-path",
+            str(uds),
+            "--device",
+            "cpu",
+            "--max-kv-cache-bytes",
+            str(KV_BYTES),
+            "--log-level",
+            "WARNING",
+        ]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         deadline = time.monotonic() + 120
         while not Path(f"{uds}-0").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
                 raise RuntimeError("the shard did not start")
             time.sleep(0.1)
-        with FakeRouter(f"unix://{uds}-0", work.limits()) as router:
-            router.warmup()
-            router.generate(work.specs()[:2])  # first-call costs out of the timing
-            best = None
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                results = router.generate(work.specs())
-                dt = time.perf_counter() - t0
-                tokens = sum(len(r.token_ids) for r in results)
-                best = dt if best is None else min(best, dt)
-        return Timing(best, tokens, work.new_tokens)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        self.router = FakeRouter(f"unix://{uds}-0", work.limits())
+        self.router.warmup()
+
+    def generate(self, specs: list[RequestSpec]) -> int:
+        return sum(len(r.token_ids) for r in self.router.generate(specs))
+
+    def close(self) -> None:
+        if getattr(self, "router", None) is not None:
+            self.router.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def run_direct(model_dir: Path, work: Workload, repeats: int) -> Timing:
-    from shard_server.config import ShardConfig
-    from shard_server.engine import ShardEngine
-    from shard_server.service import batch_from_pb
-    from shard_server.testing.wire import warmup_request
+class DirectSide:
+    """The same engine in this process, called on one dedicated thread as the server's model thread."""
 
-    engine = ShardEngine(
-        ShardConfig(model_dir=model_dir, device="cpu", dtype="float32", max_kv_cache_bytes=KV_BYTES)
-    )
-    lim = work.limits()
-    wreq = warmup_request(lim.max_input_length, lim.max_prefill_tokens, lim.max_total_tokens)
-    engine.warmup(
-        batch_from_pb(wreq.batch, "Warmup"),
-        wreq.max_input_length,
-        wreq.max_prefill_tokens,
-        wreq.max_new_tokens,
-    )
-    batch_ids = iter(range(1, 1_000_000))
+    def __init__(self, model_dir: Path, work: Workload, threads: int):
+        import torch
 
-    def generate(specs: list[RequestSpec]) -> tuple[int, int]:
-        result = engine.prefill(BatchSpec(id=next(batch_ids), requests=tuple(specs)), None)
-        tokens, steps = len(result.generations), 1
+        from shard_server.config import ShardConfig
+        from shard_server.engine import ShardEngine
+        from shard_server.service import batch_from_pb
+        from shard_server.testing.wire import warmup_request
+
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
+        self._thread.submit(torch.set_num_threads, threads).result()
+        config = ShardConfig(model_dir=model_dir, device="cpu", dtype="float32", max_kv_cache_bytes=KV_BYTES)
+        self.engine = self._thread.submit(ShardEngine, config).result()
+        lim = work.limits()
+        w = warmup_request(lim.max_input_length, lim.max_prefill_tokens, lim.max_total_tokens)
+        batch = batch_from_pb(w.batch, "Warmup")
+        self._on_thread(self.engine.warmup, batch, w.max_input_length, w.max_prefill_tokens, w.max_new_tokens)
+        self._batch_ids = itertools.count(1)
+
+    def _on_thread(self, fn, *args):
+        return self._thread.submit(fn, *args).result()
+
+    def _generate(self, specs: list[RequestSpec]) -> int:
+        result = self.engine.prefill(BatchSpec(id=next(self._batch_ids), requests=tuple(specs)), None)
+        tokens = len(result.generations)
         while result.batch is not None:
-            result = engine.decode([result.batch.id])
+            result = self.engine.decode([result.batch.id])
             tokens += len(result.generations)
-            steps += 1
-        engine.clear_cache(None)
-        return tokens, steps
+        self.engine.clear_cache(None)
+        return tokens
 
-    generate(work.specs()[:2])
-    best, tokens = None, 0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens, _steps = generate(work.specs())
-        dt = time.perf_counter() - t0
-        best = dt if best is None else min(best, dt)
-    return Timing(best, tokens, work.new_tokens)
+    def generate(self, specs: list[RequestSpec]) -> int:
+        return self._on_thread(self._generate, specs)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+def measure(model_dir: Path, work: Workload, repeats: int, threads: int) -> tuple[Timing, Timing]:
+    """Best of `repeats` for each side, the runs interleaved: the machine's other load hits both alike."""
+    grpc_side = GrpcSide(model_dir, work, threads)
+    try:
+        direct = DirectSide(model_dir, work, threads)
+        try:
+            sides = {"grpc": grpc_side, "direct": direct}
+            best: dict[str, tuple[float, int]] = {}
+            for side in sides.values():
+                side.generate(work.specs()[:2])  # first-call costs out of the timing
+            for _ in range(repeats):
+                for name, side in sides.items():
+                    t0 = time.perf_counter()
+                    tokens = side.generate(work.specs())
+                    dt = time.perf_counter() - t0
+                    if name not in best or dt < best[name][0]:
+                        best[name] = (dt, tokens)
+        finally:
+            direct.close()
+    finally:
+        grpc_side.close()
+    return Timing(*best["grpc"], work.new_tokens), Timing(*best["direct"], work.new_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    # One intra-op thread on both sides by default: tiny matmuls gain nothing from more, and OpenMP
+    # barriers behave badly when other work shares the cores (spin-waiting threads get descheduled).
+    p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument(
         "--model-dir", default=None, help="default: a fresh tiny model (shard_server.tools.tiny_model)"
     )
@@ -168,12 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             from shard_server.tools.tiny_model import make_tiny_model
 
             model_dir = make_tiny_model(Path(tmp) / "model")
-        grpc_t = run_grpc(model_dir, work, args.repeats)
-        direct_t = run_direct(model_dir, work, args.repeats)
+        grpc_t, direct_t = measure(model_dir, work, args.repeats, args.torch_threads)
     overhead_ms = (grpc_t.seconds - direct_t.seconds) / grpc_t.steps * 1e3
     print(
         f"workload: {work.requests} requests x ({work.prompt_tokens} prompt + {work.new_tokens} new) tokens, "
-        f"tiny model, cpu, best of {args.repeats}"
+        f"tiny model, cpu, {args.torch_threads} torch thread(s), best of {args.repeats}, interleaved"
     )
     print(
         f"grpc (fake router -> shard process): {grpc_t.tokens_per_s:10.1f} tokens/s  ({grpc_t.seconds:.3f} s)"
