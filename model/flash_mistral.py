@@ -158,9 +158,7 @@ class MistralModel(nn.Module):
             MistralLayer(config, i, tp, attention, **dd) for i in range(config.num_hidden_layers)
         )
         self.norm = MistralRMSNorm(config.hidden_size, config.rms_norm_eps, **dd)
-        self.rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, device=dd.get("device")
-        )
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, device=dd.get("device"))
 
     def forward(
         self,

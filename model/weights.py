@@ -16,11 +16,11 @@ from torch import nn
 
 from model.layers.linear import WeightShapeError, default_weight_loader
 
-# fused parameter -> [(checkpoint module name, shard id)], in the fused layout's order.
-PACKED_MODULES: dict[str, list[tuple[str, object]]] = {
-    "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
-    "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
-}
+# fused parameter -> ((checkpoint module name, shard id), ...), in the fused layout's order.
+PACKED_MODULES: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
+    ("qkv_proj", (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"))),
+    ("gate_up_proj", (("gate_proj", 0), ("up_proj", 1))),
+)
 
 
 class WeightsError(ValueError):
@@ -87,7 +87,7 @@ def checkpoint_sources(model: nn.Module, tie_word_embeddings: bool) -> list[tupl
         if pname == "lm_head.weight" and tie_word_embeddings:
             out.append((pname, "model.embed_tokens.weight", None))
             continue
-        for fused, parts in PACKED_MODULES.items():
+        for fused, parts in PACKED_MODULES:
             if f".{fused}." in pname:
                 out.extend((pname, pname.replace(fused, part), shard) for part, shard in parts)
                 break

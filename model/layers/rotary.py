@@ -7,20 +7,22 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float, *, device=None):
+    def __init__(self, head_dim: int, theta: float, *, device=None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-        inv_freq = 1.0 / (theta**exponents)  # [D/2]
-        freqs = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
-        # float32 tables, cast to the activation dtype at use (as transformers does); not saved in state_dict.
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_positions, D/2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        # Not saved in state_dict (checkpoints do not carry it).
+        self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)  # [D/2] float32
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for `positions` [T], once per forward: ([T, 1, D/2], [T, 1, D/2]). Index lookup, no sync."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        """For `positions` [T], once per forward: ([T, 1, D/2], [T, 1, D/2]) in `dtype`.
+
+        Computed, not looked up in a [max_positions, D/2] table: no memory that grows with the context
+        limit, and the same float32 products and cos/sin as transformers (then cast, as it does).
+        """
+        freqs = positions.float()[:, None] * self.inv_freq  # [T, D/2]
+        return freqs.cos().unsqueeze(1).to(dtype), freqs.sin().unsqueeze(1).to(dtype)
 
     @staticmethod
     def apply(

@@ -113,7 +113,7 @@ def test_rotary_matches_transformers():
     from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
     d, theta = 8, 10000.0
-    rope = RotaryEmbedding(d, 64, theta)
+    rope = RotaryEmbedding(d, theta)
     pos = torch.tensor([0, 5, 63, 17])
     q, k = torch.randn(4, 3, d), torch.randn(4, 1, d)
     inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
