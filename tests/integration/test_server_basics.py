@@ -12,10 +12,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from shard_harness import LIMITS, running_shard, start_shard
+from shard_harness import LIMITS, batch, request, running_shard, start_shard
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
+from shard_server.service import adapter_to_pb
 from shard_server.testing.wire import warmup_request
+from shard_server.types import AdapterSpec
 
 
 def test_info_health_service_discovery(shared_shard, tiny_model_dir):
@@ -97,3 +99,30 @@ def test_warmup_with_the_routers_batch(shared_shard):
             pb.DecodeRequest(batches=[pb.CachedBatch(id=0, request_ids=[0])]), timeout=30
         )
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_embed_returns_one_vector_per_request(shared_shard):
+    resp = shared_shard.stub().Embed(
+        pb.EmbedRequest(batch=batch(300, request(1, (1, 5, 9)), request(2, text="hello world"))), timeout=60
+    )
+    assert resp.errorMsg == ""
+    assert [e.request_id for e in resp.embeddings] == [1, 2]
+    assert len(resp.embeddings[0].values) == len(resp.embeddings[1].values) > 0
+
+
+def test_download_offload_and_reload_an_adapter(shared_shard):
+    stub = shared_shard.stub()
+    params, source = adapter_to_pb(AdapterSpec(adapter_ids=(str(shared_shard.adapters[3]),), source="local"))
+    down = stub.DownloadAdapter(
+        pb.DownloadAdapterRequest(adapter_parameters=params, adapter_source=source), timeout=60
+    )
+    assert down.downloaded and 0.0 <= down.memory_fraction <= 1.0
+    off = pb.OffloadAdapterRequest(adapter_parameters=params, adapter_source=source, adapter_index=3)
+    assert stub.OffloadAdapter(off, timeout=60).offloaded
+    try:
+        with pytest.raises(grpc.RpcError) as e:  # never silently served by the base model
+            stub.Prefill(pb.PrefillRequest(batch=batch(301, request(1, (1, 5), adapter_index=3))), timeout=60)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        load = pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=source, adapter_index=3)
+        assert stub.LoadAdapter(load, timeout=60).loaded
