@@ -80,6 +80,7 @@ class Plan:
     prefill_chunk_tokens: int = 16384  # decode batches are prefilled in chunks of at most this
     copy_bytes: int = 1 << 30
     matmul_n: int = 8192
+    cuda_graphs: bool | None = None  # None: the engine's default (ShardConfig.cuda_graphs)
 
     @property
     def elem(self) -> int:
@@ -252,14 +253,16 @@ class Bench:
         # A bound on the KV cache: Warmup would otherwise take nearly all free memory, leaving none
         # for the adapter stacks (32 rank-16 adapters: 2.7 GB) loaded after it.
         kv_bytes = int(1.25 * tokens * p.shape.kv_bytes_per_token(p.elem)) + (64 << 20)
+        extra = {} if p.cuda_graphs is None else {"cuda_graphs": p.cuda_graphs}
         t0 = time.perf_counter()
         self.engine = ShardEngine(
             ShardConfig(
                 model_dir=self.model_dir, device=p.device.type, dtype=str(p.dtype).removeprefix("torch."),
-                max_kv_cache_bytes=kv_bytes,
+                max_kv_cache_bytes=kv_bytes, **extra,
             )
         )
-        log(f"engine: loaded in {time.perf_counter() - t0:.1f}s")
+        log(f"engine: loaded in {time.perf_counter() - t0:.1f}s, decode CUDA graphs: "
+            f"{self.engine.runner.graphs is not None}")
         warm = self.prompts.specs(p.prefill_prompts, p.prefill_len, 2)
         usable = self.engine.warmup(
             BatchSpec(id=next(self.batch_ids), requests=tuple(warm)),
@@ -375,7 +378,8 @@ class Bench:
         if n_adapters:  # the roofline counts the adapters used; the store may hold (and read) more
             values["resident_adapters"] = len(self.engine.adapters.resident_indices())
         self.report.add("decode", "shard", **values, forward_ms=median(fwd), steps=len(timed),
-                        prompt=p.prompt, new_tokens=p.new_tokens)  # fmt: skip
+                        prompt=p.prompt, new_tokens=p.new_tokens,
+                        cuda_graphs=self.engine.runner.graphs is not None)  # fmt: skip
 
     def _decode_values(self, batch: int, n_adapters: int, step_s: float, mean_ctx: float) -> dict:
         p = self.plan
@@ -421,7 +425,8 @@ class Bench:
 
     def e2e_direct(self) -> None:
         p = self.plan
-        self.generate_direct(self.prompts.specs(2, p.prompt, 4))  # warm
+        # Warm at the same batch size: a decode graph captured inside the timed run would cost one side only.
+        self.generate_direct(self.prompts.specs(p.e2e_batch, p.prompt, 4))
         specs = self.prompts.specs(p.e2e_batch, p.prompt, p.new_tokens)
         seconds, tokens = self.generate_direct(specs)
         self.direct_e2e = {"tok_s": tokens / seconds, "seconds": seconds}
@@ -463,7 +468,7 @@ class Bench:
             with FakeRouter(f"unix://{uds}-0", limits, timeout=600) as router:
                 budget = router.warmup()
                 log(f"e2e: router warmup done (budget {budget} tokens)")
-                router.generate(self.prompts.specs(2, p.prompt, 4))  # warm
+                router.generate(self.prompts.specs(p.e2e_batch, p.prompt, 4))  # warm, as the direct run
                 specs = self.prompts.specs(p.e2e_batch, p.prompt, p.new_tokens)
                 t1 = time.perf_counter()
                 results = router.generate(specs)
@@ -639,6 +644,8 @@ def parse_args(argv):
     p.add_argument("--keep", action="store_true", help="keep the written checkpoint and adapters")
     p.add_argument("--out-dir", default=None, help="default bench/results (smoke: a temporary directory)")
     p.add_argument("--commit", default=None, help="default: git HEAD, or 'unknown' without .git")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="in-process engine: force decode CUDA graphs on/off (default: the engine's)")
     p.add_argument("--deadline-seconds", type=float, default=540.0,
                    help="sections that would start later than this are skipped (rows say so)")  # fmt: skip
     for name, kind in [("decode-batches", _ints), ("adapter-batches", _ints), ("adapter-counts", _ints),
@@ -647,7 +654,10 @@ def parse_args(argv):
                        ("prefill-prompts", int), ("prefill-len", int), ("prefill-reps", int),
                        ("load-reps", int), ("e2e-batch", int), ("max-decode-seconds", float),
                        ("prefill-chunk-tokens", int)]:  # fmt: skip
-        p.add_argument(f"--{name}", type=kind, default=None, help="overrides the plan's default")
+        f = Plan.__dataclass_fields__[name.replace("-", "_")]
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"default {shown}")
     return p.parse_args(argv)
 
 
