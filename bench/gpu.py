@@ -8,12 +8,15 @@ Rank-16 PEFT adapters on all seven projections are written the same way.
 Sections (--only picks some; each is fail-soft: an error becomes a row with "error" and the run goes on):
   ceilings      device-to-device copy GB/s (read + written) and bf16 8192^3 matmul TFLOP/s
   prefill       16 x 1024-token prompts through ShardEngine.prefill; FLOPs / time / matmul peak
-  decode        ShardEngine.decode steps at each batch (prompt 512, 128 new tokens); per-step host clock
-                after the step's own sync; roofline = bytes the step must read / bandwidth / step time
+  decode        ShardEngine.decode steps at each batch (prompt 512, 128 new tokens, at most
+                --max-decode-seconds of steps per row); per-step host clock after the step's own sync,
+                median over steps; roofline = bytes the step must read / bandwidth / step time
   adapter_load  ShardEngine.load_adapter of distinct rank-16 adapters, until resident and synchronized
   adapters      decode at batch 32/64/128 with 1/8/32 distinct adapters spread round-robin
-  transformers  MistralForCausalLM (sdpa) generate at batch 1/32/64
-  peft          the same model + PEFT, 8 adapters, mixed batch (generate(adapter_names=...))
+  transformers  MistralForCausalLM (sdpa) generate at batch 1/32/64, 64 new tokens (--hf-new-tokens)
+  peft          the same model + PEFT, 8 adapters, mixed batch (generate(adapter_names=...)), 16 new
+                tokens (--peft-new-tokens). Baselines: tok_s = batch*new/t(new) as the issue defines it;
+                step_ms and decode_tok_s from (t(new) - t(1)) / (new - 1), the decode-only rate
   e2e           batch 64 run to completion: ShardEngine in this process, then a `python -m shard_server
                 serve` process driven by the fake router over a unix socket
 
@@ -377,6 +380,8 @@ class Bench:
         values = self._decode_values(batch, n_adapters, step_s, mean_ctx)
         if n_adapters:  # the roofline counts the adapters used; the store may hold (and read) more
             values["resident_adapters"] = len(self.engine.adapters.resident_indices())
+        ms = sorted(dt * 1e3 for _, dt in timed)
+        values["step_ms_p10_p90"] = [ms[len(ms) // 10], ms[(9 * len(ms)) // 10]]  # the spread of the median
         self.report.add("decode", "shard", **values, forward_ms=median(fwd), steps=len(timed),
                         prompt=p.prompt, new_tokens=p.new_tokens,
                         cuda_graphs=self.engine.runner.graphs is not None)  # fmt: skip
