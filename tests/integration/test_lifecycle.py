@@ -97,12 +97,27 @@ def test_launch_one_shard_serves_and_stops_cleanly(tiny_model_dir):
         sp.stop(signal.SIGKILL)
 
 
-def test_launcher_stops_siblings_and_names_the_dead_rank(tiny_model_dir):
+def test_launch_two_ranks_fan_out_then_a_dead_rank_stops_all(tiny_model_dir, shared_shard):
     num_shard = 2
     sp = start_shard(tiny_model_dir, "--grace-seconds", "5", command="launch", num_shard=num_shard)
     try:
         pids = _pids(sp.log())
         assert len(pids) == num_shard
+        # Fan-out as the router does: every RPC to both ranks, generations merged; the fake router
+        # raises ProtocolViolation if a request is answered twice or not at all.
+        reqs = [
+            RequestSpec(
+                id=0, input_ids=(1, 7 + k, 30, 31 + k), stopping=StoppingParams(6, ignore_eos_token=True)
+            )
+            for k in range(5)
+        ]
+        with sp.router(SMALL) as router:
+            assert router.urls == [sp.url(0), sp.url(1)]
+            router.warmup()
+            sharded = router.generate(reqs)
+        with shared_shard.router(SMALL) as single:
+            alone = single.generate(reqs, clear_at_end=False)
+        assert [r.token_ids for r in sharded] == [r.token_ids for r in alone]
         os.kill(pids[-1], signal.SIGKILL)  # a rank dies without warning (OOM killer, segfault, ...)
         code = sp.proc.wait(60)
         assert code != 0
