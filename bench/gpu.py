@@ -443,6 +443,9 @@ class Bench:
         )  # fmt: skip
 
     def e2e_grpc(self) -> None:
+        # Fail in seconds, not after the server has loaded 14.5 GB: the server needs the generated stubs
+        # (shard_server/pb, git-ignored: carry them) and grpcio-health-checking / grpcio-reflection.
+        import shard_server.server  # noqa: F401
         from shard_server.testing.fake_router import FakeRouter, RouterLimits
 
         p = self.plan
