@@ -128,8 +128,13 @@ class KVCache:
     ) -> KVCache:
         """Sized for `config` (a MistralConfig) on this tensor-parallel rank."""
         return cls(
-            config.num_hidden_layers, num_blocks, block_size,
-            local_kv_heads(config.num_key_value_heads, tp.world_size), config.head_dim, dtype, device,
+            config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            local_kv_heads(config.num_key_value_heads, tp.world_size),
+            config.head_dim,
+            dtype,
+            device,
         )
 
     @staticmethod

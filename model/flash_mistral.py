@@ -55,17 +55,19 @@ class MistralRMSNorm(RMSNorm):
 
 
 class MistralAttention(nn.Module):
-    def __init__(
-        self, config: MistralConfig, layer_idx: int, tp: TPGroup, attention: AttentionBackend, **dd
-    ):
+    def __init__(self, config: MistralConfig, layer_idx: int, tp: TPGroup, attention: AttentionBackend, **dd):
         super().__init__()
         self.layer_idx, self.attention = layer_idx, attention
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.window = config.sliding_window
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, config.head_dim, config.num_attention_heads, config.num_key_value_heads,
-            tp, **dd,
+            config.hidden_size,
+            config.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            tp,
+            **dd,
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, tp, **dd)
@@ -100,7 +102,6 @@ class MistralAttention(nn.Module):
         if step.adapter_data is not None:
             step.adapter_data.add_lora(self.layer_idx, "o_proj", attn, out)
         return out
-
 
     @staticmethod
     def _write_cache(kv: LayerKV | None, k: torch.Tensor, v: torch.Tensor, step: StepInputs) -> None:
@@ -255,8 +256,13 @@ class FlashMistralForCausalLM(nn.Module):
         if prefill_cache_indices is not None and slots is not None:
             slots = slots[prefill_cache_indices]  # slots cover every token; only these get cached
         step = StepInputs(
-            is_prefill=is_prefill, block_tables=block_tables, slots=slots, seqlen=seqlen, max_s=max_s,
-            adapter_data=adapter_data, prefill_cache_indices=prefill_cache_indices,
+            is_prefill=is_prefill,
+            block_tables=block_tables,
+            slots=slots,
+            seqlen=seqlen,
+            max_s=max_s,
+            adapter_data=adapter_data,
+            prefill_cache_indices=prefill_cache_indices,
         )
         hidden = self.model(input_ids, position_ids, kv_cache, step)  # [T, hidden]
         if lm_head_indices is not None:

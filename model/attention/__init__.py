@@ -82,14 +82,29 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV, seqlen: Seqlen,
-        block_tables: torch.Tensor | None, *, scale: float, window: int | None,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv: LayerKV,
+        seqlen: Seqlen,
+        block_tables: torch.Tensor | None,
+        *,
+        scale: float,
+        window: int | None,
     ) -> torch.Tensor: ...
 
     @abstractmethod
     def decode(
-        self, q: torch.Tensor, kv: LayerKV, seqlen: Seqlen, block_tables: torch.Tensor, max_s: int,
-        *, scale: float, window: int | None,
+        self,
+        q: torch.Tensor,
+        kv: LayerKV,
+        seqlen: Seqlen,
+        block_tables: torch.Tensor,
+        max_s: int,
+        *,
+        scale: float,
+        window: int | None,
     ) -> torch.Tensor: ...
 
 
@@ -167,7 +182,10 @@ def select_attention_backend(
             backend = entry.make()
             logger.info(
                 "attention backend: %s (device %s, dtype %s, KV block size %d)",
-                backend.name, device, dtype, backend.block_size,
+                backend.name,
+                device,
+                dtype,
+                backend.block_size,
             )
             return backend
         if prefer is not None:

@@ -29,8 +29,16 @@ class FlashAttnBackend(AttentionBackend):
             k, v = gather_prefill_kv(k, v, kv, seqlen, block_tables)
             cu_k, max_k = seqlen.cu_seqlen_k, seqlen.max_k
         return flash_attn_varlen_func(
-            q, k, v, seqlen.cu_seqlen_q, cu_k, seqlen.max_q, max_k,
-            softmax_scale=scale, causal=True, window_size=_window(window),
+            q,
+            k,
+            v,
+            seqlen.cu_seqlen_q,
+            cu_k,
+            seqlen.max_q,
+            max_k,
+            softmax_scale=scale,
+            causal=True,
+            window_size=_window(window),
         )
 
     def decode(self, q, kv, seqlen, block_tables, max_s, *, scale, window):
@@ -38,8 +46,13 @@ class FlashAttnBackend(AttentionBackend):
             return paged_decode(q, kv, seqlen, block_tables, max_s, scale=scale, window=window)
         # cache_seqlens is the true length: flash-attn applies the window by absolute position itself.
         out = flash_attn_with_kvcache(
-            q.unsqueeze(1), kv.k, kv.v,  # q [B, 1, Hq, D]; k/v [blocks, 256, Hkv, D]
-            cache_seqlens=seqlen.input_lengths, block_table=block_tables,
-            softmax_scale=scale, causal=True, window_size=_window(window),
+            q.unsqueeze(1),
+            kv.k,
+            kv.v,  # q [B, 1, Hq, D]; k/v [blocks, 256, Hkv, D]
+            cache_seqlens=seqlen.input_lengths,
+            block_table=block_tables,
+            softmax_scale=scale,
+            causal=True,
+            window_size=_window(window),
         )
         return out.squeeze(1)  # [B, Hq, D]

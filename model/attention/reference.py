@@ -65,8 +65,14 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
 
 
 def paged_decode(
-    q: torch.Tensor, kv: LayerKV, seqlen: Seqlen, block_tables: torch.Tensor, max_s: int,
-    *, scale: float, window: int | None,
+    q: torch.Tensor,
+    kv: LayerKV,
+    seqlen: Seqlen,
+    block_tables: torch.Tensor,
+    max_s: int,
+    *,
+    scale: float,
+    window: int | None,
 ) -> torch.Tensor:
     """One query per sequence against its last min(L, max_s, W) keys, read through the block table.
 

@@ -39,8 +39,16 @@ class TorchCudaBackend(AttentionBackend):
         window_size = (-1, 0) if window is None else (window - 1, 0)
         # v (and k without a prefix) are column slices of the fused qkv output: make rows dense.
         return varlen_attn(
-            q, k.contiguous(), v.contiguous(), seqlen.cu_seqlen_q, cu_k, seqlen.max_q, max_k,
-            scale=scale, window_size=window_size, **extra,
+            q,
+            k.contiguous(),
+            v.contiguous(),
+            seqlen.cu_seqlen_q,
+            cu_k,
+            seqlen.max_q,
+            max_k,
+            scale=scale,
+            window_size=window_size,
+            **extra,
         )
 
     def decode(self, q, kv, seqlen, block_tables, max_s, *, scale, window):

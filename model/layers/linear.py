@@ -84,8 +84,15 @@ class QKVParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, tp: TPGroup,
-        *, dtype=None, device=None,
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        tp: TPGroup,
+        *,
+        dtype=None,
+        device=None,
     ):
         ws = tp.world_size
         if num_heads % ws:

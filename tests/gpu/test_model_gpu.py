@@ -170,8 +170,14 @@ def test_decode_is_sync_free_and_cuda_graph_capturable(pair, backend, window):
         slots=torch.full((rows,), -1, dtype=torch.int64, device=dev),
     )
     lengths = torch.zeros(rows, dtype=torch.int32, device=dev)
-    args = dict(cu_seqlen_prefill=None, kv_cache=runner.kv_cache, seqlen=Seqlen(input_lengths=lengths),
-                max_s=width * bs, adapter_data=None, **static)
+    args = dict(
+        cu_seqlen_prefill=None,
+        kv_cache=runner.kv_cache,
+        seqlen=Seqlen(input_lengths=lengths),
+        max_s=width * bs,
+        adapter_data=None,
+        **static,
+    )
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

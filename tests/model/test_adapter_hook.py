@@ -58,8 +58,15 @@ def test_hook_called_with_correct_slices_in_prefill_and_decode(model_pair):
     cfg, t = ours.config, cu[-1]
     q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     h = cfg.hidden_size
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),  # (x cols, out cols)
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    shapes = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),  # (x cols, out cols)
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
     expected = [(i, tg, (t, shapes[tg][0]), (t, shapes[tg][1])) for i in range(2) for tg in TARGETS]
     expected.append((-1, "lm_head", (t, cfg.hidden_size), (t, cfg.vocab_size)))
     assert adapter.calls == expected
@@ -78,6 +85,7 @@ def test_lm_head_hook_sees_only_selected_rows(model_pair):
     deltas[(-1, "lm_head")] = torch.zeros(ours.config.vocab_size, ours.config.hidden_size)
     adapter = DeltaAdapter(deltas)
     adapter.add_lora = lambda i, t, x, out: adapter.calls.append((i, t, tuple(x.shape), tuple(out.shape)))
-    PagedRunner(ours, ours.new_kv_cache(16)).prefill(random_prompts([6, 9], 512), adapter_data=adapter,
-                                                     last_only=True)
+    PagedRunner(ours, ours.new_kv_cache(16)).prefill(
+        random_prompts([6, 9], 512), adapter_data=adapter, last_only=True
+    )
     assert adapter.calls[-1] == (-1, "lm_head", (2, 64), (2, 512))

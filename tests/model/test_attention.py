@@ -83,21 +83,24 @@ def _fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, causal=Fal
     return out
 
 
-def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
-                     window_size=(-1, -1)):
+def fake_varlen_attn(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)
+):
     # torch 2.11's signature: no enable_gqa, so heads must match (the backend repeats KV heads).
     assert query.shape[1] == key.shape[1], "varlen_attn without enable_gqa needs Hq == Hkv"
     assert query.dtype == key.dtype and cu_seq_q.dtype == torch.int32
     return _fa_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size)
 
 
-def fake_flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False,
-                                window_size=(-1, -1)):
+def fake_flash_attn_varlen_func(
+    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, window_size=(-1, -1)
+):
     return _fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, window_size, causal=causal)
 
 
-def fake_flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
-                                 window_size):
+def fake_flash_attn_with_kvcache(
+    q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size
+):
     b, _, _, _ = q.shape
     bs = k_cache.shape[1]
     n = block_table.shape[1] * bs

@@ -126,8 +126,15 @@ def test_prefill_without_cache_for_embeddings(model_pair):
     prompt = random_prompts([11], VOCAB, seed=10)[0]
     seqlen = Seqlen.from_lengths([11])
     logits, _ = ours(
-        input_ids=torch.tensor(prompt), position_ids=torch.arange(11), cu_seqlen_prefill=seqlen.cu_seqlen_q,
-        kv_cache=None, block_tables=None, slots=None, seqlen=seqlen, max_s=11, adapter_data=None,
+        input_ids=torch.tensor(prompt),
+        position_ids=torch.arange(11),
+        cu_seqlen_prefill=seqlen.cu_seqlen_q,
+        kv_cache=None,
+        block_tables=None,
+        slots=None,
+        seqlen=seqlen,
+        max_s=11,
+        adapter_data=None,
     )
     torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=ATOL, rtol=0)
 

@@ -59,7 +59,14 @@ def test_fp8_cache_round_trips_with_scale():
 
 
 def test_for_model_uses_this_ranks_kv_heads():
-    config = MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=8, num_key_value_heads=2, head_dim=16)
+    config = MistralConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     assert KVCache.for_model(config, TPGroup(), 4, 16, torch.float32)[0].k.shape == (4, 16, 2, 16)
     assert KVCache.for_model(config, TPGroup(1, 4), 4, 16, torch.float32)[0].k.shape == (4, 16, 1, 16)

@@ -119,8 +119,9 @@ def test_rotary_matches_transformers():
     inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
     emb = torch.cat([pos[:, None] * inv] * 2, -1)
     # transformers' layout: q [B, H, T, D], cos [B, T, D]
-    ref_q, ref_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos()[None],
-                                        emb.sin()[None])
+    ref_q, ref_k = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos()[None], emb.sin()[None]
+    )
     got_q, got_k = rope(pos, q, k)
     torch.testing.assert_close(got_q, ref_q[0].transpose(0, 1))
     torch.testing.assert_close(got_k, ref_k[0].transpose(0, 1))

@@ -74,8 +74,10 @@ def test_fused_parameters_hold_the_checkpoint_tensors(tiny_model_dir):
     p = "model.layers.1."
     expect_qkv = torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
     assert torch.equal(attn.qkv_proj.weight, expect_qkv)
-    assert torch.equal(mlp.gate_up_proj.weight, torch.cat([tensors[p + "mlp.gate_proj.weight"],
-                                                           tensors[p + "mlp.up_proj.weight"]]))
+    assert torch.equal(
+        mlp.gate_up_proj.weight,
+        torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]]),
+    )
     assert torch.equal(model.lm_head.weight, tensors["lm_head.weight"])
 
 
