@@ -165,6 +165,16 @@ def _check(x_or_v, stack, y=None, *index_vectors):
         assert ix.dtype == torch.int32 and ix.stride(0) == 1, (ix.dtype, ix.stride())
 
 
+def _device_segments(starts, ends, slots, device, max_seg_len):
+    """Segments as dense int32 device tensors (+ max length). Host sequences (the batch's host copy) are
+    uploaded once and give the exact max length, so the grid has no empty rows and nothing syncs."""
+    if isinstance(starts, torch.Tensor):
+        return starts, ends, slots, max_seg_len
+    lens = [e - s for s, e in zip(starts, ends, strict=True)]
+    as_t = [torch.tensor(list(c), dtype=torch.int32).to(device) for c in (starts, ends, slots)]
+    return (*as_t, max(lens, default=0) if max_seg_len is None else max_seg_len)
+
+
 def bgmv_shrink(x, lora_a, indices, *, out=None):
     """v = shrink(x) per token.  x [T, in], lora_a [S, R, in], indices [T] int32 -> v [T, R] (x.dtype).
 
@@ -209,12 +219,14 @@ def bgmv_expand(y, v, lora_b, indices, *, slice_offsets=None):
 
 
 def sgmv_shrink(x, lora_a, seg_starts, seg_ends, seg_slots, *, max_seg_len=None, out=None):
-    """v = shrink(x) per segment.  x [T, in], lora_a [S, R, in], seg_* [G] int32 device tensors;
-    max_seg_len: python int >= every segment's length (default T). -> v [T, R].
+    """v = shrink(x) per segment.  x [T, in], lora_a [S, R, in], seg_* [G] int32 device tensors or host int
+    sequences; max_seg_len: python int >= every segment's length (default: T for tensors). -> v [T, R].
 
         v = zeros (only when out is None: rows outside every segment are then 0, as in ops.sgmv_shrink)
         for g: v[starts[g]:ends[g]] = x[starts[g]:ends[g]] @ lora_a[slots[g]].T  (0 if slots[g] < 0)
     """
+    seg_starts, seg_ends, seg_slots, max_seg_len = _device_segments(seg_starts, seg_ends, seg_slots, x.device,
+                                                                    max_seg_len)
     _check(x, lora_a, None, seg_starts, seg_ends, seg_slots)
     T, K = x.shape
     N = lora_a.shape[1]
@@ -238,6 +250,8 @@ def sgmv_expand(y, v, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_len=No
         for g with slots[g] >= 0, for slice i, cols c of slice i:
             y[starts[g]:ends[g], c] += v[starts[g]:ends[g], i*R:(i+1)*R] @ lora_b[slots[g], c]
     """
+    seg_starts, seg_ends, seg_slots, max_seg_len = _device_segments(seg_starts, seg_ends, seg_slots, y.device,
+                                                                    max_seg_len)
     _check(v, lora_b, y, seg_starts, seg_ends, seg_slots)
     T, N = y.shape
     R = lora_b.shape[2]
@@ -254,6 +268,18 @@ def sgmv_expand(y, v, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_len=No
                               lora_b.stride(0), lora_b.stride(1), y.stride(0),
                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, R_PAD=R_PAD, num_warps=4)
     return y
+
+
+def bgmv(y, x, lora_a, lora_b, indices, *, slice_offsets=None):
+    """BGMV: for t with indices[t] >= 0: y[t] += (x[t] @ A[indices[t]].T) @ B[indices[t]].T (per slice)."""
+    return bgmv_expand(y, bgmv_shrink(x, lora_a, indices), lora_b, indices, slice_offsets=slice_offsets)
+
+
+def sgmv(y, x, lora_a, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_len=None, slice_offsets=None):
+    """SGMV: for g with slots[g] >= 0: y[s:e] += (x[s:e] @ A[slots[g]].T) @ B[slots[g]].T (per slice)."""
+    seg = _device_segments(seg_starts, seg_ends, seg_slots, x.device, max_seg_len)
+    v = sgmv_shrink(x, lora_a, *seg[:3], max_seg_len=seg[3])
+    return sgmv_expand(y, v, lora_b, *seg[:3], max_seg_len=seg[3], slice_offsets=slice_offsets)
 
 
 # ------------------------------------------------------------------------ torch references (same API)
@@ -281,7 +307,8 @@ def bgmv_expand_ref(y, v, lora_b, indices, *, slice_offsets=None):
 
 
 def _segs(starts, ends, slots):
-    rows = zip(starts.tolist(), ends.tolist(), slots.tolist(), strict=True)
+    cols = (c.tolist() if isinstance(c, torch.Tensor) else list(c) for c in (starts, ends, slots))
+    rows = zip(*cols, strict=True)
     return [(s, e, k) for s, e, k in rows if e > s]
 
 
@@ -301,3 +328,14 @@ def sgmv_expand_ref(y, v, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_le
             delta = v[s:e, i * R:(i + 1) * R].float() @ lora_b[k, c0:c1].float().T
             y[s:e, c0:c1] = (y[s:e, c0:c1].float() + delta).to(y.dtype)
     return y
+
+
+def bgmv_ref(y, x, lora_a, lora_b, indices, *, slice_offsets=None):
+    v = bgmv_shrink_ref(x, lora_a, indices)
+    return bgmv_expand_ref(y, v, lora_b, indices, slice_offsets=slice_offsets)
+
+
+def sgmv_ref(y, x, lora_a, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_len=None,
+             slice_offsets=None):
+    v = sgmv_shrink_ref(x, lora_a, seg_starts, seg_ends, seg_slots)
+    return sgmv_expand_ref(y, v, lora_b, seg_starts, seg_ends, seg_slots, slice_offsets=slice_offsets)

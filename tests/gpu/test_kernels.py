@@ -221,6 +221,11 @@ def test_sgmv(T, R, shape):
     lora.sgmv_expand_ref(y_ref, v_ref, b, starts, ends, slots, slice_offsets=offsets)
     assert rel_err(y - y0, y_ref - y0) <= 1e-2
     assert torch.equal(y[~covered], y0[~covered])
+    host = [list(c) for c in zip(*segs, strict=True)]  # combined op, segments as host lists
+    y, y_ref = y0.clone(), y0.clone()
+    lora.sgmv(y, x, a, b, *host, slice_offsets=offsets)
+    lora.sgmv_ref(y_ref, x, a, b, *host, slice_offsets=offsets)
+    assert rel_err(y - y0, y_ref - y0) <= 1e-2
 
 
 def test_bgmv_cuda_graph():

@@ -254,6 +254,11 @@ def test_bgmv_interpret(kernels, case):
     assert rel_err(y - y0, y_ref - y0) <= 1e-2
     assert torch.equal(y[idx < 0], y0[idx < 0])
 
+    y, y_ref = y0.clone(), y0.clone()
+    lora.bgmv(y, x, a, b, idx, slice_offsets=offsets)
+    lora.bgmv_ref(y_ref, x, a, b, idx, slice_offsets=offsets)
+    assert rel_err(y - y0, y_ref - y0) <= 1e-2
+
 
 @pytest.mark.parametrize("case", LORA_CASES, ids=lambda c: f"T{c[0]}-R{c[2]}-slices{len(c[4])}")
 def test_sgmv_interpret(kernels, case):
@@ -279,6 +284,13 @@ def test_sgmv_interpret(kernels, case):
     lora.sgmv_expand_ref(y_ref, v_ref, b, starts, ends, slots, slice_offsets=offsets)
     assert rel_err(y - y0, y_ref - y0) <= 1e-2
     assert torch.equal(y[~covered], y0[~covered])
+
+    # the combined op, with the segments as host lists (the batch's host copy)
+    host = [c.tolist() for c in (starts, ends, slots)]
+    y, y_ref = y0.clone(), y0.clone()
+    lora.sgmv(y, x, a, b, *host, slice_offsets=offsets)
+    lora.sgmv_ref(y_ref, x, a, b, *host, slice_offsets=offsets)
+    assert rel_err(y - y0, y_ref - y0) <= 1e-2
 
 
 # ------------------------------------------------------------------------------------ RMSNorm, rotary
