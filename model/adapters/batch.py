@@ -12,12 +12,13 @@ Prefill uses SGMV over segments, decode BGMV over the per-token slot index (see 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from model.adapters import ops
+from model.adapters import ops as reference_ops
 from model.adapters.peft_loader import LM_HEAD_LAYER, ROW_PARALLEL
 
 # (layer_idx, target) -> (A [S, R, in_local], B [S, out_local, R]); the store's stacked device tensors.
@@ -94,9 +95,20 @@ class AdapterBatchData:
         self.meta = meta
         self.stacks = stacks
         self.is_prefill = is_prefill
+        self.ops = lora_ops_for(meta.token_slots.device)
+        self._seg_args, self._seg_kwargs = self._segment_arguments()
         self.tp = tp
         # The same rows as forward(lm_head_indices=...): lm_head then sees [N] rows, not [T] tokens.
         self.lm_head_indices = lm_head_indices
+
+    def _segment_arguments(self) -> tuple[tuple, dict]:
+        """Prefill segments as the chosen ops want them: the reference takes the host copy (no sync per
+        layer); Triton takes the device tensors plus the longest segment (its grid size, a host int)."""
+        m = self.meta
+        if self.ops is reference_ops:
+            return tuple(zip(*m.segments, strict=True)) or ((), (), ()), {}
+        longest = max((e - s for s, e, _ in m.segments), default=0)
+        return (m.segment_starts, m.segment_ends, m.segment_slots), {"max_seg_len": longest}
 
     def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += LoRA(x) in place for the tokens whose slot targets (layer_idx, target); else a no-op."""
@@ -109,7 +121,7 @@ class AdapterBatchData:
         m = self.meta
         if layer_idx == LM_HEAD_LAYER and self.lm_head_indices is not None:
             idx = m.token_slots[self.lm_head_indices]  # [N]: per-row slots; rows are no longer segments
-            ops.bgmv(out, x, lora_a, lora_b, idx)
+            self.ops.bgmv_expand(out, self.ops.bgmv_shrink(x, lora_a, idx), lora_b, idx)
             return
         if x.shape[0] != m.token_slots.shape[0]:
             raise ValueError(
@@ -120,16 +132,29 @@ class AdapterBatchData:
                     else ""
                 )
             )
+        ops = self.ops
         if self.is_prefill:
-            # The reference ops take the host copy of the segments (no device->host sync per layer).
-            seg_host = tuple(zip(*m.segments, strict=True))
-            v = ops.sgmv_shrink(x, lora_a, *seg_host)  # [T, R]
+            v = ops.sgmv_shrink(x, lora_a, *self._seg_args, **self._seg_kwargs)  # [T, R]
         else:
             v = ops.bgmv_shrink(x, lora_a, m.token_slots)  # [T, R]
         if target in ROW_PARALLEL and self.tp is not None and self.tp.world_size > 1:
             # Row-parallel: each rank holds A's columns for its input slice, so v is a partial sum.
             torch.distributed.all_reduce(v, group=self.tp.group)
         if self.is_prefill:
-            ops.sgmv_expand(out, v, lora_b, *seg_host)
+            ops.sgmv_expand(out, v, lora_b, *self._seg_args, **self._seg_kwargs)
         else:
             ops.bgmv_expand(out, v, lora_b, m.token_slots)
+
+
+def lora_ops_for(device: torch.device):
+    """The one place that picks the LoRA kernels: Triton on CUDA when importable, else torch reference.
+
+    Both modules expose bgmv_shrink/bgmv_expand/sgmv_shrink/sgmv_expand with the semantics of ops.py.
+    The reference BGMV contracts against every slot of the stack; the Triton one reads only the slots
+    the batch uses, which is what makes many resident adapters cheap on a GPU.
+    """
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from model.kernels import lora as triton_ops
+
+        return triton_ops
+    return reference_ops

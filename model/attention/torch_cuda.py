@@ -1,12 +1,15 @@
 """CUDA backend on PyTorch's bundled FlashAttention-2 (`torch.nn.attention.varlen.varlen_attn`).
 
 Prefill: varlen_attn over the flattened batch (causal, bottom-right aligned when a sequence continues
-from a cached prefix, which `gather_prefill_kv` lays out in front of the new tokens). Decode: the
-sync-free paged decode in torch (reference.paged_decode); the fast Triton kernel belongs elsewhere.
+from a cached prefix, which `gather_prefill_kv` lays out in front of the new tokens). Decode: our
+Triton paged kernel (model/kernels/paged_attention.py: GQA-grouped, split-K, reads each sequence's own
+length only) when triton is importable, else the sync-free gather in torch (reference.paged_decode),
+which reads `max_s` keys for every sequence.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 
 from torch.nn.attention.varlen import varlen_attn
@@ -22,6 +25,11 @@ class TorchCudaBackend(AttentionBackend):
     def __init__(self) -> None:
         # Older torch (2.11) has no enable_gqa: repeat the KV heads instead.
         self._native_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+        self._triton_decode = None
+        if importlib.util.find_spec("triton") is not None:
+            from model.kernels.paged_attention import paged_decode_attention
+
+            self._triton_decode = paged_decode_attention
 
     def prefill(self, q, k, v, kv, seqlen, block_tables, *, scale, window):
         cu_k, max_k = seqlen.cu_seqlen_q, seqlen.max_q
@@ -52,4 +60,9 @@ class TorchCudaBackend(AttentionBackend):
         )
 
     def decode(self, q, kv, seqlen, block_tables, max_s, *, scale, window):
-        return paged_decode(q, kv, seqlen, block_tables, max_s, scale=scale, window=window)
+        if self._triton_decode is None:
+            return paged_decode(q, kv, seqlen, block_tables, max_s, scale=scale, window=window)
+        return self._triton_decode(
+            q, kv.k, kv.v, block_tables, seqlen.input_lengths, scale, max_s,
+            sliding_window=window, k_scale=kv.k_scale, v_scale=kv.v_scale,
+        )
