@@ -30,7 +30,9 @@ class WeightsError(ValueError):
 class Weights:
     """Lazy reader over one `model.safetensors` or the shards of `model.safetensors.index.json`.
 
-    `get` returns a tensor converted to `dtype` (floating tensors only) on `device`.
+    `dtype`/`device` are the model's: parameters are allocated there, and each weight loader's
+    `copy_` converts only this rank's shard (so a rank never holds a whole converted tensor on the
+    device). `get` returns the checkpoint tensor as stored, on the CPU.
     """
 
     def __init__(self, files: dict[str, Path], *, dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -75,9 +77,7 @@ class Weights:
             tensor = handle.get_tensor(name)
         except Exception as e:  # an index that lists a tensor its shard does not hold
             raise WeightsError(f"checkpoint is missing tensor '{name}' (listed for {path.name}): {e}") from e
-        if tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        return tensor.to(self.device)
+        return tensor
 
 
 def checkpoint_sources(model: nn.Module, tie_word_embeddings: bool) -> list[tuple[str, str, object]]:

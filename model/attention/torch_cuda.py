@@ -17,6 +17,8 @@ from torch.nn.attention.varlen import varlen_attn
 from model.attention import AttentionBackend
 from model.attention.reference import gather_prefill_kv, paged_decode
 
+TRITON_HEAD_DIMS = (64, 128, 256)  # model/kernels/paged_attention.py asserts these
+
 
 class TorchCudaBackend(AttentionBackend):
     name = "torch_cuda"
@@ -60,7 +62,9 @@ class TorchCudaBackend(AttentionBackend):
         )
 
     def decode(self, q, kv, seqlen, block_tables, max_s, *, scale, window):
-        if self._triton_decode is None:
+        # The Triton kernel is compiled for head_dim 64/128/256 and runs on CUDA only; tiny test models
+        # (head_dim 16/24/32) and CPU runs take the torch gather path.
+        if self._triton_decode is None or not q.is_cuda or q.shape[-1] not in TRITON_HEAD_DIMS:
             return paged_decode(q, kv, seqlen, block_tables, max_s, scale=scale, window=window)
         return self._triton_decode(
             q, kv.k, kv.v, block_tables, seqlen.input_lengths, scale, max_s,

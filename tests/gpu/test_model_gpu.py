@@ -2,9 +2,11 @@
 
 Truth: transformers' MistralForCausalLM in float32 on the same card. Pass: per row, relative error
 ||ours - truth|| / ||truth|| <= 2e-2 (bf16 tolerance). Backends: reference (torch on CUDA),
-torch_cuda (PyTorch's bundled FlashAttention-2 prefill + torch paged decode), flash_attn (the package,
-KV blocks of 256) when importable. Also: decode has no host sync (sync debug mode "error") and a
-decode step captured in a CUDA graph replays correctly, padding rows included.
+torch_cuda (PyTorch's bundled FlashAttention-2 prefill; decode by the Triton kernel of model/kernels
+for head_dim 64/128/256, else the torch gather), flash_attn (the package, KV blocks of 256) when
+importable. Also: decode has no host sync (sync debug mode "error") and a decode step captured in a
+CUDA graph replays correctly, padding rows included. The chunked-prefill and CUDA-graph tests use
+head_dim 64 so that the Triton decode is part of them.
 
 Run on the GPU machine: `make test-gpu` (add `-s` to see the card's name).
 """
@@ -37,6 +39,8 @@ SHAPES = {
     "gqa1-hd32": dict(heads=4, kv_heads=4, head_dim=32),
     "gqa2": dict(heads=4, kv_heads=2),
     "gqa4-hd24": dict(heads=4, kv_heads=1, head_dim=24),
+    # head_dim 64: torch_cuda's decode takes the Triton kernel (model/kernels) only for 64/128/256.
+    "gqa2-hd64": dict(heads=4, kv_heads=2, head_dim=64),
 }
 
 
@@ -128,7 +132,7 @@ def test_sliding_window_8_bf16(pair, backend, shape):
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunked_prefill_bf16(pair, backend, window):
-    ours, hf = pair(backend, sliding_window=window, heads=4, kv_heads=2)
+    ours, hf = pair(backend, sliding_window=window, heads=4, kv_heads=2, head_dim=64)
     runner = new_runner(ours, num_blocks=32 if ours.block_size < 256 else 8, seed=2)
     prompts = random_prompts([30, 19, 12], VOCAB, seed=7)
     cut = [17, 4, 12]
@@ -146,7 +150,7 @@ def test_chunked_prefill_bf16(pair, backend, window):
 def test_decode_is_sync_free_and_cuda_graph_capturable(pair, backend, window):
     from model.attention import Seqlen
 
-    ours, hf = pair(backend, sliding_window=window, heads=4, kv_heads=2)
+    ours, hf = pair(backend, sliding_window=window, heads=4, kv_heads=2, head_dim=64)
     runner = new_runner(ours, num_blocks=32 if ours.block_size < 256 else 8, seed=9)
     runner.prefill(random_prompts([9, 20, 3], VOCAB, seed=10))
 
