@@ -12,6 +12,13 @@ import torch
 
 from model.attention import Seqlen
 
+# (heads, kv_heads, head_dim): GQA ratios 1, 2 and 4; head_dim != hidden/heads (64/4 = 16) in two.
+SHAPES = {
+    "gqa1-hd32": dict(heads=4, kv_heads=4, head_dim=32),
+    "gqa2": dict(heads=4, kv_heads=2),
+    "gqa4-hd24": dict(heads=4, kv_heads=1, head_dim=24),
+}
+
 
 def hf_model(model_dir, dtype=torch.float32, device="cpu"):
     from transformers import MistralForCausalLM

@@ -6,8 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import SHAPES
-from mistral_harness import PagedRunner, hf_logits, random_prompts
+from mistral_harness import SHAPES, PagedRunner, hf_logits, random_prompts
 
 ATOL = 1e-4
 VOCAB = 512
