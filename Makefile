@@ -9,7 +9,7 @@ DEMO_DIR ?= .demo
 install:
 	@# The CPU build of torch from this machine's disk, unless some torch is already there (GPU machine).
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install "grpcio-tools==1.84.*"
+	$(PIP) install "grpcio-tools==1.84.0"
 	$(MAKE) proto
 	$(PIP) install -e ".[dev]"
 
