@@ -68,12 +68,14 @@ class AdapterBatchMetadata:
         slots_t = torch.tensor(list(request_slots), dtype=torch.int32)
         tokens_t = torch.tensor(list(request_tokens), dtype=torch.int64)
         token_slots = torch.repeat_interleave(slots_t, tokens_t)  # [T]
-        seg = torch.tensor(segments, dtype=torch.int32).reshape(-1, 3)  # [G, 3]
+        # One dense int32 vector per field: a column view of a [G, 3] tensor keeps stride 3 even after
+        # .contiguous() when G == 1 (a size-1 dim counts as contiguous), and the Triton ops need stride 1.
+        starts, ends, seg_slots = ([seg[i] for seg in segments] for i in range(3))
         return cls(
             token_slots=token_slots.to(device),
-            segment_starts=seg[:, 0].contiguous().to(device),
-            segment_ends=seg[:, 1].contiguous().to(device),
-            segment_slots=seg[:, 2].contiguous().to(device),
+            segment_starts=torch.tensor(starts, dtype=torch.int32, device=device),
+            segment_ends=torch.tensor(ends, dtype=torch.int32, device=device),
+            segment_slots=torch.tensor(seg_slots, dtype=torch.int32, device=device),
             segments=tuple(segments),
             has_lora=bool(segments),
         )
