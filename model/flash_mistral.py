@@ -231,7 +231,7 @@ class FlashMistralForCausalLM(nn.Module):
             self.config, self.tp, num_blocks, self.block_size, dtype or self.dtype, self.device
         )
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may update the returned logits in place
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
