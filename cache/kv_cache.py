@@ -72,6 +72,9 @@ class LayerKV:
     def _quantize(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         if scale is not None:
             x = x.float() / scale
+        if self.k.dtype in FP8_DTYPES:  # saturate: an out-of-range cast may give NaN on some devices
+            limit = torch.finfo(self.k.dtype).max
+            x = x.clamp(-limit, limit)
         return x.to(self.k.dtype)
 
     @staticmethod
