@@ -48,6 +48,9 @@ class RouterLimits:
     max_batch_total_tokens: int = 4096  # used only when Warmup returns no max_supported_total_tokens
     max_batch_size: int | None = None
     concat_via: str = "prefill"  # prefill: PrefillRequest.cached_batch | decode: DecodeRequest with 2 batches
+    # With a shard that says chunked_prefill: the request that overflows the prefill budget is admitted
+    # with `chunk_len` = what is left of it (exact prompt lengths only); the shard computes the rest later.
+    chunking: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,17 @@ class RequestResult:
     cancelled: bool = False
 
 
+@dataclass
+class RouterStats:
+    """What the loop did (tests assert that continuous batching really happened)."""
+
+    prefills: int = 0
+    prefills_into_running: int = 0  # Prefill with cached_batch, or a 2-batch Decode after it
+    decodes: int = 0
+    filters: int = 0
+    chunked_requests: int = 0
+
+
 # on_token(index of the request in generate()'s list, event) -> False cancels that request.
 TokenCallback = Callable[[int, TokenEvent], Any]
 
@@ -87,6 +101,9 @@ class _Live:
     tokens: int  # budget reserved: input length + max_new_tokens, in whole blocks
     result: RequestResult
     blocks: tuple[int, ...] = ()
+    exact: bool = True  # input_tokens is the true prompt length (ids, or a tokenizer)
+    started: bool = False  # has had its first Generation (its prompt is fully prefilled)
+    chunked: bool = False  # admitted with a partial first chunk
 
 
 class FakeRouter:
@@ -118,6 +135,7 @@ class FakeRouter:
         self._request_ids = itertools.count(1)
         self.budget = self.limits.max_batch_total_tokens
         self.warmup_response: pb.WarmupResponse | None = None
+        self.stats = RouterStats()
         self.info_pb = self._call("Info", pb.InfoRequest())[0]
         # Router-allocation mode: block 0 is the shard's (Health); the rest are ours to hand out.
         self._free_blocks: list[int] = []
@@ -160,12 +178,17 @@ class FakeRouter:
     def prefill(
         self, batch: pb.Batch, cached: pb.CachedBatch | None = None
     ) -> tuple[list[GenerationOut], Any]:
+        self.stats.prefills += 1
+        self.stats.prefills_into_running += cached is not None
         return self._merge(self._call("Prefill", pb.PrefillRequest(batch=batch, cached_batch=cached)))
 
     def decode(self, batches: Sequence[pb.CachedBatch]) -> tuple[list[GenerationOut], Any]:
+        self.stats.decodes += 1
+        self.stats.prefills_into_running += len(batches) > 1
         return self._merge(self._call("Decode", pb.DecodeRequest(batches=batches)))
 
     def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> pb.CachedBatch:
+        self.stats.filters += 1
         req = pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids)
         return self._call("FilterBatch", req)[0].batch
 
@@ -214,12 +237,15 @@ class FakeRouter:
         taken: list[_Live] = []
         prefill_tokens = 0
         size_cap = self.limits.max_batch_size or math.inf
+        chunking = self.limits.chunking and self.info_pb.chunked_prefill
         while queue:
             e = queue[0]
             inp = e.input_tokens
             if reserved + e.tokens > self.budget or len(live) + len(taken) >= size_cap:
                 break
-            if taken and prefill_tokens + inp > self.limits.max_prefill_tokens:
+            room = self.limits.max_prefill_tokens - prefill_tokens
+            chunk = chunking and e.exact and 0 < room < inp
+            if taken and inp > room and not chunk:
                 break
             if self.info_pb.requires_block_allocator:
                 if not self._allocate(e):
@@ -227,6 +253,10 @@ class FakeRouter:
             queue.popleft()
             taken.append(e)
             reserved += e.tokens
+            if chunk:  # the rest of its prompt is computed by the following steps
+                e.chunked, e.spec = True, replace(e.spec, chunk_len=room)
+                self.stats.chunked_requests += 1
+                break
             prefill_tokens += inp
         return taken
 
@@ -262,7 +292,10 @@ class FakeRouter:
         for i, r in enumerate(requests):
             spec = replace(r, id=next(self._request_ids))
             inp = self._input_tokens(spec)
-            e = _Live(i, spec, inp, self._reserve(inp + spec.stopping.max_new_tokens), RequestResult())
+            exact = bool(spec.input_ids) or self._tokenize is not None
+            e = _Live(
+                i, spec, inp, self._reserve(inp + spec.stopping.max_new_tokens), RequestResult(), exact=exact
+            )
             if e.tokens > self.budget:
                 raise ValueError(f"request {i} needs {e.tokens} tokens; the shard's budget is {self.budget}")
             queue.append(e)
@@ -283,21 +316,25 @@ class FakeRouter:
                     max_blocks=max(len(e.blocks) for e in new),
                 )
                 new_ids = {e.spec.id for e in new}
+                full = {e.spec.id for e in new if not e.chunked}  # these must emit their first token
                 live.update((e.spec.id, e) for e in new)
                 if running is not None and self.limits.concat_via == "decode":
                     gens, fresh = self.prefill(batch)
-                    pending = self._apply(gens, fresh, new_ids, new_ids, live, done, on_token)
+                    pending = self._apply(gens, fresh, full, new_ids, new_ids, live, done, on_token)
                 else:
                     members = new_ids | set(running.request_ids if running is not None else ())
+                    # Pending prefills of the cached batch may finish here; its decoding rows do not step.
+                    may = new_ids | {rid for rid in members if not live[rid].started}
                     gens, running = self.prefill(batch, running)
-                    running = self._apply(gens, running, new_ids, members, live, done, on_token)
+                    running = self._apply(gens, running, full, may, members, live, done, on_token)
                 prefilled_last = True
             elif running is not None or pending is not None:
                 batches = [b for b in (running, pending) if b is not None]
                 members = {rid for b in batches for rid in b.request_ids}
+                decoding = {rid for rid in members if live[rid].started}
                 gens, running = self.decode(batches)
                 pending = None
-                running = self._apply(gens, running, members, members, live, done, on_token)
+                running = self._apply(gens, running, decoding, members, members, live, done, on_token)
                 prefilled_last = False
             else:
                 raise RuntimeError("nothing runs and the next request does not fit the budget")
@@ -309,7 +346,8 @@ class FakeRouter:
         self,
         gens: list[GenerationOut],
         batch: pb.CachedBatch | None,
-        stepped: set[int],
+        must: set[int],
+        may: set[int],
         members: set[int],
         live: dict[int, _Live],
         done: list[_Live],
@@ -317,16 +355,18 @@ class FakeRouter:
     ) -> pb.CachedBatch | None:
         """Apply one step's generations, check the shard's answer, filter out what finished.
 
-        stepped: requests that must each get exactly one Generation (across all shards);
+        must: requests that must each get exactly one Generation (across all shards);
+        may: requests that may get one (at most one): pending chunked prefills that can complete;
         members: requests the returned CachedBatch must list, less those that finished.
         """
         seen: set[int] = set()
         finished: set[int] = set()
         for g in gens:
             e = live.get(g.request_id)
-            if e is None or g.request_id in seen or g.request_id not in stepped:
+            if e is None or g.request_id in seen or g.request_id not in (must | may):
                 raise ProtocolViolation(f"unexpected or duplicate Generation for request {g.request_id}")
             seen.add(g.request_id)
+            e.started = True
             res = e.result
             if g.prefill_tokens is not None:
                 res.prefill_tokens, res.prefill_tokens_length = g.prefill_tokens, g.prefill_tokens_length
@@ -344,8 +384,8 @@ class FakeRouter:
                 res.text, res.finish_reason, res.seed = gt.text, gt.finish_reason, gt.seed
                 res.generated_tokens, res.cancelled = gt.generated_tokens, False
                 finished.add(g.request_id)
-        if stepped - seen:
-            raise ProtocolViolation(f"no Generation for live requests {sorted(stepped - seen)}")
+        if must - seen:
+            raise ProtocolViolation(f"no Generation for live requests {sorted(must - seen)}")
         expected = members - finished
         listed = set(batch.request_ids) if batch is not None else set()
         if listed != expected:

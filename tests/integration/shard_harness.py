@@ -54,8 +54,8 @@ class ShardProcess:
     def stub(self, rank: int = 0) -> generate_pb2_grpc.LoraxServiceStub:
         return generate_pb2_grpc.LoraxServiceStub(self.channel(rank))
 
-    def router(self, limits: RouterLimits = LIMITS) -> FakeRouter:
-        return FakeRouter(self.url(), limits, timeout=120.0)
+    def router(self, limits: RouterLimits = LIMITS, tokenize=None) -> FakeRouter:
+        return FakeRouter(self.url(), limits, timeout=120.0, tokenize=tokenize)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -151,8 +151,8 @@ class SharedShard:
     def stub(self) -> generate_pb2_grpc.LoraxServiceStub:
         return self.process.stub()
 
-    def router(self, limits: RouterLimits = LIMITS) -> FakeRouter:
-        return self.process.router(limits)
+    def router(self, limits: RouterLimits = LIMITS, tokenize=None) -> FakeRouter:
+        return self.process.router(limits, tokenize)
 
 
 def request(

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard_server.testing.fake_router import RequestResult, RouterLimits
+from shard_server.pb.generate.v1 import generate_pb2 as pb
+from shard_server.testing.fake_router import RequestResult, RouterLimits, RouterStats
 from shard_server.types import FinishReason, RequestSpec, SamplingParams, StoppingParams
 
 VOCAB = 512
@@ -24,8 +25,9 @@ TEXTS = [
     "Hello, world! ",
     "A multi-LoRA Mistral shard serves many adapters.",
 ]
-# Batches capped at 12 so that the 64 requests queue and join the running batch over time.
-LIMITS = RouterLimits(max_input_length=48, max_total_tokens=96, max_prefill_tokens=96, max_batch_size=12)
+# Batches capped at 12 so that the 64 requests queue and join the running batch over time; a prefill
+# budget of 40 tokens makes longer prompts overflow it and go in chunks (chunk_len).
+LIMITS = RouterLimits(max_input_length=48, max_total_tokens=96, max_prefill_tokens=40, max_batch_size=12)
 
 
 def mixed_requests(tokenizer) -> list[RequestSpec]:
@@ -76,6 +78,7 @@ class Run:
     requests: list[RequestSpec]
     results: list[RequestResult]
     streamed: dict[int, list[int]]
+    stats: RouterStats
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +92,19 @@ def tokenizer(tiny_model_dir):
 def mixed_run(shared_shard, tokenizer) -> Run:
     reqs = mixed_requests(tokenizer)
     streamed: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
-    with shared_shard.router(LIMITS) as router:
+    # With the tokenizer the router knows every prompt's length, so it can chunk text prompts too.
+    with shared_shard.router(LIMITS, tokenize=lambda text: tokenizer(text).input_ids) as router:
         results = router.generate(reqs, on_token=lambda i, ev: streamed[i].append(ev.id))
-    return Run(reqs, results, streamed)
+        return Run(reqs, results, streamed, router.stats)
+
+
+def test_the_router_really_batched_continuously(mixed_run, shared_shard):
+    st = mixed_run.stats
+    assert st.prefills > 1 and st.prefills_into_running > 0  # new work joined a running batch
+    assert st.decodes > max(r.stopping.max_new_tokens for r in mixed_run.requests)
+    assert st.filters > 0  # after requests finished
+    if shared_shard.stub().Info(pb.InfoRequest(), timeout=10).chunked_prefill:
+        assert st.chunked_requests > 0  # a prompt overflowed the prefill budget and was chunked
 
 
 def test_every_request_completes_and_streams(mixed_run, tokenizer):
