@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shard_server.errors import InvalidArgument, Unimplemented
+from shard_server.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from shard_server.router_blocks import check_router_blocks
 from shard_server.sampling import validate_sampling_params
 from shard_server.stopping import GenerationTracker
 from shard_server.types import BatchSpec, ImageChunk, RequestSpec, StoppingParams, TextChunk
@@ -22,12 +23,21 @@ class Limits:
     vocab_size: int
     max_positions: int
     router_blocks: bool  # router-allocation mode: requests bring blocks and slots
+    num_blocks: int = 0  # KV cache blocks (router-allocation mode checks block ids against it)
+    block_size: int = 16
+    chunking: bool = False  # continuing chunks is possible (Warmup told the prefill token budget)
 
 
 @dataclass(frozen=True)
 class Admitted:
     spec: RequestSpec
     ids: tuple[int, ...]  # the prompt after tokenization and truncation
+    first_chunk: int  # prompt tokens its first prefill computes (from cache_len on)
+
+    @property
+    def router_blocks(self) -> bool:
+        """KV blocks come with the request (router-allocation mode); else the shard allocates."""
+        return bool(self.spec.blocks)
 
 
 def admit_batch(spec: BatchSpec, limits: Limits, *, warmup: bool, generation: bool = True) -> list[Admitted]:
@@ -59,7 +69,28 @@ def admit(r: RequestSpec, limits: Limits, *, warmup: bool, generation: bool = Tr
             f"{where}: blocks/slots/cache_len are only accepted when the shard runs with "
             "--block-allocator router (Info.requires_block_allocator)"
         )
-    return Admitted(r, tuple(ids))
+    # Warmup requests come without blocks even in router-allocation mode: the shard allocates them.
+    if limits.router_blocks and generation and not (warmup and not r.blocks):
+        check_router_blocks(r, len(ids), limits.num_blocks, limits.block_size, where)
+    return Admitted(r, tuple(ids), _first_chunk(r, len(ids), limits, where) if generation else len(ids))
+
+
+def _first_chunk(r: RequestSpec, prompt_len: int, limits: Limits, where: str) -> int:
+    """chunk_len: how many prompt tokens (after cache_len) this Prefill computes; None = all of them."""
+    rest = prompt_len - r.cache_len
+    if r.chunk_len is None:
+        return rest
+    if not 1 <= r.chunk_len <= rest:
+        raise InvalidArgument(
+            f"{where}: chunk_len {r.chunk_len} must be in 1..{rest} (prompt of {prompt_len} tokens, "
+            f"cache_len {r.cache_len})"
+        )
+    if r.chunk_len < rest and not limits.chunking:
+        raise FailedPrecondition(
+            f"{where}: chunk_len {r.chunk_len} leaves {rest - r.chunk_len} prompt tokens for later "
+            "steps, which are sized by Warmup's max_prefill_tokens: call Warmup first"
+        )
+    return r.chunk_len
 
 
 def _input_ids(r: RequestSpec, limits: Limits, warmup: bool, where: str) -> list[int]:

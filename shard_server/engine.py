@@ -19,15 +19,16 @@ from cache.block_manager import BlockManager, OutOfBlocks
 from model.adapters.errors import AdapterError
 from model.config import MistralConfig
 from model.flash_mistral import FlashMistralForCausalLM
-from shard_server import admission
-from shard_server.batch import Batch, RequestState, grouped_order
+from shard_server import admission, prefilling
+from shard_server.batch import Batch, PendingPrefill
 from shard_server.bootstrap import build_adapter_store, init_tensor_parallel, load_tokenizer, torch_dtype
 from shard_server.config import ShardConfig
 from shard_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ShardError
+from shard_server.kv_calibration import KVScaleKeeper
 from shard_server.kv_sizing import KVSizing
 from shard_server.outputs import emit_step
-from shard_server.runner import ModelRunner, PrefillSeq, pad_block_tables
-from shard_server.sampling import HostSample, NextTokenChooser
+from shard_server.runner import ModelRunner
+from shard_server.sampling import HostSample
 from shard_server.types import AdapterSpec, BatchSpec, CachedBatchInfo, GenerationOut, ShardInfo, StepResult
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,17 @@ class ShardEngine:
             config.model_dir, dtype=self.dtype, device=self.device, tp=self.tp
         )
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+        self.kv_scales = KVScaleKeeper(self.model, self.kv_dtype, config.model_dir)
         self.sizing = KVSizing(self.model, self.kv_dtype, config.max_kv_cache_bytes)
         self.adapters: AdapterStore = build_adapter_store(
             config, self.model_config, self.device, self.dtype, self.tp
         )
         num_blocks = self.sizing.initial_blocks()
-        self.runner = ModelRunner(
-            self.model, self.model.new_kv_cache(num_blocks, self.kv_dtype), self.adapters
-        )
+        self.runner = ModelRunner(self.model, self.kv_scales.new_cache(num_blocks), self.adapters)
         self.blocks = self._new_block_manager(num_blocks)
+        self.router_blocks = config.block_allocator == "router"
+        self.max_prefill_tokens: int | None = None  # Warmup's; sizes the chunks after the first
+        self.computed_prefill_tokens = 0  # prompt tokens run through prefill forwards (tests, metrics)
         if self.device.type == "cuda" and config.cuda_graphs:
             from shard_server.graphs import DecodeGraphs
 
@@ -80,8 +83,8 @@ class ShardEngine:
             device_type=self.device.type,
             window_size=self.model_config.sliding_window,
             block_size=self.model.block_size,
-            requires_block_allocator=False,
-            chunked_prefill=False,
+            requires_block_allocator=self.router_blocks,
+            chunked_prefill=True,
             preloaded_adapters=tuple(self.adapters.preloaded_adapters()),
         )
 
@@ -100,6 +103,8 @@ class ShardEngine:
     # ---- batches ---------------------------------------------------------------------------------------
 
     def prefill(self, spec: BatchSpec, cached_batch_id: int | None = None) -> StepResult:
+        """New requests' (first) chunks, plus the next chunk of the cached batch's pending prefills;
+        the cached batch's decoding rows do not step here. Result: one batch (id of the cached one)."""
         if cached_batch_id is not None and cached_batch_id not in self.batches:
             raise NotFound(f"cached_batch {cached_batch_id} is not a cached batch")
         if spec.id in self.batches and spec.id != cached_batch_id:
@@ -108,15 +113,16 @@ class ShardEngine:
             raise InvalidArgument("batch.requests is empty")
         admitted = admission.admit_batch(spec, self._limits(), warmup=False)
         self._check_adapters([a.spec.adapter_index for a in admitted])
-        generations, batch = self._prefill(spec.id, admitted)
-        if cached_batch_id is not None:
-            cached = self.batches.pop(cached_batch_id)
-            batch = cached if batch is None else Batch.concatenate([cached, batch])
+        cached = None if cached_batch_id is None else self.batches[cached_batch_id]
+        generations, batch = self._prefill(spec.id, admitted, cached, warmup=False)
+        if cached is not None:
+            del self.batches[cached.id]
         if batch is not None:
             self.batches[batch.id] = batch
         return StepResult(tuple(generations), None if batch is None else batch.info())
 
     def decode(self, batch_ids: Sequence[int]) -> StepResult:
+        """One token per decoding row; pending prefills of these batches compute their next chunk."""
         if not batch_ids:
             raise InvalidArgument("batches is empty")
         if len(set(batch_ids)) != len(batch_ids):
@@ -125,18 +131,35 @@ class ShardEngine:
         if missing:
             raise NotFound(f"batch {missing[0]} is not a cached batch")
         originals = [self.batches.pop(b) for b in batch_ids]
-        try:
+        try:  # compute everything before changing anything
             batch = Batch.concatenate(originals)
-            logits = self.runner.decode(batch)  # [B, V]
-            out = batch.chooser.choose(logits)
-            host = out.to_host()  # the step's one device -> host sync
+            out = host = chunks = None
+            if len(batch):
+                logits = self.runner.decode(batch)  # [B, V]
+                out = batch.chooser.choose(logits)
+                host = out.to_host()  # the step's one device -> host sync
+            if batch.pending:
+                budget = self._chunk_budget() - len(batch)
+                plan = prefilling.plan_chunks(batch.pending, budget)
+                with adapter_errors():
+                    chunks = prefilling.compute(self, list(zip(batch.pending, plan, strict=True)))
         except BaseException:
             for b in originals:  # nothing was mutated yet: the router may retry or clear them
                 self.batches[b.id] = b
             raise
-        batch.chooser.update(out.next_ids)
-        batch.advance(out.next_ids)
-        generations, remaining = self._emit(batch, host, prefill_logits=None)
+        generations: list[GenerationOut] = []
+        rows = None
+        if out is not None:
+            batch.chooser.update(out.next_ids)
+            batch.advance(out.next_ids)
+            generations, rows = self.emit(batch, host, first_token=False)
+        pending: list[PendingPrefill] = []
+        if chunks is not None:
+            gens, started, still = prefilling.commit(self, batch.id, chunks)
+            pending = _in_order(batch.pending, still)
+            generations += gens
+            rows = self._join(batch.id, [rows, started], [])
+        remaining = self._join(batch.id, [rows], pending)
         if remaining is not None:
             self.batches[remaining.id] = remaining
         return StepResult(tuple(generations), None if remaining is None else remaining.info())
@@ -145,22 +168,23 @@ class ShardEngine:
         batch = self._get(batch_id)
         keep_ids = set(request_ids)
         keep = [i for i, r in enumerate(batch.requests) if r.id in keep_ids]
-        if len(keep) == len(batch):
+        pending = [p for p in batch.pending if p.request.id in keep_ids]
+        if len(keep) + len(pending) == len(batch.request_ids):
             return batch.info()
-        for r in batch.requests:
+        for r in batch.all_requests:
             if r.id not in keep_ids:
-                self.blocks.free(r.seq_id)
-        if not keep:
+                self._release(r)
+        if not keep and not pending:
             del self.batches[batch_id]
             return CachedBatchInfo(batch_id, (), 0, 0)
-        self.batches[batch_id] = batch.select(keep)
+        self.batches[batch_id] = self._replan(batch.select(keep, pending))
         return self.batches[batch_id].info()
 
     def clear_cache(self, batch_id: int | None = None) -> None:
         ids = list(self.batches) if batch_id is None else [self._get(batch_id).id]
         for b in ids:
-            for r in self.batches.pop(b).requests:
-                self.blocks.free(r.seq_id)
+            for r in self.batches.pop(b).all_requests:
+                self._release(r)
 
     def embed(self, spec: BatchSpec) -> list[tuple[int, list[float]]]:
         if not spec.requests:
@@ -168,7 +192,7 @@ class ShardEngine:
         admitted = admission.admit_batch(spec, self._limits(), warmup=False, generation=False)
         hidden = self.runner.embed([a.ids for a in admitted])  # [B, hidden]
         rows = hidden.float().cpu().tolist()
-        return [(a.spec.id, row) for a, row in zip(admitted, rows, strict=True) if self._emits(a.spec.id)]
+        return [(a.spec.id, row) for a, row in zip(admitted, rows, strict=True) if self.emits(a.spec.id)]
 
     def warmup(
         self, spec: BatchSpec, max_input_length: int, max_prefill_tokens: int, max_new_tokens: int
@@ -177,12 +201,15 @@ class ShardEngine:
         if self.batches:
             raise FailedPrecondition(f"Warmup with {len(self.batches)} cached batches: ClearCache first")
         admitted = admission.admit_batch(spec, self._limits(), warmup=True) if spec.requests else []
+        self.max_prefill_tokens = max_prefill_tokens if max_prefill_tokens > 0 else None
         tokens = sum(len(a.ids) + 1 for a in admitted)
         self._resize_cache(self.sizing.blocks_for_tokens(tokens, len(admitted)))
-        self.sizing.start_peak_tracking()
         try:
+            if self.kv_scales.needs_calibration:
+                self.kv_scales.calibrate(self.runner, [a.ids for a in admitted], max_input_length)
+            self.sizing.start_peak_tracking()
             if admitted:
-                _, batch = self._prefill(spec.id, admitted)
+                _, batch = self._prefill(spec.id, admitted, None, warmup=True)
                 if batch is not None:
                     self.batches[batch.id] = batch
                     self.decode([batch.id])
@@ -216,7 +243,7 @@ class ShardEngine:
     def offload_adapter(self, index: int, spec: AdapterSpec) -> bool:
         if not self.adapters.is_loaded(index):
             return False
-        users = [b.id for b in self.batches.values() if index in b.adapter_indices]
+        users = [b.id for b in self.batches.values() if index in {r.adapter_index for r in b.all_requests}]
         if users:
             raise FailedPrecondition(f"adapter index {index} is in use by cached batches {users}")
         with adapter_errors():
@@ -224,12 +251,38 @@ class ShardEngine:
 
     # ---- internals -------------------------------------------------------------------------------------
 
+    def next_seq_id(self) -> int:
+        self._next_seq_id += 1
+        return self._next_seq_id - 1
+
+    def emits(self, request_id: int) -> bool:
+        return request_id % self.tp.world_size == self.tp.rank
+
+    def emit(
+        self, batch: Batch, host: HostSample, first_token: bool
+    ) -> tuple[list[GenerationOut], Batch | None]:
+        """Stopping + detokenization of the rows on the host; finished requests leave (blocks freed).
+        -> (generations, the rows still running, without pending prefills)."""
+        generations = emit_step(batch, host, first_token, self.tokenizer, self.special_ids)
+        keep = []
+        for i, r in enumerate(batch.requests):
+            if r.tracker.finish_reason is None:
+                keep.append(i)
+            else:
+                self._release(r)
+        if not keep:
+            return generations, None
+        return generations, batch.select(keep, [])
+
     def _limits(self) -> admission.Limits:
         return admission.Limits(
             tokenizer=self.tokenizer,
             vocab_size=self.model_config.vocab_size,
             max_positions=self.model_config.max_position_embeddings,
-            router_blocks=False,
+            router_blocks=self.router_blocks,
+            num_blocks=self.runner.kv_cache.num_blocks,
+            block_size=self.model.block_size,
+            chunking=self.max_prefill_tokens is not None,
         )
 
     def _check_adapters(self, indices: Sequence[int]) -> None:
@@ -237,103 +290,64 @@ class ShardEngine:
             if i != 0 and not self.adapters.is_loaded(i):
                 raise NotFound(f"adapter_index {i} is not loaded (LoadAdapter it first)")
 
-    def _emits(self, request_id: int) -> bool:
-        return request_id % self.tp.world_size == self.tp.rank
+    def _chunk_budget(self) -> int:
+        if self.max_prefill_tokens is None:  # admission refuses chunk_len before Warmup
+            raise FailedPrecondition("pending prefill chunks before Warmup set max_prefill_tokens")
+        return self.max_prefill_tokens
 
     def _prefill(
-        self, batch_id: int, admitted: list[admission.Admitted]
+        self, batch_id: int, admitted: list[admission.Admitted], cached: Batch | None, *, warmup: bool
     ) -> tuple[list[GenerationOut], Batch | None]:
-        """Allocate, forward, sample the first token -> (generations, the batch of unfinished requests)."""
-        admitted = [admitted[i] for i in grouped_order([a.spec.adapter_index for a in admitted])]
-        requests: list[RequestState] = []
-        seqs: list[PrefillSeq] = []
+        """Allocate, forward new requests' first chunks (and `cached`'s pending chunks), commit.
+        -> (generations, the joined batch: cached rows, new rows, still pending; None if empty)."""
+        started: list[PendingPrefill] = []
         try:
             for a in admitted:
-                r, seq = self._allocate(a)
-                requests.append(r)
-                seqs.append(seq)
+                started.append(prefilling.start_request(self, a, warmup=warmup))
+            items = [(p, p.next_chunk) for p in started]
+            old = cached.pending if cached is not None else []
+            if old:
+                budget = self._chunk_budget() - sum(n for _, n in items)
+                items += list(zip(old, prefilling.plan_chunks(old, budget), strict=True))
             with adapter_errors():
-                out = self.runner.prefill(seqs)
-            chooser = NextTokenChooser.from_params(
-                [r.sampling for r in requests],
-                [r.prompt_ids for r in requests],
-                self.model_config.vocab_size,
-                self.device,
-            )
-            sample = chooser.choose(out.last_logits)
-            host = sample.to_host()  # the step's one device -> host sync
+                computed = prefilling.compute(self, items)
         except BaseException as e:
-            for r in requests:
-                self.blocks.free(r.seq_id)
+            for p in started:
+                self._release(p.request)
             if isinstance(e, OutOfBlocks):
                 raise ResourceExhausted(f"{e}: the batch needs fewer or shorter requests") from None
             raise
-        for r in requests:
-            self.blocks.mark_computed(r.seq_id, len(r.prompt_ids))
-            r.length = len(r.prompt_ids)
-        chooser.update(sample.next_ids)
-        batch = Batch(
-            batch_id,
-            requests,
-            chooser,
-            sample.next_ids.clone(),
-            torch.tensor([r.length for r in requests], dtype=torch.int64, device=self.device),
-            pad_block_tables([s.block_table for s in seqs], self.device),
-        )
-        return self._emit(batch, host, prefill_logits=out.all_logits)
+        generations, rows, pending = prefilling.commit(self, batch_id, computed)
+        if cached is None:
+            return generations, self._join(batch_id, [rows], _in_order(started, pending))
+        keep = _in_order(cached.pending, pending) + _in_order(started, pending)  # oldest first
+        return generations, self._join(cached.id, [cached.rows_view(), rows], keep)
 
-    def _allocate(self, a: admission.Admitted) -> tuple[RequestState, PrefillSeq]:
-        seq_id = self._next_seq_id
-        self._next_seq_id += 1
-        prompt = list(a.ids)
-        max_new = a.spec.stopping.max_new_tokens
-        reuse = not a.spec.prefill_logprobs  # a reused prefix has no logits to report
-        key = (a.spec.adapter_index, self.adapters.generation(a.spec.adapter_index))
-        alloc = self.blocks.allocate(seq_id, len(prompt), token_ids=prompt if reuse else None, cache_key=key)
-        try:
-            # Positions the generation will write: the last generated token is never fed back.
-            self.blocks.append_slots(seq_id, max_new - 1)
-        except OutOfBlocks:
-            self.blocks.free(seq_id)
-            raise
-        tracker = admission.tracker(self.tokenizer, prompt, a.spec.stopping, self.eos_ids, self.special_ids)
-        table = self.blocks.block_table(seq_id)
-        state = RequestState(
-            id=a.spec.id,
-            seq_id=seq_id,
-            adapter_index=a.spec.adapter_index,
-            prompt_ids=prompt,
-            sampling=a.spec.sampling,
-            max_new_tokens=max_new,
-            tracker=tracker,
-            prefill_logprobs=a.spec.prefill_logprobs,
-            emits=self._emits(a.spec.id),
-            table_len=len(table),
-        )
-        seq = PrefillSeq(
-            ids=prompt,
-            cached=alloc.num_cached_tokens,
-            slots=alloc.slots[: len(prompt) - alloc.num_cached_tokens],
-            block_table=table,
-            adapter_index=a.spec.adapter_index,
-            all_logits=a.spec.prefill_logprobs,
-        )
-        return state, seq
+    def _join(self, batch_id: int, parts: list[Batch | None], pending: list[PendingPrefill]) -> Batch | None:
+        """One batch of the rows of `parts` and the pending prefills (None when nothing is live)."""
+        parts = [b for b in parts if b is not None and len(b)]
+        if not parts and not pending:
+            return None
+        if not parts:
+            batch = Batch.of_pending(batch_id, pending, self.model_config.vocab_size, self.device)
+        else:
+            batch = Batch.concatenate(parts)
+            batch.id = batch_id
+            batch.pending = pending
+        return self._replan(batch)
 
-    def _emit(
-        self, batch: Batch, host: HostSample, prefill_logits
-    ) -> tuple[list[GenerationOut], Batch | None]:
-        """Stopping + detokenization on the host; finished requests leave the batch (and free blocks)."""
-        generations = emit_step(batch, host, prefill_logits, self.tokenizer, self.special_ids)
-        keep = []
-        for i, r in enumerate(batch.requests):
-            if r.tracker.finish_reason is None:
-                keep.append(i)
-            else:
-                self.blocks.free(r.seq_id)
-        if not keep:
-            return generations, None
-        return generations, batch if len(keep) == len(batch) else batch.select(keep)
+    def _replan(self, batch: Batch) -> Batch:
+        """Plan the pending prefills' next chunks (CachedBatch.current_tokens reports them)."""
+        if batch.pending:
+            plan = prefilling.plan_chunks(batch.pending, (self.max_prefill_tokens or 0) - len(batch))
+            for p, n in zip(batch.pending, plan, strict=True):
+                p.next_chunk = n
+        return batch
+
+    def _release(self, r) -> None:
+        """A request leaves: free the shard's blocks (the router's are the router's to reuse)."""
+        if r.own_blocks:
+            self.blocks.free(r.seq_id)
 
     def _get(self, batch_id: int) -> Batch:
         try:
@@ -355,13 +369,19 @@ class ShardEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         try:
-            self.runner.kv_cache = self.model.new_kv_cache(num_blocks, self.kv_dtype)
+            self.runner.kv_cache = self.kv_scales.new_cache(num_blocks)
         except torch.OutOfMemoryError:
             raise ResourceExhausted(
                 f"cannot allocate a KV cache of {num_blocks} blocks: lower --max-kv-cache-bytes or the "
                 "router's --max-batch-prefill-tokens"
             ) from None
         self.blocks = self._new_block_manager(num_blocks)
+
+
+def _in_order(order: Sequence[PendingPrefill], keep: Sequence[PendingPrefill]) -> list[PendingPrefill]:
+    """The members of `keep` in the order of `order` (by identity)."""
+    ids = {id(p) for p in keep}
+    return [p for p in order if id(p) in ids]
 
 
 @contextlib.contextmanager

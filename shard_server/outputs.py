@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from shard_server.batch import Batch, RequestState
 from shard_server.detokenize import token_texts
-from shard_server.sampling import HostSample, prompt_logprobs
+from shard_server.sampling import HostSample
 from shard_server.types import AlternativeTokensOut, GenerationOut, TokensOut
 
 
 def emit_step(
     batch: Batch,
     host: HostSample,
-    prefill_logits: Sequence[torch.Tensor | None] | None,
+    first_token: bool,
     tokenizer,
     special_ids: frozenset[int],
 ) -> list[GenerationOut]:
     """Push each request's new token through its tracker; a Generation for each request this rank owns.
 
-    `prefill_logits` (prefill only): per request, the logits of every prompt position when it asked for
-    prefill_logprobs, else None. Every tracker is advanced, owned or not, so all ranks agree on which
-    requests finished.
+    `first_token`: the rows just finished their prompt (the Prefill generation, possibly after chunks):
+    it reports `prefill_tokens_length` and, for prefill_logprobs requests, `prefill_tokens` from the
+    logprobs gathered in `RequestState.prompt_logprobs`. Every tracker is advanced, owned or not, so all
+    ranks agree on which requests finished.
     """
     seeds = batch.chooser.seeds_for_report()
     out: list[GenerationOut] = []
@@ -51,14 +51,14 @@ def emit_step(
             ),
         )
         prefill = None
-        if prefill_logits is not None and prefill_logits[i] is not None:
-            prefill = _prefill_tokens(r, prefill_logits[i], tokenizer, special_ids)
+        if first_token and r.prompt_logprobs is not None:
+            prefill = _prefill_tokens(r, tokenizer, special_ids)
         out.append(
             GenerationOut(
                 request_id=r.id,
                 next_tokens=next_tokens,
                 prefill_tokens=prefill,
-                prefill_tokens_length=len(r.prompt_ids) if prefill_logits is not None else 0,
+                prefill_tokens_length=len(r.prompt_ids) if first_token else 0,
                 generated_text=(
                     r.tracker.generated_text(seeds[i]) if step.finish_reason is not None else None
                 ),
@@ -67,14 +67,23 @@ def emit_step(
     return out
 
 
-def _prefill_tokens(r: RequestState, logits: torch.Tensor, tokenizer, special_ids) -> TokensOut:
-    """Every prompt id with the logprob the model gave it (NaN for the first) and its text."""
-    ids = torch.tensor(r.prompt_ids, device=logits.device)
-    lps = prompt_logprobs(logits, ids).cpu().tolist()
-    lps[0] = math.nan
+def _prefill_tokens(r: RequestState, tokenizer, special_ids) -> TokensOut:
+    """Every prompt id with the logprob the model gave it and its text (NaN: the first token, and
+    tokens whose logits were never computed because a router's prefix cache held them)."""
     return TokensOut(
         ids=tuple(r.prompt_ids),
-        logprobs=tuple(lps),
+        logprobs=tuple(r.prompt_logprobs),
         texts=tuple(token_texts(tokenizer, r.prompt_ids)),
         is_special=tuple(t in special_ids for t in r.prompt_ids),
     )
+
+
+def chunk_prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int], start: int) -> list[float]:
+    """Logprobs of prompt tokens start+1 .. start+n (those that exist) from the raw logits [n, V] of
+    positions start .. start+n-1: position p's logits score token p+1. One host transfer."""
+    targets = list(prompt[start + 1 : start + 1 + logits.shape[0]])
+    if not targets:
+        return []
+    idx = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+    logp = logits[: len(targets)].to(torch.float32).log_softmax(dim=-1)  # [n', V]
+    return logp.gather(1, idx[:, None])[:, 0].cpu().tolist()
