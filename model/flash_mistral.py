@@ -28,6 +28,7 @@ from model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from model.layers.fused import FusedOps
 from model.parallel import TPGroup
 
 
@@ -48,6 +49,7 @@ class StepInputs:
     prefill_cache_indices: torch.Tensor | None  # rows of this step's K/V that go to the cache
     cos: torch.Tensor | None = None  # [T, 1, D/2] rotary tables of this step's positions (MistralModel)
     sin: torch.Tensor | None = None
+    token_rows: torch.Tensor | None = None  # [T] arange: row t of cos/sin belongs to token t (fused rope)
 
 
 class MistralRMSNorm(RMSNorm):
@@ -71,6 +73,7 @@ class MistralAttention(nn.Module):
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, tp, **dd)
+        self.rotary_kv_write = None  # FusedOps.rotary_kv_write on CUDA (see use_fused_ops)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None, step: StepInputs) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
@@ -82,6 +85,26 @@ class MistralAttention(nn.Module):
         if step.adapter_data is not None:
             for target, out in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 step.adapter_data.add_lora(self.layer_idx, target, x, out)
+        if not step.is_prefill and kv is not None and self.rotary_kv_write is not None:
+            # One kernel: rope on q, k in place and the K/V write by slot (decode writes before reading).
+            q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)  # [T, H, D] views of qkv
+            self.rotary_kv_write(
+                q,
+                k,
+                v,
+                step.token_rows,
+                step.cos[:, 0],
+                step.sin[:, 0],
+                kv.k,
+                kv.v,
+                step.slots,
+                k_scale=kv.k_scale,
+                v_scale=kv.v_scale,
+            )
+            attn = self.attention.decode(
+                q, kv, step.seqlen, step.block_tables, step.max_s, scale=self.scale, window=self.window
+            )
+            return self._project_out(attn, t, step)
         q, k = RotaryEmbedding.apply(q.view(t, -1, d), k.view(t, -1, d), step.cos, step.sin)  # [T, H, D]
         v = v.view(t, -1, d)  # [T, Hkv, D]
 
@@ -97,6 +120,9 @@ class MistralAttention(nn.Module):
             attn = self.attention.decode(
                 q, kv, step.seqlen, step.block_tables, step.max_s, scale=self.scale, window=self.window
             )
+        return self._project_out(attn, t, step)
+
+    def _project_out(self, attn: torch.Tensor, t: int, step: StepInputs) -> torch.Tensor:
         attn = attn.reshape(t, -1)  # [T, Hq * D]
         out = self.o_proj(attn)  # [T, hidden]
         if step.adapter_data is not None:
@@ -170,6 +196,7 @@ class MistralModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         step.cos, step.sin = self.rotary.cos_sin(position_ids, hidden.dtype)  # once for all layers
+        step.token_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         residual = None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, None if kv_cache is None else kv_cache[i], step)
@@ -200,10 +227,19 @@ class FlashMistralForCausalLM(nn.Module):
         dd = {"dtype": dtype, "device": device}
         self.model = MistralModel(config, tp, self.attention, **dd)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, **dd)
+        self.use_fused_ops(FusedOps.for_device(device, dtype, config.head_dim))
         if weights is not None:
             from model.weights import load_weights
 
             load_weights(self, weights)
+
+    def use_fused_ops(self, ops: FusedOps) -> None:
+        """Route norms and the decode rope + KV write through `ops` (FusedOps() restores plain torch)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused = ops.add_rmsnorm
+            elif isinstance(module, MistralAttention):
+                module.rotary_kv_write = ops.rotary_kv_write
 
     @classmethod
     def from_pretrained(

@@ -14,11 +14,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
+        self.fused = None  # model.layers.fused.FusedOps.add_rmsnorm on CUDA: one kernel instead of ~7
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual): the sum is the next block's residual stream."""
+        if self.fused is not None and x.is_cuda:
+            return self.fused(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual  # in the model dtype, as transformers adds the residual
         dtype = x.dtype
