@@ -19,6 +19,7 @@ from cache.kv_cache import KVCache
 from model.attention import Seqlen
 from model.config import MistralConfig
 from model.flash_mistral import FlashMistralForCausalLM
+from model.layers.fused import FusedOps
 
 SHAPE = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -111,6 +112,16 @@ def main() -> None:
         graph = sorted(time_ms(g.replay, dev, 3, 20))[10]
         line = f"batch {b:4d}: eager {eager:7.2f} ms  graph {graph:7.2f} ms  floor {floor:6.2f} ms  " \
                f"graph/floor {floor / graph:.3f}"
+        fused = FusedOps.for_device(dev, torch.bfloat16, 128)
+        if fused.add_rmsnorm is not None:  # the same step with plain torch elementwise code, same run
+            model.use_fused_ops(FusedOps())
+            g0 = torch.cuda.CUDAGraph()
+            case.step(MAX_S)
+            with torch.cuda.graph(g0):
+                case.step(MAX_S)
+            unfused = sorted(time_ms(g0.replay, dev, 3, 20))[10]
+            model.use_fused_ops(fused)
+            line += f"  (unfused graph {unfused:7.2f} ms)"
         if args.compile:
             compiled = torch.compile(case.step, mode="max-autotune-no-cudagraphs", dynamic=False)
             try:
