@@ -76,21 +76,20 @@ def admit(r: RequestSpec, limits: Limits, *, warmup: bool, generation: bool = Tr
 
 
 def _first_chunk(r: RequestSpec, prompt_len: int, limits: Limits, where: str) -> int:
-    """chunk_len: how many prompt tokens (after cache_len) this Prefill computes; None = all of them."""
+    """chunk_len: at most this many prompt tokens (from cache_len on) are computed by this Prefill;
+    None = all of them. An upper bound, not an exact count: a router that budgets a chunk on the whole
+    prompt while its prefix cache supplies `cache_len` tokens asks for more than is left."""
     rest = prompt_len - r.cache_len
     if r.chunk_len is None:
         return rest
-    if not 1 <= r.chunk_len <= rest:
-        raise InvalidArgument(
-            f"{where}: chunk_len {r.chunk_len} must be in 1..{rest} (prompt of {prompt_len} tokens, "
-            f"cache_len {r.cache_len})"
-        )
+    if r.chunk_len < 1:
+        raise InvalidArgument(f"{where}: chunk_len must be >= 1 when set, got {r.chunk_len}")
     if r.chunk_len < rest and not limits.chunking:
         raise FailedPrecondition(
             f"{where}: chunk_len {r.chunk_len} leaves {rest - r.chunk_len} prompt tokens for later "
             "steps, which are sized by Warmup's max_prefill_tokens: call Warmup first"
         )
-    return r.chunk_len
+    return min(r.chunk_len, rest)
 
 
 def _input_ids(r: RequestSpec, limits: Limits, warmup: bool, where: str) -> list[int]:
