@@ -140,6 +140,11 @@ class FakeRouter:
         # Router-allocation mode: block 0 is the shard's (Health); the rest are ours to hand out.
         self._free_blocks: list[int] = []
 
+    @property
+    def free_router_blocks(self) -> int:
+        """Router-allocation mode: KV blocks this router has not handed out (all of them when idle)."""
+        return len(self._free_blocks)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         for c in self._channels:
