@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--context", type=int, default=544)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--split-sweep", default="", help="min tokens per attention split to try, e.g. 256,64")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
@@ -135,6 +136,17 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - report and continue
                 line += f"  compile failed: {type(e).__name__}: {str(e)[:200]}"
         print(line, flush=True)
+        for min_tokens in [int(x) for x in args.split_sweep.split(",") if x]:
+            import model.kernels.paged_attention as pa
+
+            default, pa._MIN_TOKENS_PER_SPLIT = pa._MIN_TOKENS_PER_SPLIT, min_tokens
+            gs = torch.cuda.CUDAGraph()
+            case.step(MAX_S)
+            with torch.cuda.graph(gs):
+                case.step(MAX_S)
+            t_split = sorted(time_ms(gs.replay, dev, 3, 20))[10]
+            pa._MIN_TOKENS_PER_SPLIT = default
+            print(f"    attention min tokens per split {min_tokens}: graph {t_split:7.2f} ms", flush=True)
         for name, ms, count in profile_top(lambda c=case: c.step(MAX_S)):
             print(f"    {ms:8.3f} ms  x{count:<4d} {name}")
         del case, g

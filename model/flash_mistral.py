@@ -144,6 +144,7 @@ class MistralMLP(nn.Module):
         self.layer_idx = layer_idx
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], tp, **dd)
+        self.silu_and_mul = None  # FusedOps.silu_and_mul on CUDA (see use_fused_ops)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, tp, **dd)
 
     def forward(self, x: torch.Tensor, adapter_data: AdapterHook | None) -> torch.Tensor:
@@ -152,7 +153,10 @@ class MistralMLP(nn.Module):
         if adapter_data is not None:
             adapter_data.add_lora(self.layer_idx, "gate_proj", x, gate)
             adapter_data.add_lora(self.layer_idx, "up_proj", x, up)
-        act = nn.functional.silu(gate) * up  # [T, I / world]
+        if self.silu_and_mul is not None and gate_up.is_cuda:
+            act = self.silu_and_mul(gate_up)  # [T, I / world], one kernel
+        else:
+            act = nn.functional.silu(gate) * up  # [T, I / world]
         out = self.down_proj(act)
         if adapter_data is not None:
             adapter_data.add_lora(self.layer_idx, "down_proj", act, out)
@@ -240,6 +244,8 @@ class FlashMistralForCausalLM(nn.Module):
                 module.fused = ops.add_rmsnorm
             elif isinstance(module, MistralAttention):
                 module.rotary_kv_write = ops.rotary_kv_write
+            elif isinstance(module, MistralMLP):
+                module.silu_and_mul = ops.silu_and_mul
 
     @classmethod
     def from_pretrained(
