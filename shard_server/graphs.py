@@ -48,7 +48,7 @@ class DecodeGraphs:
         self.meta = AdapterBatchMetadata.for_cuda_graph(bmax, dev)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._key: tuple[int, int] | None = None  # (adapter layout version, id of the KV cache)
+        self._key: tuple[int, int] | None = None  # (adapter layout version, KV cache version)
 
     def context_bucket(self, max_len: int) -> int:
         ctx = MIN_CONTEXT_BUCKET
@@ -62,7 +62,7 @@ class DecodeGraphs:
         b = bucket_of(n, self.buckets)
         if b is None or batch.block_tables.shape[1] > self.max_blocks or batch.max_len > self.max_context:
             return None
-        key = (self.runner.adapters.layout_version, id(self.runner.kv_cache))
+        key = (self.runner.adapters.layout_version, self.runner.kv_version)
         if key != self._key:
             self.graphs.clear()
             self._key = key

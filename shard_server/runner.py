@@ -47,12 +47,24 @@ class PrefillOutput:
 class ModelRunner:
     def __init__(self, model: FlashMistralForCausalLM, kv_cache: KVCache, adapters: AdapterStore):
         self.model = model
+        self.kv_version = 0  # bumps whenever the cache tensors are replaced (CUDA graphs hold pointers)
         self.kv_cache = kv_cache
         self.adapters = adapters
         self.device = model.device
         self.block_size = model.block_size
         self.window = model.config.sliding_window
         self.graphs = None  # shard_server.graphs.DecodeGraphs on CUDA, after warmup
+
+    @property
+    def kv_cache(self) -> KVCache | None:
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, cache: KVCache | None) -> None:
+        # Graphs captured against the old tensors must never replay against freed memory: the graphs
+        # key on this counter (not on id(), which a new cache object may reuse).
+        self._kv_cache = cache
+        self.kv_version += 1
 
     # ---- prefill -------------------------------------------------------------------------------------
 

@@ -84,3 +84,25 @@ def test_graph_and_eager_engines_generate_the_same_tokens(gpu_model):
         outputs.append(tokens)
     same = sum(a == b for a, b in zip(outputs[0].values(), outputs[1].values(), strict=True))
     assert same >= 5, outputs  # bf16 near-ties may flip one request; most must agree exactly
+
+
+def test_warmup_then_graph_decode_with_triton_kernels(tiny_model_factory):
+    """head_dim 64 takes every Triton path (paged decode, rope + KV write, norms); Warmup replaces the KV
+    cache, after which graphs captured against the old cache must never replay."""
+    model_dir = tiny_model_factory(layers=2, hidden=256, heads=4, kv_heads=2, vocab=512, init_std=0.02)
+    engine = ShardEngine(ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16"))
+    warm = BatchSpec(id=0, requests=_requests(4, [0], max_new=4))
+    assert engine.warmup(warm, max_input_length=16, max_prefill_tokens=64, max_new_tokens=4) > 0
+    engine.prefill(BatchSpec(id=1, requests=_requests(9, [0], max_new=20)))
+    batch = engine.batches[1]
+    for _ in range(8):
+        slots = engine.adapters.request_slots(batch.adapter_indices)
+        graph_logits = engine.runner.graphs.run(batch, slots).clone()
+        eager_logits = engine.runner.decode_eager(batch, slots)
+        assert torch.isfinite(graph_logits).all()
+        assert _rel(graph_logits, eager_logits) < 2e-2
+        engine.decode([1])
+        batch = engine.batches[1]
+    torch.cuda.synchronize()
+    engine.clear_cache()
+    assert engine.free_blocks() == engine.usable_blocks()
