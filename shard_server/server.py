@@ -196,9 +196,11 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
     signal.signal(signal.SIGINT, on_signal)
 
     if engine_factory is None:
-        from shard_server.engine import ShardEngine  # heavy (torch, model): imported only to serve
 
         def engine_factory() -> Any:
+            # Imported here: torch and the model load only after the socket path is known to be free.
+            from shard_server.engine import ShardEngine
+
             return ShardEngine(shard)
 
     workers = EngineWorkers()

@@ -112,7 +112,10 @@ def start_shard(
     """Start `python -m shard_server serve MODEL_DIR --uds-path ... --device cpu ARGS` (or launch)."""
     tmp_dir = None if uds_path else Path(tempfile.mkdtemp(prefix="shard-", dir="/tmp"))
     uds = uds_path or str(tmp_dir / "s")
-    log_path = Path(f"{uds}.log")
+    # One log per process, even when two processes are pointed at the same socket path.
+    fd, log_name = tempfile.mkstemp(prefix=f"{Path(uds).name}.", suffix=".log", dir=Path(uds).parent)
+    os.close(fd)
+    log_path = Path(log_name)
     cmd = [sys.executable, "-m", "shard_server", command]
     if command == "launch":
         cmd += ["--num-shard", str(num_shard)]

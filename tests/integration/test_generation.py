@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from shard_harness import running_shard
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.testing.fake_router import RequestResult, RouterLimits, RouterStats
-from shard_server.types import AdapterSpec, FinishReason, RequestSpec, SamplingParams, StoppingParams
+from shard_server.types import FinishReason, RequestSpec, SamplingParams, StoppingParams
 
 VOCAB = 512
 EOS = 2
@@ -195,22 +194,3 @@ def test_greedy_equals_transformers_and_peft(tiny_model_dir, shared_shard, mixed
         assert mixed_run.results[i].token_ids == expected, f"request {i} (adapter {req.adapter_index})"
         checked += 1
     assert checked == 40
-
-
-def test_router_block_allocation_mode_gives_the_same_tokens(tiny_model_dir, adapter_dirs, mixed_run):
-    """--block-allocator router: requests bring blocks and slots from the router; same tokens, and
-    every block the router handed out comes back when requests finish."""
-    reqs = [r for r in mixed_run.requests if r.input_ids][:16]
-    expected = [mixed_run.results[mixed_run.requests.index(r)].token_ids for r in reqs]
-    with running_shard(
-        tiny_model_dir, "--block-allocator", "router", "--max-kv-cache-bytes", str(1 << 20)
-    ) as sp:
-        with sp.router(replace(LIMITS, max_batch_size=5)) as router:
-            assert router.info_pb.requires_block_allocator
-            router.warmup()
-            for index, path in adapter_dirs.items():
-                router.load_adapter(index, AdapterSpec(adapter_ids=(str(path),), source="local"))
-            all_blocks = router.free_router_blocks
-            results = router.generate(reqs)
-            assert router.free_router_blocks == all_blocks
-    assert [r.token_ids for r in results] == expected

@@ -6,7 +6,11 @@ import math
 import os
 import re
 import signal
+import socket
+import stat
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from shard_harness import Bystander, batch, request, running_shard, start_shard
@@ -73,28 +77,32 @@ def _pids(log: str) -> list[int]:
     return [int(p) for p in m.group(1).split(",")]
 
 
-def test_launch_one_shard_serves_and_stops_cleanly(tiny_model_dir):
-    sp = start_shard(tiny_model_dir, "--max-kv-cache-bytes", str(1 << 20), command="launch", num_shard=1)
-    try:
-        with sp.router(SMALL) as router:
-            assert router.urls == [sp.url(0)]
-            router.warmup()
-            res = router.generate(
-                [
-                    RequestSpec(
-                        id=0, input_ids=(1, 2 + k, 40), stopping=StoppingParams(5, ignore_eos_token=True)
-                    )
-                    for k in range(3)
-                ]
-            )
-        assert [len(r.token_ids) for r in res] == [5, 5, 5]
-        (child,) = _pids(sp.log())
-        assert sp.stop(signal.SIGTERM) == 0
-        assert not sp.socket(0).exists()
-        with pytest.raises(ProcessLookupError):
-            os.kill(child, 0)
-    finally:
-        sp.stop(signal.SIGKILL)
+def test_launch_one_shard_replaces_a_stale_socket_serves_and_stops_cleanly(tiny_model_dir):
+    with tempfile.TemporaryDirectory(prefix="shard-", dir="/tmp") as d:
+        uds = str(Path(d) / "s")
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(f"{uds}-0")  # a socket file nobody listens on, as a killed shard leaves it
+        stale.close()
+        sp = start_shard(
+            tiny_model_dir, "--max-kv-cache-bytes", str(1 << 20), command="launch", num_shard=1, uds_path=uds
+        )
+        try:
+            assert stat.S_IMODE(os.stat(sp.socket(0)).st_mode) == 0o600  # a new socket, not the stale file
+            reqs = [
+                RequestSpec(id=0, input_ids=(1, 2 + k, 40), stopping=StoppingParams(5, ignore_eos_token=True))
+                for k in range(3)
+            ]
+            with sp.router(SMALL) as router:
+                assert router.urls == [sp.url(0)]
+                router.warmup()
+                assert [len(r.token_ids) for r in router.generate(reqs)] == [5, 5, 5]
+            (child,) = _pids(sp.log())
+            assert sp.stop(signal.SIGTERM) == 0
+            assert not sp.socket(0).exists()
+            with pytest.raises(ProcessLookupError):
+                os.kill(child, 0)
+        finally:
+            sp.stop(signal.SIGKILL)
 
 
 def test_launch_two_ranks_fan_out_then_a_dead_rank_stops_all(tiny_model_dir, shared_shard):

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import stat
-import tempfile
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from shard_harness import LIMITS, batch, request, running_shard, start_shard
+from shard_harness import LIMITS, batch, request, start_shard
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.service import adapter_to_pb
@@ -62,20 +59,13 @@ def test_socket_is_private(shared_shard):
     assert stat.S_IMODE(st.st_mode) == 0o600
 
 
-def test_stale_socket_is_removed_and_live_one_refused(tiny_model_dir):
-    with tempfile.TemporaryDirectory(prefix="shard-", dir="/tmp") as d:
-        uds = str(Path(d) / "s")
-        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        stale.bind(f"{uds}-0")  # a socket file nobody listens on, as a killed shard leaves it
-        stale.close()
-        assert Path(f"{uds}-0").exists()
-        with running_shard(tiny_model_dir, uds_path=uds) as sp:
-            sp.stub().Health(pb.HealthRequest(), timeout=10)
-            # A second shard on the same live path must refuse, not steal the socket.
-            other = start_shard(tiny_model_dir, uds_path=uds, wait=False)
-            assert other.proc.wait(120) != 0
-            assert "already serving" in other.log()
-            sp.stub().Health(pb.HealthRequest(), timeout=10)
+def test_a_live_socket_is_never_taken_over(shared_shard, tiny_model_dir):
+    # A second shard on the path of a live one must refuse (fast, before loading a model), not steal it.
+    other = start_shard(tiny_model_dir, uds_path=shared_shard.process.uds_path, wait=False)
+    assert other.proc.wait(120) != 0
+    assert "already serving" in other.log()
+    shared_shard.stub().Health(pb.HealthRequest(), timeout=10)
+    assert shared_shard.process.socket(0).exists()
 
 
 def test_warmup_with_the_routers_batch(shared_shard):
