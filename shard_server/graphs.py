@@ -65,6 +65,9 @@ class DecodeGraphs:
         key = (self.runner.adapters.layout_version, self.runner.kv_version)
         if key != self._key:
             self.graphs.clear()
+            # A fresh pool too: the old one is released with its last graph, and capturing into a
+            # released pool trips the caching allocator ("use_count > 0").
+            self.pool = torch.cuda.graph_pool_handle()
             self._key = key
         width = batch.block_tables.shape[1]
         self.input_ids[:n].copy_(batch.input_ids)

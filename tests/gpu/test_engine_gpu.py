@@ -91,6 +91,9 @@ def test_warmup_then_graph_decode_with_triton_kernels(tiny_model_factory):
     cache, after which graphs captured against the old cache must never replay."""
     model_dir = tiny_model_factory(layers=2, hidden=256, heads=4, kv_heads=2, vocab=512, init_std=0.02)
     engine = ShardEngine(ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16"))
+    engine.prefill(BatchSpec(id=7, requests=_requests(3, [0], max_new=8)))
+    engine.decode([7])  # captures a graph against the start-up cache
+    engine.clear_cache()
     warm = BatchSpec(id=0, requests=_requests(4, [0], max_new=4))
     assert engine.warmup(warm, max_input_length=16, max_prefill_tokens=64, max_new_tokens=4) > 0
     engine.prefill(BatchSpec(id=1, requests=_requests(9, [0], max_new=20)))
