@@ -140,3 +140,17 @@ def _fail_on_rank_1(tp):
     if tp.rank == 1:
         raise RuntimeError("boom on rank 1")
     return tp.rank
+
+
+def test_run_ranks_kills_a_hung_rank(tmp_path):
+    """A rank stuck (here: sleeping; in real life: in a collective whose peer died) is killed in time."""
+    t0 = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"ranks \[1\] of 2 did not finish within 3 s"):
+        run_ranks(_hang_on_rank_1, 2, tmp_path, timeout=3)
+    assert time.monotonic() - t0 < 15
+
+
+def _hang_on_rank_1(tp):
+    if tp.rank == 1:
+        time.sleep(120)
+    return tp.rank
