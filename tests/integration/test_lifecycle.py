@@ -43,11 +43,11 @@ def test_sigterm_mid_decode_completes_the_rpc_and_exits_0(slower_model_dir):
             router.warmup()
         stub = sp.stub()
         by = Bystander(stub, 1, {1: (1, 5, 6, 7), 2: (1, 9, 10)}, max_new_tokens=16)
-        # Calibrate so that the model thread is busy for ~3 s when the signal arrives.
+        # Calibrate so that the model thread is busy for ~2 s when the signal arrives.
         t0 = time.monotonic()
         stub.Prefill(_prefill_batch(2, 4), timeout=120)
         per_request = (time.monotonic() - t0) / 4
-        n = max(4, min(120, math.ceil(3.0 / per_request)))
+        n = max(4, min(120, math.ceil(2.0 / per_request)))
         finished_at: dict[str, float] = {}
 
         def mark(name):
