@@ -25,6 +25,19 @@ class Decoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+def fast_decoder(tokenizer: Decoder) -> Decoder:
+    """The Rust `tokenizers.Tokenizer` behind a transformers fast tokenizer when decoding through it
+    gives the same text (no clean-up of tokenization spaces), else the tokenizer itself.
+
+    Why: every generated token costs two decodes per request; transformers' wrapper adds ~11 us of
+    Python to each (16 us vs 5 us on this project's tiny tokenizer), ~1.4 ms per step at batch 64.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return tokenizer
+    return backend
+
+
 def special_token_ids(tokenizer: object) -> frozenset[int]:
     """Ids of the tokenizer's special tokens (BOS, EOS, UNK, added specials) for `is_special`."""
     ids = getattr(tokenizer, "all_special_ids", None)
@@ -43,7 +56,7 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int] = (), context_tokens: int = 5):
-        self._tok = tokenizer
+        self._tok = fast_decoder(tokenizer)
         # Only the tail of the prompt is needed as decoding context.
         self._ids: list[int] = (
             [int(i) for i in prompt_ids[len(prompt_ids) - context_tokens :]]

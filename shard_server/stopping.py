@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from shard_server.detokenize import Decoder, IncrementalDetokenizer, special_token_ids
+from shard_server.detokenize import Decoder, IncrementalDetokenizer, fast_decoder, special_token_ids
 from shard_server.types import FinishReason, GeneratedTextOut, StoppingParams
 
 
@@ -82,7 +82,7 @@ class GenerationTracker:
         eos_token_ids: Iterable[int],
         special_ids: frozenset[int] | None = None,
     ):
-        self._tok = tokenizer
+        self._tok = fast_decoder(tokenizer)
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.criteria = StoppingCriteria(stopping, eos_token_ids)
         self.special_ids = special_token_ids(tokenizer) if special_ids is None else special_ids
