@@ -40,10 +40,10 @@ def build_model(device: torch.device) -> FlashMistralForCausalLM:
 class DecodeCase:
     """Static decode inputs for `batch` sequences at `context` tokens each, in a fresh KV cache."""
 
-    def __init__(self, model: FlashMistralForCausalLM, batch: int, context: int):
+    def __init__(self, model: FlashMistralForCausalLM, batch: int, context: int, kv_dtype=None):
         dev, bs = model.device, model.block_size
         blocks_per_seq = -(-(context + 1) // bs)
-        self.kv = model.new_kv_cache(batch * blocks_per_seq + 1)
+        self.kv = model.new_kv_cache(batch * blocks_per_seq + 1, kv_dtype)
         self.model, self.batch, self.context = model, batch, context
         first_free = torch.arange(batch * blocks_per_seq, device=dev, dtype=torch.int32) + 1  # skip block 0
         self.tables = first_free.view(batch, -1)
