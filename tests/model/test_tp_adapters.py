@@ -2,9 +2,10 @@
 
 One paged batch mixes the base model and two PEFT adapters whose ranks (3 and 5) divide neither world
 size, targeting every column-parallel projection (q/k/v, gate/up), both row-parallel ones (o_proj,
-down_proj) and lm_head; ragged prefill (every position's logits) then decode steps, one with a CUDA-graph
-padding row. Shapes: query and KV heads split evenly, KV heads replicated (fewer than ranks) under a
-sliding window, a single KV head, and a vocabulary that is not a multiple of the world size.
+down_proj) and lm_head; ragged prefill (every position's logits, and last tokens only through
+lm_head_indices as the engine asks) then decode steps, one with a CUDA-graph padding row. Shapes: query
+and KV heads split evenly, KV heads replicated (fewer than ranks) under a sliding window, a single KV
+head, and a vocabulary that is not a multiple of the world size.
 World size 1 (the truth here) is itself checked against PEFT in test_lora_vs_peft.py.
 
 The row-parallel derivation (docs/tensor_parallel.md) is tested by running alternative placements of
@@ -47,6 +48,10 @@ SHAPES = {  # name -> tiny_model_factory kwargs
 CASES = [("split", 2), ("split", 4), ("replicated-window", 4), ("mqa", 2)]
 
 
+def last_rows() -> torch.Tensor:
+    return torch.tensor([len(p) for p in PROMPTS]).cumsum(0) - 1
+
+
 def _spec(d) -> AdapterSpec:
     return AdapterSpec(adapter_ids=(str(d),), source="local")
 
@@ -73,7 +78,11 @@ def _with_and_without_adapters(tp: TPGroup, model_dir: str, adapter_dirs: dict[i
     store = AdapterStore(model.config, tp=tp)
     for i, d in adapter_dirs.items():
         store.load(i, _spec(d))
-    return {"base": _run(model, None), "lora": _run(model, store)}
+    # The engine's prefill: logits of each sequence's last token only (lm_head LoRA on selected rows).
+    runner = PagedRunner(model, model.new_kv_cache(48), seed=5)
+    data = store.batch_data(REQUEST_ADAPTERS, [len(p) for p in PROMPTS], True, lm_head_indices=last_rows())
+    last_logits, _ = runner.prefill(PROMPTS, last_only=True, adapter_data=data)
+    return {"base": _run(model, None), "lora": _run(model, store), "lora-last": (last_logits, [])}
 
 
 def _assert_close(got, want, what: str, atol: float = ATOL) -> float:
@@ -119,8 +128,10 @@ def test_tp_logits_equal_world_size_1_with_and_without_adapters(dirs, world1, sh
     per_rank = run_ranks(_with_and_without_adapters, world, tmp_path, model_dir, adapter_dirs)
     # The adapters really move the logits, so equality below is not the base model agreeing with itself.
     assert (truth["lora"][0] - truth["base"][0]).abs().max() > 1e-1
+    # lm_head_indices picks rows of the full prefill: the same numbers, from a different code path.
+    assert (truth["lora-last"][0] - truth["lora"][0][last_rows()]).abs().max() <= ATOL
     for r, got in enumerate(per_rank):
-        for key in ("base", "lora"):
+        for key in ("base", "lora", "lora-last"):
             worst = _assert_close(got[key], truth[key], f"{shape}, world {world}, rank {r}, {key}")
             print(f"{shape} world {world} rank {r} {key}: max |logits - world 1| = {worst:.3g}")
     # Identical batch state on every rank: greedy/seeded sampling then picks the same tokens everywhere.
