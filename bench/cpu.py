@@ -195,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
+    # Before torch loads in this process (the direct side), as the environment sets it for the shard:
+    # OpenMP reads it once, and torch.set_num_threads alone leaves other threads' OpenMP teams as they are.
+    if "torch" in sys.modules:
+        print("warning: torch was imported before --torch-threads could apply", file=sys.stderr)
+    os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
     work = Workload(args.requests, args.prompt_tokens, args.new_tokens)
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else None
