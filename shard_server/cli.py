@@ -83,6 +83,12 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
         help="shard: the shard allocates KV blocks; router: requests bring blocks and slots",
     )
     p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode replays CUDA graphs per batch bucket (CUDA only)",
+    )
     p.add_argument("--log-format", choices=LOG_FORMATS, default="text")
     p.add_argument(
         "--log-level",
@@ -148,6 +154,7 @@ def shard_config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Sha
         preloaded_adapter_ids=tuple(args.preloaded_adapter_ids),
         block_allocator=args.block_allocator,
         max_batch_size=args.max_batch_size,
+        cuda_graphs=args.cuda_graphs,
         rank=int(env.get("RANK", "0")),
         world_size=int(env.get("WORLD_SIZE", "1")),
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
@@ -184,6 +191,8 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if not args.cuda_graphs:
+        argv.append("--no-cuda-graphs")
     if args.preloaded_adapter_ids:
         argv += ["--preloaded-adapter-ids", *args.preloaded_adapter_ids]
     return argv

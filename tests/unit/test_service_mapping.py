@@ -292,3 +292,46 @@ def test_engine_runs_on_one_thread_and_slow_calls_stall_nothing(served):
     assert download.result().memory_fraction == 0.25
     stub.Health(pb.HealthRequest(), timeout=10)
     assert len(engine.threads) == 1 and next(iter(engine.threads)).startswith("shard-model")
+
+
+# ---------------------------------------------------------------- command line -> ShardConfig
+
+
+def test_serve_options_map_to_shard_config_and_survive_launch(tmp_path):
+    from shard_server.cli import build_parser, serve_argv, shard_config_from_args
+
+    (tmp_path / "config.json").write_text('{"dtype": "bfloat16"}')
+    parser = build_parser()
+    launch = parser.parse_args(
+        [
+            "launch",
+            "--num-shard",
+            "2",
+            str(tmp_path),
+            "--uds-path",
+            "/tmp/x",
+            "--device",
+            "cuda",
+            "--no-cuda-graphs",
+            "--max-kv-cache-bytes",
+            "4096",
+            "--preloaded-adapter-ids",
+            "a",
+            "b",
+            "--block-allocator",
+            "router",
+            "--log-format",
+            "json",
+        ]
+    )
+    child = parser.parse_args(serve_argv(launch))  # what each rank's `serve` receives
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+    cfg = shard_config_from_args(child, env)
+    assert cfg.dtype == "bfloat16"  # the checkpoint's dtype on cuda
+    assert (cfg.rank, cfg.world_size, cfg.master_port) == (1, 2, 29555)
+    assert (cfg.cuda_graphs, cfg.max_kv_cache_bytes, cfg.block_allocator) == (False, 4096, "router")
+    assert cfg.preloaded_adapter_ids == ("a", "b") and child.log_format == "json"
+    cpu = shard_config_from_args(
+        parser.parse_args(["serve", str(tmp_path), "--uds-path", "/x", "--device", "cpu"]), {}
+    )
+    assert (cpu.dtype, cpu.rank, cpu.world_size, cpu.cuda_graphs) == ("float32", 0, 1, True)
