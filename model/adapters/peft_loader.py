@@ -10,6 +10,11 @@ Output: a `LoraAdapter` on the host, float32, whose B is already multiplied by t
 (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA; per-module `rank_pattern`/`alpha_pattern`
 honoured), so that at serving time every kernel computes `y += (x @ A.T) @ B.T` with no scale argument.
 
+The adapter store's fast path, `read_peft_adapter`, does the same validation but returns `PeftTensors`:
+A and B as views of one read-only mapping of the file (its dtype, no copy) plus each module's scale, so
+that the store can slice, cast and scale them straight into its own host buffer in a single pass
+(a 7B rank-16 adapter is 448 tensors / 84 MB: every extra full pass or allocation costs milliseconds).
+
 Refused (AdapterInvalid, the message names the problem): a pickle-only `adapter_model.bin` (never opened,
 let alone unpickled), missing files, a non-LoRA peft_type, DoRA, `modules_to_save`, LoRA biases, unknown
 target modules, layers beyond the base model, shapes that do not fit the base model, ranks outside 1..256.
@@ -137,10 +142,88 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     return cfg
 
 
-def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+@dataclass(frozen=True)
+class LoraModule:
+    """One module of a PEFT file as stored: delta = scale * B @ A (scale not yet folded in)."""
 
+    a: torch.Tensor  # [r, in], the file's dtype; a view of the file mapping (read-only use)
+    b: torch.Tensor  # [out, r], ditto, unscaled
+    scale: float
+
+
+@dataclass
+class PeftTensors:
+    """A validated PEFT adapter before any conversion; modules[(layer_idx, target)] as in LoraAdapter."""
+
+    name: str
+    modules: dict[tuple[int, str], LoraModule] = field(default_factory=dict)
+
+    def to_lora_adapter(self) -> LoraAdapter:
+        """float32 copies with the scaling folded into B (owned memory: the file may change later)."""
+        adapter = LoraAdapter(name=self.name)
+        for key, m in self.modules.items():
+            adapter.weights[key] = (m.a.to(torch.float32, copy=True), (m.b.float() * m.scale).contiguous())
+        return adapter
+
+
+# safetensors dtype names of the floating types a LoRA weight can have.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
+
+
+def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """name -> zero-copy view of a private read-only mapping of `path` (a safetensors file).
+
+    Format: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:
+    [begin, end]}, "__metadata__": {...}}, then the data; offsets are relative to the data start. One
+    mapping instead of one allocated tensor per name (what safetensors' load_file returns): pages come
+    straight from the page cache and only bytes the caller reads are touched. Only floating dtypes are
+    mapped; a tensor of any other dtype is absent (the caller reports it as missing or unsupported).
+    """
+    with path.open("rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_HEADER, size - 8):
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    start, data_len = 8 + n, size - 8 - n
+    raw = torch.empty(0, dtype=torch.uint8)
+    if size:
+        raw = raw.set_(torch.UntypedStorage.from_file(str(path), False, size))  # MAP_PRIVATE: never writes
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = (
+                info["dtype"],
+                [int(d) for d in info["shape"]],
+                info["data_offsets"],
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed header entry for {name!r}: {info!r}") from e
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+            raise ValueError(f"{name!r}: data offsets {[begin, end]} outside the {data_len}-byte data")
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            continue
+        numel = math.prod(shape)
+        if min(shape, default=0) < 0 or numel * dtype.itemsize != end - begin:
+            raise ValueError(f"{name!r}: {end - begin} bytes do not hold {dtype_name} {shape}")
+        chunk = raw[start + begin : start + end]
+        if (start + begin) % dtype.itemsize:  # the format does not promise alignment: copy that one
+            chunk = chunk.clone()
+        out[name] = chunk.view(dtype).view(shape)
+    return out
+
+
+def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     path = adapter_dir / WEIGHTS_FILE
     if not path.is_file():
         if (adapter_dir / PICKLE_FILE).exists():
@@ -151,8 +234,8 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
             )
         raise AdapterInvalid(f"{adapter_dir}: missing {WEIGHTS_FILE}")
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
+        return _map_safetensors(path)
+    except (OSError, ValueError, RuntimeError) as e:
         raise AdapterInvalid(f"{path}: unreadable safetensors file: {e}") from e
 
 
@@ -187,14 +270,24 @@ def _parse_key(key: str, num_layers: int, where: Path) -> tuple[int, str, str] |
 
 def load_peft_adapter(adapter_dir: str | Path, config, name: str | None = None) -> LoraAdapter:
     """Read, validate and scale one PEFT LoRA adapter. `config`: the base model's MistralConfig."""
+    return read_peft_adapter(adapter_dir, config, name).to_lora_adapter()
+
+
+def read_peft_adapter(adapter_dir: str | Path, config, name: str | None = None) -> PeftTensors:
+    """Read and validate one PEFT LoRA adapter; tensors stay views of the file, scales stay separate."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterNotFound(f"adapter directory {adapter_dir} does not exist")
     cfg = read_adapter_config(adapter_dir)
     tensors = _read_tensors(adapter_dir)
-    shapes = TargetShapes.from_config(config)
-    where = adapter_dir / WEIGHTS_FILE
+    return validate_lora_tensors(tensors, cfg, config, adapter_dir / WEIGHTS_FILE, name or str(adapter_dir))
 
+
+def validate_lora_tensors(
+    tensors: dict[str, torch.Tensor], cfg: dict, config, where: Path, name: str
+) -> PeftTensors:
+    """Check every tensor name and shape against the base model and the config; -> modules + scales."""
+    shapes = TargetShapes.from_config(config)
     parts: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         parsed = _parse_key(key, shapes.num_layers, where)
@@ -204,7 +297,7 @@ def load_peft_adapter(adapter_dir: str | Path, config, name: str | None = None) 
 
     alpha, r_default = cfg.get("lora_alpha", cfg["r"]), cfg["r"]
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    adapter = LoraAdapter(name=name or str(adapter_dir))
+    out = PeftTensors(name=name)
     for (layer, target), ab in sorted(parts.items()):
         if set(ab) != {"lora_A", "lora_B"}:
             raise AdapterInvalid(
@@ -212,7 +305,7 @@ def load_peft_adapter(adapter_dir: str | Path, config, name: str | None = None) 
             )
         (ka, a), (kb, b) = ab["lora_A"], ab["lora_B"]
         fan_in, fan_out = shapes.shapes[target]
-        r = a.shape[0]
+        r = a.shape[0] if a.dim() else 0
         if a.dim() != 2 or b.dim() != 2 or not 1 <= r <= MAX_RANK:
             raise AdapterInvalid(f"{where}: {ka!r} has shape {tuple(a.shape)}; rank must be in 1..{MAX_RANK}")
         if tuple(a.shape) != (r, fan_in):
@@ -229,7 +322,7 @@ def load_peft_adapter(adapter_dir: str | Path, config, name: str | None = None) 
             raise AdapterInvalid(f"{where}: {ka!r} has rank {r} but adapter_config.json says r={r_cfg}")
         a_mod = _pattern_value(alpha_pattern, module, alpha)
         scale = a_mod / math.sqrt(r) if cfg.get("use_rslora") else a_mod / r
-        adapter.weights[(layer, target)] = (a.float().contiguous(), (b.float() * scale).contiguous())
-    if not adapter.weights:
+        out.modules[(layer, target)] = LoraModule(a, b, scale)
+    if not out.modules:
         raise AdapterInvalid(f"{where}: no LoRA weights found")
-    return adapter
+    return out
