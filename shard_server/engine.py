@@ -272,7 +272,8 @@ class ShardEngine:
                 self._release(r)
         if not keep:
             return generations, None
-        return generations, batch.select(keep, [])
+        # Nobody finished (most steps): the same tensors, no gather.
+        return generations, batch.rows_view() if len(keep) == len(batch) else batch.select(keep, [])
 
     def _limits(self) -> admission.Limits:
         return admission.Limits(

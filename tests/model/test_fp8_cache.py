@@ -45,21 +45,19 @@ def warmed(model_dir, kv: str) -> tuple[ShardEngine, int]:
 
 def greedy(engine: ShardEngine, prompts: list[list[int]], max_new: int) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
-    for start in range(0, len(prompts), 16):
-        reqs = tuple(
-            RequestSpec(
-                id=i, input_ids=tuple(prompts[i]),
-                stopping=StoppingParams(max_new_tokens=max_new, ignore_eos_token=True),
-            )
-            for i in range(start, min(start + 16, len(prompts)))
+    reqs = tuple(
+        RequestSpec(
+            id=i, input_ids=tuple(p), stopping=StoppingParams(max_new_tokens=max_new, ignore_eos_token=True)
         )
-        result = engine.prefill(BatchSpec(id=1, requests=reqs))
-        while True:
-            for g in result.generations:
-                out.setdefault(g.request_id, []).extend(g.next_tokens.ids)
-            if result.batch is None:
-                break
-            result = engine.decode([1])
+        for i, p in enumerate(prompts)
+    )
+    result = engine.prefill(BatchSpec(id=1, requests=reqs))
+    while True:
+        for g in result.generations:
+            out.setdefault(g.request_id, []).extend(g.next_tokens.ids)
+        if result.batch is None:
+            break
+        result = engine.decode([1])
     return out
 
 

@@ -14,15 +14,18 @@ from shard_server.types import BatchSpec, RequestSpec, StoppingParams
 
 
 @torch.no_grad()
-def hf_greedy(model_dir, prompt: list[int], n: int) -> list[int]:
-    """transformers' greedy continuation, one full forward per token (no cache to get wrong)."""
+def hf_greedy(model_dir, prompts: list[list[int]], total: int) -> list[list[int]]:
+    """transformers' greedy continuations to `total` tokens, one full forward per token (no cache to
+    get wrong; the prompts are equally long after the shorter one's first steps, so no padding)."""
     from transformers import MistralForCausalLM
 
     hf = MistralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
+    seqs = [list(p) for p in prompts]
+    while any(len(s) < total for s in seqs):
+        for s in seqs:
+            if len(s) < total:
+                s.append(int(hf(torch.tensor([s])).logits[0, -1].argmax()))
+    return [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)]
 
 
 # W=8: the ring (2 blocks of 16) is longer than the window; W=24: not a multiple of the block size.
@@ -59,6 +62,7 @@ def test_ring_bounds_blocks_for_5x_window_and_tokens_equal_transformers(tiny_mod
             tokens[g.request_id].extend(g.next_tokens.ids)
         steps += 1
     assert engine.free_blocks() == usable
+    expected = hf_greedy(model_dir, prompts, total)
     for i, p in enumerate(prompts):
         assert len(p) + len(tokens[i]) == total
-        assert tokens[i] == hf_greedy(model_dir, p, total - len(p))
+        assert tokens[i] == expected[i]
