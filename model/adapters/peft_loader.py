@@ -178,7 +178,7 @@ def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     [begin, end]}, "__metadata__": {...}}, then the data; offsets are relative to the data start. One
     mapping instead of one allocated tensor per name (what safetensors' load_file returns): pages come
     straight from the page cache and only bytes the caller reads are touched. Only floating dtypes are
-    mapped; a tensor of any other dtype is absent (the caller reports it as missing or unsupported).
+    mapped: a LoRA weight of another dtype is an error, any other such tensor is left out.
     """
     with path.open("rb") as f:
         size = f.seek(0, 2)
@@ -212,7 +212,11 @@ def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name!r}: data offsets {[begin, end]} outside the {data_len}-byte data")
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
-            continue
+            if name.endswith((".lora_A.weight", ".lora_B.weight")):
+                raise ValueError(
+                    f"{name!r} has dtype {dtype_name}; LoRA weights must be one of {list(_DTYPES)}"
+                )
+            continue  # e.g. a saved base layer in another dtype: never used
         numel = math.prod(shape)
         if min(shape, default=0) < 0 or numel * dtype.itemsize != end - begin:
             raise ValueError(f"{name!r}: {end - begin} bytes do not hold {dtype_name} {shape}")

@@ -116,6 +116,18 @@ def test_reused_slot_is_cleared_and_tight_budget_reuploads_from_host(tmp_path):
     assert all(store.is_loaded(i) for i in (2, 3, 4))
 
 
+def test_integer_lora_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = adapter(tmp_path / "a", rank=2)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key].to(torch.int8)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterInvalid, match=r"unreadable safetensors file: .*lora_A.weight' has dtype I8"):
+        read_peft_adapter(path, CONFIG)
+
+
 HEADER = b'{"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'  # 16 bytes promised, 0 given
 
 
