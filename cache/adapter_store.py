@@ -39,6 +39,7 @@ re-uploading every resident adapter from the host.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -115,6 +116,7 @@ class AdapterStore:
         self._entries: dict[int, _Entry] = {}
         self._host_cache: OrderedDict[object, HostWeights] = OrderedDict()  # downloaded, by spec
         self._host_cache_entries = host_cache_entries
+        self._host_lock = threading.Lock()  # registry + host cache: DownloadAdapter runs on another thread
         self._next_generation = 1
         self._cap = 0  # slots allocated in every stack
         self._stacks: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -142,12 +144,14 @@ class AdapterStore:
                 f"loading {list(spec.adapter_ids)}"
             )
         host = self._host_weights(spec)
-        self._entries[index] = _Entry(spec, host, self._next_generation)
+        with self._host_lock:
+            self._entries[index] = _Entry(spec, host, self._next_generation)
         self._next_generation += 1
         try:
             self._ensure_resident([index])
         except AdapterBudgetExceeded:
-            del self._entries[index]
+            with self._host_lock:
+                del self._entries[index]
             raise
         if self.device.type == "cuda":
             # The copies are queued on the stream; LoadAdapter answers once they landed, so a failure
@@ -156,8 +160,9 @@ class AdapterStore:
 
     def offload(self, index: int) -> bool:
         """Forget `index` (requests for it are then NOT_FOUND) and zero its device slot."""
-        if self._entries.pop(index, None) is None:
-            return False
+        with self._host_lock:
+            if self._entries.pop(index, None) is None:
+                return False
         slot = self._slot_of.pop(index, None)
         if slot is not None:
             self._zero_slot(slot)
@@ -217,13 +222,17 @@ class AdapterStore:
 
     # ---- host side ------------------------------------------------------------------------------------
     def _host_weights(self, spec) -> HostAdapter:
+        """Host copy of `spec`'s adapter. Safe beside the model thread: DownloadAdapter calls this from
+        the server's I/O thread, so the shared registry and host cache are touched only under
+        `_host_lock`, and the slow part (reading, validating, packing) runs outside it."""
         key = _spec_key(spec)
-        for entry in self._entries.values():
-            if _spec_key(entry.spec) == key:
-                return entry.host
-        if key in self._host_cache:
-            self._host_cache.move_to_end(key)
-            return self._host_cache[key]
+        with self._host_lock:
+            for entry in list(self._entries.values()):
+                if _spec_key(entry.spec) == key:
+                    return entry.host
+            if key in self._host_cache:
+                self._host_cache.move_to_end(key)
+                return self._host_cache[key]
         if not spec.adapter_ids:
             raise AdapterInvalid("adapter parameters name no adapter id")
         if len(spec.adapter_ids) > 1:
@@ -240,9 +249,10 @@ class AdapterStore:
         else:
             modules = files[0].modules
         weights = self._to_host_layout(modules)
-        self._host_cache[key] = weights
-        while len(self._host_cache) > self._host_cache_entries:
-            self._host_cache.popitem(last=False)
+        with self._host_lock:
+            self._host_cache[key] = weights
+            while len(self._host_cache) > self._host_cache_entries:
+                self._host_cache.popitem(last=False)
         return weights
 
     def _to_host_layout(self, modules: dict[Key, LoraModule]) -> HostAdapter:
