@@ -1,7 +1,7 @@
 """CUDA graphs for decode, LoRA included.
 
 A decode step of a 7B model launches hundreds of small kernels; at small batch the launch gaps, not
-the memory reads, would set the step time. So each (batch bucket, context bucket) gets one graph,
+the memory reads, would set the step time. So each (batch bucket, context bucket, any LoRA) gets a graph,
 captured lazily the first time it is needed and replayed afterwards:
 
     static inputs [bucket]: input_ids, positions, block_tables [bucket, max_blocks], adapter token_slots
@@ -47,7 +47,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(bmax, self.max_blocks, dtype=torch.int32, device=dev)
         self.meta = AdapterBatchMetadata.for_cuda_graph(bmax, dev)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._key: tuple[int, int] | None = None  # (adapter layout version, KV cache version)
 
     def context_bucket(self, max_len: int) -> int:
@@ -80,15 +80,18 @@ class DecodeGraphs:
             self.block_tables[n:b].zero_()
             self.meta.token_slots[n:b].fill_(-1)
         ctx = self.context_bucket(batch.max_len)
-        entry = self.graphs.get((b, ctx))
+        # A batch with no adapter token replays a graph without LoRA kernels: base-model traffic does
+        # not pay for adapters that happen to be resident.
+        lora = any(s >= 0 for s in request_slots)
+        entry = self.graphs.get((b, ctx, lora))
         if entry is None:
-            entry = self._capture(b, ctx)
-            self.graphs[(b, ctx)] = entry
+            entry = self._capture(b, ctx, lora)
+            self.graphs[(b, ctx, lora)] = entry
         graph, logits = entry
         graph.replay()
         return logits[:n]
 
-    def _forward(self, b: int, ctx: int) -> torch.Tensor:
+    def _forward(self, b: int, ctx: int, lora: bool) -> torch.Tensor:
         r = self.runner
         positions = self.positions[:b]
         tables = self.block_tables[:b]
@@ -101,7 +104,7 @@ class DecodeGraphs:
         )
         meta = AdapterBatchMetadata(
             self.meta.token_slots[:b], self.meta.segment_starts, self.meta.segment_ends,
-            self.meta.segment_slots, (), has_lora=True,
+            self.meta.segment_slots, (), has_lora=lora,
         )
         logits, _ = r.model(
             input_ids=self.input_ids[:b], position_ids=positions, cu_seqlen_prefill=None,
@@ -110,14 +113,14 @@ class DecodeGraphs:
         )
         return logits
 
-    def _capture(self, b: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, b: int, ctx: int, lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):  # warm up allocators and autotuners outside the capture
-            self._forward(b, ctx)
+            self._forward(b, ctx, lora)
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(b, ctx)
-        log.info("captured decode graph: batch bucket %d, context bucket %d", b, ctx)
+            logits = self._forward(b, ctx, lora)
+        log.info("captured decode graph: batch bucket %d, context bucket %d, LoRA %s", b, ctx, lora)
         return graph, logits
