@@ -19,20 +19,14 @@ missing), AdapterConflict (FAILED_PRECONDITION: load on an index holding another
 
 Index 0 is the base model unless an adapter was loaded (or preloaded) there; any other index must be loaded.
 
-Device layout (CUDA-graph friendly, issue 6): per (layer_idx, target) one stack A [cap, R, in_local],
-B [cap, out_local, R] (B scaled, TP-sliced), R = the bucket (power of two >= 8) of the largest resident
-rank for that module, zero padding elsewhere; an adapter not targeting a module leaves its slot zero.
-All stacks of one layout are contiguous views of one device buffer (one allocation, one memset).
-A batch only changes the per-token slot index. `device_bytes()` is what these stacks allocate and never
-exceeds the budget: when new adapters do not fit, least recently used residents move out (their host
-copy stays), and the stacks are re-laid out only when capacity or a rank bucket must change
-(`layout_version` then increments: recapture CUDA graphs, rebuild AdapterBatchData).
+Device layout and LRU residency (stacks, slots, budget, `layout_version`): `cache.adapter_layout`, the
+base class of AdapterStore.
 
 Load path cost (7B rank 16, bf16: 448 tensors, 84 MB): the file is mapped, not read into per-tensor
 tensors; `_to_host_layout` copies it once into one host buffer per adapter (TP-sliced, cast, B scaled;
 no float32 round trip, no page-locking: pinning 84 MB costs more than the pageable copy it would speed
-up); `_place` uploads that buffer with one H2D copy and scatters it into the slots with a few
-multi-tensor launches; growing the capacity copies the resident slots device-to-device instead of
+up); `AdapterLayout._place` uploads that buffer with one H2D copy and scatters it into the slots with a
+few multi-tensor launches; growing the capacity copies the resident slots device-to-device instead of
 re-uploading every resident adapter from the host.
 """
 
@@ -45,6 +39,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cache.adapter_layout import AdapterLayout, HostAdapter, HostWeights, Key, rank_bucket
 from cache.adapter_sources import AdapterSources
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
 from model.adapters.errors import AdapterBudgetExceeded, AdapterConflict, AdapterInvalid, AdapterNotFound
@@ -52,14 +47,7 @@ from model.adapters.merge import check_strategy, merge_adapters
 from model.adapters.peft_loader import LoraAdapter, LoraModule, read_peft_adapter
 from model.adapters.sharding import shard_lora
 
-MIN_RANK_BUCKET = 8
-Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
-HostWeights = dict[Key, tuple[torch.Tensor, torch.Tensor]]  # A [r, in_local], B [out_local, r], store dtype
-
-
-def rank_bucket(r: int) -> int:
-    """Padded rank of a stack: powers of two from 8, so few distinct shapes (and CUDA graphs) exist."""
-    return max(MIN_RANK_BUCKET, 1 << (r - 1).bit_length())
+__all__ = ["AdapterStore", "rank_bucket"]  # rank_bucket: imported from here by tests and bench/adapter_load
 
 
 def _spec_key(spec) -> object:
@@ -75,52 +63,26 @@ def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
 
 
 @dataclasses.dataclass
-class HostAdapter:
-    """One adapter's host copy: every A, then every B (TP-local, store dtype, B scaled) in one buffer."""
-
-    flat: torch.Tensor  # [numel]; the views below share its storage
-    weights: HostWeights  # per module (A, B), views of `flat`
-    offsets: dict[Key, tuple[int, int]]  # element offsets of A and B in `flat`
-
-    def views_of(self, flat: torch.Tensor) -> list[tuple[Key, torch.Tensor, torch.Tensor]]:
-        """(key, A, B) as views of `flat`, a copy of `self.flat` (e.g. on the device), in key order."""
-        out = []
-        for key, (a, b) in self.weights.items():
-            oa, ob = self.offsets[key]
-            out.append(
-                (key, flat[oa : oa + a.numel()].view(a.shape), flat[ob : ob + b.numel()].view(b.shape))
-            )
-        return out
-
-
-@dataclasses.dataclass
 class _Entry:
     spec: object  # AdapterSpec
     host: HostAdapter
     generation: int
 
 
-class AdapterStore:
+class AdapterStore(AdapterLayout):
     def __init__(self, config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  budget_bytes: int | None = None, tp=None, max_slots: int = 64,
                  sources: AdapterSources | None = None, preloaded: Sequence[tuple[int, object]] = (),
                  host_cache_entries: int = 8):  # fmt: skip
+        super().__init__(device, dtype, budget_bytes, max_slots)
         self.config = config
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.budget_bytes = budget_bytes
         self.tp = tp
-        self.max_slots = max_slots
         self.sources = sources or AdapterSources()
-        self.layout_version = 0
         self._entries: dict[int, _Entry] = {}
-        self._host_cache: OrderedDict[object, HostWeights] = OrderedDict()  # downloaded, by spec
+        self._host_cache: OrderedDict[object, HostAdapter] = OrderedDict()  # downloaded, by spec
         self._host_cache_entries = host_cache_entries
         self._host_lock = threading.Lock()  # registry + host cache: DownloadAdapter runs on another thread
         self._next_generation = 1
-        self._cap = 0  # slots allocated in every stack
-        self._stacks: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident index -> slot, LRU first
         self._preloaded = tuple(preloaded)
         for index, spec in self._preloaded:
             self.load(index, spec)
@@ -184,12 +146,6 @@ class AdapterStore:
 
     def preloaded_adapters(self) -> tuple[tuple[int, object], ...]:
         return self._preloaded
-
-    def resident_indices(self) -> list[int]:
-        return list(self._slot_of)
-
-    def device_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self._stacks.values())
 
     # ---- batches --------------------------------------------------------------------------------------
     def batch_data(self, adapter_indices: Sequence[int], tokens: Sequence[int], is_prefill: bool,
@@ -299,185 +255,8 @@ class AdapterStore:
             flat[start:end].mul_(scale)
         return HostAdapter(flat, weights, offsets)
 
-    def _adapter_device_bytes(self, host: HostAdapter) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(
-            rank_bucket(a.shape[0]) * (a.shape[1] + b.shape[0]) * elem for a, b in host.weights.values()
-        )
-
-    # ---- device layout --------------------------------------------------------------------------------
-    def _need(self, indices: Sequence[int]) -> dict[Key, tuple[int, int, int]]:
-        """(R, in_local, out_local) per module for holding `indices` together."""
-        need: dict[Key, tuple[int, int, int]] = {}
-        for index in indices:
-            for key, (a, b) in self._entries[index].host.weights.items():
-                r = max(rank_bucket(a.shape[0]), need.get(key, (0,))[0])
-                need[key] = (r, a.shape[1], b.shape[0])
-        return need
-
-    def _layout_bytes(self, cap: int, need: dict[Key, tuple[int, int, int]]) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(cap * r * (fan_in + fan_out) * elem for r, fan_in, fan_out in need.values())
-
-    def _fits(self, cap: int, need) -> bool:
-        if cap > self.max_slots:
-            return False
-        return self.budget_bytes is None or self._layout_bytes(cap, need) <= self.budget_bytes
-
-    def _fits_current_shapes(self, index: int) -> bool:
-        return all(
-            key in self._stacks and self._stacks[key][0].shape[1] >= a.shape[0]
-            for key, (a, _) in self._entries[index].host.weights.items()
-        )
-
-    def _ensure_resident(self, required: list[int]) -> None:
-        for index in required:
-            if index in self._slot_of:
-                self._slot_of.move_to_end(index)  # most recently used last
-        missing = [i for i in required if i not in self._slot_of]
-        if not missing:
-            return
-        if len(required) > self.max_slots:
-            raise AdapterBudgetExceeded(f"batch needs {len(required)} adapters; only {self.max_slots} slots")
-        shapes_ok = all(self._fits_current_shapes(i) for i in missing)
-        free = sorted(set(range(self._cap)) - set(self._slot_of.values()))
-        evictable = [i for i in self._slot_of if i not in required]  # LRU first
-        if shapes_ok and len(free) >= len(missing):
-            return self._place(missing, free)
-        # Grow (capacity or rank buckets) while keeping every resident adapter, if the budget allows.
-        members = list(self._slot_of) + missing
-        need = self._need(members)
-        for cap in (min(self.max_slots, 1 << (len(members) - 1).bit_length()), len(members)):
-            if cap >= len(members) and self._fits(cap, need):
-                return self._rebuild(members, cap)
-        # Evict least recently used residents into the slots the current layout already has.
-        if shapes_ok and len(free) + len(evictable) >= len(missing):
-            for index in evictable[: len(missing) - len(free)]:
-                free.append(self._slot_of.pop(index))
-            return self._place(missing, sorted(free))
-        # Re-lay out for the required set plus as many recent residents as the budget allows.
-        keep = [i for i in evictable]
-        while True:
-            members = keep + required
-            need = self._need(members)
-            if self._fits(len(members), need):
-                return self._rebuild(members, len(members))
-            if not keep:
-                raise AdapterBudgetExceeded(
-                    f"adapters {required} need {self._layout_bytes(len(members), need)} device bytes; the "
-                    f"adapter budget is {self.budget_bytes}"
-                )
-            keep.pop(0)
-
-    def _place(self, indices: list[int], free_slots: list[int]) -> None:
-        for index, slot in zip(indices, free_slots, strict=False):
-            host = self._entries[index].host
-            self._scatter(host, self._upload(host), slot)
-            self._slot_of[index] = slot
-
-    def _upload(self, host: HostAdapter) -> torch.Tensor:
-        """The adapter's buffer on the device: one host->device copy (the buffer itself on CPU).
-
-        Pageable source: the driver stages it at full PCIe rate and returns once the host bytes are
-        consumed; whatever reads the result is queued behind it on the same stream.
-        """
-        return host.flat.to(self.device, non_blocking=True)
-
-    def _scatter(self, host: HostAdapter, flat: torch.Tensor, slot: int) -> None:
-        """Copy the uploaded buffer into `slot` of every stack; zero what the adapter does not cover."""
-        dst, src, zero = [], [], []
-        views = {key: (a, b) for key, a, b in host.views_of(flat)}
-        for key, (stack_a, stack_b) in self._stacks.items():
-            ab = views.get(key)
-            if ab is None:  # the adapter skips this module: its slot must read as zero
-                zero += [stack_a[slot], stack_b[slot]]
-                continue
-            a, b = ab
-            r = a.shape[0]
-            dst += [stack_a[slot, :r], stack_b[slot, :, :r]]  # [r, in] of [R, in]; [out, r] of [out, R]
-            src += [a, b]
-            if r < stack_a.shape[1]:  # rank padding: a freed slot may hold an older adapter's values
-                zero += [stack_a[slot, r:], stack_b[slot, :, r:]]
-        if zero:
-            torch._foreach_zero_(zero)
-        if dst:
-            torch._foreach_copy_(dst, src)  # on CUDA a few multi-tensor launches instead of 448 copies
-
-    def _zero_slot(self, slot: int) -> None:
-        if self._stacks:
-            torch._foreach_zero_([t[slot] for ab in self._stacks.values() for t in ab])
-
-    def _rebuild(self, members: list[int], cap: int) -> None:
-        """New stacks of `cap` slots shaped for `members` (LRU order kept); everyone else is evicted.
-
-        Residents that stay keep their slot and are copied device-to-device from the old stacks (one
-        multi-tensor copy, instead of re-uploading each from the host) when their slots fit the new
-        capacity and the old and new stacks together fit the budget; otherwise the old stacks are freed
-        first and every member is uploaded again from its host copy.
-        """
-        need = self._need(members)
-        staying = [i for i in members if i in self._slot_of]
-        carry = (
-            bool(staying)
-            and all(self._slot_of[i] < cap for i in staying)
-            and (
-                self.budget_bytes is None
-                or self.device_bytes() + self._layout_bytes(cap, need) <= self.budget_bytes
-            )
-        )
-        old_stacks, old_slots = self._stacks, self._slot_of
-        self._stacks = {}  # a new dict: an older AdapterBatchData keeps its own consistent view
-        self._slot_of = OrderedDict()
-        if not carry:
-            old_stacks = {}  # dropped before allocating, so old and new never coexist
-        self._cap = cap
-        self._stacks = _zeroed_stacks(cap, need, self.device, self.dtype)
-        self.layout_version += 1
-        if carry:
-            n = min(cap, max(old_slots.values()) + 1)  # every staying slot is below n
-            dst, src = [], []
-            for key, (old_a, old_b) in old_stacks.items():
-                if key not in self._stacks:  # only evicted adapters targeted it
-                    continue
-                new_a, new_b = self._stacks[key]
-                r = min(old_a.shape[1], new_a.shape[1])  # rows past a smaller new R held evicted ones only
-                dst += [new_a[:n, :r], new_b[:n, :, :r]]  # [n, r, in], [n, out, r]
-                src += [old_a[:n, :r], old_b[:n, :, :r]]
-            if dst:
-                torch._foreach_copy_(dst, src)
-            for i in members:
-                if i in old_slots:
-                    self._slot_of[i] = old_slots[i]
-            free = sorted(set(range(cap)) - set(self._slot_of.values()))
-            missing = [i for i in members if i not in self._slot_of]
-            self._place(missing, free)
-            order = {i: k for k, i in enumerate(members)}  # LRU order of `members`, as before
-            self._slot_of = OrderedDict(sorted(self._slot_of.items(), key=lambda kv: order[kv[0]]))
-        else:
-            self._place(members, list(range(len(members))))
-
-
-_ALIGN_BYTES = 256  # every stack starts at this alignment inside the shared buffer (vector loads)
-
-
-def _zeroed_stacks(cap: int, need: dict[Key, tuple[int, int, int]], device: torch.device,
-                   dtype: torch.dtype) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """Stacks A [cap, R, in] and B [cap, out, R] per module: contiguous views of one zeroed buffer.
-
-    One allocation and one memset for the whole layout instead of one per stack (448 for a 7B adapter
-    on all seven projections: each new size is a cudaMalloc of its own when the stacks grow).
-    """
-    align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-    shapes, total = [], 0
-    for key, (r, fan_in, fan_out) in sorted(need.items()):
-        for shape in ((cap, r, fan_in), (cap, fan_out, r)):
-            shapes.append((key, shape, total))
-            total += -(-(shape[0] * shape[1] * shape[2]) // align) * align
-    flat = torch.zeros(total, device=device, dtype=dtype)
-    views: dict[Key, list[torch.Tensor]] = {}
-    for key, shape, offset in shapes:
-        views.setdefault(key, []).append(flat[offset : offset + shape[0] * shape[1] * shape[2]].view(shape))
-    return {key: (a, b) for key, (a, b) in views.items()}
+    def _host_of(self, index: int) -> HostAdapter:
+        return self._entries[index].host
 
 
 def _as_modules(adapter: LoraAdapter) -> dict[Key, LoraModule]:

@@ -1,0 +1,297 @@
+"""The engine sections of `python -m bench.gpu`: ceilings, prefill, decode, adapter_load, adapters, e2e
+(direct half), on one ShardEngine in this process; see bench/gpu.py for what each measures.
+
+`Bench` also holds what the baselines (bench/gpu_baselines.py) share with these sections: the plan,
+the report, the written checkpoint and adapters, the prompts and the measured ceilings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench import common
+from bench.common import decode_step_bytes, median, roofline_fraction, sync
+from bench.gpu_plan import Plan, Report, fail_soft, free_device, log
+
+WARM_STEPS = 2  # first decode steps of a batch (allocator growth, first kernels) are left out
+
+
+class Prompts:
+    """Fresh random prompts every call: the engine's prefix cache must never turn a prefill into a hit."""
+
+    def __init__(self, vocab: int, seed: int = 1234):
+        self.vocab = vocab
+        self.gen = torch.Generator().manual_seed(seed)
+        self.ids = itertools.count(1)
+
+    def specs(self, n: int, length: int, new_tokens: int, adapter_of: Callable[[int], int] = lambda j: 0):
+        from shard_server.types import RequestSpec, StoppingParams
+
+        rows = torch.randint(3, self.vocab, (n, length), generator=self.gen).tolist()
+        return [
+            RequestSpec(
+                id=next(self.ids),
+                input_ids=tuple(row),
+                stopping=StoppingParams(max_new_tokens=new_tokens, ignore_eos_token=True),
+                adapter_index=adapter_of(j),
+            )
+            for j, row in enumerate(rows)
+        ]
+
+
+def round_robin(n_adapters: int, first_index: int = 1) -> Callable[[int], int]:
+    if n_adapters == 0:
+        return lambda j: 0
+    return lambda j: first_index + j % n_adapters
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+class Bench:
+    def __init__(self, plan: Plan, report: Report, work: Path, model_dir: Path | None):
+        self.plan, self.report, self.work = plan, report, work
+        self.model_dir = model_dir
+        self.prompts = Prompts(plan.shape.vocab)
+        self.batch_ids = itertools.count(1)
+        self.engine = None
+        self.bandwidth = None  # bytes / s
+        self.peak_flops = None  # FLOP / s
+        self.adapter_dirs: dict[str, list[Path]] = {}
+        self.direct_e2e: dict | None = None
+
+    # ---- setup ---------------------------------------------------------------------------------------
+
+    def ceilings(self) -> None:
+        p, rep = self.plan, self.report
+        dtype = torch.bfloat16 if p.device.type == "cuda" else torch.float32
+        gbps = common.copy_bandwidth_gbps(p.device, p.copy_bytes)
+        tflops = common.matmul_tflops(p.device, p.matmul_n, dtype)
+        rep.data["bandwidth_GBps"], rep.data["matmul_tflops"] = gbps, tflops
+        rep.save()
+        self.bandwidth, self.peak_flops = gbps * 1e9, tflops * 1e12
+        log(f"ceilings: copy {gbps:.0f} GB/s (read + written), {p.matmul_n}^3 {dtype} matmul "
+            f"{tflops:.1f} TFLOP/s")
+
+    def write_model(self) -> None:
+        if self.model_dir is not None:
+            return
+        p = self.plan
+        t0 = time.perf_counter()
+        self.model_dir = common.write_model_dir(self.work / "model", p.shape, p.device, p.dtype)
+        sync(p.device)
+        gb = p.shape.total_params * p.elem / 1e9
+        log(f"checkpoint: {gb:.2f} GB written to {self.model_dir} in {time.perf_counter() - t0:.1f}s")
+
+    def adapters(self, group: str, n: int, seed0: int) -> list[Path]:
+        """`n` distinct adapter directories of one group (written once, reused by later sections)."""
+        have = self.adapter_dirs.setdefault(group, [])
+        p = self.plan
+        for j in range(len(have), n):
+            out = self.work / f"adapter-{group}-{j}"
+            have.append(common.write_adapter(out, p.shape, p.rank, p.device, p.dtype, seed=seed0 + j))
+        return have[:n]
+
+    def build_engine(self) -> None:
+        from shard_server.config import ShardConfig
+        from shard_server.engine import ShardEngine
+        from shard_server.types import BatchSpec
+
+        p = self.plan
+        per_seq = p.prompt + p.new_tokens
+        largest = max([*p.decode_batches, *p.adapter_batches, p.e2e_batch, 1])
+        tokens = max(largest * per_seq, p.prefill_prompts * (p.prefill_len + 1))
+        # A bound on the KV cache: Warmup would otherwise take nearly all free memory, leaving none
+        # for the adapter stacks (32 rank-16 adapters: 2.7 GB) loaded after it.
+        kv_bytes = int(1.25 * tokens * p.shape.kv_bytes_per_token(p.elem)) + (64 << 20)
+        extra = {} if p.cuda_graphs is None else {"cuda_graphs": p.cuda_graphs}
+        t0 = time.perf_counter()
+        self.engine = ShardEngine(
+            ShardConfig(
+                model_dir=self.model_dir, device=p.device.type, dtype=str(p.dtype).removeprefix("torch."),
+                max_kv_cache_bytes=kv_bytes, **extra,
+            )
+        )
+        log(f"engine: loaded in {time.perf_counter() - t0:.1f}s, decode CUDA graphs: "
+            f"{self.engine.runner.graphs is not None}")
+        warm = self.prompts.specs(p.prefill_prompts, p.prefill_len, 2)
+        usable = self.engine.warmup(
+            BatchSpec(id=next(self.batch_ids), requests=tuple(warm)),
+            p.prefill_len, p.prefill_prompts * p.prefill_len, 2,
+        )  # fmt: skip
+        log(f"engine: warmup done, KV cache {usable} tokens, {time.perf_counter() - t0:.1f}s in all")
+
+    def drop_engine(self) -> None:
+        self.engine = None
+        free_device()
+
+    # ---- engine helpers ------------------------------------------------------------------------------
+
+    def prefill(self, specs, chunk_tokens: int | None) -> int | None:
+        """Prefill `specs` as one cached batch (in chunks concatenated through cached_batch_id)."""
+        from shard_server.types import BatchSpec
+
+        chunks, cur, n = [], [], 0
+        for s in specs:
+            if cur and chunk_tokens is not None and n + len(s.input_ids) > chunk_tokens:
+                chunks.append(cur)
+                cur, n = [], 0
+            cur.append(s)
+            n += len(s.input_ids)
+        chunks.append(cur)
+        cached = None
+        for chunk in chunks:
+            res = self.engine.prefill(BatchSpec(id=next(self.batch_ids), requests=tuple(chunk)), cached)
+            cached = None if res.batch is None else res.batch.id
+        return cached
+
+    def generate_direct(self, specs) -> tuple[float, int]:
+        """What the router does with one batch, minus gRPC: one Prefill, Decode until done -> (s, tokens)."""
+        sync(self.plan.device)
+        t0 = time.perf_counter()
+        bid = self.prefill(specs, None)
+        tokens = len(specs)
+        while bid is not None:
+            res = self.engine.decode([bid])
+            tokens += len(res.generations)
+            bid = None if res.batch is None else res.batch.id
+        sync(self.plan.device)
+        seconds = time.perf_counter() - t0
+        self.engine.clear_cache(None)
+        return seconds, tokens
+
+    def load_adapters(self, dirs: list[Path], first_index: int) -> list[float]:
+        from shard_server.types import AdapterSpec
+
+        ms = []
+        for j, d in enumerate(dirs):
+            sync(self.plan.device)
+            t0 = time.perf_counter()
+            self.engine.load_adapter(first_index + j, AdapterSpec(adapter_ids=(str(d),), source="local"))
+            sync(self.plan.device)  # the host -> device copies are asynchronous: usable means landed
+            ms.append((time.perf_counter() - t0) * 1e3)
+        return ms
+
+    # ---- sections ------------------------------------------------------------------------------------
+
+    def sec_prefill(self) -> None:
+        from shard_server.types import BatchSpec
+
+        p, n, length = self.plan, self.plan.prefill_prompts, self.plan.prefill_len
+
+        def once() -> float:
+            specs = self.prompts.specs(n, length, 1)  # max_new_tokens 1: done at prefill, blocks freed
+            sync(p.device)
+            t0 = time.perf_counter()
+            res = self.engine.prefill(BatchSpec(id=next(self.batch_ids), requests=tuple(specs)))
+            sync(p.device)
+            dt = time.perf_counter() - t0
+            if res.batch is not None:
+                self.engine.clear_cache(None)
+            return dt
+
+        once()  # warm: first kernels and allocations at this shape
+        times = [once() for _ in range(p.prefill_reps)]
+        t = median(times)
+        flops = common.prefill_flops(p.shape, [length] * n, logits_rows=n)
+        achieved = flops / t
+        self.report.add(
+            "prefill", "shard", batch=n, adapters=0, tok_s=n * length / t, ms=t * 1e3,
+            roofline_fraction=achieved / self.peak_flops if self.peak_flops else None,
+            tflops=achieved / 1e12, prompt=length, samples_ms=[x * 1e3 for x in times],
+            notes="engine.prefill incl. first-token sampling; FLOPs = 2*matmul params*tokens + lm_head rows "
+            "+ causal attention; fraction of measured matmul peak",
+        )  # fmt: skip
+
+    def decode_row(self, batch: int, n_adapters: int) -> None:
+        p = self.plan
+        specs = self.prompts.specs(batch, p.prompt, p.new_tokens, round_robin(n_adapters))
+        steps: list[tuple[int, float]] = []
+        try:
+            bid = self.prefill(specs, p.prefill_chunk_tokens)
+            # The model forward alone (incl. LoRA, no sampling or host bookkeeping), for the split.
+            fwd = common.time_ms(lambda: self.engine.runner.decode(self.engine.batches[bid]), p.device, 2, 5)
+            begin = time.perf_counter()
+            while bid is not None and time.perf_counter() - begin < p.max_decode_seconds:
+                sync(p.device)
+                t0 = time.perf_counter()
+                res = self.engine.decode([bid])  # ends with the step's one device -> host sync
+                sync(p.device)
+                steps.append((len(steps) + 1, time.perf_counter() - t0))
+                bid = None if res.batch is None else res.batch.id
+        finally:
+            self.engine.clear_cache(None)
+        timed = steps[WARM_STEPS:] if len(steps) > WARM_STEPS else steps
+        step_s = median([dt for _, dt in timed])
+        # After decode step k the KV length is prompt + k.
+        mean_ctx = p.prompt + statistics.fmean(k for k, _ in timed)
+        values = self.decode_values(batch, n_adapters, step_s, mean_ctx)
+        if n_adapters:  # the roofline counts the adapters used; the store may hold (and read) more
+            values["resident_adapters"] = len(self.engine.adapters.resident_indices())
+        ms = sorted(dt * 1e3 for _, dt in timed)
+        values["step_ms_p10_p90"] = [ms[len(ms) // 10], ms[(9 * len(ms)) // 10]]  # the spread of the median
+        self.report.add("decode", "shard", **values, forward_ms=median(fwd), steps=len(timed),
+                        prompt=p.prompt, new_tokens=p.new_tokens,
+                        cuda_graphs=self.engine.runner.graphs is not None)  # fmt: skip
+
+    def decode_values(self, batch: int, n_adapters: int, step_s: float, mean_ctx: float) -> dict:
+        p = self.plan
+        need = decode_step_bytes(p.shape, batch, mean_ctx, n_adapters, p.rank, p.elem, p.elem)
+        bw = self.bandwidth
+        return dict(
+            batch=batch, adapters=n_adapters, tok_s=batch / step_s, step_ms=step_s * 1e3,
+            roofline_fraction=roofline_fraction(need.total, step_s, bw) if bw else None,
+            mean_context=mean_ctx, bytes_GB=need.total / 1e9, floor_ms=need.total / bw * 1e3 if bw else None,
+        )  # fmt: skip
+
+    def sec_decode(self) -> None:
+        for b in self.plan.decode_batches:
+            fail_soft(self.report, "decode", "shard", lambda b=b: self.decode_row(b, 0), batch=b, adapters=0)
+
+    def sec_adapter_load(self) -> None:
+        from shard_server.types import AdapterSpec
+
+        p = self.plan
+        dirs = self.adapters("load", p.load_reps, seed0=5000)
+        first = 1000  # indices of their own, offloaded again after
+        samples = self.load_adapters(dirs, first)
+        for j, d in enumerate(dirs):
+            self.engine.offload_adapter(first + j, AdapterSpec(adapter_ids=(str(d),), source="local"))
+        mb = p.shape.adapter_params(p.rank) * p.elem / 1e6
+        self.report.add(
+            "adapter_load", "shard", adapters=1, ms=median(samples), samples_ms=samples, adapter_MB=mb,
+            notes=f"engine.load_adapter of {len(dirs)} distinct local rank-{p.rank} adapters into a store "
+            "that starts empty (it grows its stacks 1->2->4->..); timed to synchronize; the files were just "
+            "written, so they come from the page cache",
+        )  # fmt: skip
+
+    def sec_adapters(self) -> None:
+        p = self.plan
+        most = max(p.adapter_counts)
+        dirs = self.adapters("decode", most, seed0=1)
+        samples = self.load_adapters(dirs, 1)  # indices 1..most
+        log(f"adapters: {most} loaded, median {median(samples):.1f} ms each")
+        for b in p.adapter_batches:
+            for n in p.adapter_counts:
+                fail_soft(self.report, "decode", "shard", lambda b=b, n=n: self.decode_row(b, n),
+                          batch=b, adapters=n)  # fmt: skip
+
+    def e2e_direct(self) -> None:
+        p = self.plan
+        # Warm at the same batch size: a decode graph captured inside the timed run would cost one side only.
+        self.generate_direct(self.prompts.specs(p.e2e_batch, p.prompt, 4))
+        specs = self.prompts.specs(p.e2e_batch, p.prompt, p.new_tokens)
+        seconds, tokens = self.generate_direct(specs)
+        self.direct_e2e = {"tok_s": tokens / seconds, "seconds": seconds}
+        self.report.add(
+            "e2e", "shard", batch=p.e2e_batch, adapters=0, tok_s=tokens / seconds,
+            step_ms=seconds / p.new_tokens * 1e3, ms=seconds * 1e3, path="direct", tokens=tokens,
+            notes=f"ShardEngine in process: one prefill of {p.e2e_batch} x {p.prompt} tokens, decode until "
+            f"{p.new_tokens} new tokens each; tok_s = generated tokens / wall time",
+        )  # fmt: skip
