@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--context", type=int, default=544)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune")
     ap.add_argument("--split-sweep", default="", help="min tokens per attention split to try, e.g. 256,64")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -128,7 +129,7 @@ def main() -> None:
             # comparison is torch.compile's fusion against our Triton kernels.
             model.use_fused_ops(FusedOps())
             torch._dynamo.reset()
-            compiled = torch.compile(case.step, mode="max-autotune-no-cudagraphs", dynamic=False)
+            compiled = torch.compile(case.step, mode=args.compile_mode, dynamic=False)
             try:
                 for _ in range(3):
                     compiled(MAX_S)
