@@ -220,3 +220,18 @@ class Bystander:
 
     def clear(self) -> None:
         self.stub.ClearCache(pb.ClearCacheRequest(id=self.cached.id), timeout=30)
+
+
+def assert_sharded_equals_single(
+    sp: ShardProcess, shared_shard: SharedShard, requests, limits: RouterLimits, ranks: int
+) -> list:
+    """Drive a shard group with the fan-out router (warmup, then the requests) and check every request's
+    tokens equal the shared single shard's; -> the group's results."""
+    with sp.router(limits) as router:
+        assert router.urls == [sp.url(r) for r in range(ranks)]
+        router.warmup()
+        sharded = router.generate(requests)
+    with shared_shard.router(limits) as single:
+        alone = single.generate(requests, clear_at_end=False)
+    assert [r.token_ids for r in sharded] == [r.token_ids for r in alone]
+    return sharded

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from shard_harness import Bystander, batch, request, running_shard, start_shard
+from shard_harness import Bystander, assert_sharded_equals_single, batch, request, running_shard, start_shard
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.testing.fake_router import RouterLimits
@@ -119,13 +119,7 @@ def test_launch_two_ranks_fan_out_then_a_dead_rank_stops_all(tiny_model_dir, sha
             )
             for k in range(5)
         ]
-        with sp.router(SMALL) as router:
-            assert router.urls == [sp.url(0), sp.url(1)]
-            router.warmup()
-            sharded = router.generate(reqs)
-        with shared_shard.router(SMALL) as single:
-            alone = single.generate(reqs, clear_at_end=False)
-        assert [r.token_ids for r in sharded] == [r.token_ids for r in alone]
+        assert_sharded_equals_single(sp, shared_shard, reqs, SMALL, num_shard)
         os.kill(pids[-1], signal.SIGKILL)  # a rank dies without warning (OOM killer, segfault, ...)
         code = sp.proc.wait(60)
         assert code != 0

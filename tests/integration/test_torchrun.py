@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shard_harness import REPO, ShardProcess
+from shard_harness import REPO, ShardProcess, assert_sharded_equals_single
 
 from shard_server.testing.fake_router import RouterLimits
 from shard_server.types import RequestSpec, StoppingParams
@@ -49,13 +49,7 @@ def test_torchrun_two_ranks_equal_the_single_shard(tiny_model_dir, shared_shard)
             )
             for k in range(4)
         ]
-        with sp.router(SMALL) as router:
-            assert router.urls == [sp.url(0), sp.url(1)]
-            router.warmup()
-            sharded = router.generate(reqs)
-        with shared_shard.router(SMALL) as single:
-            alone = single.generate(reqs, clear_at_end=False)
-        assert [r.token_ids for r in sharded] == [r.token_ids for r in alone]
+        sharded = assert_sharded_equals_single(sp, shared_shard, reqs, SMALL, ranks=2)
         assert all(len(r.token_ids) == 6 for r in sharded)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
