@@ -1,7 +1,7 @@
 """ShardEngine: the shard's state (model, KV cache, blocks, adapters, cached batches) and its operations.
 
-Every method runs on the server's one model thread (except `download_adapter`, which only reads files
-and touches no engine state). Errors meant for the router are `shard_server.errors.*`; exceptions of
+Every method runs on the server's one model thread, except `download_adapter`, which runs on the I/O
+thread: it reads files outside any lock and touches only the adapter store's host cache, under its lock. Errors meant for the router are `shard_server.errors.*`; exceptions of
 model/ and cache/ are translated here. A failed call leaves every cached batch as it was and leaks no
 KV block.
 """
