@@ -16,8 +16,8 @@ import json
 
 import torch
 
-from bench.common import copy_bandwidth_gbps, device_name, time_ms
-from bench.profile_decode import DecodeCase, build_model, kv_bytes
+from bench.common import device_name, time_ms
+from bench.profile_decode import DecodeCase, bandwidth_model_and_weight_bytes, kv_bytes
 from model.attention import Seqlen, available_backends, select_attention_backend
 
 MAX_S = 1024
@@ -62,10 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
-    bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
-    model = build_model(dev)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    weight_bytes -= model.model.embed_tokens.weight.numel() * 2
+    bw, model, weight_bytes = bandwidth_model_and_weight_bytes(dev)
     rows = []
     for name in available_backends(dev, torch.bfloat16):
         use_backend(model, select_attention_backend(dev, torch.bfloat16, prefer=name))

@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from bench.common import copy_bandwidth_gbps, device_name, time_ms
-from bench.profile_decode import DecodeCase, build_model
+from bench.common import device_name, time_ms
+from bench.profile_decode import DecodeCase, bandwidth_model_and_weight_bytes
 from cache.kv_cache import KVCache
 
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
@@ -42,10 +42,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
-    bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
-    model = build_model(dev)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    weight_bytes -= model.model.embed_tokens.weight.numel() * 2
+    bw, model, weight_bytes = bandwidth_model_and_weight_bytes(dev)
     rows = []
     for case_spec in args.cases.split(","):
         context, batch = (int(x) for x in case_spec.split(":"))

@@ -37,6 +37,15 @@ def build_model(device: torch.device) -> FlashMistralForCausalLM:
     return model
 
 
+def bandwidth_model_and_weight_bytes(dev: torch.device) -> tuple[float, FlashMistralForCausalLM, int]:
+    """(copy bandwidth in bytes/s, the random 7B-shaped model, weight bytes one decode step reads);
+    of the embedding only the batch's rows are read, so it is left out."""
+    bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
+    model = build_model(dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return bw, model, weight_bytes - model.model.embed_tokens.weight.numel() * 2
+
+
 class DecodeCase:
     """Static decode inputs for `batch` sequences at `context` tokens each, in a fresh KV cache."""
 
@@ -98,10 +107,7 @@ def main() -> None:
     ap.add_argument("--split-sweep", default="", help="min tokens per attention split to try, e.g. 256,64")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
-    model = build_model(dev)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    weight_bytes -= model.model.embed_tokens.weight.numel() * 2  # only B rows of the embedding are read
+    bw, model, weight_bytes = bandwidth_model_and_weight_bytes(dev)
     print(f"copy {bw / 1e9:.0f} GB/s, weights {weight_bytes / 1e9:.2f} GB, backend {model.attention.name}")
     for b in [int(x) for x in args.batches.split(",")]:
         case = DecodeCase(model, b, args.context)

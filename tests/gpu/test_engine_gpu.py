@@ -19,6 +19,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _graph_equals_eager_each_step(engine: ShardEngine, batch_id: int, steps: int) -> None:
+    """Before each of `steps` decode steps: the graph replay's logits equal the eager step's."""
+    for _ in range(steps):
+        batch = engine.batches[batch_id]
+        slots = engine.adapters.request_slots(batch.adapter_indices)
+        graph_logits = engine.runner.graphs.run(batch, slots).clone()
+        eager_logits = engine.runner.decode_eager(batch, slots)
+        assert torch.isfinite(graph_logits).all()
+        assert _rel(graph_logits, eager_logits) < 2e-2
+        engine.decode([batch_id])
+
+
 def _requests(n: int, adapters: list[int], max_new: int = 24) -> tuple[RequestSpec, ...]:
     return tuple(
         RequestSpec(
@@ -51,16 +63,8 @@ def test_graph_decode_equals_eager_with_mixed_adapters(gpu_model, batch_size):
         engine.load_adapter(i, AdapterSpec(adapter_ids=(str(path),), source="local"))
     assert engine.runner.graphs is not None
     engine.prefill(BatchSpec(id=1, requests=_requests(batch_size, [0, 1, 2])))
-    batch = engine.batches[1]
-    for _ in range(12):
-        slots = engine.adapters.request_slots(batch.adapter_indices)
-        graph_logits = engine.runner.graphs.run(batch, slots).clone()
-        eager_logits = engine.runner.decode_eager(batch, slots)
-        assert torch.isfinite(graph_logits).all()
-        assert _rel(graph_logits, eager_logits) < 2e-2
-        result = engine.decode([1])
-        batch = engine.batches[1]
-    assert result.batch is not None and len(engine.runner.graphs.graphs) >= 1
+    _graph_equals_eager_each_step(engine, 1, steps=12)
+    assert 1 in engine.batches and len(engine.runner.graphs.graphs) >= 1
     engine.clear_cache()
     assert engine.free_blocks() == engine.usable_blocks()
 
@@ -97,15 +101,7 @@ def test_warmup_then_graph_decode_with_triton_kernels(tiny_model_factory):
     warm = BatchSpec(id=0, requests=_requests(4, [0], max_new=4))
     assert engine.warmup(warm, max_input_length=16, max_prefill_tokens=64, max_new_tokens=4) > 0
     engine.prefill(BatchSpec(id=1, requests=_requests(9, [0], max_new=20)))
-    batch = engine.batches[1]
-    for _ in range(8):
-        slots = engine.adapters.request_slots(batch.adapter_indices)
-        graph_logits = engine.runner.graphs.run(batch, slots).clone()
-        eager_logits = engine.runner.decode_eager(batch, slots)
-        assert torch.isfinite(graph_logits).all()
-        assert _rel(graph_logits, eager_logits) < 2e-2
-        engine.decode([1])
-        batch = engine.batches[1]
+    _graph_equals_eager_each_step(engine, 1, steps=8)
     torch.cuda.synchronize()
     engine.clear_cache()
     assert engine.free_blocks() == engine.usable_blocks()
