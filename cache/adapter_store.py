@@ -14,7 +14,7 @@ Public API (called by the engine from its one model thread; not thread-safe):
 
 Errors (model.adapters.errors; engine maps `code`): AdapterNotFound (NOT_FOUND: index not loaded, files
 missing), AdapterConflict (FAILED_PRECONDITION: load on an index holding another adapter), AdapterInvalid
-(INVALID_ARGUMENT), AdapterSourceUnsupported (UNIMPLEMENTED: S3, PBASE, TIES/DARE), AdapterBudgetExceeded
+(INVALID_ARGUMENT), AdapterSourceUnsupported (UNIMPLEMENTED: PBASE), AdapterBudgetExceeded
 (RESOURCE_EXHAUSTED: one batch or one adapter needs more than the budget).
 
 Index 0 is the base model unless an adapter was loaded (or preloaded) there; any other index must be loaded.
@@ -43,8 +43,8 @@ from cache.adapter_layout import AdapterLayout, HostAdapter, HostWeights, Key, r
 from cache.adapter_sources import AdapterSources
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
 from model.adapters.errors import AdapterBudgetExceeded, AdapterConflict, AdapterInvalid, AdapterNotFound
-from model.adapters.merge import check_strategy, merge_adapters
-from model.adapters.peft_loader import LoraAdapter, LoraModule, read_peft_adapter
+from model.adapters.merge import check_merge, merge_modules, merge_seed
+from model.adapters.peft_loader import LoraModule, read_peft_adapter
 from model.adapters.sharding import shard_lora
 
 __all__ = ["AdapterStore", "rank_bucket"]  # rank_bucket: imported from here by tests and bench/adapter_load
@@ -191,17 +191,17 @@ class AdapterStore(AdapterLayout):
                 return self._host_cache[key]
         if not spec.adapter_ids:
             raise AdapterInvalid("adapter parameters name no adapter id")
-        if len(spec.adapter_ids) > 1:
-            check_strategy(spec.merge_strategy)  # refuse TIES/DARE before reading any file
+        merge = None
+        if len(spec.adapter_ids) > 1 or spec.weights or spec.merge_strategy.lower() != "linear":
+            # Refuse bad merge parameters before reading any file.
+            merge = check_merge(len(spec.adapter_ids), spec.weights, spec.merge_strategy, spec.density,
+                                spec.majority_sign_method)  # fmt: skip
         files = [
             read_peft_adapter(self.sources.resolve(i, spec.source, spec.api_token), self.config, name=i)
             for i in spec.adapter_ids
         ]
-        if len(files) > 1 or spec.weights:
-            name = "+".join(spec.adapter_ids)
-            merged = merge_adapters([f.to_lora_adapter() for f in files], spec.weights, spec.merge_strategy,
-                                    name=name)  # fmt: skip
-            modules = _as_modules(merged)
+        if merge is not None:
+            modules = merge_modules([f.modules for f in files], merge, merge_seed(spec.adapter_ids, merge))
         else:
             modules = files[0].modules
         weights = self._to_host_layout(modules)
@@ -258,7 +258,3 @@ class AdapterStore(AdapterLayout):
     def _host_of(self, index: int) -> HostAdapter:
         return self._entries[index].host
 
-
-def _as_modules(adapter: LoraAdapter) -> dict[Key, LoraModule]:
-    """A merged (float32, already scaled) adapter in the form `_to_host_layout` takes."""
-    return {key: LoraModule(a, b, 1.0) for key, (a, b) in adapter.weights.items()}

@@ -33,7 +33,7 @@ class AdapterInvalid(AdapterError):
 
 
 class AdapterSourceUnsupported(AdapterError):
-    """A source (S3, PBASE) or feature (TIES/DARE merges) this shard does not implement."""
+    """A source (PBASE) or feature this shard does not implement."""
 
     code = "UNIMPLEMENTED"
 

@@ -14,6 +14,7 @@ from model.adapters.batch import AdapterBatchMetadata
 from model.adapters.errors import (
     AdapterBudgetExceeded,
     AdapterConflict,
+    AdapterInvalid,
     AdapterNotFound,
     AdapterSourceUnsupported,
 )
@@ -174,8 +175,9 @@ def test_merged_adapter_and_refused_sources(tiny_model_dir, peft_dir, tmp_path):
         (0, 2, [(other, 1.0)]),
     ]  # index 0 serves the start-up one
     check_batch(store, config, reqs, True, gen)
-    with pytest.raises(AdapterSourceUnsupported, match="merge strategy 'ties' is not supported"):
-        store.load(4, local(peft_dir, other, weights=(0.5, 0.5), merge_strategy="ties"))
+    with pytest.raises(AdapterInvalid, match=r"density must be in \(0, 1\] for TIES; got 0.0"):
+        store.load(4, local(peft_dir, other, weights=(0.5, 0.5), merge_strategy="ties"))  # no density
+    assert not store.is_loaded(4)
     with pytest.raises(AdapterSourceUnsupported, match="PBASE"):
         store.load(5, AdapterSpec(adapter_ids=("org/x",), source="pbase"))
     with pytest.raises(AdapterNotFound, match="does not exist"):
