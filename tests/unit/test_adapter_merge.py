@@ -2,10 +2,10 @@
 
 TIES/DARE against PEFT: tests/model/test_merge_vs_peft.py."""
 
+import math
+
 import pytest
 import torch
-
-import math
 
 from model.adapters.errors import AdapterInvalid
 from model.adapters.merge import check_merge, merge_adapters, merge_modules, merge_seed
