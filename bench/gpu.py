@@ -13,6 +13,8 @@ Sections (--only picks some; each is fail-soft: an error becomes a row with "err
                 median over steps; roofline = bytes the step must read / bandwidth / step time
   adapter_load  ShardEngine.load_adapter of distinct rank-16 adapters, until resident and synchronized
   adapters      decode at batch 32/64/128 with 1/8/32 distinct adapters spread round-robin
+  dora          decode at batch 1/64 with 8 DoRA adapters vs the same with LoRA adapters of the same rank
+                and A, B (rows with variant lora/dora, and a dora_overhead row: extra step ms and ratio)
   transformers  MistralForCausalLM (sdpa) generate at batch 1/32/64, 64 new tokens (--hf-new-tokens)
   peft          the same model + PEFT, 8 adapters, mixed batch (generate(adapter_names=...)), 16 new
                 tokens (--peft-new-tokens). Baselines: tok_s = batch*new/t(new) as the issue defines it;
@@ -47,8 +49,9 @@ from bench.gpu_baselines import e2e_grpc, sec_hf
 from bench.gpu_plan import REPO, RUN_START, Plan, Report, fail_soft, log, shorten, smoke_plan
 from bench.gpu_sections import Bench
 
-SECTIONS = ("ceilings", "prefill", "decode", "adapter_load", "adapters", "transformers", "peft", "e2e")
-ENGINE_SECTIONS = {"prefill", "decode", "adapter_load", "adapters", "e2e"}  # e2e: its direct half
+SECTIONS = ("ceilings", "prefill", "decode", "adapter_load", "adapters", "dora", "transformers", "peft",
+            "e2e")
+ENGINE_SECTIONS = {"prefill", "decode", "adapter_load", "adapters", "dora", "e2e"}  # e2e: its direct half
 
 
 # ---------------------------------------------------------------- summary
@@ -69,7 +72,8 @@ def print_table(report: Report) -> None:
     print(head + f"{'ms':>9}  extra")
     for r in report.rows:
         extra = r.get("error") or " ".join(
-            f"{k}={shorten(r[k])}" for k in ("path", "forward_ms", "floor_ms", "ratio_vs_direct", "tflops")
+            f"{k}={shorten(r[k])}"
+            for k in ("variant", "path", "forward_ms", "floor_ms", "ratio_vs_direct", "tflops", "ratio")
             if r.get(k) is not None
         )  # fmt: skip
         print(f"{r['kind']:<12} {r['system']:<12} {_fmt(r['batch'], 0):>5} {_fmt(r['adapters'], 0):>5} "
@@ -139,6 +143,7 @@ def parse_args(argv):
     p.add_argument("--deadline-seconds", type=float, default=540.0,
                    help="sections that would start later than this are skipped (rows say so)")  # fmt: skip
     for name, kind in [("decode-batches", _ints), ("adapter-batches", _ints), ("adapter-counts", _ints),
+                       ("dora-batches", _ints), ("dora-counts", _ints),
                        ("hf-batches", _ints), ("peft-batches", _ints), ("prompt", int), ("new-tokens", int),
                        ("hf-new-tokens", int), ("peft-new-tokens", int), ("peft-adapters", int),
                        ("prefill-prompts", int), ("prefill-len", int), ("prefill-reps", int),
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                                           ("decode", bench.sec_decode, "decode"),
                                           ("adapter_load", bench.sec_adapter_load, "adapter_load"),
                                           ("adapters", bench.sec_adapters, "decode"),
+                                          ("dora", bench.sec_dora, "decode"),
                                           ("e2e", bench.e2e_direct, "e2e")]:  # fmt: skip
                     if section in only:
                         timed(f"{section} (shard)", fn, kind=kind)

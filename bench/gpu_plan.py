@@ -35,6 +35,8 @@ class Plan:
     decode_batches: list[int] = field(default_factory=lambda: [1, 8, 32, 64, 128])
     adapter_batches: list[int] = field(default_factory=lambda: [32, 64, 128])
     adapter_counts: list[int] = field(default_factory=lambda: [1, 8, 32])
+    dora_batches: list[int] = field(default_factory=lambda: [1, 64])
+    dora_counts: list[int] = field(default_factory=lambda: [8])
     rank: int = 16
     prefill_prompts: int = 16
     prefill_len: int = 1024
@@ -61,6 +63,7 @@ def smoke_plan() -> Plan:
     return Plan(
         device=torch.device("cpu"), dtype=torch.float32, shape=common.TINY, smoke=True, prompt=24,
         new_tokens=8, decode_batches=[1, 4], adapter_batches=[4], adapter_counts=[1, 2], rank=16,
+        dora_batches=[4], dora_counts=[2],
         prefill_prompts=2, prefill_len=48, prefill_reps=2, load_reps=3, hf_batches=[1, 2], hf_new_tokens=4,
         peft_batches=[2], peft_adapters=2, peft_new_tokens=3, e2e_batch=4, max_decode_seconds=10.0,
         prefill_chunk_tokens=64, copy_bytes=1 << 24, matmul_n=256,

@@ -209,9 +209,9 @@ class Bench:
             "+ causal attention; fraction of measured matmul peak",
         )  # fmt: skip
 
-    def decode_row(self, batch: int, n_adapters: int) -> None:
+    def decode_row(self, batch: int, n_adapters: int, first_index: int = 1, **extra) -> dict:
         p = self.plan
-        specs = self.prompts.specs(batch, p.prompt, p.new_tokens, round_robin(n_adapters))
+        specs = self.prompts.specs(batch, p.prompt, p.new_tokens, round_robin(n_adapters, first_index))
         steps: list[tuple[int, float]] = []
         try:
             bid = self.prefill(specs, p.prefill_chunk_tokens)
@@ -236,9 +236,9 @@ class Bench:
             values["resident_adapters"] = len(self.engine.adapters.resident_indices())
         ms = sorted(dt * 1e3 for _, dt in timed)
         values["step_ms_p10_p90"] = [ms[len(ms) // 10], ms[(9 * len(ms)) // 10]]  # the spread of the median
-        self.report.add("decode", "shard", **values, forward_ms=median(fwd), steps=len(timed),
-                        prompt=p.prompt, new_tokens=p.new_tokens,
-                        cuda_graphs=self.engine.runner.graphs is not None)  # fmt: skip
+        return self.report.add("decode", "shard", **values, forward_ms=median(fwd), steps=len(timed),
+                               prompt=p.prompt, new_tokens=p.new_tokens,
+                               cuda_graphs=self.engine.runner.graphs is not None, **extra)  # fmt: skip
 
     def decode_values(self, batch: int, n_adapters: int, step_s: float, mean_ctx: float) -> dict:
         p = self.plan
@@ -281,6 +281,41 @@ class Bench:
             for n in p.adapter_counts:
                 fail_soft(self.report, "decode", "shard", lambda b=b, n=n: self.decode_row(b, n),
                           batch=b, adapters=n)  # fmt: skip
+
+    def sec_dora(self) -> None:
+        """DoRA's decode cost over LoRA of the same rank: n LoRA adapters, then n DoRA adapters with the
+        same A and B plus magnitudes (one scale kernel per DoRA module and step), rows back to back."""
+        p = self.plan
+        most = max(p.dora_counts)
+        lora = self.adapters("decode", most, seed0=1)  # the `adapters` section's; loading again is a no-op
+        have = self.adapter_dirs.setdefault("dora", [])
+        for j in range(len(have), most):
+            have.append(common.write_adapter(self.work / f"adapter-dora-{j}", p.shape, p.rank, p.device,
+                                             p.dtype, seed=1 + j, dora=True))  # fmt: skip
+        self.load_adapters(lora, 1)
+        first = 3000
+        ms = median(self.load_adapters(have, first))
+        log(f"dora: {most} DoRA adapters loaded, median {ms:.1f} ms each")
+        for b in p.dora_batches:
+            for n in p.dora_counts:
+                rows: dict[str, dict] = {}
+
+                def row(b=b, n=n, rows=rows, variant="lora", index=1):
+                    rows[variant] = self.decode_row(b, n, index, variant=variant)
+
+                for variant, index in (("lora", 1), ("dora", first)):
+                    fail_soft(self.report, "decode", "shard",
+                              lambda v=variant, i=index: row(variant=v, index=i),
+                              batch=b, adapters=n, variant=variant)  # fmt: skip
+                if len(rows) == 2:
+                    lo, do = rows["lora"], rows["dora"]
+                    self.report.add(
+                        "dora_overhead", "shard", batch=b, adapters=n, step_ms=do["step_ms"] - lo["step_ms"],
+                        ratio=do["step_ms"] / lo["step_ms"],
+                        forward_ms_extra=do["forward_ms"] - lo["forward_ms"], rank=p.rank,
+                        notes="decode step of n DoRA adapters minus the same batch with n LoRA adapters of "
+                        "the same rank (all 7 projections); ratio = DoRA step / LoRA step",
+                    )  # fmt: skip
 
     def e2e_direct(self) -> None:
         p = self.plan

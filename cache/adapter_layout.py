@@ -8,6 +8,8 @@ Device layout (CUDA-graph friendly, issue 6): per (layer_idx, target) one stack 
 B [cap, out_local, R] (B scaled, TP-sliced), R = the bucket (power of two >= 8) of the largest resident
 rank for that module, zero padding elsewhere; an adapter not targeting a module leaves its slot zero.
 All stacks of one layout are contiguous views of one device buffer (one allocation, one memset).
+DoRA adapters add, per module they target, a float32 scale stack [cap, out_local] (ones in the slots of
+other adapters), present only while some DoRA adapter that targets the module is resident.
 A batch only changes the per-token slot index. `device_bytes()` is what these stacks allocate and never
 exceeds the budget: when new adapters do not fit, least recently used residents move out (their host
 copy stays), and the stacks are re-laid out only when capacity or a rank bucket must change
@@ -45,6 +47,10 @@ class HostAdapter:
     flat: torch.Tensor  # [numel]; the views below share its storage
     weights: HostWeights  # per module (A, B), views of `flat`
     offsets: dict[Key, tuple[int, int]]  # element offsets of A and B in `flat`
+    # DoRA: per module the magnitude m [out_local] (float32) from the file, and the output scales
+    # m / ||W + s B A|| [out_local] (float32) that need the base model, computed when it is loaded.
+    magnitudes: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
+    scales: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def views_of(self, flat: torch.Tensor) -> list[tuple[Key, torch.Tensor, torch.Tensor]]:
         """(key, A, B) as views of `flat`, a copy of `self.flat` (e.g. on the device), in key order."""
@@ -69,6 +75,7 @@ class AdapterLayout:
         self.layout_version = 0
         self._cap = 0  # slots allocated in every stack
         self._stacks: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scales: dict[Key, torch.Tensor] = {}  # DoRA output scales [cap, out_local] float32
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident index -> slot, LRU first
 
     def _host_of(self, index: int) -> HostAdapter:
@@ -79,27 +86,34 @@ class AdapterLayout:
         return list(self._slot_of)
 
     def device_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self._stacks.values())
+        return sum(a.nbytes + b.nbytes for a, b in self._stacks.values()) + sum(
+            s.nbytes for s in self._scales.values()
+        )
 
     def _adapter_device_bytes(self, host: HostAdapter) -> int:
         """Stack bytes of one slot for `host` alone, at its rank buckets (download()'s budget share)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
         return sum(
             rank_bucket(a.shape[0]) * (a.shape[1] + b.shape[0]) * elem for a, b in host.weights.values()
-        )
+        ) + sum(4 * m.numel() for m in host.magnitudes.values())
 
-    def _need(self, indices: Sequence[int]) -> dict[Key, tuple[int, int, int]]:
-        """(R, in_local, out_local) per module for holding `indices` together."""
-        need: dict[Key, tuple[int, int, int]] = {}
+    def _need(self, indices: Sequence[int]) -> dict[Key, tuple[int, int, int, bool]]:
+        """(R, in_local, out_local, any DoRA) per module for holding `indices` together."""
+        need: dict[Key, tuple[int, int, int, bool]] = {}
         for index in indices:
-            for key, (a, b) in self._host_of(index).weights.items():
-                r = max(rank_bucket(a.shape[0]), need.get(key, (0,))[0])
-                need[key] = (r, a.shape[1], b.shape[0])
+            host = self._host_of(index)
+            for key, (a, b) in host.weights.items():
+                r0, dora0 = need.get(key, (0, 0, 0, False))[::3]
+                dora = dora0 or key in host.scales
+                need[key] = (max(rank_bucket(a.shape[0]), r0), a.shape[1], b.shape[0], dora)
         return need
 
-    def _layout_bytes(self, cap: int, need: dict[Key, tuple[int, int, int]]) -> int:
+    def _layout_bytes(self, cap: int, need: dict[Key, tuple[int, int, int, bool]]) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(cap * r * (fan_in + fan_out) * elem for r, fan_in, fan_out in need.values())
+        return sum(
+            cap * r * (fan_in + fan_out) * elem + (cap * fan_out * 4 if dora else 0)
+            for r, fan_in, fan_out, dora in need.values()
+        )
 
     def _fits(self, cap: int, need) -> bool:
         if cap > self.max_slots:
@@ -107,10 +121,11 @@ class AdapterLayout:
         return self.budget_bytes is None or self._layout_bytes(cap, need) <= self.budget_bytes
 
     def _fits_current_shapes(self, index: int) -> bool:
+        host = self._host_of(index)
         return all(
             key in self._stacks and self._stacks[key][0].shape[1] >= a.shape[0]
-            for key, (a, _) in self._host_of(index).weights.items()
-        )
+            for key, (a, _) in host.weights.items()
+        ) and all(key in self._scales for key in host.scales)
 
     def _ensure_resident(self, required: list[int]) -> None:
         for index in required:
@@ -184,10 +199,28 @@ class AdapterLayout:
             torch._foreach_zero_(zero)
         if dst:
             torch._foreach_copy_(dst, src)  # on CUDA a few multi-tensor launches instead of 448 copies
+        if self._scales:
+            self._scatter_scales(host, slot)
+
+    def _scatter_scales(self, host: HostAdapter, slot: int) -> None:
+        """The adapter's DoRA scales into `slot` (one upload); ones where it has none (plain LoRA)."""
+        keys = [k for k in self._scales if k in host.scales]
+        if keys:
+            flat = torch.cat([host.scales[k] for k in keys]).to(self.device, non_blocking=True)
+            parts = flat.split([host.scales[k].numel() for k in keys])
+            torch._foreach_copy_([self._scales[k][slot] for k in keys], list(parts))
+        ones = [s[slot] for k, s in self._scales.items() if k not in host.scales]
+        if ones:
+            torch._foreach_zero_(ones)
+            torch._foreach_add_(ones, 1.0)
 
     def _zero_slot(self, slot: int) -> None:
         if self._stacks:
             torch._foreach_zero_([t[slot] for ab in self._stacks.values() for t in ab])
+        if self._scales:
+            rows = [s[slot] for s in self._scales.values()]
+            torch._foreach_zero_(rows)
+            torch._foreach_add_(rows, 1.0)
 
     def _rebuild(self, members: list[int], cap: int) -> None:
         """New stacks of `cap` slots shaped for `members` (LRU order kept); everyone else is evicted.
@@ -207,13 +240,14 @@ class AdapterLayout:
                 or self.device_bytes() + self._layout_bytes(cap, need) <= self.budget_bytes
             )
         )
-        old_stacks, old_slots = self._stacks, self._slot_of
-        self._stacks = {}  # a new dict: an older AdapterBatchData keeps its own consistent view
+        old_stacks, old_scales, old_slots = self._stacks, self._scales, self._slot_of
+        self._stacks, self._scales = {}, {}  # new dicts: an older AdapterBatchData keeps its own view
         self._slot_of = OrderedDict()
         if not carry:
-            old_stacks = {}  # dropped before allocating, so old and new never coexist
+            old_stacks, old_scales = {}, {}  # dropped before allocating, so old and new never coexist
         self._cap = cap
         self._stacks = _zeroed_stacks(cap, need, self.device, self.dtype)
+        self._scales = _ones_scales(cap, need, self.device)
         self.layout_version += 1
         if carry:
             n = min(cap, max(old_slots.values()) + 1)  # every staying slot is below n
@@ -225,6 +259,10 @@ class AdapterLayout:
                 r = min(old_a.shape[1], new_a.shape[1])  # rows past a smaller new R held evicted ones only
                 dst += [new_a[:n, :r], new_b[:n, :, :r]]  # [n, r, in], [n, out, r]
                 src += [old_a[:n, :r], old_b[:n, :, :r]]
+            for key, old in old_scales.items():
+                if key in self._scales:
+                    dst.append(self._scales[key][:n])
+                    src.append(old[:n])
             if dst:
                 torch._foreach_copy_(dst, src)
             for i in members:
@@ -242,7 +280,7 @@ class AdapterLayout:
 _ALIGN_BYTES = 256  # every stack starts at this alignment inside the shared buffer (vector loads)
 
 
-def _zeroed_stacks(cap: int, need: dict[Key, tuple[int, int, int]], device: torch.device,
+def _zeroed_stacks(cap: int, need: dict[Key, tuple[int, int, int, bool]], device: torch.device,
                    dtype: torch.dtype) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """Stacks A [cap, R, in] and B [cap, out, R] per module: contiguous views of one zeroed buffer.
 
@@ -251,7 +289,7 @@ def _zeroed_stacks(cap: int, need: dict[Key, tuple[int, int, int]], device: torc
     """
     align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
     shapes, total = [], 0
-    for key, (r, fan_in, fan_out) in sorted(need.items()):
+    for key, (r, fan_in, fan_out, _) in sorted(need.items()):
         for shape in ((cap, r, fan_in), (cap, fan_out, r)):
             shapes.append((key, shape, total))
             total += -(-(shape[0] * shape[1] * shape[2]) // align) * align
@@ -260,3 +298,13 @@ def _zeroed_stacks(cap: int, need: dict[Key, tuple[int, int, int]], device: torc
     for key, shape, offset in shapes:
         views.setdefault(key, []).append(flat[offset : offset + shape[0] * shape[1] * shape[2]].view(shape))
     return {key: (a, b) for key, (a, b) in views.items()}
+
+
+def _ones_scales(cap: int, need: dict[Key, tuple[int, int, int, bool]], device: torch.device) -> dict:
+    """DoRA scale stacks [cap, out_local] float32 of ones (scale 1: no DoRA) for the modules that need one."""
+    keys = sorted(k for k, v in need.items() if v[3])
+    if not keys:
+        return {}
+    flat = torch.ones(cap * sum(need[k][2] for k in keys), dtype=torch.float32, device=device)
+    return {k: t.view(cap, need[k][2]) for k, t in zip(keys, flat.split([cap * need[k][2] for k in keys]),
+                                                        strict=True)}  # fmt: skip

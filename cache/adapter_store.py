@@ -3,7 +3,8 @@
 Public API (called by the engine from its one model thread; not thread-safe):
 
     store = AdapterStore(config, device, dtype, budget_bytes=None, tp=None, max_slots=64,
-                         sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...])
+                         sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...],
+                         base_weights=model.projection_weight)   # DoRA's norms read the base weights
     store.download(spec) -> float        # fetch + validate; device bytes of the adapter / budget
     store.load(index, spec) -> None      # register under index and make it device-resident
     store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
@@ -18,6 +19,12 @@ missing), AdapterConflict (FAILED_PRECONDITION: load on an index holding another
 (RESOURCE_EXHAUSTED: one batch or one adapter needs more than the budget).
 
 Index 0 is the base model unless an adapter was loaded (or preloaded) there; any other index must be loaded.
+
+DoRA adapters: `load` computes each module's output scale m / ||W + s B A|| from the base weights
+(model/adapters/dora.py; one all-reduce under tensor parallelism) and keeps it with the entry; the
+layout serves it as a per-slot scale stack. Under tensor parallelism every `load` first agrees with the
+other ranks on whether the adapter could be read anywhere (one small all-reduce), so that a failure on
+one rank fails the load on all of them instead of leaving one rank out of a later collective.
 
 Device layout and LRU residency (stacks, slots, budget, `layout_version`): `cache.adapter_layout`, the
 base class of AdapterStore.
@@ -35,17 +42,25 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from cache.adapter_layout import AdapterLayout, HostAdapter, HostWeights, Key, rank_bucket
 from cache.adapter_sources import AdapterSources
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
-from model.adapters.errors import AdapterBudgetExceeded, AdapterConflict, AdapterInvalid, AdapterNotFound
+from model.adapters.dora import dora_scales
+from model.adapters.errors import (
+    AdapterBudgetExceeded,
+    AdapterConflict,
+    AdapterError,
+    AdapterInvalid,
+    AdapterNotFound,
+    AdapterSourceUnsupported,
+)
 from model.adapters.merge import check_merge, merge_modules, merge_seed
 from model.adapters.peft_loader import LoraModule, read_peft_adapter
-from model.adapters.sharding import shard_lora
+from model.adapters.sharding import shard_lora, shard_output_vector
 
 __all__ = ["AdapterStore", "rank_bucket"]  # rank_bucket: imported from here by tests and bench/adapter_load
 
@@ -73,10 +88,12 @@ class AdapterStore(AdapterLayout):
     def __init__(self, config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  budget_bytes: int | None = None, tp=None, max_slots: int = 64,
                  sources: AdapterSources | None = None, preloaded: Sequence[tuple[int, object]] = (),
-                 host_cache_entries: int = 8):  # fmt: skip
+                 host_cache_entries: int = 8,
+                 base_weights: Callable[[int, str], torch.Tensor] | None = None):  # fmt: skip
         super().__init__(device, dtype, budget_bytes, max_slots)
         self.config = config
         self.tp = tp
+        self._base_weights = base_weights  # (layer_idx, target) -> this rank's base weight (DoRA)
         self.sources = sources or AdapterSources()
         self._entries: dict[int, _Entry] = {}
         self._host_cache: OrderedDict[object, HostAdapter] = OrderedDict()  # downloaded, by spec
@@ -105,7 +122,14 @@ class AdapterStore(AdapterLayout):
                 f"adapter index {index} already holds {list(entry.spec.adapter_ids)}; offload it before "
                 f"loading {list(spec.adapter_ids)}"
             )
-        host = self._host_weights(spec)
+        host, error = None, None
+        try:
+            host = self._host_weights(spec)
+        except Exception as e:  # every rank must reach the agreement below
+            error = e
+        self._agree(spec, error)
+        if host.magnitudes:
+            host = dataclasses.replace(host, scales=self._dora_scales(host))
         with self._host_lock:
             self._entries[index] = _Entry(spec, host, self._next_generation)
         self._next_generation += 1
@@ -157,7 +181,7 @@ class AdapterStore(AdapterLayout):
         Valid until the next load/offload/batch_data that changes `layout_version` or evicts.
         """
         meta = AdapterBatchMetadata.from_requests(self.request_slots(adapter_indices), tokens, self.device)
-        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp, lm_head_indices)
+        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp, lm_head_indices, self._scales)
 
     def request_slots(self, adapter_indices: Sequence[int]) -> list[int]:
         """Device slot per request (-1: base), after making every adapter of the batch resident.
@@ -174,7 +198,7 @@ class AdapterStore(AdapterLayout):
 
     def graph_batch_data(self, meta: AdapterBatchMetadata) -> AdapterBatchData:
         """Decode AdapterBatchData over the current stacks for a graph bucket's static metadata."""
-        return AdapterBatchData(meta, self._stacks, False, self.tp)
+        return AdapterBatchData(meta, self._stacks, False, self.tp, scales=self._scales)
 
     # ---- host side ------------------------------------------------------------------------------------
     def _host_weights(self, spec) -> HostAdapter:
@@ -201,6 +225,11 @@ class AdapterStore(AdapterLayout):
             for i in spec.adapter_ids
         ]
         if merge is not None:
+            if any(m.magnitude is not None for f in files for m in f.modules.values()):
+                raise AdapterSourceUnsupported(
+                    "merging DoRA adapters is not supported: each magnitude vector belongs to its own "
+                    "factors (and PEFT's add_weighted_adapter keeps the new adapter's initial magnitude)"
+                )
             modules = merge_modules([f.modules for f in files], merge, merge_seed(spec.adapter_ids, merge))
         else:
             modules = files[0].modules
@@ -253,8 +282,43 @@ class AdapterStore(AdapterLayout):
             oa, ob = oa + a.numel(), ob + b.numel()
         for start, end, scale in runs:
             flat[start:end].mul_(scale)
-        return HostAdapter(flat, weights, offsets)
+        magnitudes = {  # owned float32 copies: the file mapping may change later
+            key: shard_output_vector(key[1], m.magnitude.float(), self.config, rank, world).clone()
+            for key, m in modules.items()
+            if m.magnitude is not None
+        }
+        return HostAdapter(flat, weights, offsets, magnitudes)
+
+    def _dora_scales(self, host: HostAdapter) -> dict[Key, torch.Tensor]:
+        if self._base_weights is None:
+            raise AdapterSourceUnsupported(
+                "DoRA adapters need the base model's weights, and this adapter store was built without them"
+            )
+        modules = {key: (*host.weights[key], m) for key, m in host.magnitudes.items()}
+        return dora_scales(modules, self._base_weights, self.tp)
+
+    def _agree(self, spec, error: Exception | None) -> None:
+        """Raise `error`, or, with world size > 1, the failure of any other rank loading `spec`."""
+        if self.tp is not None and self.tp.world_size > 1:
+            mine = 0 if error is None else 1 + next(
+                (i for i, cls in enumerate(_AGREED_ERRORS) if isinstance(error, cls)), len(_AGREED_ERRORS) - 1
+            )
+            flag = torch.tensor([mine], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.tp.group)
+            worst = int(flag.item())
+            if error is None and worst:
+                raise _AGREED_ERRORS[worst - 1](
+                    f"adapter {list(spec.adapter_ids)} failed to load on another tensor-parallel rank (its "
+                    "log says why)"
+                )
+        if error is not None:
+            raise error
 
     def _host_of(self, index: int) -> HostAdapter:
         return self._entries[index].host
 
+
+
+# The kinds of failure one rank can report to the others (agreement in `load`); the last is the catch-all.
+_AGREED_ERRORS = (AdapterNotFound, AdapterInvalid, AdapterSourceUnsupported, AdapterBudgetExceeded,
+                  AdapterConflict, AdapterError)  # fmt: skip

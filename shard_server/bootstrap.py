@@ -64,8 +64,10 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def build_adapter_store(
-    config: ShardConfig, model_config: MistralConfig, device: torch.device, dtype: torch.dtype, tp: TPGroup
+    config: ShardConfig, model_config: MistralConfig, device: torch.device, dtype: torch.dtype, tp: TPGroup,
+    base_weights=None,
 ) -> AdapterStore:
+    """`base_weights`: the model's `projection_weight` (DoRA adapters need the base weights)."""
     budget = int(config.adapter_memory_fraction * device_memory_bytes(device))
     preloaded = [
         (i + 1, AdapterSpec(adapter_ids=(a,), source="local" if Path(a).is_dir() else "hub"))
@@ -73,5 +75,6 @@ def build_adapter_store(
     ]
     sources = AdapterSources(AdapterSourceConfig(adapter_root=config.adapter_root))
     return AdapterStore(
-        model_config, device, dtype, budget_bytes=budget, tp=tp, sources=sources, preloaded=preloaded
+        model_config, device, dtype, budget_bytes=budget, tp=tp, sources=sources, preloaded=preloaded,
+        base_weights=base_weights,
     )

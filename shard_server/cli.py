@@ -53,6 +53,7 @@ def _add_tiny_adapter(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated target modules")
     p.add_argument("--rslora", action="store_true")
+    p.add_argument("--dora", action="store_true", help="a DoRA adapter (use_dora, magnitude vectors)")
     p.add_argument("--seed", type=int, default=1)
 
 
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             alpha=args.alpha,
             target_modules=tuple(t for t in args.targets.split(",") if t),
             use_rslora=args.rslora,
+            use_dora=args.dora,
             seed=args.seed,
         )
         print(out)

@@ -49,7 +49,7 @@ class ShardEngine:
         self.kv_scales = KVScaleKeeper(self.model, self.kv_dtype, config.model_dir)
         self.sizing = KVSizing(self.model, self.kv_dtype, config.max_kv_cache_bytes)
         self.adapters: AdapterStore = build_adapter_store(
-            config, self.model_config, self.device, self.dtype, self.tp
+            config, self.model_config, self.device, self.dtype, self.tp, self.model.projection_weight
         )
         num_blocks = self.sizing.initial_blocks()
         self.runner = ModelRunner(self.model, self.kv_scales.new_cache(num_blocks), self.adapters)

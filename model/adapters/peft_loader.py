@@ -10,6 +10,10 @@ Output: a `LoraAdapter` on the host, float32, whose B is already multiplied by t
 (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA; per-module `rank_pattern`/`alpha_pattern`
 honoured), so that at serving time every kernel computes `y += (x @ A.T) @ B.T` with no scale argument.
 
+DoRA (`use_dora: true`): each module also has `...{module}.lora_magnitude_vector` [out] (no `.weight`
+suffix in the file), kept as `LoraModule.magnitude`; the per-output scale m / ||W + s B A||_row needs
+the base weight W and is computed by the adapter store at load (model/adapters/dora.py).
+
 The adapter store's fast path, `read_peft_adapter`, does the same validation but returns `PeftTensors`:
 A and B as views of one read-only mapping of the file (its dtype, no copy) plus each module's scale, so
 that the store can slice, cast and scale them straight into its own host buffer in a single pass
@@ -17,7 +21,8 @@ that the store can slice, cast and scale them straight into its own host buffer 
 
 Refused (AdapterInvalid, the message names the problem): a pickle-only `adapter_model.bin` (never opened,
 let alone unpickled), missing files, a non-LoRA peft_type, DoRA, `modules_to_save`, LoRA biases, unknown
-target modules, layers beyond the base model, shapes that do not fit the base model, ranks outside 1..256.
+target modules, layers beyond the base model, shapes that do not fit the base model, ranks outside 1..256,
+a DoRA magnitude vector without `use_dora` (or `use_dora` with a module lacking one), non-finite magnitudes.
 """
 
 from __future__ import annotations
@@ -45,7 +50,6 @@ PICKLE_FILE = "adapter_model.bin"
 
 # adapter_config.json fields that change the math in ways this shard does not implement.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (use_dora=true) is not supported: only plain LoRA adapters can be served",
     "modules_to_save": "modules_to_save is not supported: the adapter replaces whole base modules",
     "lora_bias": "LoRA biases (lora_bias=true) are not supported",
     "fan_in_fan_out": "fan_in_fan_out=true (Conv1D-style transposed weights) does not apply to Mistral",
@@ -54,7 +58,9 @@ _UNSUPPORTED_FIELDS = {
     "use_qalora": "QA-LoRA (use_qalora=true) is not supported",
 }
 
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<part>lora_A|lora_B)\.weight$")
+_KEY_RE = re.compile(
+    r"^base_model\.model\.(?P<module>.+?)\.(?:(?P<part>lora_A|lora_B)\.weight|lora_magnitude_vector)$"
+)
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -149,6 +155,7 @@ class LoraModule:
     a: torch.Tensor  # [r, in], the file's dtype; a view of the file mapping (read-only use)
     b: torch.Tensor  # [out, r], ditto, unscaled
     scale: float
+    magnitude: torch.Tensor | None = None  # DoRA: [out], ditto; None for plain LoRA
 
 
 @dataclass
@@ -212,7 +219,7 @@ def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name!r}: data offsets {[begin, end]} outside the {data_len}-byte data")
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
-            if name.endswith((".lora_A.weight", ".lora_B.weight")):
+            if name.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")):
                 raise ValueError(
                     f"{name!r} has dtype {dtype_name}; LoRA weights must be one of {list(_DTYPES)}"
                 )
@@ -244,18 +251,16 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _parse_key(key: str, num_layers: int, where: Path) -> tuple[int, str, str] | None:
-    """-> (layer_idx, target, 'lora_A'|'lora_B'), None for keys to skip; raises on unsupported keys."""
+    """-> (layer_idx, target, 'lora_A'|'lora_B'|'magnitude'), None for keys to skip; raises on others."""
     m = _KEY_RE.match(key)
     if m is None:
         # peft saves the unchanged base weight of an lm_head/embedding target (save_embedding_layers).
         if key.endswith(".base_layer.weight"):
             return None
-        if "lora_magnitude_vector" in key:
-            raise AdapterInvalid(f"{where}: DoRA magnitude vector {key!r} is not supported")
         if "modules_to_save" in key:
             raise AdapterInvalid(f"{where}: modules_to_save weight {key!r} is not supported")
         raise AdapterInvalid(f"{where}: unsupported tensor {key!r} (not a LoRA A/B weight)")
-    module, part = m.group("module"), m.group("part")
+    module, part = m.group("module"), m.group("part") or "magnitude"
     target = module.split(".")[-1]
     if target not in TARGETS:
         raise AdapterInvalid(
@@ -301,8 +306,10 @@ def validate_lora_tensors(
 
     alpha, r_default = cfg.get("lora_alpha", cfg["r"]), cfg["r"]
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    dora = bool(cfg.get("use_dora"))
     out = PeftTensors(name=name)
     for (layer, target), ab in sorted(parts.items()):
+        magnitude = _magnitude(ab.pop("magnitude", None), dora, layer, target, shapes, where)
         if set(ab) != {"lora_A", "lora_B"}:
             raise AdapterInvalid(
                 f"{where}: layer {layer} {target} has only {sorted(ab)}; needs lora_A and lora_B"
@@ -326,7 +333,28 @@ def validate_lora_tensors(
             raise AdapterInvalid(f"{where}: {ka!r} has rank {r} but adapter_config.json says r={r_cfg}")
         a_mod = _pattern_value(alpha_pattern, module, alpha)
         scale = a_mod / math.sqrt(r) if cfg.get("use_rslora") else a_mod / r
-        out.modules[(layer, target)] = LoraModule(a, b, scale)
+        out.modules[(layer, target)] = LoraModule(a, b, scale, magnitude)
     if not out.modules:
         raise AdapterInvalid(f"{where}: no LoRA weights found")
     return out
+
+
+def _magnitude(entry, dora: bool, layer: int, target: str, shapes: TargetShapes, where: Path):
+    """The DoRA magnitude vector of one module [out] (None for plain LoRA), checked."""
+    if entry is None:
+        if dora:
+            raise AdapterInvalid(
+                f"{where}: use_dora is set but layer {layer} {target} has no lora_magnitude_vector"
+            )
+        return None
+    key, m = entry
+    if not dora:
+        raise AdapterInvalid(
+            f"{where}: DoRA magnitude vector {key!r} present but adapter_config.json does not set use_dora"
+        )
+    fan_out = shapes.shapes[target][1]
+    if tuple(m.shape) != (fan_out,):
+        raise AdapterInvalid(f"{where}: shape mismatch for {key!r}: got {tuple(m.shape)}, needs ({fan_out},)")
+    if not torch.isfinite(m).all():
+        raise AdapterInvalid(f"{where}: {key!r} has non-finite values")
+    return m

@@ -101,7 +101,8 @@ def test_reused_slot_is_cleared_and_tight_budget_reuploads_from_host(tmp_path):
     third = adapter(tmp_path / "third", rank=4, seed=3)
     probe = AdapterStore(CONFIG, "cpu", torch.float32)
     host = probe._host_weights(local(big))
-    one_slot = probe._layout_bytes(1, {k: (8, a.shape[1], b.shape[0]) for k, (a, b) in host.weights.items()})
+    need = {k: (8, a.shape[1], b.shape[0], False) for k, (a, b) in host.weights.items()}  # (R, in, out, DoRA)
+    one_slot = probe._layout_bytes(1, need)
     # Two slots fit the budget, but two slots plus one old slot do not: growth re-uploads from the host.
     store = AdapterStore(CONFIG, "cpu", torch.float32, budget_bytes=2 * one_slot)
     store.load(1, local(big))

@@ -101,9 +101,28 @@ def test_refuses_pickle_only_adapter_without_unpickling(bad_copy, tmp_path, monk
     assert not sentinel.exists()
 
 
-def test_refuses_dora(bad_copy, tiny_model_dir):
+def test_refuses_use_dora_without_magnitude_vectors(bad_copy, tiny_model_dir):
     _edit_config(bad_copy, use_dora=True)
-    with pytest.raises(AdapterInvalid, match="DoRA"):
+    with pytest.raises(AdapterInvalid, match="use_dora is set but layer 0 q_proj has no lora_magnitude_vector"):
+        load_peft_adapter(bad_copy, base_config(tiny_model_dir))
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [(torch.ones(63), r"shape mismatch .*lora_magnitude_vector.*got \(63,\), needs \(64,\)"),
+     (torch.tensor([1.0] * 63 + [float("inf")]), "lora_magnitude_vector' has non-finite values")],
+)  # fmt: skip
+def test_refuses_bad_dora_magnitude_vectors(bad_copy, tiny_model_dir, value, message):
+    def add(t):
+        for k in [k for k in t if k.endswith("lora_A.weight")]:
+            out = 32 if ".v_proj." in k else 64  # tiny model: 4 query heads x 16, 2 KV heads x 16
+            t[k.replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(out)
+        t["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = value
+        return t
+
+    _edit_config(bad_copy, use_dora=True)
+    _edit_tensors(bad_copy, add)
+    with pytest.raises(AdapterInvalid, match=message):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
@@ -113,7 +132,7 @@ def test_refuses_dora_magnitude_tensor_even_if_config_hides_it(bad_copy, tiny_mo
         return t
 
     _edit_tensors(bad_copy, add)
-    with pytest.raises(AdapterInvalid, match="DoRA magnitude vector"):
+    with pytest.raises(AdapterInvalid, match="DoRA magnitude vector .* does not set use_dora"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
