@@ -1,14 +1,17 @@
-"""Where adapter files come from: LOCAL directories and the Hugging Face Hub; S3 and PBASE are refused.
+"""Where adapter files come from: LOCAL directories, the Hugging Face Hub, S3; PBASE is refused.
 
-    sources = AdapterSources(AdapterSourceConfig(adapter_root=..., hub_cache_dir=..., hub_offline=...))
+    sources = AdapterSources(AdapterSourceConfig(adapter_root=..., hub_cache_dir=..., hub_offline=...,
+                                                 s3=S3CacheConfig(cache_dir=..., max_bytes=...)))
     path = sources.resolve(adapter_id, source, api_token)     # -> local directory holding the PEFT files
 
 LOCAL: `adapter_id` is a directory. With `adapter_root` set, ids are confined to it: a relative id is taken
 under the root, and the fully resolved path (symlinks and `..` resolved) must stay inside the resolved
 root, else AdapterInvalid. HUB: `org/name` or `org/name@revision`, fetched by huggingface_hub into its
 standard cache (`models--org--name/snapshots/<commit>/`, `refs/<revision>`); only the two PEFT files are
-fetched. This module reads no environment variable: huggingface_hub itself honours HF_HUB_OFFLINE and
-HF_HUB_CACHE/HF_HOME; the CLI can also pass `hub_offline` / `hub_cache_dir` explicitly.
+fetched. S3: `s3://bucket/prefix` into a size-bounded local cache (cache/s3_source.py), then read like
+LOCAL. PBASE (Predibase's hosted registry) needs a proprietary service: UNIMPLEMENTED.
+This module reads no environment variable: huggingface_hub itself honours HF_HUB_OFFLINE and
+HF_HUB_CACHE/HF_HOME, boto3 the AWS_* settings; the CLI can also pass `hub_offline` / `hub_cache_dir`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache.s3_source import S3Adapters, S3CacheConfig
 from model.adapters.errors import AdapterInvalid, AdapterNotFound, AdapterSourceUnsupported
 from model.adapters.peft_loader import CONFIG_FILE, WEIGHTS_FILE
 
@@ -27,11 +31,13 @@ class AdapterSourceConfig:
     adapter_root: Path | None = None  # LOCAL ids must resolve inside it (None: any directory)
     hub_cache_dir: Path | None = None  # None: huggingface_hub's default cache
     hub_offline: bool = False  # True: cache only (local_files_only), never the network
+    s3: S3CacheConfig | None = None  # None: S3 ids are refused (no cache directory to put them in)
 
 
 class AdapterSources:
     def __init__(self, config: AdapterSourceConfig | None = None):
         self.config = config or AdapterSourceConfig()
+        self._s3 = S3Adapters(self.config.s3) if self.config.s3 is not None else None
 
     def resolve(self, adapter_id: str, source: str = "hub", api_token: str | None = None) -> Path:
         """-> directory with adapter_config.json (+ adapter_model.safetensors). Raises Adapter* errors."""
@@ -42,12 +48,17 @@ class AdapterSources:
             return self._hub(adapter_id, api_token)
         if source == "pbase":
             raise AdapterSourceUnsupported(
-                f"adapter source PBASE (proprietary) is not supported by this shard: {adapter_id!r}"
+                f"adapter source PBASE is not supported by this shard: {adapter_id!r} names an adapter in "
+                "Predibase's hosted registry, which only Predibase's proprietary service and API serve; "
+                "publish it to the Hugging Face Hub or S3, or pass a LOCAL directory"
             )
         if source == "s3":
-            raise AdapterSourceUnsupported(
-                f"adapter source S3 is not supported by this shard: {adapter_id!r}"
-            )
+            if self._s3 is None:
+                raise AdapterSourceUnsupported(
+                    f"S3 adapter {adapter_id!r}: this shard has no adapter cache directory for S3 downloads "
+                    "(--adapter-cache-dir)"
+                )
+            return self._s3.fetch(adapter_id)
         raise AdapterInvalid(f"unknown adapter source {source!r}; known: {', '.join(SOURCES)}")
 
     def _local(self, adapter_id: str) -> Path:

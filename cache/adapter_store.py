@@ -56,7 +56,9 @@ from model.adapters.errors import (
     AdapterError,
     AdapterInvalid,
     AdapterNotFound,
+    AdapterPermissionDenied,
     AdapterSourceUnsupported,
+    AdapterUnavailable,
 )
 from model.adapters.merge import check_merge, merge_modules, merge_seed
 from model.adapters.peft_loader import LoraModule, read_peft_adapter
@@ -321,4 +323,4 @@ class AdapterStore(AdapterLayout):
 
 # The kinds of failure one rank can report to the others (agreement in `load`); the last is the catch-all.
 _AGREED_ERRORS = (AdapterNotFound, AdapterInvalid, AdapterSourceUnsupported, AdapterBudgetExceeded,
-                  AdapterConflict, AdapterError)  # fmt: skip
+                  AdapterConflict, AdapterPermissionDenied, AdapterUnavailable, AdapterError)  # fmt: skip

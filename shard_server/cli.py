@@ -76,6 +76,17 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--adapter-root", default=None, help="directory for downloaded / local adapters")
     p.add_argument("--adapter-memory-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--adapter-cache-dir",
+        default=None,
+        help="where S3 adapters are downloaded (default $XDG_CACHE_HOME or ~/.cache, /shard-server/adapters)",
+    )
+    p.add_argument(
+        "--adapter-cache-max-bytes",
+        type=int,
+        default=20 << 30,
+        help="size bound of --adapter-cache-dir; least recently used adapters are deleted beyond it",
+    )
     p.add_argument("--preloaded-adapter-ids", nargs="*", default=[], metavar="ID")
     p.add_argument(
         "--block-allocator",
@@ -139,6 +150,11 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _default_cache_dir(env: dict[str, str]) -> Path:
+    base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or "/tmp") / ".cache")
+    return Path(base) / "shard-server" / "adapters"
+
+
 def shard_config_from_args(args: argparse.Namespace, env: dict[str, str]) -> ShardConfig:
     model_dir = Path(args.model_dir)
     device = args.device or _default_device()
@@ -152,6 +168,8 @@ def shard_config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Sha
         max_kv_cache_bytes=args.max_kv_cache_bytes,
         adapter_root=Path(args.adapter_root) if args.adapter_root else None,
         adapter_memory_fraction=args.adapter_memory_fraction,
+        adapter_cache_dir=Path(args.adapter_cache_dir) if args.adapter_cache_dir else _default_cache_dir(env),
+        adapter_cache_max_bytes=args.adapter_cache_max_bytes,
         preloaded_adapter_ids=tuple(args.preloaded_adapter_ids),
         block_allocator=args.block_allocator,
         max_batch_size=args.max_batch_size,
@@ -174,6 +192,8 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
         args.kv_cache_dtype,
         "--adapter-memory-fraction",
         repr(args.adapter_memory_fraction),
+        "--adapter-cache-max-bytes",
+        str(args.adapter_cache_max_bytes),
         "--block-allocator",
         args.block_allocator,
         "--log-format",
@@ -187,6 +207,7 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
         ("--device", args.device),
         ("--dtype", args.dtype),
         ("--adapter-root", args.adapter_root),
+        ("--adapter-cache-dir", args.adapter_cache_dir),
         ("--max-kv-cache-bytes", args.max_kv_cache_bytes),
         ("--max-batch-size", args.max_batch_size),
     ):

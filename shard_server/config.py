@@ -28,6 +28,10 @@ class ShardConfig:
     max_kv_cache_bytes: int | None = None
     adapter_root: Path | None = None  # where DownloadAdapter puts / LoadAdapter finds adapters
     adapter_memory_fraction: float = 0.1  # share of device memory the adapter store may use
+    # S3 adapters are downloaded here (one directory per adapter, least recently used deleted first
+    # beyond adapter_cache_max_bytes); None: S3 ids are refused.
+    adapter_cache_dir: Path | None = None
+    adapter_cache_max_bytes: int = 20 << 30
     # Adapters loaded at start-up (ids as LoadAdapter would name them, source LOCAL when a directory);
     # the engine picks their indices and reports them in info().preloaded_adapters.
     preloaded_adapter_ids: tuple[str, ...] = ()
@@ -47,6 +51,8 @@ class ShardConfig:
         _one_of("block_allocator", self.block_allocator, BLOCK_ALLOCATORS)
         if self.max_kv_cache_bytes is not None and self.max_kv_cache_bytes <= 0:
             raise ValueError(f"max_kv_cache_bytes must be > 0, got {self.max_kv_cache_bytes}")
+        if self.adapter_cache_max_bytes <= 0:
+            raise ValueError(f"adapter_cache_max_bytes must be > 0, got {self.adapter_cache_max_bytes}")
         if not 0.0 < self.adapter_memory_fraction <= 1.0:
             raise ValueError(f"adapter_memory_fraction must be in (0, 1], got {self.adapter_memory_fraction}")
         if self.max_batch_size is not None and self.max_batch_size < 1:

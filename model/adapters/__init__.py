@@ -1,4 +1,5 @@
-"""PEFT LoRA adapters: loading (peft_loader), merging (merge), per-batch data (batch), reference ops (ops)."""
+"""PEFT LoRA/DoRA adapters: loading (peft_loader), merging (merge), DoRA scales (dora), per-batch data
+(batch), reference ops (ops)."""
 
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
 from model.adapters.errors import (
@@ -7,7 +8,9 @@ from model.adapters.errors import (
     AdapterError,
     AdapterInvalid,
     AdapterNotFound,
+    AdapterPermissionDenied,
     AdapterSourceUnsupported,
+    AdapterUnavailable,
 )
 from model.adapters.merge import merge_adapters
 from model.adapters.peft_loader import LM_HEAD_LAYER, TARGETS, LoraAdapter, load_peft_adapter
@@ -22,7 +25,9 @@ __all__ = [
     "AdapterError",
     "AdapterInvalid",
     "AdapterNotFound",
+    "AdapterPermissionDenied",
     "AdapterSourceUnsupported",
+    "AdapterUnavailable",
     "LoraAdapter",
     "load_peft_adapter",
     "merge_adapters",

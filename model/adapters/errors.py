@@ -42,3 +42,15 @@ class AdapterBudgetExceeded(AdapterError):
     """The adapters one batch (or one LoadAdapter) needs do not fit the device adapter budget."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class AdapterPermissionDenied(AdapterError):
+    """The adapter's source refused access (S3 AccessDenied, no usable credentials)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class AdapterUnavailable(AdapterError):
+    """The adapter's source could not be reached or failed transiently (network, 5xx); retrying may work."""
+
+    code = "UNAVAILABLE"

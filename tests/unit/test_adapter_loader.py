@@ -103,7 +103,7 @@ def test_refuses_pickle_only_adapter_without_unpickling(bad_copy, tmp_path, monk
 
 def test_refuses_use_dora_without_magnitude_vectors(bad_copy, tiny_model_dir):
     _edit_config(bad_copy, use_dora=True)
-    with pytest.raises(AdapterInvalid, match="use_dora is set but layer 0 q_proj has no lora_magnitude_vector"):
+    with pytest.raises(AdapterInvalid, match="use_dora is set but layer 0 q_proj has no lora_magnitude"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 

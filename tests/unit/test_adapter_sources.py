@@ -42,13 +42,13 @@ def test_local_root_confines_ids_resolving_symlinks_and_dotdot(root, tmp_path):
         src.resolve("team/missing", "local")
 
 
-def test_s3_and_pbase_are_unsupported_with_a_clear_message():
+def test_pbase_is_unsupported_saying_why_and_s3_needs_a_cache_directory():
     src = AdapterSources()
-    with pytest.raises(AdapterSourceUnsupported, match="PBASE .*not supported") as e:
+    with pytest.raises(AdapterSourceUnsupported, match="PBASE is not supported.*Predibase's") as e:
         src.resolve("org/x", "pbase")
     assert e.value.code == "UNIMPLEMENTED"
-    with pytest.raises(AdapterSourceUnsupported, match="S3 is not supported"):
-        src.resolve("bucket/x", "s3")
+    with pytest.raises(AdapterSourceUnsupported, match="no adapter cache directory.*--adapter-cache-dir"):
+        src.resolve("s3://bucket/x", "s3")
     with pytest.raises(AdapterInvalid, match="unknown adapter source 'ftp'"):
         src.resolve("x", "ftp")
 
