@@ -259,12 +259,11 @@ class AdapterLayout:
                 r = min(old_a.shape[1], new_a.shape[1])  # rows past a smaller new R held evicted ones only
                 dst += [new_a[:n, :r], new_b[:n, :, :r]]  # [n, r, in], [n, out, r]
                 src += [old_a[:n, :r], old_b[:n, :, :r]]
-            for key, old in old_scales.items():
-                if key in self._scales:
-                    dst.append(self._scales[key][:n])
-                    src.append(old[:n])
             if dst:
                 torch._foreach_copy_(dst, src)
+            kept = [k for k in old_scales if k in self._scales]  # float32: a multi-tensor copy of its own
+            if kept:
+                torch._foreach_copy_([self._scales[k][:n] for k in kept], [old_scales[k][:n] for k in kept])
             for i in members:
                 if i in old_slots:
                     self._slot_of[i] = old_slots[i]
@@ -301,7 +300,7 @@ def _zeroed_stacks(cap: int, need: dict[Key, tuple[int, int, int, bool]], device
 
 
 def _ones_scales(cap: int, need: dict[Key, tuple[int, int, int, bool]], device: torch.device) -> dict:
-    """DoRA scale stacks [cap, out_local] float32 of ones (scale 1: no DoRA) for the modules that need one."""
+    """DoRA scale stacks [cap, out_local] float32 of ones (scale 1: no DoRA) where `need` says DoRA."""
     keys = sorted(k for k, v in need.items() if v[3])
     if not keys:
         return {}
