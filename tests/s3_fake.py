@@ -20,11 +20,13 @@ import urllib.request
 from pathlib import Path
 
 REGION = "us-east-1"
-_SERVER = (
-    "import sys, time\n"
+_SERVER = (  # exits when the test process that started it is gone, however it ended
+    "import os, sys, time\n"
     "from moto.server import ThreadedMotoServer\n"
+    "parent = os.getppid()\n"
     "ThreadedMotoServer(ip_address='127.0.0.1', port=int(sys.argv[1]), verbose=False).start()\n"
-    "while True: time.sleep(3600)\n"
+    "while os.getppid() == parent: time.sleep(1)\n"
+    "os._exit(0)\n"
 )
 
 
@@ -42,6 +44,13 @@ class FakeS3:
             [sys.executable, "-c", _SERVER, str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+        try:
+            self._wait_and_enforce_iam()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_and_enforce_iam(self) -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -49,7 +58,6 @@ class FakeS3:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
                     raise RuntimeError("moto server did not start") from None
                 time.sleep(0.1)
         self.admin = self._user("admin", [{"Effect": "Allow", "Action": "*", "Resource": "*"}], no_auth=True)
