@@ -100,7 +100,7 @@ class Bench:
 
     def build_engine(self) -> None:
         from shard_server.config import ShardConfig
-        from shard_server.engine import ShardEngine
+        from shard_server.engine.engine import ShardEngine
         from shard_server.types import BatchSpec
 
         p = self.plan

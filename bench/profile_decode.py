@@ -52,7 +52,7 @@ class DecodeCase:
     def __init__(self, model: FlashMistralForCausalLM, batch: int, context: int, kv_dtype=None):
         dev, bs = model.device, model.block_size
         blocks_per_seq = -(-(context + 1) // bs)
-        self.kv = model.new_kv_cache(batch * blocks_per_seq + 1, kv_dtype)
+        self.kv = KVCache.for_model(model, batch * blocks_per_seq + 1, kv_dtype)
         self.model, self.batch, self.context = model, batch, context
         first_free = torch.arange(batch * blocks_per_seq, device=dev, dtype=torch.int32) + 1  # skip block 0
         self.tables = first_free.view(batch, -1)

@@ -1,8 +1,9 @@
 """Typed start-up configuration of one shard process.
 
 `ShardConfig` is what `ShardEngine(config)` receives: every value already resolved (no "auto" device,
-no "checkpoint" dtype), so the engine never reads the environment or guesses. Only `shard_server/cli.py`
-reads os.environ (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun/launch set them) and builds it.
+no "checkpoint" dtype), so the engine never reads the environment or guesses. Only
+`shard_server/server/cli.py` reads os.environ (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as
+torchrun/launch set them) and builds it.
 `ServeConfig` adds what only the gRPC server needs (socket path, logging, shutdown grace).
 """
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cache.kv_cache import LayerKV
+from model.attention.kv import LayerKV
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from mistral_harness import PagedRunner, hf_logits, random_prompts  # noqa: E402
 
+from cache.kv_cache import KVCache
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -104,7 +106,7 @@ def decode_steps(runner, hf, steps, seed=1, pad_rows=0):
 
 
 def new_runner(ours, num_blocks, seed=0, **kw):
-    return PagedRunner(ours, ours.new_kv_cache(num_blocks), seed=seed, **kw)
+    return PagedRunner(ours, KVCache.for_model(ours, num_blocks), seed=seed, **kw)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 
 from shard_server.config import ShardConfig
-from shard_server.engine import ShardEngine
+from shard_server.engine.engine import ShardEngine
 from shard_server.errors import FailedPrecondition, InvalidArgument
 from shard_server.types import BatchSpec, RequestSpec, SamplingParams, StoppingParams
 

@@ -12,8 +12,8 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from shard_server import logits_process as lp
-from shard_server.sampling import NextTokenChooser, prompt_logprobs, validate_sampling_params
+from shard_server.generation import logits_process as lp
+from shard_server.generation.sampling import NextTokenChooser, prompt_logprobs, validate_sampling_params
 from shard_server.types import SamplingParams as SP
 
 V = 64

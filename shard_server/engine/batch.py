@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shard_server.sampling import NextTokenChooser
-from shard_server.stopping import GenerationTracker
+from shard_server.generation.sampling import NextTokenChooser
+from shard_server.generation.stopping import GenerationTracker
 from shard_server.types import CachedBatchInfo, SamplingParams
 
 

@@ -1,8 +1,9 @@
 """ShardEngine: the shard's state (model, KV cache, blocks, adapters, cached batches) and its operations.
 
 Every method runs on the server's one model thread, except `download_adapter`, which runs on the I/O
-thread: it reads files outside any lock and touches only the adapter store's host cache, under its lock. Errors meant for the router are `shard_server.errors.*`; exceptions of
-model/ and cache/ are translated here. A failed call leaves every cached batch as it was and leaks no
+thread: it reads files outside any lock and touches only the adapter store's host cache, under its
+lock. Errors meant for the router are `shard_server.errors.*`; exceptions of model/ and cache/ are
+translated here. A failed call leaves every cached batch as it was and leaks no
 KV block.
 """
 
@@ -19,16 +20,21 @@ from cache.block_manager import BlockManager, OutOfBlocks
 from model.adapters.errors import AdapterError
 from model.config import MistralConfig
 from model.flash_mistral import FlashMistralForCausalLM
-from shard_server import admission, prefilling
-from shard_server.batch import Batch, PendingPrefill
-from shard_server.bootstrap import build_adapter_store, init_tensor_parallel, load_tokenizer, torch_dtype
 from shard_server.config import ShardConfig
+from shard_server.engine import admission, prefilling
+from shard_server.engine.batch import Batch, PendingPrefill
+from shard_server.engine.bootstrap import (
+    build_adapter_store,
+    init_tensor_parallel,
+    load_tokenizer,
+    torch_dtype,
+)
+from shard_server.engine.kv_calibration import KVScaleKeeper
+from shard_server.engine.kv_sizing import KVSizing
+from shard_server.engine.outputs import emit_step
 from shard_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ShardError
-from shard_server.kv_calibration import KVScaleKeeper
-from shard_server.kv_sizing import KVSizing
-from shard_server.outputs import emit_step
-from shard_server.runner import ModelRunner
-from shard_server.sampling import HostSample
+from shard_server.executor.runner import ModelRunner
+from shard_server.generation.sampling import HostSample
 from shard_server.types import AdapterSpec, BatchSpec, CachedBatchInfo, GenerationOut, ShardInfo, StepResult
 
 log = logging.getLogger(__name__)
@@ -58,7 +64,7 @@ class ShardEngine:
         self.max_prefill_tokens: int | None = None  # Warmup's; sizes the chunks after the first
         self.computed_prefill_tokens = 0  # prompt tokens run through prefill forwards (tests, metrics)
         if self.device.type == "cuda" and config.cuda_graphs:
-            from shard_server.graphs import DecodeGraphs
+            from shard_server.executor.graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
         self.batches: dict[int, Batch] = {}

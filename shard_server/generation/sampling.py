@@ -30,7 +30,7 @@ from functools import cached_property
 
 import torch
 
-from shard_server import logits_process as lp
+from shard_server.generation import logits_process as lp
 from shard_server.types import SamplingParams
 
 

@@ -19,18 +19,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-from shard_server import admission
-from shard_server.batch import Batch, PendingPrefill, RequestState, grouped_order
-from shard_server.outputs import chunk_prompt_logprobs
-from shard_server.runner import PrefillOutput, PrefillSeq, pad_block_tables
-from shard_server.sampling import HostSample, NextTokenChooser, SampleOutput
+from shard_server.engine import admission
+from shard_server.engine.batch import Batch, PendingPrefill, RequestState, grouped_order
+from shard_server.engine.outputs import chunk_prompt_logprobs
+from shard_server.executor.runner import PrefillOutput, PrefillSeq, pad_block_tables
+from shard_server.generation.sampling import HostSample, NextTokenChooser, SampleOutput
 
-if TYPE_CHECKING:
-    from shard_server.engine import ShardEngine
+
+class PrefillHost(Protocol):
+    """What a prefill step needs of the engine (ShardEngine provides it; no import back to it)."""
+
+    model: Any  # .block_size
+    model_config: Any  # .vocab_size
+    adapters: Any  # AdapterStore
+    blocks: Any  # BlockManager or the router-allocation bookkeeping
+    runner: Any  # ModelRunner
+    tokenizer: Any
+    eos_ids: Any
+    special_ids: Any
+    device: torch.device
+    computed_prefill_tokens: int
+
+    def next_seq_id(self) -> int: ...
+
+    def emits(self, request_id: int) -> bool: ...
+
+    def emit(self, batch: Batch, host: HostSample, first_token: bool) -> tuple[list, Batch | None]: ...
 
 
 @dataclass
@@ -56,7 +74,7 @@ def plan_chunks(pending: Sequence[PendingPrefill], budget: int) -> list[int]:
     return out
 
 
-def start_request(engine: ShardEngine, a: admission.Admitted, *, warmup: bool) -> PendingPrefill:
+def start_request(engine: PrefillHost, a: admission.Admitted, *, warmup: bool) -> PendingPrefill:
     """KV blocks for a new request (the shard's, or the router's as given) -> its pending prefill."""
     seq_id = engine.next_seq_id()
     prompt = list(a.ids)
@@ -104,7 +122,7 @@ def start_request(engine: ShardEngine, a: admission.Admitted, *, warmup: bool) -
     return PendingPrefill(state, next_chunk=first)
 
 
-def compute(engine: ShardEngine, items: list[tuple[PendingPrefill, int]]) -> PrefillCompute:
+def compute(engine: PrefillHost, items: list[tuple[PendingPrefill, int]]) -> PrefillCompute:
     """Forward the chunks (grouped by adapter for few LoRA segments) and choose finishing first tokens."""
     order = grouped_order([p.request.adapter_index for p, _ in items])
     items = [items[i] for i in order]
@@ -143,7 +161,7 @@ def compute(engine: ShardEngine, items: list[tuple[PendingPrefill, int]]) -> Pre
     return PrefillCompute(items, out, finishing, chooser, sample, host, chunk_lps)
 
 
-def commit(engine: ShardEngine, batch_id: int, c: PrefillCompute) -> tuple[list, Batch | None, list]:
+def commit(engine: PrefillHost, batch_id: int, c: PrefillCompute) -> tuple[list, Batch | None, list]:
     """Apply a computed step -> (generations, batch of the requests that got their first token,
     pending prefills still unfinished)."""
     for (p, n), lps in zip(c.items, c.chunk_logprobs, strict=True):

@@ -21,7 +21,7 @@ from cache.adapter_store import AdapterStore
 from cache.kv_cache import KVCache
 from model.attention import Seqlen
 from model.flash_mistral import FlashMistralForCausalLM
-from shard_server.batch import Batch
+from shard_server.engine.batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ModelRunner:
         self.device = model.device
         self.block_size = model.block_size
         self.window = model.config.sliding_window
-        self.graphs = None  # shard_server.graphs.DecodeGraphs on CUDA, after warmup
+        self.graphs = None  # shard_server.executor.graphs.DecodeGraphs on CUDA, after warmup
 
     @property
     def kv_cache(self) -> KVCache | None:

@@ -1,0 +1,2 @@
+"""Running the model: the builder of forward inputs, the runner that calls the forward, and the decode
+CUDA graphs."""
