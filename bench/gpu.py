@@ -232,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     print_targets(report)
     log(f"results: {report.path}")
+    try:  # the picture beside the JSON; a missing matplotlib must not lose the numbers
+        from bench.plot import plot
+
+        log(f"plot: {plot(report.path)}")
+    except Exception as e:  # noqa: BLE001
+        log(f"plot skipped: {e!r}")
     return 0
 
 
