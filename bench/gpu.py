@@ -69,7 +69,8 @@ def print_table(report: Report) -> None:
     print(head + f"{'ms':>9}  extra")
     for r in report.rows:
         extra = r.get("error") or " ".join(
-            f"{k}={shorten(r[k])}" for k in ("path", "forward_ms", "floor_ms", "ratio_vs_direct", "tflops")
+            f"{k}={shorten(r[k])}"
+            for k in ("path", "backend", "forward_ms", "floor_ms", "ratio_vs_direct", "tflops")
             if r.get(k) is not None
         )  # fmt: skip
         print(f"{r['kind']:<12} {r['system']:<12} {_fmt(r['batch'], 0):>5} {_fmt(r['adapters'], 0):>5} "
@@ -143,7 +144,7 @@ def parse_args(argv):
                        ("hf-new-tokens", int), ("peft-new-tokens", int), ("peft-adapters", int),
                        ("prefill-prompts", int), ("prefill-len", int), ("prefill-reps", int),
                        ("load-reps", int), ("e2e-batch", int), ("max-decode-seconds", float),
-                       ("prefill-chunk-tokens", int)]:  # fmt: skip
+                       ("prefill-chunk-tokens", int), ("attention-backend", str)]:  # fmt: skip
         f = Plan.__dataclass_fields__[name.replace("-", "_")]
         default = f.default_factory() if callable(f.default_factory) else f.default
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else (
         Path(tempfile.mkdtemp(prefix="bench-smoke-")) if plan.smoke else REPO / "bench" / "results"
     )  # fmt: skip
-    report = Report(out_dir / f"{card}-{date}.json", name, args.commit or common.git_commit(REPO))
+    suffix = "" if plan.attention_backend == "auto" else f"-{plan.attention_backend}"
+    report = Report(out_dir / f"{card}-{date}{suffix}.json", name, args.commit or common.git_commit(REPO))
     work, made = pick_work_dir(args, plan)
     log(f"device {name}, sections {sorted(only)}, work dir {work}, results {report.path}")
     bench = Bench(plan, report, work, Path(args.model_dir) if args.model_dir else None)

@@ -51,6 +51,7 @@ class Plan:
     copy_bytes: int = 1 << 30
     matmul_n: int = 8192
     cuda_graphs: bool | None = None  # None: the engine's default (ShardConfig.cuda_graphs)
+    attention_backend: str = "auto"  # ShardConfig.attention_backend; every shard row records the one used
 
     @property
     def elem(self) -> int:

@@ -115,7 +115,7 @@ class Bench:
         self.engine = ShardEngine(
             ShardConfig(
                 model_dir=self.model_dir, device=p.device.type, dtype=str(p.dtype).removeprefix("torch."),
-                max_kv_cache_bytes=kv_bytes, **extra,
+                max_kv_cache_bytes=kv_bytes, attention_backend=p.attention_backend, **extra,
             )
         )
         log(f"engine: loaded in {time.perf_counter() - t0:.1f}s, decode CUDA graphs: "
@@ -205,6 +205,7 @@ class Bench:
             "prefill", "shard", batch=n, adapters=0, tok_s=n * length / t, ms=t * 1e3,
             roofline_fraction=achieved / self.peak_flops if self.peak_flops else None,
             tflops=achieved / 1e12, prompt=length, samples_ms=[x * 1e3 for x in times],
+            backend=self.engine.model.attention.name,
             notes="engine.prefill incl. first-token sampling; FLOPs = 2*matmul params*tokens + lm_head rows "
             "+ causal attention; fraction of measured matmul peak",
         )  # fmt: skip
@@ -238,7 +239,8 @@ class Bench:
         values["step_ms_p10_p90"] = [ms[len(ms) // 10], ms[(9 * len(ms)) // 10]]  # the spread of the median
         self.report.add("decode", "shard", **values, forward_ms=median(fwd), steps=len(timed),
                         prompt=p.prompt, new_tokens=p.new_tokens,
-                        cuda_graphs=self.engine.runner.graphs is not None)  # fmt: skip
+                        cuda_graphs=self.engine.runner.graphs is not None,
+                        backend=self.engine.model.attention.name)  # fmt: skip
 
     def decode_values(self, batch: int, n_adapters: int, step_s: float, mean_ctx: float) -> dict:
         p = self.plan

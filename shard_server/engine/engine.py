@@ -18,6 +18,7 @@ import torch
 from cache.adapter_store import AdapterStore
 from cache.block_manager import BlockManager, OutOfBlocks
 from model.adapters.errors import AdapterError
+from model.attention import select_attention_backend
 from model.config import MistralConfig
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.config import ShardConfig
@@ -48,9 +49,11 @@ class ShardEngine:
         self.tp = init_tensor_parallel(config, self.device)
         self.model_config = MistralConfig.from_pretrained(config.model_dir)
         self.tokenizer, self.eos_ids, self.special_ids = load_tokenizer(config.model_dir, self.model_config)
+        prefer = None if config.attention_backend == "auto" else config.attention_backend
         self.model = FlashMistralForCausalLM.from_pretrained(
-            config.model_dir, dtype=self.dtype, device=self.device, tp=self.tp
-        )
+            config.model_dir, dtype=self.dtype, device=self.device, tp=self.tp,
+            attention=select_attention_backend(self.device, self.dtype, prefer=prefer),
+        )  # fmt: skip
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
         self.kv_scales = KVScaleKeeper(self.model, self.kv_dtype, config.model_dir)
         self.sizing = KVSizing(self.model, self.kv_dtype, config.max_kv_cache_bytes)
