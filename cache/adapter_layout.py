@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from model.adapters.errors import AdapterBudgetExceeded
+from model.errors import ResourceExhausted
 
 MIN_RANK_BUCKET = 8
 Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
@@ -120,7 +120,7 @@ class AdapterLayout:
         if not missing:
             return
         if len(required) > self.max_slots:
-            raise AdapterBudgetExceeded(f"batch needs {len(required)} adapters; only {self.max_slots} slots")
+            raise ResourceExhausted(f"batch needs {len(required)} adapters; only {self.max_slots} slots")
         shapes_ok = all(self._fits_current_shapes(i) for i in missing)
         free = sorted(set(range(self._cap)) - set(self._slot_of.values()))
         evictable = [i for i in self._slot_of if i not in required]  # LRU first
@@ -145,7 +145,7 @@ class AdapterLayout:
             if self._fits(len(members), need):
                 return self._rebuild(members, len(members))
             if not keep:
-                raise AdapterBudgetExceeded(
+                raise ResourceExhausted(
                     f"adapters {required} need {self._layout_bytes(len(members), need)} device bytes; the "
                     f"adapter budget is {self.budget_bytes}"
                 )

@@ -12,10 +12,10 @@ Public API (called by the engine from its one model thread; not thread-safe):
     store.request_slots(adapter_indices) -> list[int]; store.graph_batch_data(static_meta)  # CUDA graphs
     store.device_bytes() / budget_bytes / layout_version / preloaded_adapters() / resident_indices()
 
-Errors (model.adapters.errors; engine maps `code`): AdapterNotFound (NOT_FOUND: index not loaded, files
-missing), AdapterConflict (FAILED_PRECONDITION: load on an index holding another adapter), AdapterInvalid
-(INVALID_ARGUMENT), AdapterSourceUnsupported (UNIMPLEMENTED: S3, PBASE, TIES/DARE), AdapterBudgetExceeded
-(RESOURCE_EXHAUSTED: one batch or one adapter needs more than the budget).
+Errors (model.errors, each answers its own status): NotFound (index not loaded, files missing),
+FailedPrecondition (load on an index holding another adapter), InvalidArgument (unusable adapter files),
+Unimplemented (S3, PBASE, TIES/DARE), ResourceExhausted (one batch or one adapter needs more than the
+budget).
 
 Index 0 is the base model unless an adapter was loaded (or preloaded) there; any other index must be loaded.
 
@@ -42,10 +42,10 @@ import torch
 from cache.adapter_layout import AdapterLayout, HostAdapter, HostWeights, Key, rank_bucket
 from cache.adapter_sources import AdapterSources
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
-from model.adapters.errors import AdapterBudgetExceeded, AdapterConflict, AdapterInvalid, AdapterNotFound
 from model.adapters.merge import check_strategy, merge_adapters
 from model.adapters.peft_loader import LoraAdapter, LoraModule, read_peft_adapter
 from model.adapters.sharding import shard_lora
+from model.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 __all__ = ["AdapterStore", "rank_bucket"]  # rank_bucket: imported from here by tests and bench/adapter_load
 
@@ -101,7 +101,7 @@ class AdapterStore(AdapterLayout):
         if entry is not None:
             if _spec_key(entry.spec) == _spec_key(spec):
                 return
-            raise AdapterConflict(
+            raise FailedPrecondition(
                 f"adapter index {index} already holds {list(entry.spec.adapter_ids)}; offload it before "
                 f"loading {list(spec.adapter_ids)}"
             )
@@ -111,7 +111,7 @@ class AdapterStore(AdapterLayout):
         self._next_generation += 1
         try:
             self._ensure_resident([index])
-        except AdapterBudgetExceeded:
+        except ResourceExhausted:
             with self._host_lock:
                 del self._entries[index]
             raise
@@ -167,7 +167,7 @@ class AdapterStore(AdapterLayout):
         """
         for index in adapter_indices:
             if index not in self._entries and index != 0:
-                raise AdapterNotFound(f"adapter index {index} is not loaded")
+                raise NotFound(f"adapter index {index} is not loaded")
         required = list(dict.fromkeys(i for i in adapter_indices if i in self._entries))
         self._ensure_resident(required)
         return [self._slot_of.get(i, -1) for i in adapter_indices]
@@ -190,7 +190,7 @@ class AdapterStore(AdapterLayout):
                 self._host_cache.move_to_end(key)
                 return self._host_cache[key]
         if not spec.adapter_ids:
-            raise AdapterInvalid("adapter parameters name no adapter id")
+            raise InvalidArgument("adapter parameters name no adapter id")
         if len(spec.adapter_ids) > 1:
             check_strategy(spec.merge_strategy)  # refuse TIES/DARE before reading any file
         files = [

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from model.adapters.errors import AdapterInvalid
 from model.adapters.peft_loader import ROW_PARALLEL
+from model.errors import InvalidArgument
 
 
 def _even_chunk(n: int, rank: int, world: int, what: str) -> slice:
     if n % world:
-        raise AdapterInvalid(f"{what} size {n} is not divisible by the tensor-parallel world size {world}")
+        raise InvalidArgument(f"{what} size {n} is not divisible by the tensor-parallel world size {world}")
     size = n // world
     return slice(rank * size, (rank + 1) * size)
 

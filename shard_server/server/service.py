@@ -4,8 +4,8 @@ Only wire-level shape is checked here (a Decode without batches, an input chunk 
 image, an enum value outside the protocol); everything semantic is the engine's. Every engine call runs
 on one dedicated model thread (`EngineWorkers.model`), so gRPC handler threads stay free for Health,
 Info and ServiceDiscovery, and DownloadAdapter's file I/O runs on a second thread (`EngineWorkers.io`).
-No exception ever leaves a handler: ShardError -> its status code, anything else -> INTERNAL (logged with
-its traceback); the server keeps serving either way.
+No exception ever leaves a handler: a model.errors.ShardError -> its status (`GRPC_STATUS`), anything
+else -> INTERNAL (logged with its traceback); the server keeps serving either way.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from shard_server.errors import InvalidArgument, ShardError, Unimplemented
+from model.errors import InvalidArgument, ShardError, Status, Unavailable, Unimplemented
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
 from shard_server.types import (
@@ -262,20 +262,13 @@ class EngineWorkers:
         self._model.shutdown(wait=True, cancel_futures=True)
 
 
-class DeviceUnavailable(ShardError):
-    code = "UNAVAILABLE"
+# Our status enum -> gRPC's, member by member (the one place that knows both).
+GRPC_STATUS = {status: grpc.StatusCode[status.name] for status in Status}
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
     # torch.OutOfMemoryError (a RuntimeError) is matched by name: this layer does not import torch.
     return isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
-
-
-def _status_of(e: ShardError) -> grpc.StatusCode:
-    try:
-        return grpc.StatusCode[e.code]
-    except KeyError:
-        return grpc.StatusCode.INTERNAL
 
 
 def rpc(method: Callable[..., T]) -> Callable[..., T]:
@@ -288,7 +281,7 @@ def rpc(method: Callable[..., T]) -> Callable[..., T]:
         try:
             return method(self, request, context)
         except ShardError as e:
-            code, message = _status_of(e), str(e) or type(e).__name__
+            code, message = GRPC_STATUS[e.status], str(e) or type(e).__name__
             log.info("%s -> %s: %s", name, code.name, message)
         except Exception as e:  # noqa: BLE001 - the server must survive any bug in one request
             if _is_out_of_memory(e):
@@ -341,7 +334,7 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
             if isinstance(e, ShardError):
                 raise
             # A device that cannot run work is not a bug of the request: UNAVAILABLE, not INTERNAL.
-            raise DeviceUnavailable(f"Health: device cannot run work: {type(e).__name__}: {e}") from e
+            raise Unavailable(f"Health: device cannot run work: {type(e).__name__}: {e}") from e
         if self._on_health is not None:
             self._on_health(True)
         return pb.HealthResponse()

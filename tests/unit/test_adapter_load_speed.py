@@ -14,9 +14,9 @@ from bench import common
 from bench.adapter_load import main as bench_main
 from bench.adapter_load import model_config
 from cache.adapter_store import AdapterStore
-from model.adapters.errors import AdapterInvalid
 from model.adapters.peft_loader import load_peft_adapter, read_peft_adapter
 from model.adapters.sharding import shard_lora
+from model.errors import InvalidArgument
 from shard_server.types import AdapterSpec
 
 SHAPE = common.TINY
@@ -124,7 +124,7 @@ def test_integer_lora_weights_are_refused(tmp_path):
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[key] = tensors[key].to(torch.int8)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    with pytest.raises(AdapterInvalid, match=r"unreadable safetensors file: .*lora_A.weight' has dtype I8"):
+    with pytest.raises(InvalidArgument, match=r"unreadable safetensors file: .*lora_A.weight' has dtype I8"):
         read_peft_adapter(path, CONFIG)
 
 
@@ -139,7 +139,7 @@ HEADER = b'{"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'  # 16
 def test_corrupt_files_are_refused(tmp_path, payload):
     path = adapter(tmp_path / "a", rank=2)
     (path / "adapter_model.safetensors").write_bytes(payload)
-    with pytest.raises(AdapterInvalid, match="unreadable safetensors file"):
+    with pytest.raises(InvalidArgument, match="unreadable safetensors file"):
         read_peft_adapter(path, CONFIG)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shard_server import errors
+from model import errors
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
 from shard_server.server.grpc_server import create_server
@@ -246,6 +246,8 @@ DECODE = pb.DecodeRequest(batches=[pb.CachedBatch(id=5, request_ids=[1])])
         (errors.NotFound("batch 5 not found"), grpc.StatusCode.NOT_FOUND),
         (errors.ResourceExhausted("lower --max-kv-cache-bytes"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (errors.FailedPrecondition("busy"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.PermissionDenied("outside the adapter root"), grpc.StatusCode.PERMISSION_DENIED),
+        (errors.Unavailable("device lost"), grpc.StatusCode.UNAVAILABLE),
         (KeyError("oops"), grpc.StatusCode.INTERNAL),
         (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ],
@@ -260,6 +262,14 @@ def test_errors_become_status_codes_and_the_server_serves_on(served, exc, code):
         assert "KeyError" in e.value.details()
     engine.raise_on_decode = None
     assert stub.Decode(DECODE, timeout=10).batch.id == 5
+
+
+def test_every_status_has_the_grpc_code_of_its_name():
+    from shard_server.server.service import GRPC_STATUS
+
+    assert all(GRPC_STATUS[s].name == s.name for s in errors.Status)
+    classes = errors.ShardError.__subclasses__()
+    assert len({c.status for c in classes}) == len(classes)  # one class per status, no synonyms
 
 
 def test_wire_shape_and_classify(served):
