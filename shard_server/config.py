@@ -3,7 +3,7 @@
 `ShardConfig` is what `ShardEngine(config)` receives: every value already resolved (no "auto" device,
 no "checkpoint" dtype), so the engine never reads the environment or guesses. Only
 `shard_server/server/cli.py` reads os.environ (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as
-torchrun/launch set them) and builds it.
+torchrun/launch set them); `shard_server/server/options.py` builds both configs from the command line.
 `ServeConfig` adds what only the gRPC server needs (socket path, logging, shutdown grace).
 """
 
@@ -72,6 +72,10 @@ class ServeConfig:
         _one_of("log_format", self.log_format, LOG_FORMATS)
         if not self.uds_path:
             raise ValueError("uds_path must not be empty")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.grpc_threads < 1:
+            raise ValueError(f"grpc_threads must be >= 1, got {self.grpc_threads}")
 
     @property
     def socket_path(self) -> str:
