@@ -133,6 +133,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--log-level", "serve.log_level", "root log level", type=str.upper, choices=LOG_LEVELS),
     Option("--grace-seconds", "serve.grace_seconds", "SIGTERM: time the RPC in flight may take", type=float),
     Option(
+        "--health-stuck-seconds",
+        "serve.health_stuck_seconds",
+        "Health answers UNAVAILABLE once one engine call has run this long",
+        type=float,
+    ),
+    Option(
         "--grpc-threads",
         "serve.grpc_threads",
         "gRPC handler threads (model work runs on one thread)",
