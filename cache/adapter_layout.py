@@ -4,7 +4,7 @@
 and the host copies, the layout keeps which adapters are device-resident and where. It reads host copies
 through the `host_of(index) -> HostAdapter` callable the store gives it, for every registered index.
 
-Device layout (CUDA-graph friendly, issue 6): per (layer_idx, target) one stack A [cap, R, in_local],
+Device layout (CUDA-graph friendly): per (layer_idx, target) one stack A [cap, R, in_local],
 B [cap, out_local, R] (B scaled, TP-sliced), R = the bucket (power of two >= 8) of the largest resident
 rank for that module, zero padding elsewhere; an adapter not targeting a module leaves its slot zero.
 All stacks of one layout are contiguous views of one device buffer (one allocation, one memset).
@@ -250,7 +250,7 @@ class AdapterLayout:
             free = sorted(set(range(cap)) - set(self._slot_of.values()))
             missing = [i for i in members if i not in self._slot_of]
             self._place(missing, free)
-            order = {i: k for k, i in enumerate(members)}  # LRU order of `members`, as before
+            order = {i: k for k, i in enumerate(members)}  # the residents' order stays `members`' LRU order
             self._slot_of = OrderedDict(sorted(self._slot_of.items(), key=lambda kv: order[kv[0]]))
         else:
             self._place(members, list(range(len(members))))

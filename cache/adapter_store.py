@@ -237,13 +237,13 @@ class AdapterStore:
         then scaled in place in the store dtype with one multiply per run of equal scales (usually one
         for the whole adapter), which is bit-identical to the float32 `B * scale` then cast, because the
         cast before it is exact. Where the cast is not exact (e.g. float32 file, bfloat16 store) that B
-        is scaled in float32 first, as before.
+        is scaled in float32 first, then cast (one rounding, at the end).
         """
         rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
         sliced = []
         for key, m in sorted(modules.items()):
             a, b = shard_lora(key[1], m.a, m.b, self.config, rank, world)
-            if a.dtype not in _HALF_OR_SINGLE:  # e.g. float64: through float32 first, as the cast always was
+            if a.dtype not in _HALF_OR_SINGLE:  # e.g. float64: through float32, then the store dtype
                 a = a.float()
             if b.dtype not in _HALF_OR_SINGLE:
                 b = b.float()

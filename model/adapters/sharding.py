@@ -1,4 +1,4 @@
-"""Tensor-parallel slicing of one module's LoRA weights (issue 7), applied once at upload time.
+"""Tensor-parallel slicing of one module's LoRA weights, applied once at upload time.
 
 Column-parallel targets (q/k/v/gate/up) shard their output dim, so each rank keeps the full
 A [r, in] and the rows of B [out, r] of its own output columns:  out_local = x @ A.T @ B_local.T.
