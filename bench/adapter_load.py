@@ -113,9 +113,14 @@ def run_stages(dirs: list[Path], config, device, dtype) -> list[dict[str, float]
 
     timer = StageTimer(device)
     store = new_store(config, device, dtype)
-    for name, attr in (("host_pack", "_to_host_layout"), ("upload", "_upload"), ("scatter", "_scatter"),
-                       ("relayout", "_rebuild")):  # fmt: skip
-        setattr(store, attr, timer.wrap(name, getattr(store, attr)))
+    stages = (
+        (store, "host_pack", "_to_host_layout"),
+        (store.layout, "upload", "_upload"),
+        (store.layout, "scatter", "_scatter"),
+        (store.layout, "relayout", "_rebuild"),
+    )
+    for obj, name, attr in stages:
+        setattr(obj, attr, timer.wrap(name, getattr(obj, attr)))
     saved = {attr: getattr(loader, attr) for attr in ("_read_tensors", "validate_lora_tensors")}
     loader._read_tensors = timer.wrap("read", saved["_read_tensors"])
     loader.validate_lora_tensors = timer.wrap("validate", saved["validate_lora_tensors"])

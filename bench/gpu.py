@@ -1,4 +1,4 @@
-"""`make bench` (python -m bench.gpu): issue 6's benchmark, on one GPU, in one run.
+"""`make bench` (python -m bench.gpu): the performance targets' benchmark, on one GPU, in one run.
 
 A Mistral-7B-shaped checkpoint with random bf16 weights is drawn on the device and written once as a
 normal sharded Hugging Face directory (to /dev/shm when it has room, else /tmp); the shard engine, the
@@ -21,7 +21,7 @@ Sections (--only picks some; each is fail-soft: an error becomes a row with "err
                 serve` process driven by the fake router over a unix socket
 
 Writes bench/results/<card>-<date>.json (and a copy into $OUT when set) after every section, so a run
-cut short keeps what it measured, and prints a table and the issue's targets last.
+cut short keeps what it measured, and prints a table and the targets last.
 `--smoke` runs every section on the CPU with a tiny model and tiny batches (code paths, not numbers).
 
 Here: the CLI, the order of sections and the summary; the sections are bench/gpu_sections.py (engine)
@@ -83,7 +83,7 @@ def _fmt(v, digits: int) -> str:
 
 
 def print_targets(report: Report) -> None:
-    """The issue's 'Must show' list, from this run's rows (missing rows say so)."""
+    """The performance targets, from this run's rows (missing rows say so)."""
     rows = report.rows
 
     def val(key, **m):
@@ -110,7 +110,7 @@ def print_targets(report: Report) -> None:
         ("LoadAdapter ms <= 100 (lower is better)", val("ms", kind="adapter_load"), 100),
         ("e2e grpc / direct >= 0.90", val("ratio_vs_direct", kind="e2e", path="grpc"), 0.90),
     ]  # fmt: skip
-    print("\nissue 6 targets:")
+    print("\ntargets:")
     for name, v, target in checks:
         if v is None:
             print(f"  [ n/a ] {name}")

@@ -69,7 +69,7 @@ def smoke_plan() -> Plan:
 
 
 class Report:
-    """The JSON of issue 6; saved after every change so that a run cut short keeps its rows."""
+    """The JSON of one `bench.gpu` run; saved after every change so that a run cut short keeps its rows."""
 
     def __init__(self, path: Path, device: str, commit: str):
         self.path = path

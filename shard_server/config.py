@@ -3,8 +3,8 @@
 `ShardConfig` is what `ShardEngine(config)` receives: every value already resolved (no "auto" device,
 no "checkpoint" dtype), so the engine never reads the environment or guesses. Only
 `shard_server/server/cli.py` reads os.environ (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as
-torchrun/launch set them) and builds it.
-`ServeConfig` adds what only the gRPC server needs (socket path, logging, shutdown grace).
+torchrun/launch set them); `shard_server/server/options.py` builds both configs from the command line.
+`ServeConfig` adds what only the gRPC server needs (socket path, logging, shutdown grace, health).
 """
 
 from __future__ import annotations
@@ -71,11 +71,21 @@ class ServeConfig:
     # SIGTERM: how long the RPC in flight may take to finish before the server is torn down.
     grace_seconds: float = 30.0
     grpc_threads: int = 16  # gRPC handler threads; model work still runs on one thread
+    # Health turns UNAVAILABLE / NOT_SERVING once one engine call has run this long: above any real
+    # call (Warmup with graph capture on a 7B takes about a minute), below the 10-minute timeout of a
+    # collective whose peer rank died.
+    health_stuck_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         _one_of("log_format", self.log_format, LOG_FORMATS)
         if not self.uds_path:
             raise ValueError("uds_path must not be empty")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.health_stuck_seconds <= 0:
+            raise ValueError(f"health_stuck_seconds must be > 0, got {self.health_stuck_seconds}")
+        if self.grpc_threads < 1:
+            raise ValueError(f"grpc_threads must be >= 1, got {self.grpc_threads}")
 
     @property
     def socket_path(self) -> str:

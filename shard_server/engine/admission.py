@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from shard_server.engine.router_blocks import check_router_blocks
-from shard_server.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from shard_server.generation.sampling import validate_sampling_params
 from shard_server.generation.stopping import GenerationTracker
 from shard_server.types import BatchSpec, ImageChunk, RequestSpec, StoppingParams, TextChunk

@@ -2,24 +2,23 @@
 
 Every method runs on the server's one model thread, except `download_adapter`, which runs on the I/O
 thread: it reads files outside any lock and touches only the adapter store's host cache, under its
-lock. Errors meant for the router are `shard_server.errors.*`; exceptions of model/ and cache/ are
-translated here. A failed call leaves every cached batch as it was and leaks no
-KV block.
+lock. Errors meant for the router are `model.errors.*`, raised here or by model/ and cache/ alike; only
+out-of-blocks and device out-of-memory are translated here. A failed call leaves every cached batch as
+it was and leaks no KV block.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from cache.adapter_store import AdapterStore
 from cache.block_manager import BlockManager, OutOfBlocks
-from model.adapters.errors import AdapterError
 from model.attention import select_attention_backend
 from model.config import MistralConfig
+from model.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.config import ShardConfig
 from shard_server.engine import admission, prefilling
@@ -33,7 +32,6 @@ from shard_server.engine.bootstrap import (
 from shard_server.engine.kv_calibration import KVScaleKeeper
 from shard_server.engine.kv_sizing import KVSizing
 from shard_server.engine.outputs import emit_step
-from shard_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ShardError
 from shard_server.executor.runner import ModelRunner
 from shard_server.generation.sampling import HostSample
 from shard_server.types import AdapterSpec, BatchSpec, CachedBatchInfo, GenerationOut, ShardInfo, StepResult
@@ -150,8 +148,7 @@ class ShardEngine:
             if batch.pending:
                 budget = self._chunk_budget() - len(batch)
                 plan = prefilling.plan_chunks(batch.pending, budget)
-                with adapter_errors():
-                    chunks = prefilling.compute(self, list(zip(batch.pending, plan, strict=True)))
+                chunks = prefilling.compute(self, list(zip(batch.pending, plan, strict=True)))
         except BaseException:
             for b in originals:  # nothing was mutated yet: the router may retry or clear them
                 self.batches[b.id] = b
@@ -240,14 +237,12 @@ class ShardEngine:
 
     def download_adapter(self, spec: AdapterSpec) -> float:
         """File I/O only (runs beside the model thread): fetch and validate, -> device bytes / budget."""
-        with adapter_errors():
-            return self.adapters.download(spec)
+        return self.adapters.download(spec)
 
     def load_adapter(self, index: int, spec: AdapterSpec) -> None:
         if index == 0:
             raise FailedPrecondition("adapter_index 0 is the base model; load adapters at index >= 1")
-        with adapter_errors():
-            self.adapters.load(index, spec)
+        self.adapters.load(index, spec)
 
     def offload_adapter(self, index: int, spec: AdapterSpec) -> bool:
         if not self.adapters.is_loaded(index):
@@ -255,8 +250,7 @@ class ShardEngine:
         users = [b.id for b in self.batches.values() if index in {r.adapter_index for r in b.all_requests}]
         if users:
             raise FailedPrecondition(f"adapter index {index} is in use by cached batches {users}")
-        with adapter_errors():
-            return self.adapters.offload(index)
+        return self.adapters.offload(index)
 
     # ---- internals -------------------------------------------------------------------------------------
 
@@ -319,8 +313,7 @@ class ShardEngine:
             if old:
                 budget = self._chunk_budget() - sum(n for _, n in items)
                 items += list(zip(old, prefilling.plan_chunks(old, budget), strict=True))
-            with adapter_errors():
-                computed = prefilling.compute(self, items)
+            computed = prefilling.compute(self, items)
         except BaseException as e:
             for p in started:
                 self._release(p.request)
@@ -392,14 +385,3 @@ def _in_order(order: Sequence[PendingPrefill], keep: Sequence[PendingPrefill]) -
     """The members of `keep` in the order of `order` (by identity)."""
     ids = {id(p) for p in keep}
     return [p for p in order if id(p) in ids]
-
-
-@contextlib.contextmanager
-def adapter_errors() -> Iterator[None]:
-    """model.adapters errors name their gRPC code; re-raise them as the matching ShardError."""
-    try:
-        yield
-    except AdapterError as e:
-        err = ShardError(str(e))
-        err.code = e.code
-        raise err from e

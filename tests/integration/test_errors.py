@@ -1,4 +1,4 @@
-"""Every error of the issue's list: the right status code, and the shard serves on with another cached
+"""Every error a router can cause: the right status code, and the shard serves on with another cached
 batch intact (a greedy "bystander" batch decodes between the errors and must end up with exactly the
 tokens of an undisturbed run). Also: no KV block leaks, and after ClearCache every block is free."""
 
