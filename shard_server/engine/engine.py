@@ -152,9 +152,10 @@ class ShardEngine:
             if len(batch):
                 logits, used = logits_for(batch, found, self.runner.decode)  # [B, V]
                 out = batch.chooser.choose(logits)
+                to_host = out.start_to_host()  # enqueued before the lookahead: its wait excludes it
                 if self.overlap:  # the next step's forward runs while the host finishes this one
                     ahead = look_ahead(batch, out.next_ids, self.runner.decode)
-                host = out.to_host()  # the step's one device -> host sync
+                host = to_host()  # the step's one device -> host sync
             if batch.pending:
                 budget = self._chunk_budget() - len(batch)
                 plan = prefilling.plan_chunks(batch.pending, budget)
