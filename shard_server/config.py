@@ -37,6 +37,9 @@ class ShardConfig:
     block_allocator: str = "shard"  # shard: the shard allocates KV blocks | router: requests bring them
     max_batch_size: int | None = None  # None: bounded by the KV cache only (graphs up to 256)
     cuda_graphs: bool = True  # decode replays CUDA graphs per batch bucket (CUDA only)
+    # Decode overlap: enqueue the next step's forward before this step's response leaves (no change in
+    # tokens; on a CPU it only moves work earlier, so the CLI turns it on for cuda by default).
+    overlap: bool = False
     attention_backend: str = "auto"  # or one name of ATTENTION_BACKENDS (an error says why it cannot run)
     # Tensor parallelism (torch.distributed, env:// style rendezvous values passed explicitly).
     rank: int = 0
