@@ -219,7 +219,8 @@ class ShardEngine:
     def warmup(
         self, spec: BatchSpec, max_input_length: int, max_prefill_tokens: int, max_new_tokens: int
     ) -> int:
-        """Run the router's worst-case batch (prefill + one decode), then size the KV cache."""
+        """Run the router's worst-case batch (prefill + one decode), size the KV cache, then capture
+        the decode CUDA graphs for requests of up to max_input_length + max_new_tokens tokens."""
         if self.batches:
             raise FailedPrecondition(f"Warmup with {len(self.batches)} cached batches: ClearCache first")
         admitted = admission.admit_batch(spec, self._limits(), warmup=True) if spec.requests else []
@@ -247,6 +248,7 @@ class ShardEngine:
         self._resize_cache(num_blocks)
         usable = self.blocks.num_usable * self.model.block_size
         log.info("warmup: KV cache sized to %d blocks = %d tokens (%s)", num_blocks, usable, self.kv_dtype)
+        self.runner.capture_graphs(max_input_length + max_new_tokens)  # against the final cache
         return usable
 
     # ---- adapters --------------------------------------------------------------------------------------
@@ -259,6 +261,7 @@ class ShardEngine:
         if index == 0:
             raise FailedPrecondition("adapter_index 0 is the base model; load adapters at index >= 1")
         self.adapters.load(index, spec)
+        self.runner.refresh_lora_graphs()  # here, if the stacks moved: never inside a Decode
 
     def offload_adapter(self, index: int, spec: AdapterSpec) -> bool:
         if not self.adapters.is_loaded(index):
@@ -266,7 +269,9 @@ class ShardEngine:
         users = [b.id for b in self.batches.values() if index in {r.adapter_index for r in b.all_requests}]
         if users:
             raise FailedPrecondition(f"adapter index {index} is in use by cached batches {users}")
-        return self.adapters.offload(index)
+        offloaded = self.adapters.offload(index)
+        self.runner.refresh_lora_graphs()
+        return offloaded
 
     # ---- internals -------------------------------------------------------------------------------------
 

@@ -27,18 +27,17 @@ from model.forward_batch import pad_block_tables
 from shard_server.engine import admission
 from shard_server.engine.batch import Batch, PendingPrefill, RequestState, grouped_order
 from shard_server.engine.outputs import chunk_prompt_logprobs
-from shard_server.executor.runner import PrefillOutput, PrefillSeq
+from shard_server.executor.runner import ModelRunner, PrefillOutput, PrefillSeq
 from shard_server.generation.sampling import HostSample, NextTokenChooser, SampleOutput
 
 
 class PrefillHost(Protocol):
     """What a prefill step needs of the engine (ShardEngine provides it; no import back to it)."""
 
-    model: Any  # .block_size
     model_config: Any  # .vocab_size
     adapters: Any  # AdapterStore
     blocks: Any  # BlockManager or the router-allocation bookkeeping
-    runner: Any  # ModelRunner
+    runner: ModelRunner  # builds and runs the step's ForwardBatch; .block_size
     tokenizer: Any
     eos_ids: Any
     special_ids: Any
@@ -84,7 +83,7 @@ def start_request(engine: PrefillHost, a: admission.Admitted, *, warmup: bool) -
     # single decode step, so it needs blocks for one position past the prompt, not the whole budget.
     decode_positions = min(max_new - 1, 1) if warmup else max_new - 1
     if a.router_blocks:
-        bs = engine.model.block_size
+        bs = engine.runner.block_size
         table = list(a.spec.blocks[: -(-(len(prompt) + decode_positions) // bs)])
         cached, own = a.spec.cache_len, False
     else:

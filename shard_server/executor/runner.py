@@ -3,8 +3,9 @@ decode CUDA graphs.
 
 Inputs are `model.forward_batch.ForwardBatch`es (that module says how each is built): prefill from the
 requests' host lists, decode from the cached batch's device tensors (slots derived on the device). On
-CUDA, decode steps replay CUDA graphs captured per batch-size bucket (see graphs.py); LoRA runs inside
-the graph because only the per-token slot index changes between replays.
+CUDA, decode steps replay the CUDA graphs Warmup captured (see graphs.py; LoRA runs inside the graph
+because only the per-token slot index changes between replays); a step no graph covers runs eagerly,
+never capturing one on the way.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ class PrefillOutput:
 class ModelRunner:
     def __init__(self, model: FlashMistralForCausalLM, kv_cache: KVCache, adapters: AdapterStore):
         self.model = model
+        self.graphs = None  # shard_server.executor.graphs.DecodeGraphs on CUDA (captured at Warmup)
         self.kv_version = 0  # bumps whenever the cache tensors are replaced (CUDA graphs hold pointers)
         self.kv_cache = kv_cache
         self.adapters = adapters
         self.device = model.device
         self.block_size = model.block_size
         self.window = model.config.sliding_window
-        self.graphs = None  # shard_server.executor.graphs.DecodeGraphs on CUDA, after warmup
 
     @property
     def kv_cache(self) -> KVCache | None:
@@ -55,10 +56,25 @@ class ModelRunner:
 
     @kv_cache.setter
     def kv_cache(self, cache: KVCache | None) -> None:
-        # Graphs captured against the old tensors must never replay against freed memory: the graphs
-        # key on this counter (not on id(), which a new cache object may reuse).
+        # Graphs captured against the old tensors must never replay against freed memory: they go now
+        # (their pool is freed with the old cache), and the graphs also check this counter (not id(),
+        # which a new cache object may reuse).
+        if self.graphs is not None:
+            self.graphs.clear()
         self._kv_cache = cache
         self.kv_version += 1
+
+    # ---- CUDA graphs (no-ops without them) -----------------------------------------------------------
+
+    def capture_graphs(self, max_total_tokens: int) -> None:
+        """Warmup, after the KV cache got its final size: capture the decode graphs (graphs.py)."""
+        if self.graphs is not None:
+            self.graphs.capture(max_total_tokens)
+
+    def refresh_lora_graphs(self) -> None:
+        """After LoadAdapter / OffloadAdapter: recapture LoRA graphs if the adapter stacks moved."""
+        if self.graphs is not None:
+            self.graphs.refresh_lora()
 
     # ---- prefill -------------------------------------------------------------------------------------
 
