@@ -17,6 +17,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 BLOCK_ALLOCATORS = ("shard", "router")
 LOG_FORMATS = ("text", "json")
+# "auto": the measured-fastest backend that can run (model/attention BACKENDS order)
+ATTENTION_BACKENDS = ("auto", "torch_cuda", "flash_attn", "reference")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class ShardConfig:
     block_allocator: str = "shard"  # shard: the shard allocates KV blocks | router: requests bring them
     max_batch_size: int | None = None  # None: bounded by the KV cache only (graphs up to 256)
     cuda_graphs: bool = True  # decode replays CUDA graphs per batch bucket (CUDA only)
+    # Decode overlap: enqueue the next step's forward before this step's response leaves (no change in
+    # tokens; on a CPU it only moves work earlier, so the CLI turns it on for cuda by default).
+    overlap: bool = False
+    attention_backend: str = "auto"  # or one name of ATTENTION_BACKENDS (an error says why it cannot run)
     # Tensor parallelism (torch.distributed, env:// style rendezvous values passed explicitly).
     rank: int = 0
     world_size: int = 1
@@ -46,6 +52,7 @@ class ShardConfig:
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _one_of("block_allocator", self.block_allocator, BLOCK_ALLOCATORS)
+        _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.max_kv_cache_bytes is not None and self.max_kv_cache_bytes <= 0:
             raise ValueError(f"max_kv_cache_bytes must be > 0, got {self.max_kv_cache_bytes}")
         if not 0.0 < self.adapter_memory_fraction <= 1.0:

@@ -80,8 +80,10 @@ class Batch:
         positions: torch.Tensor,  # [B] int64: its position (= tokens already in the cache)
         block_tables: torch.Tensor,  # [B, max_blocks] int32
         pending: list[PendingPrefill] | None = None,
+        steps_ahead: int = 0,  # a lookahead's rows are one step past their requests' `length`
     ):
         self.id = batch_id
+        self.steps_ahead = steps_ahead
         self.requests = requests
         self.chooser = chooser
         self.input_ids = input_ids
@@ -123,7 +125,7 @@ class Batch:
     @property
     def max_len(self) -> int:
         """Longest KV length after the next decode step (host ints: no device sync)."""
-        return max(r.length for r in self.requests) + 1
+        return max(r.length for r in self.requests) + 1 + self.steps_ahead
 
     def info(self) -> CachedBatchInfo:
         return CachedBatchInfo(

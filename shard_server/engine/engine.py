@@ -16,6 +16,7 @@ import torch
 
 from cache.adapter_store import AdapterStore
 from cache.block_manager import BlockManager, OutOfBlocks
+from model.attention import select_attention_backend
 from model.config import MistralConfig
 from model.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from model.flash_mistral import FlashMistralForCausalLM
@@ -30,6 +31,7 @@ from shard_server.engine.bootstrap import (
 )
 from shard_server.engine.kv_calibration import KVScaleKeeper
 from shard_server.engine.kv_sizing import KVSizing
+from shard_server.engine.lookahead import Lookahead, logits_for, look_ahead
 from shard_server.engine.outputs import emit_step
 from shard_server.executor.runner import ModelRunner
 from shard_server.generation.sampling import HostSample
@@ -46,9 +48,11 @@ class ShardEngine:
         self.tp = init_tensor_parallel(config, self.device)
         self.model_config = MistralConfig.from_pretrained(config.model_dir)
         self.tokenizer, self.eos_ids, self.special_ids = load_tokenizer(config.model_dir, self.model_config)
+        prefer = None if config.attention_backend == "auto" else config.attention_backend
         self.model = FlashMistralForCausalLM.from_pretrained(
-            config.model_dir, dtype=self.dtype, device=self.device, tp=self.tp
-        )
+            config.model_dir, dtype=self.dtype, device=self.device, tp=self.tp,
+            attention=select_attention_backend(self.device, self.dtype, prefer=prefer),
+        )  # fmt: skip
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
         self.kv_scales = KVScaleKeeper(self.model, self.kv_dtype, config.model_dir)
         self.sizing = KVSizing(self.model, self.kv_dtype, config.max_kv_cache_bytes)
@@ -66,6 +70,10 @@ class ShardEngine:
 
             self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
         self.batches: dict[int, Batch] = {}
+        # Decode overlap (lookahead.py): each cached batch's next step, already enqueued.
+        self.overlap = config.overlap
+        self.lookaheads: dict[int, Lookahead] = {}
+        self.lookahead_rows_used = 0  # rows whose logits came precomputed (tests, metrics)
         self._next_seq_id = 0
         log.info(
             "shard ready: %s on %s (%s), KV cache %d blocks x %d tokens (%s), rank %d/%d",
@@ -135,13 +143,17 @@ class ShardEngine:
         if missing:
             raise NotFound(f"batch {missing[0]} is not a cached batch")
         originals = [self.batches.pop(b) for b in batch_ids]
+        found = [la for la in (self.lookaheads.pop(b, None) for b in batch_ids) if la is not None]
         try:  # compute everything before changing anything
             batch = Batch.concatenate(originals)
-            out = host = chunks = None
+            out = host = chunks = ahead = None
             if len(batch):
-                logits = self.runner.decode(batch)  # [B, V]
+                logits, used = logits_for(batch, found, self.runner.decode)  # [B, V]
                 out = batch.chooser.choose(logits)
-                host = out.to_host()  # the step's one device -> host sync
+                to_host = out.start_to_host()  # enqueued before the lookahead: its wait excludes it
+                if self.overlap:  # the next step's forward runs while the host finishes this one
+                    ahead = look_ahead(batch, out.next_ids, self.runner.decode)
+                host = to_host()  # the step's one device -> host sync
             if batch.pending:
                 budget = self._chunk_budget() - len(batch)
                 plan = prefilling.plan_chunks(batch.pending, budget)
@@ -149,6 +161,7 @@ class ShardEngine:
         except BaseException:
             for b in originals:  # nothing was mutated yet: the router may retry or clear them
                 self.batches[b.id] = b
+            self._restore_lookaheads(originals, found)
             raise
         generations: list[GenerationOut] = []
         rows = None
@@ -165,6 +178,10 @@ class ShardEngine:
         remaining = self._join(batch.id, [rows], pending)
         if remaining is not None:
             self.batches[remaining.id] = remaining
+            if ahead is not None:
+                self.lookaheads[remaining.id] = ahead
+        if out is not None:
+            self.lookahead_rows_used += used
         return StepResult(tuple(generations), None if remaining is None else remaining.info())
 
     def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> CachedBatchInfo:
@@ -179,6 +196,7 @@ class ShardEngine:
                 self._release(r)
         if not keep and not pending:
             del self.batches[batch_id]
+            self.lookaheads.pop(batch_id, None)
             return CachedBatchInfo(batch_id, (), 0, 0)
         self.batches[batch_id] = self._replan(batch.select(keep, pending))
         return self.batches[batch_id].info()
@@ -186,6 +204,7 @@ class ShardEngine:
     def clear_cache(self, batch_id: int | None = None) -> None:
         ids = list(self.batches) if batch_id is None else [self._get(batch_id).id]
         for b in ids:
+            self.lookaheads.pop(b, None)
             for r in self.batches.pop(b).all_requests:
                 self._release(r)
 
@@ -323,6 +342,14 @@ class ShardEngine:
         keep = _in_order(cached.pending, pending) + _in_order(started, pending)  # oldest first
         return generations, self._join(cached.id, [cached.rows_view(), rows], keep)
 
+    def _restore_lookaheads(self, originals: list[Batch], found: list[Lookahead]) -> None:
+        """After a failed Decode: give each batch back the precomputed step whose rows it holds."""
+        for b in originals:
+            mine = {id(r) for r in b.requests}
+            for la in found:
+                if la.requests and id(la.requests[0]) in mine:
+                    self.lookaheads[b.id] = la
+
     def _join(self, batch_id: int, parts: list[Batch | None], pending: list[PendingPrefill]) -> Batch | None:
         """One batch of the rows of `parts` and the pending prefills (None when nothing is live)."""
         parts = [b for b in parts if b is not None and len(b)]
@@ -365,6 +392,7 @@ class ShardEngine:
         )
 
     def _resize_cache(self, num_blocks: int) -> None:
+        self.lookaheads.clear()  # computed against the old cache
         self.runner.kv_cache = None  # drop the old tensors before allocating the new ones
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

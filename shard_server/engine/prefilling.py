@@ -23,10 +23,11 @@ from typing import Any, Protocol
 
 import torch
 
+from model.forward_batch import pad_block_tables
 from shard_server.engine import admission
 from shard_server.engine.batch import Batch, PendingPrefill, RequestState, grouped_order
 from shard_server.engine.outputs import chunk_prompt_logprobs
-from shard_server.executor.runner import PrefillOutput, PrefillSeq, pad_block_tables
+from shard_server.executor.runner import PrefillOutput, PrefillSeq
 from shard_server.generation.sampling import HostSample, NextTokenChooser, SampleOutput
 
 
@@ -126,22 +127,16 @@ def compute(engine: PrefillHost, items: list[tuple[PendingPrefill, int]]) -> Pre
     """Forward the chunks (grouped by adapter for few LoRA segments) and choose finishing first tokens."""
     order = grouped_order([p.request.adapter_index for p, _ in items])
     items = [items[i] for i in order]
-    bs = engine.model.block_size
-    seqs = []
-    for p, n in items:
-        r = p.request
-        start, end = r.length, r.length + n
-        seqs.append(
-            PrefillSeq(
-                ids=r.prompt_ids[:end],
-                cached=start,
-                # A window ring repeats blocks in the table; the runner writes only the last W rows.
-                slots=[r.block_table[q // bs] * bs + q % bs for q in range(start, end)],
-                block_table=r.block_table,
-                adapter_index=r.adapter_index,
-                all_logits=r.prompt_logprobs is not None,
-            )
+    seqs = [
+        PrefillSeq(
+            ids=p.request.prompt_ids[: p.request.length + n],
+            cached=p.request.length,
+            block_table=p.request.block_table,  # a window ring repeats its blocks here
+            all_logits=p.request.prompt_logprobs is not None,
+            adapter_index=p.request.adapter_index,
         )
+        for p, n in items
+    ]
     out = engine.runner.prefill(seqs)
     chunk_lps: list[list[float] | None] = [
         None if lg is None else chunk_prompt_logprobs(lg, p.request.prompt_ids, p.request.length)

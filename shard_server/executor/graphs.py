@@ -22,7 +22,7 @@ import logging
 import torch
 
 from model.adapters.batch import AdapterBatchMetadata
-from model.attention import Seqlen
+from model.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
 
@@ -93,25 +93,15 @@ class DecodeGraphs:
 
     def _forward(self, b: int, ctx: int, lora: bool) -> torch.Tensor:
         r = self.runner
-        positions = self.positions[:b]
-        tables = self.block_tables[:b]
-        bs = self.block_size
-        rows = torch.arange(b, device=positions.device)
-        slots = tables[rows, positions // bs].to(torch.int64) * bs + positions % bs  # [b]
-        seqlen = Seqlen(
-            input_lengths=(positions + 1).to(torch.int32), cache_lengths=positions.to(torch.int32),
-            max_q=1, max_k=ctx,
-        )
         meta = AdapterBatchMetadata(
             self.meta.token_slots[:b], self.meta.segment_starts, self.meta.segment_ends,
             self.meta.segment_slots, (), has_lora=lora,
         )
-        logits, _ = r.model(
-            input_ids=self.input_ids[:b], position_ids=positions, cu_seqlen_prefill=None,
-            kv_cache=r.kv_cache.layers, block_tables=tables, slots=slots, seqlen=seqlen, max_s=ctx,
-            adapter_data=r.adapters.graph_batch_data(meta),
+        fb = ForwardBatch.decode(
+            self.input_ids[:b], self.positions[:b], self.block_tables[:b], block_size=self.block_size,
+            max_s=ctx, adapter_data=r.adapters.graph_batch_data(meta),
         )
-        return logits
+        return fb.run(r.model, r.kv_cache.layers)
 
     def _capture(self, b: int, ctx: int, lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream(self.runner.device)

@@ -24,7 +24,7 @@ Choices (see logits_process.py for the per-processor pseudo-code):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -89,10 +89,32 @@ class SampleOutput:
 
     def to_host(self) -> HostSample:
         """ONE device->host transfer: everything packed into a float64 tensor (ids < 2**53 exact)."""
+        return self.start_to_host()()
+
+    def start_to_host(self) -> Callable[[], HostSample]:
+        """Enqueue the packed copy now; the returned call waits for that copy alone and parses it.
+
+        Work enqueued on the stream after this call (the next step's forward, with the decode overlap)
+        does not delay the result: the wait is on an event recorded right after the copy.
+        """
         parts = [self.next_ids.to(torch.float64)[:, None], self.logprobs.to(torch.float64)[:, None]]
         if self.alt_ids is not None and self.alt_logprobs is not None:
             parts += [self.alt_ids.to(torch.float64), self.alt_logprobs.to(torch.float64)]
-        rows = torch.cat(parts, dim=1).cpu().tolist()
+        packed = torch.cat(parts, dim=1)
+        done = None
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = packed
+        return lambda: self._parse(host, done)
+
+    def _parse(self, host: torch.Tensor, done) -> HostSample:
+        if done is not None:
+            done.synchronize()
+        rows = host.tolist()
         k_max = self.alt_ids.shape[1] if self.alt_ids is not None else 0
         ids = [int(r[0]) for r in rows]
         logprobs = [r[1] for r in rows]

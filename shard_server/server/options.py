@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shard_server.config import (
+    ATTENTION_BACKENDS,
     BLOCK_ALLOCATORS,
     DEVICES,
     DTYPES,
@@ -129,6 +130,19 @@ OPTIONS: tuple[Option, ...] = (
         "decode replays CUDA graphs per batch bucket (CUDA only)",
         switch=True,
     ),
+    Option(
+        "--attention-backend",
+        "shard.attention_backend",
+        "auto: the measured-fastest that can run (torch_cuda before flash_attn on CUDA)",
+        choices=ATTENTION_BACKENDS,
+    ),
+    Option(
+        "--overlap",
+        "shard.overlap",
+        "decode: enqueue the next step's forward before the response leaves (default: on for cuda)",
+        switch=True,
+        default=None,
+    ),
     Option("--log-format", "serve.log_format", "text or one JSON object per line", choices=LOG_FORMATS),
     Option("--log-level", "serve.log_level", "root log level", type=str.upper, choices=LOG_LEVELS),
     Option("--grace-seconds", "serve.grace_seconds", "SIGTERM: time the RPC in flight may take", type=float),
@@ -181,7 +195,8 @@ def to_argv(args: argparse.Namespace, options: Sequence[Option] = OPTIONS) -> li
         if o.positional:
             argv.append(_text(value))
         elif o.switch:
-            argv.append(o.name if value else f"--no-{o.name[2:]}")
+            if value is not None:  # None: resolved at start (e.g. --overlap by the device)
+                argv.append(o.name if value else f"--no-{o.name[2:]}")
         elif o.many:
             if value:
                 argv += [o.name, *map(_text, value)]
@@ -215,6 +230,8 @@ def serve_config(args: argparse.Namespace, env: Mapping[str, str]) -> ServeConfi
         values[o.scope][o.dest] = o.to_config(value) if o.to_config is not None else value
     shard = values["shard"]
     shard["device"] = shard["device"] or _default_device()
+    if shard["overlap"] is None:  # on a CPU the overlap only moves work earlier: nothing to hide
+        shard["overlap"] = shard["device"] == "cuda"
     if shard["dtype"] is None:
         shard["dtype"] = _checkpoint_dtype(shard["model_dir"]) if shard["device"] == "cuda" else "float32"
     port = env.get("MASTER_PORT")

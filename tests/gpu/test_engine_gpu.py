@@ -105,3 +105,27 @@ def test_warmup_then_graph_decode_with_triton_kernels(tiny_model_factory):
     torch.cuda.synchronize()
     engine.clear_cache()
     assert engine.free_blocks() == engine.usable_blocks()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_overlap_on_and_off_give_the_same_tokens_with_graphs(gpu_model, seed):
+    """The randomised router (tests/random_router.py) against CUDA-graph engines, overlap on and off."""
+    from random_router import run_schedule
+
+    model_dir, adapters = gpu_model
+    results, used = [], []
+    for overlap in (False, True):
+        cfg = ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", overlap=overlap)
+        engine = ShardEngine(cfg)
+        warm = RequestSpec(id=0, input_ids=(1, 5, 6, 7), stopping=StoppingParams(max_new_tokens=2))
+        engine.warmup(BatchSpec(id=0, requests=(warm,)), 32, 40, 8)
+        for i, path in enumerate(adapters, start=1):
+            engine.load_adapter(i, AdapterSpec(adapter_ids=(str(path),), source="local"))
+        results.append(run_schedule(engine, seed, len(adapters)))
+        used.append(engine.lookahead_rows_used)
+    assert used[0] == 0 and used[1] > 0
+    want, got = results
+    assert got.keys() == want.keys()
+    for rid in want:
+        assert got[rid]["ids"] == want[rid]["ids"], f"request {rid}"
+        assert got[rid]["finish"] == want[rid]["finish"], f"request {rid}"

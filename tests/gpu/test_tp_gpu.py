@@ -94,16 +94,16 @@ def _graph_replay(tp, model_dir: str, adapter_dirs: dict[int, str]) -> dict:
     data = store.batch_data(REQUEST_ADAPTERS, [len(p) for p in PROMPTS], is_prefill=True)
     runner.prefill(PROMPTS, adapter_data=data)
     data = store.batch_data(REQUEST_ADAPTERS, [1] * len(PROMPTS), False)
-    args = runner.decode_args(DECODE[0], adapter_data=data)
-    eager = model(**args)[0].float().cpu()
+    step = runner.decode_batch(DECODE[0], adapter_data=data)
+    eager = step.run(model, runner.kv_cache).float().cpu()
     stream = torch.cuda.Stream()  # warm-up off the capture stream, as test_model_gpu.py does
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        model(**args)
+        step.run(model, runner.kv_cache)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_logits, _ = model(**args)
+        static_logits = step.run(model, runner.kv_cache)
     static_logits.zero_()
     graph.replay()
     torch.cuda.synchronize()
