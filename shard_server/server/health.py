@@ -16,6 +16,7 @@ LoRAX Health and grpc.health.v1 Check give the same verdict, from the model thre
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -43,7 +44,8 @@ class ShardHealth:
         self._probe = probe
         self._stuck_after_s = stuck_after_s
         self._names = ("", *service_names)
-        self._pending: Future | None = None
+        self._pending: Future | None = None  # the probe last queued on the model thread
+        self._lock = threading.Lock()  # concurrent checks share one pending probe
         self.servicer = _CheckedHealthServicer(self)  # grpc.health.v1
         self._set(True)
 
@@ -66,9 +68,10 @@ class ShardHealth:
     def _verdict(self) -> None:
         if self._heartbeat():
             return
-        probe = self._pending
-        if probe is None or probe.done():
-            probe = self._pending = self._workers.submit_model(self._probe)
+        with self._lock:
+            probe = self._pending
+            if probe is None or probe.done():
+                probe = self._pending = self._workers.submit_model(self._probe)
         try:
             probe.result(timeout=PROBE_WAIT_S)
         except FutureTimeout:

@@ -1,4 +1,4 @@
-"""The fast adapter load path computes what the previous one did: host copies bit-identical to the float32
+"""The fast adapter load path computes what the naive one does: host copies bit-identical to the float32
 fold-then-cast path (every dtype pair, TP slices, non power-of-two scales), stacks identical after growth
 with device-to-device carry-over, padding zeroed when a slot is reused, corrupt files refused, and
 bench/adapter_load.py runs. Functional only: no timing is asserted."""
@@ -38,8 +38,8 @@ def local(path: Path) -> AdapterSpec:
     return AdapterSpec(adapter_ids=(str(path),), source="local")
 
 
-def previous_host_layout(path: Path, dtype: torch.dtype, rank: int, world: int) -> dict:
-    """The previous path: float32 with B * scale, then TP slice, then cast."""
+def naive_host_layout(path: Path, dtype: torch.dtype, rank: int, world: int) -> dict:
+    """The naive path: float32 with B * scale, then TP slice, then cast."""
     out = {}
     for (layer, target), (a, b) in load_peft_adapter(path, CONFIG).weights.items():
         a, b = shard_lora(target, a, b, CONFIG, rank, world)
@@ -55,7 +55,7 @@ def test_host_copy_is_bit_identical_to_the_float32_path(tmp_path, file_dtype, st
     tp = None if world == 1 else SimpleNamespace(rank=tp_rank, world_size=world, group=None)
     store = AdapterStore(CONFIG, "cpu", store_dtype, tp=tp)
     host = store._host_weights(local(path))
-    want = previous_host_layout(path, store_dtype, tp_rank, world)
+    want = naive_host_layout(path, store_dtype, tp_rank, world)
     assert host.weights.keys() == want.keys()
     for key, (a, b) in host.weights.items():
         assert a.dtype == b.dtype == store_dtype
@@ -68,7 +68,7 @@ def expected_stacks(store: AdapterStore, paths: dict[int, Path]) -> None:
     """Every slot of every stack holds exactly its adapter (zero-padded), free and skipped parts zero."""
     by_slot = {slot: paths[i] for i, slot in store.layout._slot_of.items()}
     for slot in range(store.layout._cap):
-        want = {} if slot not in by_slot else previous_host_layout(by_slot[slot], store.dtype, 0, 1)
+        want = {} if slot not in by_slot else naive_host_layout(by_slot[slot], store.dtype, 0, 1)
         for key, (stack_a, stack_b) in store.layout._stacks.items():
             if slot not in by_slot:
                 continue  # a free slot is never indexed
@@ -150,4 +150,4 @@ def test_bench_runs_on_the_tiny_shape(tmp_path, capsys):
     assert set(out["stages_ms"]) >= {"read", "validate", "host_pack", "upload", "scatter", "relayout", "sum"}
     assert len(out["e2e_ms"]) == 3 and "reference_ms" in out
     assert json.loads((tmp_path / "r.json").read_text())["shape"] == "tiny"
-    assert "previous load path" in capsys.readouterr().out
+    assert "naive load path" in capsys.readouterr().out
