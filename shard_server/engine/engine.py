@@ -2,7 +2,9 @@
 
 Every method runs on the server's one model thread, except `download_adapter`, which runs on the I/O
 thread: it reads files outside any lock and touches only the adapter store's host cache, under its
-lock. Errors meant for the router are `shard_server.errors.*`; exceptions of model/ and cache/ are
+lock, and `prepare_grammars`, which runs on the servicer's handler threads: it only compiles schemas
+into the thread-safe `SchemaCompiler` cache, so the model thread keeps decoding meanwhile.
+Errors meant for the router are `shard_server.errors.*`; exceptions of model/ and cache/ are
 translated here. A failed call leaves every cached batch as it was and leaks no
 KV block.
 """
@@ -34,6 +36,7 @@ from shard_server.engine.kv_sizing import KVSizing
 from shard_server.engine.outputs import emit_step
 from shard_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ShardError
 from shard_server.executor.runner import ModelRunner
+from shard_server.generation.grammar import SchemaCompiler
 from shard_server.generation.sampling import HostSample
 from shard_server.types import AdapterSpec, BatchSpec, CachedBatchInfo, GenerationOut, ShardInfo, StepResult
 
@@ -67,6 +70,14 @@ class ShardEngine:
             from shard_server.executor.graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
+        self.grammars = SchemaCompiler(
+            self.tokenizer,
+            self.model_config.vocab_size,
+            self.eos_ids,
+            config.grammar,
+            deterministic_only=self.tp.world_size > 1,
+            pin_memory=self.device.type == "cuda",
+        )
         self.batches: dict[int, Batch] = {}
         self._next_seq_id = 0
         log.info(
@@ -156,7 +167,7 @@ class ShardEngine:
         generations: list[GenerationOut] = []
         rows = None
         if out is not None:
-            batch.chooser.update(out.next_ids)
+            batch.chooser.update(out.next_ids, host.next_ids)
             batch.advance(out.next_ids)
             generations, rows = self.emit(batch, host, first_token=False)
         pending: list[PendingPrefill] = []
@@ -169,6 +180,12 @@ class ShardEngine:
         if remaining is not None:
             self.batches[remaining.id] = remaining
         return StepResult(tuple(generations), None if remaining is None else remaining.info())
+
+    def prepare_grammars(self, spec: BatchSpec) -> None:
+        """Compile the batch's schemas into the cache (any thread): bad ones fail here, before the batch
+        waits for the model thread, and the model thread's admission then finds them compiled."""
+        for r in spec.requests:
+            admission.compile_schema(r, self.grammars)
 
     def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> CachedBatchInfo:
         batch = self._get(batch_id)
@@ -290,6 +307,7 @@ class ShardEngine:
             num_blocks=self.runner.kv_cache.num_blocks,
             block_size=self.model.block_size,
             chunking=self.max_prefill_tokens is not None,
+            grammars=self.grammars,
         )
 
     def _check_adapters(self, indices: Sequence[int]) -> None:
