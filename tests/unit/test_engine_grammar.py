@@ -19,7 +19,14 @@ from shard_server.config import ShardConfig
 from shard_server.engine.engine import ShardEngine
 from shard_server.errors import InvalidArgument
 from shard_server.testing.json_schemas import SCHEMAS, schema_text
-from shard_server.types import AdapterSpec, BatchSpec, FinishReason, RequestSpec, SamplingParams, StoppingParams
+from shard_server.types import (
+    AdapterSpec,
+    BatchSpec,
+    FinishReason,
+    RequestSpec,
+    SamplingParams,
+    StoppingParams,
+)
 
 MAX_PREFILL = 32
 PROMPTS = ["Reply in JSON. ", "The answer, as a JSON document: ", "x", "Fill in the form below please: "]
@@ -120,8 +127,10 @@ def test_length_cut_and_stop_sequences_leave_a_prefix(engine):
     names = ["person", "ref_defs", "tool_call"]
     specs = [constrained(10 + k, n) for k, n in enumerate(names)]
     full = run(engine, specs)
-    cut = [replace(s, id=20 + k, stopping=StoppingParams(len(full[s.id]["ids"]) // 2)) for k, s in enumerate(specs)]
-    stop = [replace(s, id=30 + k, stopping=StoppingParams(200, stop_sequences=('": ',))) for k, s in enumerate(specs)]
+    cut = [replace(s, id=20 + k, stopping=StoppingParams(len(full[s.id]["ids"]) // 2))
+           for k, s in enumerate(specs)]  # fmt: skip
+    stop = [replace(s, id=30 + k, stopping=StoppingParams(200, stop_sequences=('": ',)))
+            for k, s in enumerate(specs)]  # fmt: skip
     got = run(engine, cut + stop, batch_id=3)
     for k, name in enumerate(names):
         ref = full[10 + k]
@@ -171,7 +180,7 @@ def test_chunked_prefill_gives_the_unchunked_document(engine):
 
 
 def test_ignore_eos_keeps_emitting_eos_after_the_document(engine):
-    spec = replace(constrained(60, "enum_str"), stopping=StoppingParams(max_new_tokens=12, ignore_eos_token=True))
+    spec = replace(constrained(60, "enum_str"), stopping=StoppingParams(12, ignore_eos_token=True))
     got = run(engine, [spec])[60]
     assert got["reason"] == FinishReason.LENGTH and len(got["ids"]) == 12
     jsonschema.validate(json.loads(got["text"]), SCHEMAS["enum_str"])
@@ -184,8 +193,9 @@ def test_bad_schema_is_refused_before_any_block_and_batches_go_on(engine):
     specs = [constrained(70, "person"), RequestSpec(id=71, inputs="hi", stopping=StoppingParams(30))]
     running = engine.prefill(BatchSpec(id=11, requests=tuple(specs)))
     free = engine.free_blocks()
-    bad = RequestSpec(id=72, inputs="x", sampling=SamplingParams(schema='{"type": "array", "uniqueItems": 1}'))
-    with pytest.raises(InvalidArgument, match="request 72: parameters.schema is not supported: .*uniqueItems"):
+    unsupported = SamplingParams(schema='{"type": "array", "uniqueItems": 1}')
+    bad = RequestSpec(id=72, inputs="x", sampling=unsupported)
+    with pytest.raises(InvalidArgument, match="request 72: parameters.schema is not supported: .*unique"):
         engine.prefill(BatchSpec(id=12, requests=(RequestSpec(id=73, inputs="y"), bad)), running.batch.id)
     with pytest.raises(InvalidArgument, match="request 72: parameters.schema"):
         engine.prepare_grammars(BatchSpec(id=12, requests=(bad,)))
