@@ -23,6 +23,8 @@ A row whose matcher hit an error (a limit reached mid-document) is allowed EOS o
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -54,6 +56,10 @@ class MaskFiller:
         self._executor = llguidance.LLExecutor(num_threads=max(1, threads))
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self._shifts: dict[torch.device, torch.Tensor] = {}
+        # Recent durations in seconds (metrics, benchmarks): a worker job (advance + fill), and what
+        # the step waited for masks on the model thread (waiting for a job plus filling new rows).
+        self.job_seconds: deque[float] = deque(maxlen=4096)
+        self.wait_seconds: deque[float] = deque(maxlen=4096)
 
     def fill(self, matchers: Sequence[Any]) -> torch.Tensor:
         """Next-token masks of `matchers` -> a new int32 [len, words] host tensor (pinned for a CUDA
@@ -72,13 +78,16 @@ class MaskFiller:
             g.queued = (job, i)
 
     def _advance_and_fill(self, matchers: list[Any], token_ids: list[int]) -> torch.Tensor:
+        t0 = time.perf_counter()
         # A complete document (or an error) allowed only EOS: nothing more to consume.
         todo = [(m, int(t)) for m, t in zip(matchers, token_ids, strict=True) if not m.is_stopped()]
         if todo:
             for (m, _), ok in zip(todo, self._executor.consume_token_par(todo), strict=True):
                 if not ok:
                     log.warning("structured output: grammar error, the request ends: %s", m.get_error()[:300])
-        return self.fill(matchers)
+        out = self.fill(matchers)
+        self.job_seconds.append(time.perf_counter() - t0)
+        return out
 
     def shifts(self, device: torch.device) -> torch.Tensor:
         """uint8 [8] = 0..7 on `device`: bit k of a mask byte is token 8 * byte + k (little endian)."""
@@ -134,6 +143,12 @@ class GrammarRows:
     def host_masks(self) -> torch.Tensor:
         """int32 [R, words] for the constrained rows, in row order: queued rows from their jobs
         (waited for), rows that never had one filled now."""
+        t0 = time.perf_counter()
+        out = self._host_masks()
+        self.filler.wait_seconds.append(time.perf_counter() - t0)
+        return out
+
+    def _host_masks(self) -> torch.Tensor:
         jobs = [g.queued for g in self.live]
         job = jobs[0][0] if jobs[0] is not None else None
         if job is not None and all(j is not None and j[0] is job and j[1] == k for k, j in enumerate(jobs)):
@@ -143,7 +158,9 @@ class GrammarRows:
         fresh = [k for k, j in enumerate(jobs) if j is None]
         filled = self.filler.fill([self.live[k].matcher for k in fresh]) if fresh else None
         at = {k: n for n, k in enumerate(fresh)}
-        return torch.stack([filled[at[k]] if j is None else j[0].result()[j[1]] for k, j in enumerate(jobs)])
+        rows = [filled[at[k]] if j is None else j[0].result()[j[1]] for k, j in enumerate(jobs)]
+        out = torch.empty(len(rows), self.filler.words, dtype=torch.int32, pin_memory=self.filler.pin_memory)
+        return torch.stack(rows, out=out)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, V] float -> x with -inf at the tokens the constrained rows' grammars refuse."""
@@ -157,7 +174,9 @@ class GrammarRows:
         if R == len(self.grammars):
             return x.masked_fill(~allowed, float("-inf"))
         rows = self._rows_dev.get(dev)
-        if rows is None:
-            rows = self._rows_dev[dev] = torch.tensor(self.rows, dtype=torch.int64, device=dev)
+        if rows is None:  # once per batch composition; pinned: the upload does not wait for the device
+            host = torch.tensor(self.rows, dtype=torch.int64)
+            host = host.pin_memory() if self.filler.pin_memory else host
+            rows = self._rows_dev[dev] = host.to(dev, non_blocking=True)
         sub = x.index_select(0, rows).masked_fill(~allowed, float("-inf"))
         return x.index_copy(0, rows, sub)
