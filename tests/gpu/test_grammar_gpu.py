@@ -14,7 +14,14 @@ from shard_server.config import ShardConfig
 from shard_server.engine.engine import ShardEngine
 from shard_server.generation.grammar_masks import GrammarRows
 from shard_server.testing.json_schemas import SCHEMAS, schema_text
-from shard_server.types import AdapterSpec, BatchSpec, FinishReason, RequestSpec, SamplingParams, StoppingParams
+from shard_server.types import (
+    AdapterSpec,
+    BatchSpec,
+    FinishReason,
+    RequestSpec,
+    SamplingParams,
+    StoppingParams,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -37,11 +44,11 @@ def test_every_schema_validates_with_cuda_graphs(engine):
     specs = []
     for i, name in enumerate(names):
         sampling = dict(do_sample=True, temperature=0.9, top_p=0.95) if i % 2 else {}
-        specs.append(RequestSpec(id=i, inputs="JSON: ", adapter_index=i % 2,
-                                 sampling=SamplingParams(schema=schema_text(SCHEMAS[name]), seed=i, **sampling),
+        params = SamplingParams(schema=schema_text(SCHEMAS[name]), seed=i, **sampling)
+        specs.append(RequestSpec(id=i, inputs="JSON: ", adapter_index=i % 2, sampling=params,
                                  stopping=StoppingParams(max_new_tokens=200)))  # fmt: skip
-    plain = [RequestSpec(id=500 + k, inputs="Hello", adapter_index=k % 2, stopping=StoppingParams(16, (), True))
-             for k in range(3)]  # fmt: skip
+    plain = [RequestSpec(id=500 + k, inputs="Hello", adapter_index=k % 2,
+                         stopping=StoppingParams(16, (), True)) for k in range(3)]  # fmt: skip
     texts, ids = {}, {}
     result = engine.prefill(BatchSpec(id=1, requests=tuple(specs + plain)))
     while True:
