@@ -11,7 +11,11 @@ Per tokenizer directory (any Hugging Face fast tokenizer) and engine:
               finish within 400 tokens and validate with `jsonschema`
   mask        64 rows, each with its own schema (64 distinct schemas), advanced by random walks; the
               time to fill the [64, ceil(V/32)] int32 host bitmask of one step with the engine's
-              parallel batch call: p50, p99 over --steps steps
+              parallel batch call: p50, p99 over 200 steps
+  refusals    schemas with keywords that neither engine implements (uniqueItems, not, if/then,
+              propertyNames, dependentRequired, an unknown format): refused at compile time (good: the
+              request gets INVALID_ARGUMENT) or accepted and silently ignored (documents that may not
+              validate)
 Both engines get the shard's output format: no free whitespace, separators ", " and ": ".
 Each engine is optional: one that is not installed is reported as such.
 """
@@ -27,9 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
+from shard_server.generation.grammar import JSON_OPTIONS
 from shard_server.testing.json_schemas import SCHEMAS, distinct_schemas, schema_text
 
-SEPARATORS = (", ", ": ")
+SEPARATORS = (JSON_OPTIONS["item_separator"], JSON_OPTIONS["key_separator"])
+UNIMPLEMENTED = [
+    {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+    {"not": {"type": "integer"}},
+    {"if": {"type": "integer"}, "then": {"minimum": 1}},
+    {"type": "object", "propertyNames": {"maxLength": 3}},
+    {"type": "object", "properties": {"a": {"type": "integer"}}, "dependentRequired": {"a": ["b"]}},
+    {"type": "string", "format": "wibble"},
+]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -58,11 +71,7 @@ class LLGuidance:
         self.vocab = vocab
 
     def compile(self, schema: str):
-        g = self.ll.LLMatcher.grammar_from_json_schema(
-            schema,
-            overrides={"whitespace_flexible": False, "item_separator": SEPARATORS[0],
-                       "key_separator": SEPARATORS[1]},
-        )  # fmt: skip
+        g = self.ll.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
         m = self.ll.LLMatcher(self.tok, g, log_level=0)
         if m.is_error():
             raise ValueError(m.get_error())
@@ -199,6 +208,16 @@ def mask_time(engine, eos: int, batch: int = 64, steps: int = 200) -> dict:
     }
 
 
+def refusals(engine) -> dict:
+    refused = 0
+    for s in UNIMPLEMENTED:
+        try:
+            engine.compile(json.dumps(s))
+        except Exception:  # noqa: BLE001 - any refusal counts
+            refused += 1
+    return {"unimplemented_refused": refused, "unimplemented_total": len(UNIMPLEMENTED)}
+
+
 def run(tokenizer_dir: Path, engines: list[str]) -> list[dict]:
     from transformers import AutoTokenizer
 
@@ -214,6 +233,7 @@ def run(tokenizer_dir: Path, engines: list[str]) -> list[dict]:
             row["tokenizer_s"] = time.perf_counter() - t0
             row.update(coverage(engine, tokenizer, eos))
             row.update(mask_time(engine, eos))
+            row.update(refusals(engine))
         except ImportError as e:
             row["error"] = f"not installed: {e}"
         except Exception as e:  # noqa: BLE001 - fail soft per engine

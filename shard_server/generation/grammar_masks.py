@@ -23,6 +23,7 @@ A row whose matcher hit an error (a limit reached mid-document) is allowed EOS o
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -53,7 +54,9 @@ class MaskFiller:
         self.words = mask_words
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory
-        self._executor = llguidance.LLExecutor(num_threads=max(1, threads))
+        self._llguidance, self._threads = llguidance, max(1, threads)
+        self._pool: Any = None  # llguidance's thread pool, started by the first mask
+        self._pool_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self._shifts: dict[torch.device, torch.Tensor] = {}
         # Recent durations in seconds (metrics, benchmarks): a worker job (advance + fill), and what
@@ -70,6 +73,13 @@ class MaskFiller:
                 [(m, i) for i, m in enumerate(matchers)], out.data_ptr(), self.words * 4, len(matchers)
             )
         return out
+
+    @property
+    def _executor(self) -> Any:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = self._llguidance.LLExecutor(num_threads=self._threads)
+            return self._pool
 
     def advance(self, grammars: Sequence[RequestGrammar], token_ids: Sequence[int]) -> None:
         """Queue one job: each matcher consumes its token, then the next masks of all are filled."""

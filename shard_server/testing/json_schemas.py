@@ -3,8 +3,9 @@
 Every construct the shard promises to support appears at least once: nested objects, arrays with
 minItems/maxItems, enum, const, integers and numbers with bounds, strings with maxLength and simple
 patterns, required and optional properties, anyOf, $ref into $defs, additionalProperties false.
-Documents are kept short (strings and arrays bounded), so that even a random model emitting tokens
-under the constraint finishes them within a few hundred tokens.
+Documents are kept short (strings and arrays bounded, numbers with a multipleOf that bounds their
+digits), so that even a random model emitting tokens under the constraint finishes them within a few
+hundred tokens: greedy decoding of a random model can otherwise append fraction digits forever.
 
 `SCHEMAS` maps a name to the schema (a dict); `distinct_schemas(n)` gives n different schemas (the
 same shapes with renamed properties) for benchmarks that want one schema per row.
@@ -37,7 +38,7 @@ SCHEMAS: dict[str, Schema] = {
     "null": {"type": "null"},
     "int_range": {"type": "integer", "minimum": -50, "maximum": 50},
     "int_exclusive": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 1000},
-    "number_unit": {"type": "number", "minimum": 0, "maximum": 1},
+    "number_unit": {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.125},
     "string_short": _s(5),
     "string_min_max": {"type": "string", "minLength": 2, "maxLength": 4},
     "enum_str": {"enum": ["red", "green", "blue"]},
