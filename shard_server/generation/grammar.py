@@ -23,6 +23,7 @@ options are ignored.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import threading
@@ -220,8 +221,10 @@ class SchemaCompiler:
         matcher = ll.LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._limits)
         if not matcher.is_error():
             # The first mask builds the lexer's start; a schema that exhausts the limits there fails
-            # now, as a refusal, rather than in the middle of a batch.
-            matcher.compute_bitmask()
+            # now, as a refusal, rather than in the middle of a batch. (The pointer form drops the GIL.)
+            words = bytearray(4 * ((self._tokenizer.vocab_size + 31) // 32))
+            buf = (ctypes.c_char * len(words)).from_buffer(words)
+            matcher.unsafe_compute_mask_ptr(ctypes.addressof(buf), len(words))
         if matcher.is_error():
             raise SchemaError(f"schema is not supported: {_one_line(matcher.get_error())}")
         return CompiledSchema(schema, matcher, self._filler)

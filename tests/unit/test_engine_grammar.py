@@ -8,6 +8,8 @@ stop sequences, FilterBatch and concatenation, ignore_eos_token, a padded vocabu
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import replace
 
 import jsonschema
@@ -210,6 +212,35 @@ def test_bad_schema_is_refused_before_any_block_and_batches_go_on(engine):
         batch = step.batch
     assert json.loads(out[70].text) and out[71].generated_tokens == 30
     assert engine.free_blocks() == engine.usable_blocks()
+
+
+def test_a_slow_compile_does_not_stall_decoding(engine):
+    """prepare_grammars (the servicer's handler thread) compiles while the model thread decodes."""
+    slow = json.dumps({"type": "object", "additionalProperties": False,
+                       "properties": {f"q{i}": {"type": "integer"} for i in range(1500)}})  # fmt: skip
+    spec = RequestSpec(id=90, inputs="x", stopping=StoppingParams(400, ignore_eos_token=True))
+    running = engine.prefill(BatchSpec(id=13, requests=(spec,))).batch
+    window = []
+
+    def compile_it():
+        window.append(time.monotonic())
+        try:  # a very slow machine may even refuse it (over 5 s): the model thread ran on meanwhile
+            constrained_spec = replace(spec, id=91, sampling=SamplingParams(schema=slow))
+            engine.prepare_grammars(BatchSpec(id=14, requests=(constrained_spec,)))
+        finally:
+            window.append(time.monotonic())
+
+    t = threading.Thread(target=compile_it)
+    t.start()
+    steps = []
+    while t.is_alive():
+        running = engine.decode([running.id]).batch
+        steps.append(time.monotonic())
+    t.join()
+    engine.clear_cache(13)
+    inside = [s for s in steps if window[0] < s < window[1]]
+    assert window[1] - window[0] > 0.2 and len(inside) >= 2, (window, steps)
+    assert engine.grammars.cached(slow)
 
 
 def test_padded_vocabulary_rows_are_never_emitted(tiny_model_factory, tmp_path):
