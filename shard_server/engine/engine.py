@@ -184,6 +184,10 @@ class ShardEngine:
     def prepare_grammars(self, spec: BatchSpec) -> None:
         """Compile the batch's schemas into the cache (any thread): bad ones fail here, before the batch
         waits for the model thread, and the model thread's admission then finds them compiled."""
+        schemas = {r.sampling.schema for r in spec.requests if r.sampling.schema is not None}
+        with contextlib.suppress(NotImplementedError):  # no llguidance: compile_schema says so
+            for s in schemas:
+                self.grammars.start(s)  # every compile thread busy at once
         for r in spec.requests:
             admission.compile_schema(r, self.grammars)
 

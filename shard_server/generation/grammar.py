@@ -174,11 +174,10 @@ class SchemaCompiler:
             self._tokenizer = tok
             log.info("structured output: llguidance %s, %d token ids", llguidance.__version__, tok.vocab_size)
 
-
     # ---- compile, cached
 
-    def compile(self, schema: str) -> CompiledSchema:
-        """-> the compiled schema; SchemaError / GrammarUnavailable otherwise (both cached per text)."""
+    def start(self, schema: str) -> Future:
+        """The schema's cached compile, started now on a compile thread if it is new (no waiting)."""
         self._setup()
         with self._lock:
             fut = self._cache.get(schema)
@@ -189,6 +188,11 @@ class SchemaCompiler:
                 self._cache[schema] = fut
                 while len(self._cache) > self.config.cache_size:
                     self._cache.popitem(last=False)
+        return fut
+
+    def compile(self, schema: str) -> CompiledSchema:
+        """-> the compiled schema; SchemaError / GrammarUnavailable otherwise (both cached per text)."""
+        fut = self.start(schema)
         try:
             return fut.result(timeout=self.timeout)
         except FutureTimeout:
