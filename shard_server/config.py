@@ -9,7 +9,7 @@ torchrun/launch set them); `shard_server/server/options.py` builds both configs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEVICES = ("cpu", "cuda")
@@ -19,6 +19,23 @@ BLOCK_ALLOCATORS = ("shard", "router")
 LOG_FORMATS = ("text", "json")
 # "auto": the measured-fastest backend that can run (model/attention BACKENDS order)
 ATTENTION_BACKENDS = ("auto", "torch_cuda", "flash_attn", "reference")
+
+
+@dataclass(frozen=True)
+class GrammarConfig:
+    """Structured output (JSON schemas): bounds on what one schema may cost, caches, threads."""
+
+    max_schema_bytes: int = 64 * 1024
+    max_depth: int = 32  # nesting of objects/arrays in the schema document itself
+    compile_timeout_s: float = 5.0  # one rank only (generation/grammar.py says why)
+    cache_size: int = 512  # compiled schemas (and refusals) kept
+    compile_threads: int = 2
+    mask_threads: int = 8  # llguidance's pool that fills a step's masks in parallel
+    # llguidance limits (None: llguidance's defaults)
+    max_grammar_size: int | None = None
+    max_lexer_states: int | None = None
+    initial_lexer_fuel: int | None = None
+    step_lexer_fuel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,7 @@ class ShardConfig:
     world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    grammar: GrammarConfig = field(default_factory=GrammarConfig)
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shard_server.generation.grammar_masks import RequestGrammar
 from shard_server.generation.sampling import NextTokenChooser
 from shard_server.generation.stopping import GenerationTracker
 from shard_server.types import CachedBatchInfo, SamplingParams
@@ -45,6 +46,7 @@ class RequestState:
     own_blocks: bool = True  # the shard's BlockManager holds them (False: the router's blocks)
     # Prompt logprobs gathered chunk by chunk (prefill_logprobs only), reported with the first token.
     prompt_logprobs: list[float] | None = None
+    grammar: RequestGrammar | None = None  # the JSON schema's matcher; advances on emitted tokens only
 
     @property
     def table_len(self) -> int:

@@ -2,13 +2,16 @@
 
 Every method runs on the server's one model thread, except `download_adapter`, which runs on the I/O
 thread: it reads files outside any lock and touches only the adapter store's host cache, under its
-lock. Errors meant for the router are `model.errors.*`, raised here or by model/ and cache/ alike; only
+lock, and `prepare_grammars`, which runs on the servicer's handler threads: it only compiles schemas
+into the thread-safe `SchemaCompiler` cache, so the model thread keeps decoding meanwhile.
+Errors meant for the router are `model.errors.*`, raised here or by model/ and cache/ alike; only
 out-of-blocks and device out-of-memory are translated here. A failed call leaves every cached batch as
 it was and leaks no KV block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -34,6 +37,7 @@ from shard_server.engine.kv_sizing import KVSizing
 from shard_server.engine.lookahead import Lookahead, logits_for, look_ahead
 from shard_server.engine.outputs import emit_step
 from shard_server.executor.runner import ModelRunner
+from shard_server.generation.grammar import SchemaCompiler
 from shard_server.generation.sampling import HostSample
 from shard_server.types import AdapterSpec, BatchSpec, CachedBatchInfo, GenerationOut, ShardInfo, StepResult
 
@@ -69,6 +73,14 @@ class ShardEngine:
             from shard_server.executor.graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
+        self.grammars = SchemaCompiler(
+            self.tokenizer,
+            self.model_config.vocab_size,
+            self.eos_ids,
+            config.grammar,
+            deterministic_only=self.tp.world_size > 1,
+            pin_memory=self.device.type == "cuda",
+        )
         self.batches: dict[int, Batch] = {}
         # Decode overlap (lookahead.py): each cached batch's next step, already enqueued.
         self.overlap = config.overlap
@@ -166,7 +178,7 @@ class ShardEngine:
         generations: list[GenerationOut] = []
         rows = None
         if out is not None:
-            batch.chooser.update(out.next_ids)
+            batch.chooser.update(out.next_ids, host.next_ids)
             batch.advance(out.next_ids)
             generations, rows = self.emit(batch, host, first_token=False)
         pending: list[PendingPrefill] = []
@@ -183,6 +195,16 @@ class ShardEngine:
         if out is not None:
             self.lookahead_rows_used += used
         return StepResult(tuple(generations), None if remaining is None else remaining.info())
+
+    def prepare_grammars(self, spec: BatchSpec) -> None:
+        """Compile the batch's schemas into the cache (any thread): bad ones fail here, before the batch
+        waits for the model thread, and the model thread's admission then finds them compiled."""
+        schemas = {r.sampling.schema for r in spec.requests if r.sampling.schema is not None}
+        with contextlib.suppress(NotImplementedError):  # no llguidance: compile_schema says so
+            for s in schemas:
+                self.grammars.start(s)  # every compile thread busy at once
+        for r in spec.requests:
+            admission.compile_schema(r, self.grammars)
 
     def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> CachedBatchInfo:
         batch = self._get(batch_id)
@@ -308,6 +330,7 @@ class ShardEngine:
             num_blocks=self.runner.kv_cache.num_blocks,
             block_size=self.model.block_size,
             chunking=self.max_prefill_tokens is not None,
+            grammars=self.grammars,
         )
 
     def _check_adapters(self, indices: Sequence[int]) -> None:

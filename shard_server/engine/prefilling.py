@@ -28,6 +28,7 @@ from shard_server.engine import admission
 from shard_server.engine.batch import Batch, PendingPrefill, RequestState, grouped_order
 from shard_server.engine.outputs import chunk_prompt_logprobs
 from shard_server.executor.runner import ModelRunner, PrefillOutput, PrefillSeq
+from shard_server.generation.grammar_masks import GrammarRows
 from shard_server.generation.sampling import HostSample, NextTokenChooser, SampleOutput
 
 
@@ -116,6 +117,7 @@ def start_request(engine: PrefillHost, a: admission.Admitted, *, warmup: bool) -
         own_blocks=own,
         # Tokens 0..cached have no computed logits (the first token never has one).
         prompt_logprobs=[float("nan")] * (cached + 1) if a.spec.prefill_logprobs else None,
+        grammar=a.grammar.start() if a.grammar is not None else None,
     )
     # A shard prefix-cache hit may shorten the prompt's rest below the asked chunk: never past the end.
     first = min(a.first_chunk, len(prompt) - cached) if own else a.first_chunk
@@ -148,6 +150,7 @@ def compute(engine: PrefillHost, items: list[tuple[PendingPrefill, int]]) -> Pre
         chooser = NextTokenChooser.from_params(
             [r.sampling for r in reqs], [r.prompt_ids for r in reqs], engine.model_config.vocab_size,
             engine.device,
+            grammar=GrammarRows.of([r.grammar for r in reqs]),
         )
         idx = torch.tensor(finishing, dtype=torch.int64, device=engine.device)
         sample = chooser.choose(out.last_logits.index_select(0, idx))
@@ -171,7 +174,7 @@ def commit(engine: PrefillHost, batch_id: int, c: PrefillCompute) -> tuple[list,
     if not c.finishing:
         return [], None, still
     requests = [c.items[i][0].request for i in c.finishing]
-    c.chooser.update(c.sample.next_ids)
+    c.chooser.update(c.sample.next_ids, c.host.next_ids)
     batch = Batch(
         batch_id,
         requests,

@@ -330,6 +330,8 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
     def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         batch = batch_from_pb(request.batch, "Prefill")
         cached_id = request.cached_batch.id if request.HasField("cached_batch") else None
+        # JSON schemas compile here, on this handler thread, while the model thread decodes on.
+        self._engine.prepare_grammars(batch)
         result = self._workers.model(self._engine.prefill, batch, cached_id)
         return step_to_pb(result, pb.PrefillResponse)
 
