@@ -25,7 +25,7 @@ are deleted until the cache holds at most `max_bytes`; an entry used in the last
 kept even then, so a process that has just resolved a path can still read it. An adapter larger than
 `max_bytes` is refused before any download (RESOURCE_EXHAUSTED).
 
-Errors (model.adapters.errors): no adapter_config.json under the prefix, or no such bucket: NOT_FOUND;
+Errors (model.errors): no adapter_config.json under the prefix, or no such bucket: NOT_FOUND;
 AccessDenied or no usable credentials: PERMISSION_DENIED; unreachable endpoint, 5xx, an object that
 changed while it was read: UNAVAILABLE; a malformed id, or a config without the weights file:
 INVALID_ARGUMENT.
@@ -47,15 +47,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.adapters.errors import (
-    AdapterBudgetExceeded,
-    AdapterInvalid,
-    AdapterNotFound,
-    AdapterPermissionDenied,
-    AdapterSourceUnsupported,
-    AdapterUnavailable,
-)
 from model.adapters.peft_loader import CONFIG_FILE, WEIGHTS_FILE
+from model.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
 
 FILES = (CONFIG_FILE, WEIGHTS_FILE)
 MANIFEST = ".manifest.json"
@@ -79,16 +79,16 @@ class S3CacheConfig:
 
 
 def parse_s3_id(adapter_id: str) -> tuple[str, str]:
-    """`s3://bucket/prefix` -> (bucket, prefix without surrounding slashes); AdapterInvalid otherwise."""
+    """`s3://bucket/prefix` -> (bucket, prefix without surrounding slashes); InvalidArgument otherwise."""
     m = _ID_RE.fullmatch(adapter_id)
     if m is None:
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"S3 adapter id {adapter_id!r} is not s3://bucket/prefix (bucket: 3-63 lowercase letters, "
             "digits, dots, hyphens)"
         )
     prefix = (m.group("prefix") or "").strip("/")
     if len(prefix.encode()) + len(WEIGHTS_FILE) + 1 > 1024 or any(ord(c) < 32 for c in prefix):
-        raise AdapterInvalid(f"S3 adapter id {adapter_id!r}: prefix too long or with control characters")
+        raise InvalidArgument(f"S3 adapter id {adapter_id!r}: prefix too long or with control characters")
     return m.group("bucket"), prefix
 
 
@@ -108,7 +108,7 @@ class S3Adapters:
                 import boto3
                 from botocore.config import Config
             except ImportError as e:
-                raise AdapterSourceUnsupported(f"S3 adapters need boto3, which is not installed: {e}") from e
+                raise Unimplemented(f"S3 adapters need boto3, which is not installed: {e}") from e
             session = boto3.session.Session(profile_name=self.config.profile, region_name=self.config.region)
             retries = {"max_attempts": self.config.max_attempts, "mode": "standard"}
             config = Config(retries=retries, connect_timeout=10, read_timeout=60)
@@ -123,9 +123,9 @@ class S3Adapters:
             client = self.client()
             heads = {name: self._head(client, bucket, key) for name, key in keys.items()}
             if heads[CONFIG_FILE] is None:
-                raise AdapterNotFound(f"S3 adapter {adapter_id!r}: no s3://{bucket}/{keys[CONFIG_FILE]}")
+                raise NotFound(f"S3 adapter {adapter_id!r}: no s3://{bucket}/{keys[CONFIG_FILE]}")
             if heads[WEIGHTS_FILE] is None:
-                raise AdapterInvalid(
+                raise InvalidArgument(
                     f"S3 adapter {adapter_id!r}: missing {WEIGHTS_FILE} under the prefix (only safetensors "
                     "adapters are loaded)"
                 )
@@ -167,26 +167,26 @@ class S3Adapters:
     def _get(client, bucket: str, key: str, dest: Path, size: int, etag: str, adapter_id: str) -> None:
         r = client.get_object(Bucket=bucket, Key=key)
         if str(r["ETag"]) != etag:
-            raise AdapterUnavailable(f"S3 adapter {adapter_id!r}: {key} changed while it was fetched; retry")
+            raise Unavailable(f"S3 adapter {adapter_id!r}: {key} changed while it was fetched; retry")
         got = 0
         with dest.open("wb") as f:
             for chunk in r["Body"].iter_chunks(1 << 20):
                 got += len(chunk)
                 if got > size:
-                    raise AdapterUnavailable(f"S3 adapter {adapter_id!r}: {key} is longer than {size} bytes")
+                    raise Unavailable(f"S3 adapter {adapter_id!r}: {key} is longer than {size} bytes")
                 f.write(chunk)
         if got != size:
-            raise AdapterUnavailable(f"S3 adapter {adapter_id!r}: {key} ended after {got} of {size} bytes")
+            raise Unavailable(f"S3 adapter {adapter_id!r}: {key} ended after {got} of {size} bytes")
 
     def _check_sizes(self, adapter_id: str, heads: dict[str, tuple[int, str]]) -> None:
         if heads[CONFIG_FILE][0] > MAX_CONFIG_BYTES:
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"S3 adapter {adapter_id!r}: {CONFIG_FILE} is {heads[CONFIG_FILE][0]} bytes "
                 f"(limit {MAX_CONFIG_BYTES})"
             )
         total = sum(size for size, _ in heads.values())
         if total > self.config.max_bytes:
-            raise AdapterBudgetExceeded(
+            raise ResourceExhausted(
                 f"S3 adapter {adapter_id!r} is {total} bytes, more than the adapter cache holds "
                 f"({self.config.max_bytes}; raise --adapter-cache-max-bytes)"
             )
@@ -274,17 +274,17 @@ def _boto_errors(adapter_id: str):
     try:
         yield
     except (NoCredentialsError, PartialCredentialsError, ProfileNotFound) as e:
-        raise AdapterPermissionDenied(f"S3 adapter {adapter_id!r}: no usable AWS credentials: {e}") from e
+        raise PermissionDenied(f"S3 adapter {adapter_id!r}: no usable AWS credentials: {e}") from e
     except ClientError as e:
         code, status = _error_code(e), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _DENIED or status == 403:
-            raise AdapterPermissionDenied(f"S3 adapter {adapter_id!r}: access denied ({code}): {e}") from e
+            raise PermissionDenied(f"S3 adapter {adapter_id!r}: access denied ({code}): {e}") from e
         if code in _MISSING or status == 404:
-            raise AdapterNotFound(f"S3 adapter {adapter_id!r} not found ({code}): {e}") from e
+            raise NotFound(f"S3 adapter {adapter_id!r} not found ({code}): {e}") from e
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
-            raise AdapterUnavailable(f"S3 adapter {adapter_id!r}: S3 failed ({code}): {e}") from e
-        raise AdapterInvalid(f"S3 adapter {adapter_id!r}: S3 refused the request ({code}): {e}") from e
+            raise Unavailable(f"S3 adapter {adapter_id!r}: S3 failed ({code}): {e}") from e
+        raise InvalidArgument(f"S3 adapter {adapter_id!r}: S3 refused the request ({code}): {e}") from e
     except (BotoCoreError, ConnectionError) as e:  # endpoint unreachable, timeouts, connection resets
-        raise AdapterUnavailable(f"S3 adapter {adapter_id!r}: S3 could not be reached: {e}") from e
+        raise Unavailable(f"S3 adapter {adapter_id!r}: S3 could not be reached: {e}") from e
     except OSError as e:  # the local cache directory (disk full, permissions)
-        raise AdapterUnavailable(f"S3 adapter {adapter_id!r}: the adapter cache failed: {e}") from e
+        raise Unavailable(f"S3 adapter {adapter_id!r}: the adapter cache failed: {e}") from e

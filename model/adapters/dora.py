@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from model.adapters.errors import AdapterInvalid
 from model.adapters.peft_loader import ROW_PARALLEL
+from model.errors import InvalidArgument
 
 Key = tuple[int, str]
 # (A [r, in_local], B [out_local, r] with the scaling folded in, m [out_local]) of one DoRA module
@@ -44,7 +44,7 @@ _CHUNK_ELEMS = 1 << 24  # rows of W + B A materialised at once: at most 64 MB of
 def dora_scales(
     modules: Mapping[Key, DoraModule], weight_of: Callable[[int, str], torch.Tensor], tp=None
 ) -> dict[Key, torch.Tensor]:
-    """-> {key: c [out_local] float32 on the CPU} (module docstring). AdapterInvalid if any is not finite.
+    """-> {key: c [out_local] float32 on the CPU} (module docstring). InvalidArgument if any is not finite.
 
     `weight_of(layer_idx, target)`: this rank's base weight of the projection ([out_local, in_local];
     lm_head: [rows per rank, hidden]). `tp`: model.parallel.TPGroup or None (world size 1). With world
@@ -89,12 +89,12 @@ def dora_scales(
             bad_here.append(k)
     if bad_here:
         layer, target = bad_here[0]
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"DoRA scale of layer {layer} {target} is not finite: ||W + s B A|| is zero for some output "
             "feature (magnitude / 0)"
         )
     if bad_elsewhere:
-        raise AdapterInvalid(
+        raise InvalidArgument(
             "DoRA scale is not finite on another tensor-parallel rank: ||W + s B A|| is zero for some "
             "output feature (magnitude / 0)"
         )

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.adapters.errors import AdapterInvalid
 from model.adapters.peft_loader import MAX_RANK, TARGETS, LoraAdapter, LoraModule
+from model.errors import InvalidArgument
 
 STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 SIGN_METHODS = ("total", "frequency")
@@ -67,31 +67,31 @@ class MergeParams:
 
 def check_merge(num_adapters: int, weights: Sequence[float] = (), strategy: str = "linear",
                 density: float = 1.0, majority_sign_method: str = "total") -> MergeParams:  # fmt: skip
-    """Validated parameters (uniform 1/n weights when none are given); AdapterInvalid names the problem.
+    """Validated parameters (uniform 1/n weights when none are given); InvalidArgument names the problem.
 
     Runs before any file is read, so a bad request costs nothing.
     """
     strategy = strategy.lower()
     if strategy not in STRATEGIES:
-        raise AdapterInvalid(f"merge strategy {strategy!r} is unknown; known: {', '.join(STRATEGIES)}")
+        raise InvalidArgument(f"merge strategy {strategy!r} is unknown; known: {', '.join(STRATEGIES)}")
     if num_adapters < 1:
-        raise AdapterInvalid("merge needs at least one adapter")
+        raise InvalidArgument("merge needs at least one adapter")
     weights = tuple(float(w) for w in weights)
     if weights and len(weights) != num_adapters:
-        raise AdapterInvalid(f"merge got {num_adapters} adapters but {len(weights)} weights")
+        raise InvalidArgument(f"merge got {num_adapters} adapters but {len(weights)} weights")
     bad = [w for w in weights if not math.isfinite(w)]
     if bad:
-        raise AdapterInvalid(f"merge weights must be finite numbers; got {list(weights)}")
+        raise InvalidArgument(f"merge weights must be finite numbers; got {list(weights)}")
     weights = weights or (1.0 / num_adapters,) * num_adapters
     if strategy == "linear":
         return MergeParams("linear", weights)
     if num_adapters < 2:
-        raise AdapterInvalid(f"a {strategy.upper()} merge needs at least two adapters; got one")
+        raise InvalidArgument(f"a {strategy.upper()} merge needs at least two adapters; got one")
     if not (math.isfinite(density) and 0.0 < density <= 1.0):
-        raise AdapterInvalid(f"merge density must be in (0, 1] for {strategy.upper()}; got {density}")
+        raise InvalidArgument(f"merge density must be in (0, 1] for {strategy.upper()}; got {density}")
     method = majority_sign_method.lower()
     if method not in SIGN_METHODS:
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"majority_sign_method {majority_sign_method!r} is unknown; known: {', '.join(SIGN_METHODS)}"
         )
     return MergeParams(strategy, weights, float(density), method)
@@ -117,7 +117,7 @@ def merge_modules(adapters: Sequence[Modules], params: MergeParams, seed: int = 
     `params` from check_merge; `seed` (merge_seed) drives DARE's masks only.
     """
     if len(params.weights) != len(adapters):
-        raise AdapterInvalid(f"merge got {len(adapters)} adapters but {len(params.weights)} weights")
+        raise InvalidArgument(f"merge got {len(adapters)} adapters but {len(params.weights)} weights")
     keys = sorted({k for ad in adapters for k in ad}, key=module_order)
     merged: dict[tuple[int, str], LoraModule] = {}
     if params.strategy == "linear":
@@ -126,7 +126,7 @@ def merge_modules(adapters: Sequence[Modules], params: MergeParams, seed: int = 
             a = torch.cat([m.a.float() for m, _ in terms], dim=0)  # [sum r_i, in]
             b = torch.cat([m.b.float() * (w * m.scale) for m, w in terms], dim=1)  # [out, sum r_i]
             if a.shape[0] > MAX_RANK:
-                raise AdapterInvalid(
+                raise InvalidArgument(
                     f"linear merge of layer {key[0]} {key[1]} has rank {a.shape[0]} > {MAX_RANK} "
                     "(sum of ranks)"
                 )
@@ -157,7 +157,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter], weights: Sequence[float] = (
     """LINEAR merge of already-scaled LoraAdapters (tests, tools); one adapter, weight 1: itself."""
     params = check_merge(len(adapters), weights, strategy)
     if params.strategy != "linear":
-        raise AdapterInvalid("merge_adapters takes scaled adapters: use merge_modules for TIES/DARE")
+        raise InvalidArgument("merge_adapters takes scaled adapters: use merge_modules for TIES/DARE")
     if len(adapters) == 1 and params.weights[0] == 1.0:
         return adapters[0]
     as_modules = [{k: LoraModule(a, b, 1.0) for k, (a, b) in ad.weights.items()} for ad in adapters]

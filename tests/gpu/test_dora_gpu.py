@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from mistral_harness import PagedRunner, hf_logits, random_prompts  # noqa: E402
 
+from cache.kv_cache import KVCache  # noqa: E402
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -113,8 +115,8 @@ def test_mixed_lora_dora_batch_bf16_triton_equals_peft_fp32(setup):
     _, _, ours, store, truth = setup
     assert dora_scale_op_for(torch.device("cuda")).__module__ == "model.kernels.dora"
     assert lora_ops_for(torch.device("cuda")).__name__ == "model.kernels.lora"
-    assert len(store._scales) > 0
-    runner = PagedRunner(ours, ours.new_kv_cache(48), seed=3)
+    assert len(store.layout.scales) > 0
+    runner = PagedRunner(ours, KVCache.for_model(ours, 48), seed=3)
     prompts = random_prompts([13, 5, 22, 1, 9, 17], VOCAB, seed=2)
     data = store.batch_data(REQUESTS, [len(p) for p in prompts], is_prefill=True)
     logits, cu = runner.prefill(prompts, adapter_data=data)
@@ -138,29 +140,47 @@ def test_mixed_lora_dora_batch_bf16_triton_equals_peft_fp32(setup):
 
 
 def test_engine_graph_decode_equals_eager_with_dora_adapters(setup):
+    """Graphs are captured at Warmup (no adapters yet); loading DoRA adapters re-lays out the stacks and
+    LoadAdapter recaptures the LoRA graphs over the scale stacks; every decode step then replays a graph
+    (none captured inside Decode) whose logits equal the eager step's."""
     from shard_server.config import ShardConfig
-    from shard_server.engine import ShardEngine
+    from shard_server.engine.engine import ShardEngine
     from shard_server.types import AdapterSpec, BatchSpec, RequestSpec, SamplingParams, StoppingParams
 
     model_dir, dirs, *_ = setup
-    engine = ShardEngine(ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16"))
+
+    def requests(n, max_new):
+        return tuple(
+            RequestSpec(id=i, input_ids=tuple(1 + (7 * i + 3 * j) % 300 for j in range(5 + 3 * i)),
+                        adapter_index=[0, 1, 2, 3][i % 4], sampling=SamplingParams(),
+                        stopping=StoppingParams(max_new_tokens=max_new, ignore_eos_token=True))
+            for i in range(n)
+        )  # fmt: skip
+
+    engine = ShardEngine(
+        ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", max_kv_cache_bytes=64 << 20)
+    )
+    warm = BatchSpec(id=0, requests=tuple(r for r in requests(4, 4) if r.adapter_index == 0))
+    assert engine.warmup(warm, 128, max_prefill_tokens=512, max_new_tokens=32) > 0
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    version, captured = engine.adapters.layout_version, graphs.captured
     for i, d in dirs.items():
         engine.load_adapter(i, AdapterSpec(adapter_ids=(str(d),), source="local"))
-    assert engine.runner.graphs is not None and engine.adapters._scales
-    requests = tuple(
-        RequestSpec(id=i, input_ids=tuple(1 + (7 * i + 3 * j) % 300 for j in range(5 + 3 * i)),
-                    adapter_index=[0, 1, 2, 3][i % 4], sampling=SamplingParams(),
-                    stopping=StoppingParams(max_new_tokens=16, ignore_eos_token=True))
-        for i in range(7)
-    )  # fmt: skip
-    engine.prefill(BatchSpec(id=1, requests=requests))
+    assert engine.adapters.layout_version > version and engine.adapters.layout.scales
+    assert graphs.captured > captured  # the LoRA graphs were recaptured inside LoadAdapter
+    engine.prefill(BatchSpec(id=1, requests=requests(7, 16)))
     for _ in range(8):
         batch = engine.batches[1]
         slots = engine.adapters.request_slots(batch.adapter_indices)
-        graph_logits = engine.runner.graphs.run(batch, slots).clone()
+        graph_logits = graphs.run(batch, slots)
+        assert graph_logits is not None, "no LoRA graph for this step after LoadAdapter"
+        graph_logits = graph_logits.clone()
         eager_logits = engine.runner.decode_eager(batch, slots)
         assert torch.isfinite(graph_logits).all()
-        assert _rel(graph_logits, eager_logits.float().cpu()) < RTOL
+        assert _rel(graph_logits.float().cpu(), eager_logits.float().cpu()) < RTOL
+        captured, replayed = graphs.captured, graphs.replayed
         engine.decode([1])
+        assert graphs.captured == captured and graphs.replayed == replayed + 1
     engine.clear_cache()
     assert engine.free_blocks() == engine.usable_blocks()

@@ -17,8 +17,9 @@ import torch
 from mistral_harness import PagedRunner, hf_logits, random_prompts
 
 from cache.adapter_store import AdapterStore
+from cache.kv_cache import KVCache
 from model.adapters.batch import AdapterBatchMetadata
-from model.adapters.errors import AdapterInvalid, AdapterSourceUnsupported
+from model.errors import InvalidArgument, Unimplemented
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.types import AdapterSpec
 
@@ -69,8 +70,9 @@ def test_mixed_base_lora_dora_batch_equals_peft_prefill_and_decode(setup):
     ours, truth, dirs = setup
     store = _store(ours, dirs)
     dora_targets = set(ADAPTERS[2]["target_modules"] + ADAPTERS[3]["target_modules"]) - {"lm_head"}
-    assert set(store._scales) == {(layer, t) for layer in (0, 1) for t in dora_targets} | {(-1, "lm_head")}
-    runner = PagedRunner(ours, ours.new_kv_cache(num_blocks=64), seed=3)
+    want = {(layer, t) for layer in (0, 1) for t in dora_targets} | {(-1, "lm_head")}
+    assert set(store.layout.scales) == want
+    runner = PagedRunner(ours, KVCache.for_model(ours, num_blocks=64), seed=3)
     prompts = random_prompts([6, 9, 4, 11, 3, 7, 5, 8], VOCAB, seed=31)
     data = store.batch_data(REQUESTS, [len(p) for p in prompts], is_prefill=True)
     logits, cu = runner.prefill(prompts, adapter_data=data)
@@ -78,7 +80,7 @@ def test_mixed_base_lora_dora_batch_equals_peft_prefill_and_decode(setup):
         ref = hf_logits(truth[idx], p)
         torch.testing.assert_close(logits[cu[b] : cu[b + 1]], ref, atol=ATOL, rtol=0, msg=f"prefill {b}")
     # DoRA is not LoRA with the magnitude ignored: the same batch without the scales misses by far.
-    runner2 = PagedRunner(ours, ours.new_kv_cache(num_blocks=64), seed=3)
+    runner2 = PagedRunner(ours, KVCache.for_model(ours, num_blocks=64), seed=3)
     data.scales = {}
     plain, _ = runner2.prefill(prompts, adapter_data=data)
     for b, idx in enumerate(REQUESTS):
@@ -106,7 +108,7 @@ def test_last_token_logits_offload_reload_and_eviction(setup):
     budget = probe.device_bytes()  # room for the two DoRA adapters, not for all three
     store = _store(ours, dirs, budget_bytes=budget)
     assert store.device_bytes() <= budget and len(store.resident_indices()) < 3
-    runner = PagedRunner(ours, ours.new_kv_cache(num_blocks=48), seed=5)
+    runner = PagedRunner(ours, KVCache.for_model(ours, num_blocks=48), seed=5)
     for round_, batch in enumerate(([3, 0, 2], [1, 3, 0], [2, 1, 0], [2, 3, 3])):  # evictions both ways
         prompts = random_prompts([5, 8, 4], VOCAB, seed=40 + round_)
         rows = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
@@ -125,11 +127,11 @@ def test_last_token_logits_offload_reload_and_eviction(setup):
 
 def test_dora_refusals(setup, tmp_path):
     ours, _, dirs = setup
-    with pytest.raises(AdapterSourceUnsupported, match="DoRA adapters need the base model's weights"):
+    with pytest.raises(Unimplemented, match="DoRA adapters need the base model's weights"):
         AdapterStore(ours.config).load(2, _spec(dirs[2]))
     store = AdapterStore(ours.config, base_weights=ours.projection_weight)
     merged = AdapterSpec(adapter_ids=(str(dirs[1]), str(dirs[2])), weights=(0.5, 0.5), source="local")
-    with pytest.raises(AdapterSourceUnsupported, match="merging DoRA adapters is not supported"):
+    with pytest.raises(Unimplemented, match="merging DoRA adapters is not supported"):
         store.load(4, merged)
     # A zero row of W and an adapter that adds nothing to it: ||W + s B A|| = 0 there -> m / 0, refused.
     w = ours.projection_weight(0, "k_proj")
@@ -137,11 +139,34 @@ def test_dora_refusals(setup, tmp_path):
     try:
         w[3].zero_()
         spec = _spec(_zero_b_row(dirs[2], tmp_path / "z", "model.layers.0.self_attn.k_proj", 3))
-        with pytest.raises(AdapterInvalid, match="DoRA scale of layer 0 k_proj is not finite"):
+        with pytest.raises(InvalidArgument, match="DoRA scale of layer 0 k_proj is not finite"):
             store.load(5, spec)
         assert not store.is_loaded(5)
     finally:
         w[3].copy_(saved)
+
+
+def test_dora_arrival_re_lays_out_and_graph_data_reads_the_scale_stacks(setup):
+    """Captured CUDA graphs read the scale stacks: a DoRA adapter whose modules have none yet must
+    re-lay out (bump layout_version, so LoRA graphs are recaptured), and graph data holds the new stacks."""
+    ours, _, dirs = setup
+    store = AdapterStore(ours.config, base_weights=ours.projection_weight)
+    store.load(1, _spec(dirs[1]))  # plain LoRA: no scale stacks
+    assert store.layout.scales == {}
+    version = store.layout_version
+    store.load(2, _spec(dirs[2]))
+    assert store.layout_version > version and store.layout.scales
+    meta = AdapterBatchMetadata.for_cuda_graph(4, "cpu")
+    data = store.graph_batch_data(meta)
+    assert data.scales is store.layout.scales
+    slot = store.request_slots([2])[0]
+    key = (0, "q_proj")
+    torch.testing.assert_close(data.scales[key][slot], store._entries[2].host.scales[key])
+    # Another adapter with the same DoRA modules fits the current stacks: no re-layout, same tensors.
+    version, scales = store.layout_version, store.layout.scales
+    store.offload(1)
+    store.load(1, _spec(dirs[2]))
+    assert store.layout_version == version and store.layout.scales is scales
 
 
 def _zero_b_row(src, dst, module: str, row: int):

@@ -20,6 +20,7 @@ from mistral_harness import PagedRunner, hf_logits, random_prompts
 from safetensors.torch import load_file, save_file
 
 from cache.adapter_store import AdapterStore
+from cache.kv_cache import KVCache
 from model.adapters.merge import check_merge, merge_modules, merge_seed
 from model.adapters.peft_loader import read_peft_adapter
 from model.config import MistralConfig
@@ -151,7 +152,7 @@ def test_merged_adapter_served_from_the_store_equals_peft_logits(tiny_model_dir,
                        source="local")  # fmt: skip
     store.load(1, spec)
     prompts = random_prompts([6, 9, 4], 512, seed=8)
-    runner = PagedRunner(ours, ours.new_kv_cache(num_blocks=16), seed=1)
+    runner = PagedRunner(ours, KVCache.for_model(ours, num_blocks=16), seed=1)
     data = store.batch_data([1, 0, 1], [len(p) for p in prompts], is_prefill=True)
     logits, cu = runner.prefill(prompts, adapter_data=data)
     with peft_model.disable_adapter():

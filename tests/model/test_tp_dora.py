@@ -23,7 +23,8 @@ from test_tp_adapters import PROMPTS, SHAPES, VOCAB, _assert_close, _run, last_r
 
 from cache.adapter_sources import AdapterSourceConfig, AdapterSources
 from cache.adapter_store import AdapterStore
-from model.adapters.errors import AdapterError
+from cache.kv_cache import KVCache
+from model.errors import ShardError
 from model.flash_mistral import FlashMistralForCausalLM
 from model.parallel import TPGroup
 from shard_server.types import AdapterSpec
@@ -57,8 +58,8 @@ def _serve(tp: TPGroup, model_dir: str, adapter_dirs: dict[int, str], refused_di
         try:
             store.load(9, _spec(refused_dir))
             out["refusal"] = None
-        except AdapterError as e:
-            out["refusal"] = f"{e.code}: {e}"
+        except ShardError as e:
+            out["refusal"] = f"{e.status.name}: {e}"
         out["after-refusal"] = _run(model, store, requests=REQUESTS)  # serving goes on, in step
     return out
 
@@ -66,7 +67,7 @@ def _serve(tp: TPGroup, model_dir: str, adapter_dirs: dict[int, str], refused_di
 def _run_last(model, data):
     from mistral_harness import PagedRunner
 
-    return PagedRunner(model, model.new_kv_cache(48), seed=5).prefill(
+    return PagedRunner(model, KVCache.for_model(model, 48), seed=5).prefill(
         PROMPTS, last_only=True, adapter_data=data
     )
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from model.adapters.errors import AdapterInvalid
 from model.adapters.merge import check_merge, merge_adapters, merge_modules, merge_seed
 from model.adapters.peft_loader import LoraAdapter, LoraModule
+from model.errors import InvalidArgument, Status
 
 
 def _adapter(name, ranks_by_key, seed, fan_in=16, fan_out=12):
@@ -55,9 +55,9 @@ REFUSED = [  # (n adapters, weights, strategy, density, sign method) -> message
 
 @pytest.mark.parametrize("args,message", REFUSED, ids=[m for _, m in REFUSED])
 def test_bad_merge_parameters_are_invalid_argument(args, message):
-    with pytest.raises(AdapterInvalid, match=message):
+    with pytest.raises(InvalidArgument, match=message):
         check_merge(*args)
-    assert AdapterInvalid.code == "INVALID_ARGUMENT"
+    assert InvalidArgument.status == Status.INVALID_ARGUMENT
 
 
 def test_ties_keeps_the_elected_sign_and_averages_the_agreeing_values():
@@ -81,7 +81,7 @@ def test_dare_seed_is_a_function_of_the_whole_request():
 
 def test_merge_refusals_name_the_problem():
     a = _adapter("a", {(0, "q_proj"): 200}, 1)
-    with pytest.raises(AdapterInvalid, match="2 adapters but 1 weights"):
+    with pytest.raises(InvalidArgument, match="2 adapters but 1 weights"):
         merge_adapters([a, a], [1.0])
-    with pytest.raises(AdapterInvalid, match=r"layer 0 q_proj has rank 400 > 256"):
+    with pytest.raises(InvalidArgument, match=r"layer 0 q_proj has rank 400 > 256"):
         merge_adapters([a, a], [0.5, 0.5])

@@ -22,14 +22,15 @@ import torch
 from cache.adapter_sources import AdapterSourceConfig, AdapterSources
 from cache.adapter_store import AdapterStore
 from cache.s3_source import MANIFEST, S3Adapters, S3CacheConfig, parse_s3_id
-from model.adapters.errors import (
-    AdapterBudgetExceeded,
-    AdapterInvalid,
-    AdapterNotFound,
-    AdapterPermissionDenied,
-    AdapterUnavailable,
-)
 from model.config import MistralConfig
+from model.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Status,
+    Unavailable,
+)
 from shard_server.types import AdapterSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,27 +86,27 @@ def test_download_then_cache_hit_then_changed_object(fake_s3, bucket, adapter, t
 
 def test_not_found_permission_denied_unavailable_and_bad_ids(fake_s3, bucket, adapter, tmp_path, monkeypatch):
     s3 = _s3(fake_s3, tmp_path / "cache")
-    with pytest.raises(AdapterNotFound, match="no s3://adapters/nothing/here/adapter_config.json") as e:
+    with pytest.raises(NotFound, match="no s3://adapters/nothing/here/adapter_config.json") as e:
         s3.fetch("s3://adapters/nothing/here")
-    assert e.value.code == "NOT_FOUND"
-    with pytest.raises(AdapterNotFound, match="no s3://no-such-bucket-here/x/adapter_config.json"):
+    assert e.value.status == Status.NOT_FOUND
+    with pytest.raises(NotFound, match="no s3://no-such-bucket-here/x/adapter_config.json"):
         s3.fetch("s3://no-such-bucket-here/x")  # HeadObject answers a missing bucket with a bare 404 too
     weights_only_missing = fake_s3.upload(adapter, bucket, "half", files={"adapter_config.json"})
-    with pytest.raises(AdapterInvalid, match="missing adapter_model.safetensors"):
+    with pytest.raises(InvalidArgument, match="missing adapter_model.safetensors"):
         s3.fetch(weights_only_missing)
     secret = fake_s3.bucket("secret-adapters")
     secret_id = fake_s3.upload(adapter, secret, "x")
     reader = _s3(fake_s3, tmp_path / "cache", fake_s3.reader_credentials("adapters", "reader-unit"))
     allowed = fake_s3.upload(adapter, bucket, "for-reader")
     assert reader.fetch(allowed).is_dir()  # the reader's own bucket works
-    with pytest.raises(AdapterPermissionDenied, match="access denied") as e:
+    with pytest.raises(PermissionDenied, match="access denied") as e:
         reader.fetch(secret_id)
-    assert e.value.code == "PERMISSION_DENIED"
+    assert e.value.status == Status.PERMISSION_DENIED
     bad_keys = {"aws_access_key_id": "AKIANOBODY", "aws_secret_access_key": "nope"}
-    with pytest.raises(AdapterPermissionDenied):
+    with pytest.raises(PermissionDenied):
         _s3(fake_s3, tmp_path / "cache", bad_keys).fetch(allowed)
     for bad in ("s3://", "s3://Upper_Case/x", "https://adapters/x", "adapters/x", "s3://ab/x"):
-        with pytest.raises(AdapterInvalid, match="is not s3://bucket/prefix"):
+        with pytest.raises(InvalidArgument, match="is not s3://bucket/prefix"):
             parse_s3_id(bad)
     assert parse_s3_id("s3://adapters//a/b/") == ("adapters", "a/b")
     closed = S3Adapters(S3CacheConfig(cache_dir=tmp_path / "c2", endpoint_url="http://127.0.0.1:9",
@@ -113,9 +114,9 @@ def test_not_found_permission_denied_unavailable_and_bad_ids(fake_s3, bucket, ad
     closed._s3 = None
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")  # from boto3's own chain: the environment
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
-    with pytest.raises(AdapterUnavailable, match="could not be reached") as e:
+    with pytest.raises(Unavailable, match="could not be reached") as e:
         closed.fetch(allowed)
-    assert e.value.code == "UNAVAILABLE"
+    assert e.value.status == Status.UNAVAILABLE
     assert not (tmp_path / "c2").exists() or _entries(tmp_path / "c2") == []
 
 
@@ -128,7 +129,7 @@ def test_a_failed_download_leaves_no_adapter_behind(fake_s3, bucket, adapter, tm
             raise ConnectionError("link dropped mid-download")
 
     s3.client().meta.events.register("before-parameter-build.s3.GetObject", fail_on_weights)
-    with pytest.raises(AdapterUnavailable, match="could not be reached: link dropped mid-download"):
+    with pytest.raises(Unavailable, match="could not be reached: link dropped mid-download"):
         s3.fetch(adapter_id)
     assert _entries(tmp_path / "cache") == []  # neither a half adapter nor its partial directory
     s3.client().meta.events.unregister("before-parameter-build.s3.GetObject", fail_on_weights)
@@ -184,7 +185,7 @@ def test_lru_size_bound(fake_s3, bucket, adapter, tmp_path):
     time.sleep(0.05)
     c = s3.fetch(ids[2])  # three do not fit: the least recently used (b) goes
     assert a.exists() and c.exists() and not b.exists()
-    with pytest.raises(AdapterBudgetExceeded, match="more than the adapter cache holds"):
+    with pytest.raises(ResourceExhausted, match="more than the adapter cache holds"):
         _s3(fake_s3, tmp_path / "small", max_bytes=size // 2).fetch(ids[0])
 
 
@@ -213,7 +214,7 @@ def test_s3_adapter_is_validated_and_served_like_local(fake_s3, bucket, adapter,
     messages = []
     for spec in (AdapterSpec(adapter_ids=(fake_s3.upload(bad, bucket, "bad"),), source="s3"),
                  AdapterSpec(adapter_ids=(str(bad),), source="local")):  # fmt: skip
-        with pytest.raises(AdapterInvalid, match="has rank 4 but adapter_config.json says r=5") as e:
+        with pytest.raises(InvalidArgument, match="has rank 4 but adapter_config.json says r=5") as e:
             store.load(3, spec)
         messages.append(str(e.value).split(": ", 1)[1])
     assert messages[0] == messages[1]  # the same check, word for word, after the file path
