@@ -26,7 +26,7 @@ from bench.gpu_sections import Bench
 def e2e_grpc(bench: Bench) -> None:
     # Fail in seconds, not after the server has loaded 14.5 GB: the server needs the generated stubs
     # (shard_server/pb, git-ignored: carry them) and grpcio-health-checking / grpcio-reflection.
-    import shard_server.server  # noqa: F401
+    import shard_server.server.grpc_server  # noqa: F401
     from shard_server.testing.fake_router import FakeRouter, RouterLimits
 
     p = bench.plan

@@ -1,4 +1,4 @@
-from shard_server.cli import main
+from shard_server.server.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

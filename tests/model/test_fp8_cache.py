@@ -22,7 +22,7 @@ from cache.fp8 import FP8_E4M3_MAX, KVScales, read_kv_scales
 from model.weights import Weights
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
-from shard_server.service import batch_from_pb
+from shard_server.server.service import batch_from_pb
 from shard_server.testing.wire import warmup_request
 from shard_server.types import BatchSpec, RequestSpec, StoppingParams
 

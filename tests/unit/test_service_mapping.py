@@ -1,6 +1,6 @@
 """protobuf <-> domain conversions, both sides of the wire, and the servicer's status mapping.
 
-The router side (shard_server/testing/wire.py) and the shard side (shard_server/service.py) are
+The router side (shard_server/testing/wire.py) and the shard side (shard_server/server/service.py) are
 written separately; a round trip through both must return the original dataclass. The servicer tests
 use an engine double over a real in-process gRPC server (no torch, milliseconds).
 """
@@ -18,8 +18,8 @@ import pytest
 from shard_server import errors
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
-from shard_server.server import create_server
-from shard_server.service import (
+from shard_server.server.grpc_server import create_server
+from shard_server.server.service import (
     ADAPTER_SOURCES,
     MERGE_STRATEGIES,
     adapter_from_pb,
@@ -298,7 +298,7 @@ def test_engine_runs_on_one_thread_and_slow_calls_stall_nothing(served):
 
 
 def test_serve_options_map_to_shard_config_and_survive_launch(tmp_path):
-    from shard_server.cli import build_parser, serve_argv, shard_config_from_args
+    from shard_server.server.cli import build_parser, serve_argv, shard_config_from_args
 
     (tmp_path / "config.json").write_text('{"dtype": "bfloat16"}')
     parser = build_parser()

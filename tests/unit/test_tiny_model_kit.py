@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shard_server.cli import main as cli_main
+from shard_server.server.cli import main as cli_main
 
 
 def test_make_tiny_model_cli_writes_a_real_hf_directory(tmp_path):

@@ -210,7 +210,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except ValueError as e:
         parser.error(str(e))
-    from shard_server.server import serve
+    from shard_server.server.grpc_server import serve
 
     return serve(config)
 

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shard_server.config import ServeConfig
 from shard_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
-from shard_server.service import EngineWorkers, LoraxServiceServicer
+from shard_server.server.service import EngineWorkers, LoraxServiceServicer
 
 log = logging.getLogger(__name__)
 
