@@ -253,10 +253,23 @@ class AdapterStore(AdapterLayout):
             oa, ob = oa + a.numel(), ob + b.numel()
         for start, end, scale in runs:
             flat[start:end].mul_(scale)
+        _check_finite(flat, weights)
         return HostAdapter(flat, weights, offsets)
 
     def _host_of(self, index: int) -> HostAdapter:
         return self._entries[index].host
+
+
+def _check_finite(flat: torch.Tensor, weights: HostWeights) -> None:
+    """Refuse NaN/Inf anywhere in what would be served: from the file, the config's alpha, a merge
+    weight, or a scale or cast that overflows the store dtype. Checked on the final buffer (one pass)."""
+    if bool(torch.isfinite(flat).all()):
+        return
+    bad = next(k for k, ab in weights.items() if not all(bool(torch.isfinite(t).all()) for t in ab))
+    raise AdapterInvalid(
+        f"adapter has non-finite values (NaN or Inf) in layer {bad[0]} {bad[1]} after scaling and casting "
+        f"to {flat.dtype}: check its weights, lora_alpha and merge weights"
+    )
 
 
 def _as_modules(adapter: LoraAdapter) -> dict[Key, LoraModule]:

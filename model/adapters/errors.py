@@ -8,6 +8,15 @@ map it to in `code` (the name of a grpc.StatusCode member), the same convention 
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 200) -> str:
+    """repr(value), cut to `limit` characters: messages name untrusted values without echoing megabytes
+    (a gRPC status message travels in a header, which has a size limit)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 30]}... ({len(text)} characters)"
+
+
 class AdapterError(Exception):
     """Base class of every deliberate adapter refusal."""
 
