@@ -5,7 +5,8 @@ Public API (called by the engine from its one model thread; not thread-safe):
     store = AdapterStore(config, device, dtype, budget_bytes=None, tp=None, max_slots=64,
                          sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...])
     store.download(spec) -> float        # fetch + validate; device bytes of the adapter / budget
-    store.load(index, spec) -> None      # register under index and make it device-resident
+    store.prepare(spec) -> HostAdapter   # fetch + validate + pack on the host (any thread)
+    store.load(index, spec, host=None)   # register under index and make it device-resident
     store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
     store.is_loaded(index) / loaded_spec(index) / generation(index)   # generation: bumps on every load
     store.batch_data(adapter_indices, tokens, is_prefill, lm_head_indices=None) -> AdapterBatchData
@@ -95,8 +96,14 @@ class AdapterStore(AdapterLayout):
             return 0.0
         return self._adapter_device_bytes(weights) / self.budget_bytes
 
-    def load(self, index: int, spec) -> None:
-        """Register `spec` under `index` and make it device-resident. Same spec again: a no-op."""
+    def prepare(self, spec) -> HostAdapter:
+        """Read, validate and pack `spec`'s files into its host copy (no device work, no registry change):
+        the file work of a load, for the server's I/O thread; pass the result to `load(..., host=)`."""
+        return self._host_weights(spec)
+
+    def load(self, index: int, spec, host: HostAdapter | None = None) -> None:
+        """Register `spec` under `index` and make it device-resident. Same spec again: a no-op.
+        `host`: the result of `prepare(spec)`, so that no file is read here."""
         entry = self._entries.get(index)
         if entry is not None:
             if _spec_key(entry.spec) == _spec_key(spec):
@@ -105,7 +112,7 @@ class AdapterStore(AdapterLayout):
                 f"adapter index {index} already holds {list(entry.spec.adapter_ids)}; offload it before "
                 f"loading {list(spec.adapter_ids)}"
             )
-        host = self._host_weights(spec)
+        host = host if host is not None else self._host_weights(spec)
         with self._host_lock:
             self._entries[index] = _Entry(spec, host, self._next_generation)
         self._next_generation += 1

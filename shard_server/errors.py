@@ -30,3 +30,9 @@ class FailedPrecondition(ShardError):
 
 class Unimplemented(ShardError):
     code = "UNIMPLEMENTED"
+
+
+class Cancelled(ShardError):
+    """The caller is gone (deadline passed or RPC cancelled): nothing was committed."""
+
+    code = "CANCELLED"

@@ -116,10 +116,16 @@ class ModelRunner:
         last_logits = logits.index_select(0, torch.tensor(last, dtype=torch.int64, device=dev))
         return PrefillOutput(last_logits, per_seq)
 
-    def embed(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Final hidden state of each prompt's last token -> [B, hidden]. Nothing is cached."""
+    def embed(
+        self, prompts: Sequence[Sequence[int]], adapter_indices: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Final hidden state of each prompt's last token -> [B, hidden], each prompt under its adapter
+        (None: all base). Nothing is cached."""
         dev = self.device
         lengths = [len(p) for p in prompts]
+        adapter_data = None
+        if adapter_indices is not None and any(adapter_indices):
+            adapter_data = self.adapters.batch_data(adapter_indices, lengths, is_prefill=True)
         seqlen = Seqlen.from_lengths(lengths, None, dev)
         last = torch.tensor(lengths, device=dev).cumsum(0) - 1
         hidden, _ = self.model(
@@ -131,7 +137,7 @@ class ModelRunner:
             slots=None,
             seqlen=seqlen,
             max_s=seqlen.max_k,
-            adapter_data=None,
+            adapter_data=adapter_data,
             lm_head_indices=last,
             skip_lm_head=True,
         )

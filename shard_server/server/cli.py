@@ -99,6 +99,19 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grace-seconds", type=float, default=30.0, help="SIGTERM: time the RPC in flight may take"
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (rank r: PORT + r); off by default",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds")
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export a span per RPC over OTLP/gRPC to this collector (host:port); off by default",
+    )
+    p.add_argument("--otlp-service-name", default="lorax-shard", help="service.name of the spans")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -181,6 +194,10 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
         args.log_level,
         "--grace-seconds",
         repr(args.grace_seconds),
+        "--metrics-host",
+        args.metrics_host,
+        "--otlp-service-name",
+        args.otlp_service_name,
     ]
     for flag, value in (
         ("--device", args.device),
@@ -188,6 +205,8 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
         ("--adapter-root", args.adapter_root),
         ("--max-kv-cache-bytes", args.max_kv_cache_bytes),
         ("--max-batch-size", args.max_batch_size),
+        ("--metrics-port", args.metrics_port),
+        ("--otlp-endpoint", args.otlp_endpoint),
     ):
         if value is not None:
             argv += [flag, str(value)]
@@ -207,6 +226,10 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             log_format=args.log_format,
             log_level=args.log_level,
             grace_seconds=args.grace_seconds,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            otlp_endpoint=args.otlp_endpoint,
+            otlp_service_name=args.otlp_service_name,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from shard_server.config import ServeConfig
 from shard_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
 from shard_server.server.service import EngineWorkers, LoraxServiceServicer
+from shard_server.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class BuiltServer:
     address: str  # unix://{uds_path}-{rank}
     health: health.HealthServicer  # grpc.health.v1 status, SERVING once built
     workers: EngineWorkers  # the model thread (and adapter I/O thread)
+    telemetry: Telemetry  # metrics / spans (each optional); closed after the server stops
 
 
 def create_server(
@@ -102,6 +104,7 @@ def build_server(
     *,
     workers: EngineWorkers | None = None,
     grpc_threads: int = 16,
+    telemetry: Telemetry | None = None,
 ) -> BuiltServer:
     path = socket_path(uds_path, rank)
     remove_stale_socket(path)
@@ -113,7 +116,8 @@ def build_server(
         health_servicer.set("", status)
         health_servicer.set(SERVICE_NAME, status)
 
-    servicer = LoraxServiceServicer(engine, service_urls(uds_path, world_size), workers, on_health)
+    telemetry = telemetry or Telemetry()
+    servicer = LoraxServiceServicer(engine, service_urls(uds_path, world_size), workers, on_health, telemetry)
     # Handler threads only convert messages and wait on the model thread; several of them keep Health,
     # Info and ServiceDiscovery answering while one waits on a long Decode.
     server = grpc.server(
@@ -132,7 +136,25 @@ def build_server(
         os.umask(old_umask)
     os.chmod(path, 0o600)
     on_health(True)  # the engine is built and the socket bound: ready once started
-    return BuiltServer(server, address, health_servicer, workers)
+    return BuiltServer(server, address, health_servicer, workers, telemetry)
+
+
+def build_telemetry(config: ServeConfig) -> Telemetry:
+    """Metrics (HTTP server started) and tracing as the config asks; neither imports anything if off."""
+    metrics = tracer = None
+    rank = config.shard.rank
+    if config.metrics_port is not None:
+        from shard_server.server.metrics import MetricsConfig, ShardMetrics
+
+        metrics = ShardMetrics()
+        port = config.metrics_port + rank if config.metrics_port else 0
+        metrics.serve(MetricsConfig(port=port, host=config.metrics_host))
+    if config.otlp_endpoint:
+        from shard_server.server.tracing import RpcTracer, TracingConfig
+
+        tracing = TracingConfig(endpoint=config.otlp_endpoint, service_name=config.otlp_service_name)
+        tracer = RpcTracer(tracing, rank=rank, world_size=config.shard.world_size)
+    return Telemetry(metrics, tracer)
 
 
 # ---------------------------------------------------------------- logging
@@ -205,9 +227,11 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
 
     workers = EngineWorkers()
     path = socket_path(config.uds_path, shard.rank)
+    telemetry = None
     try:
         remove_stale_socket(path)  # fail fast, before the slow engine build, if the path is taken
         engine = workers.model(engine_factory)
+        telemetry = build_telemetry(config)
         built = build_server(
             engine,
             config.uds_path,
@@ -215,9 +239,12 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
             shard.world_size,
             workers=workers,
             grpc_threads=config.grpc_threads,
+            telemetry=telemetry,
         )
     except Exception:
         log.exception("shard rank %d failed to start", shard.rank)
+        if telemetry is not None:
+            telemetry.close()
         workers.close()
         return 1
     built.server.start()
@@ -230,6 +257,7 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
     # stop(grace): new RPCs are refused at once; RPCs in flight get `grace` seconds to finish.
     built.server.stop(config.grace_seconds).wait()
     workers.close()
+    built.telemetry.close()  # flushes the last spans
     try:
         os.unlink(path)
     except FileNotFoundError:

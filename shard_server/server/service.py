@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
 
-from shard_server.errors import InvalidArgument, ShardError, Unimplemented
+from shard_server.errors import Cancelled, InvalidArgument, ShardError, Unimplemented
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
+from shard_server.server.telemetry import Telemetry
 from shard_server.types import (
     AdapterSpec,
     BatchSpec,
@@ -48,6 +51,11 @@ MERGE_STRATEGIES = {
     pb.DARE_TIES: "dare_ties",
 }
 MAJORITY_SIGN_METHODS = {pb.TOTAL: "total", pb.FREQUENCY: "frequency"}
+MAX_ADAPTER_IDS = 64  # adapters in one merge
+MAX_ADAPTER_ID_CHARS = 4096
+# A status message travels in a header (gRPC's metadata limit is 8 KiB by default, and the message is
+# percent-encoded): longer ones are cut, so an echoed input can never turn a refusal into a transport error.
+MAX_STATUS_MESSAGE_BYTES = 1024
 
 
 def _inverse(d: dict[int, str]) -> dict[str, int]:
@@ -135,6 +143,19 @@ def batch_from_pb(b: pb.Batch, rpc: str) -> BatchSpec:
 def adapter_from_pb(params: pb.AdapterParameters, source: int, api_token: str | None = None) -> AdapterSpec:
     if not params.adapter_ids:
         raise InvalidArgument("adapter_parameters.adapter_ids is empty")
+    if len(params.adapter_ids) > MAX_ADAPTER_IDS:
+        raise InvalidArgument(f"adapter_parameters.adapter_ids has {len(params.adapter_ids)} ids; at most "
+                              f"{MAX_ADAPTER_IDS}")  # fmt: skip
+    for i, adapter_id in enumerate(params.adapter_ids):
+        if len(adapter_id) > MAX_ADAPTER_ID_CHARS:
+            raise InvalidArgument(f"adapter_parameters.adapter_ids[{i}] has {len(adapter_id)} characters; at "
+                                  f"most {MAX_ADAPTER_ID_CHARS}")  # fmt: skip
+    bad = next((w for w in params.weights if not math.isfinite(w)), None)
+    if bad is not None or not math.isfinite(params.density):
+        raise InvalidArgument(
+            f"adapter_parameters: merge weights and density must be finite, got weights "
+            f"{list(params.weights)[:8]} density {params.density}"
+        )
     return AdapterSpec(
         adapter_ids=tuple(params.adapter_ids),
         weights=tuple(params.weights),
@@ -267,8 +288,22 @@ class DeviceUnavailable(ShardError):
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
-    # torch.OutOfMemoryError (a RuntimeError) is matched by name: this layer does not import torch.
-    return isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+    # torch.OutOfMemoryError (a RuntimeError) is matched by name: this layer does not import torch. A
+    # failed host allocation in torch is a plain RuntimeError from its CPU allocator.
+    return (
+        isinstance(e, MemoryError)
+        or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+        or (isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+    )
+
+
+def bounded_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """`message` cut to `limit` UTF-8 bytes (on a character boundary), saying how much was cut."""
+    raw = message.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return message
+    head = raw[: limit - 40].decode("utf-8", "ignore")
+    return f"{head}... ({len(raw)} bytes in all)"
 
 
 def _status_of(e: ShardError) -> grpc.StatusCode:
@@ -285,18 +320,23 @@ def rpc(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
     def handler(self: LoraxServiceServicer, request: Any, context: grpc.ServicerContext) -> T:
         name = method.__name__
+        call = self._telemetry.start(name, request, context)
         try:
-            return method(self, request, context)
+            response = method(self, request, context)
+            call.finish(grpc.StatusCode.OK, None, response)
+            return response
         except ShardError as e:
-            code, message = _status_of(e), str(e) or type(e).__name__
+            code, message = _status_of(e), bounded_message(str(e) or type(e).__name__)
             log.info("%s -> %s: %s", name, code.name, message)
         except Exception as e:  # noqa: BLE001 - the server must survive any bug in one request
             if _is_out_of_memory(e):
-                code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"{name}: out of memory: {e}"
-                log.warning("%s -> RESOURCE_EXHAUSTED: %s", name, e)
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                message = bounded_message(f"{name}: out of memory: {e}")
+                log.warning("%s -> RESOURCE_EXHAUSTED: %s", name, message)
             else:
-                code, message = grpc.StatusCode.INTERNAL, f"{name}: {type(e).__name__}: {e}"
+                code, message = grpc.StatusCode.INTERNAL, bounded_message(f"{name}: {type(e).__name__}: {e}")
                 log.exception("%s failed with an unexpected error", name)
+        call.finish(code, message)
         context.abort(code, message)
 
     return handler
@@ -314,14 +354,35 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
         service_urls: Iterable[str],
         workers: EngineWorkers,
         on_health: Callable[[bool], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._engine = engine
         self._urls = tuple(service_urls)
         self._workers = workers
         self._on_health = on_health
+        self._telemetry = telemetry or Telemetry()
         # Info is static facts: read once (on the model thread) so Info never waits behind a Decode.
         self._info: ShardInfo = workers.model(engine.info)
         self._info_pb = info_to_pb(self._info)
+        for index, spec in self._info.preloaded_adapters:
+            self._telemetry.adapter_registered(index, spec)
+
+    def _model(self, context: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+        """fn on the model thread -> (its result, seconds it ran there). Work whose caller is already
+        gone (deadline passed while queued, or cancelled) is not started; engine stats are sampled
+        after every call when metrics are on."""
+
+        def job() -> tuple[T, float]:
+            if context is not None and not context.is_active():
+                raise Cancelled(f"{fn.__name__}: the caller is gone (deadline passed or cancelled)")
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs), time.perf_counter() - t0
+            finally:
+                if self._telemetry.metrics is not None:
+                    self._telemetry.engine_sampled(self._engine.stats())
+
+        return self._workers.model(job)
 
     @rpc
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
@@ -349,18 +410,19 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
     @rpc
     def ClearCache(self, request: pb.ClearCacheRequest, context) -> pb.ClearCacheResponse:
         batch_id = request.id if request.HasField("id") else None
-        self._workers.model(self._engine.clear_cache, batch_id)
+        self._model(None, self._engine.clear_cache, batch_id)
         return pb.ClearCacheResponse()
 
     @rpc
     def FilterBatch(self, request: pb.FilterBatchRequest, context) -> pb.FilterBatchResponse:
-        info = self._workers.model(self._engine.filter_batch, request.batch_id, list(request.request_ids))
+        info, _ = self._model(None, self._engine.filter_batch, request.batch_id, list(request.request_ids))
         return pb.FilterBatchResponse(batch=cached_batch_to_pb(info))
 
     @rpc
     def Warmup(self, request: pb.WarmupRequest, context) -> pb.WarmupResponse:
         batch = batch_from_pb(request.batch, "Warmup")
-        total = self._workers.model(
+        total, _ = self._model(
+            context,
             self._engine.warmup,
             batch,
             request.max_input_length,
@@ -373,20 +435,25 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
     def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         batch = batch_from_pb(request.batch, "Prefill")
         cached_id = request.cached_batch.id if request.HasField("cached_batch") else None
-        result = self._workers.model(self._engine.prefill, batch, cached_id)
+        # Nothing is committed for a caller that is gone by the time the forward is done.
+        result, seconds = self._model(context, self._engine.prefill, batch, cached_id, context.is_active)
+        size = len(batch.requests) + len(request.cached_batch.request_ids)
+        self._telemetry.step("prefill", size, seconds, result)
         return step_to_pb(result, pb.PrefillResponse)
 
     @rpc
     def Decode(self, request: pb.DecodeRequest, context) -> pb.DecodeResponse:
         if not request.batches:
             raise InvalidArgument("Decode: DecodeRequest.batches is empty")
-        result = self._workers.model(self._engine.decode, [b.id for b in request.batches])
+        ids = [b.id for b in request.batches]
+        result, seconds = self._model(context, self._engine.decode, ids, context.is_active)
+        self._telemetry.step("decode", sum(len(b.request_ids) for b in request.batches), seconds, result)
         return step_to_pb(result, pb.DecodeResponse)
 
     @rpc
     def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         batch = batch_from_pb(request.batch, "Embed")
-        rows = self._workers.model(self._engine.embed, batch)
+        rows, _ = self._model(context, self._engine.embed, batch)
         # errorMsg stays empty on success; failures are status codes, not a message in a 200.
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(request_id=rid, values=values) for rid, values in rows]
@@ -421,11 +488,18 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.LoadAdapterResponse:
         token = request.api_token if request.HasField("api_token") else None
         spec = adapter_from_pb(request.adapter_parameters, request.adapter_source, token)
-        self._workers.model(self._engine.load_adapter, request.adapter_index, spec)
+        t0 = time.perf_counter()
+        # Reading, validating and packing the files runs on the I/O thread: a slow disk, a hub download
+        # or a large adapter never holds the model thread (Decode, Health) while it happens.
+        prepared = self._workers.io(self._engine.prepare_adapter, spec)
+        self._model(None, self._engine.load_adapter, request.adapter_index, spec, prepared)
+        self._telemetry.adapter_loaded(request.adapter_index, spec, time.perf_counter() - t0)
         return pb.LoadAdapterResponse(loaded=True)
 
     @rpc
     def OffloadAdapter(self, request: pb.OffloadAdapterRequest, context) -> pb.OffloadAdapterResponse:
         spec = adapter_from_pb(request.adapter_parameters, request.adapter_source)
-        offloaded = self._workers.model(self._engine.offload_adapter, request.adapter_index, spec)
+        offloaded, _ = self._model(None, self._engine.offload_adapter, request.adapter_index, spec)
+        if offloaded:
+            self._telemetry.adapter_offloaded(request.adapter_index)
         return pb.OffloadAdapterResponse(offloaded=bool(offloaded))
