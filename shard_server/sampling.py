@@ -33,7 +33,6 @@ import torch
 from shard_server import logits_process as lp
 from shard_server.types import SamplingParams
 
-
 # Bounds that keep every processed logit finite (no inf, so no NaN in the softmax) for any finite model
 # logits |x| <= 1e29: repetition scales x by at most 1e4, the additive penalties add at most
 # 1e4 * (count + 1) <= ~1e10 for any count a sequence can reach, temperature divides by >= 1e-4, so
