@@ -217,20 +217,23 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def serve_config_from_args(args: argparse.Namespace, env: dict[str, str]) -> ServeConfig:
+    return ServeConfig(
+        shard=shard_config_from_args(args, env),
+        uds_path=args.uds_path,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        grace_seconds=args.grace_seconds,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        otlp_endpoint=args.otlp_endpoint,
+        otlp_service_name=args.otlp_service_name,
+    )
+
+
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        shard = shard_config_from_args(args, dict(os.environ))
-        config = ServeConfig(
-            shard=shard,
-            uds_path=args.uds_path,
-            log_format=args.log_format,
-            log_level=args.log_level,
-            grace_seconds=args.grace_seconds,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-            otlp_endpoint=args.otlp_endpoint,
-            otlp_service_name=args.otlp_service_name,
-        )
+        config = serve_config_from_args(args, dict(os.environ))
     except ValueError as e:
         parser.error(str(e))
     from shard_server.server.grpc_server import serve

@@ -492,7 +492,12 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
         # Reading, validating and packing the files runs on the I/O thread: a slow disk, a hub download
         # or a large adapter never holds the model thread (Decode, Health) while it happens.
         prepared = self._workers.io(self._engine.prepare_adapter, spec)
-        self._model(None, self._engine.load_adapter, request.adapter_index, spec, prepared)
+        previous = self._telemetry.adapter_registered(request.adapter_index, spec)  # labels its device load
+        try:
+            self._model(None, self._engine.load_adapter, request.adapter_index, spec, prepared)
+        except BaseException:
+            self._telemetry.adapter_relabelled(request.adapter_index, previous)
+            raise
         self._telemetry.adapter_loaded(request.adapter_index, spec, time.perf_counter() - t0)
         return pb.LoadAdapterResponse(loaded=True)
 

@@ -117,11 +117,22 @@ class Telemetry:
 
     # ---- adapters -------------------------------------------------------------------------------------
 
-    def adapter_registered(self, index: int, spec: AdapterSpec) -> None:
+    def adapter_registered(self, index: int, spec: AdapterSpec | None) -> str | None:
+        """Label `index` with `spec`'s ids (None: forget it) -> the previous label, for a rollback."""
+        return self.adapter_relabelled(index, None if spec is None else "+".join(spec.adapter_ids))
+
+    def adapter_relabelled(self, index: int, adapter_id: str | None) -> str | None:
         with self._lock:
-            self._ids[index] = "+".join(spec.adapter_ids)
+            previous = self._ids.get(index)
+            if adapter_id is None:
+                self._ids.pop(index, None)
+            else:
+                self._ids[index] = adapter_id
+            self._ids.setdefault(0, "base")
+            loaded = len(self._ids) - 1
         if self.metrics is not None:
-            self.metrics.adapters_loaded.set(len(self._ids) - (0 in self._ids))
+            self.metrics.adapters_loaded.set(loaded)
+        return previous
 
     def adapter_loaded(self, index: int, spec: AdapterSpec, seconds: float) -> None:
         self.adapter_registered(index, spec)
@@ -133,11 +144,7 @@ class Telemetry:
     def adapter_offloaded(self, index: int) -> None:
         if self.metrics is not None:
             self.metrics.adapter_offloads.labels(self._label(index)).inc()
-        with self._lock:
-            self._ids.pop(index, None)
-            self._ids.setdefault(0, "base")
-        if self.metrics is not None:
-            self.metrics.adapters_loaded.set(len(self._ids) - 1)
+        self.adapter_registered(index, None)
 
     def _label(self, index: int) -> str:
         with self._lock:
