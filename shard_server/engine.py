@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -268,16 +269,24 @@ class ShardEngine:
 
     def _warmup_run(self, spec, admitted, tokens: int, max_input_length: int, max_prefill_tokens: int):
         """Warmup's worst-case batch on a cache sized for it (prefill + one decode), then cleared."""
-        self._resize_cache(self.sizing.blocks_for_tokens(tokens, len(admitted)))
+        t0 = time.monotonic()
+        blocks = self.sizing.blocks_for_tokens(tokens, len(admitted))
+        log.info("warmup 1/4: KV cache of %d blocks for %d requests, %d tokens", blocks, len(admitted),
+                 tokens)  # fmt: skip
+        self._resize_cache(blocks)
         try:
             if self.kv_scales.needs_calibration:
+                log.info("warmup 2/4: calibrating FP8 KV scales")
                 self.kv_scales.calibrate(self.runner, [a.ids for a in admitted], max_input_length)
             self.sizing.start_peak_tracking()
             if admitted:
+                log.info("warmup 3/4: prefill + one decode of the worst-case batch")
                 _, batch = self._prefill(spec.id, admitted, None, warmup=True)
                 if batch is not None:
                     self.batches[batch.id] = batch
                     self.decode([batch.id])
+            log.info("warmup 4/4: sizing the KV cache from peak memory (batch ran in %.2f s)",
+                     time.monotonic() - t0)  # fmt: skip
         except torch.OutOfMemoryError as e:
             raise ResourceExhausted(
                 f"Warmup ran out of device memory with {tokens} prefill tokens in {len(admitted)} requests "
