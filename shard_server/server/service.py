@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ import grpc
 from shard_server.errors import Cancelled, InvalidArgument, ShardError, Unimplemented
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
+from shard_server.server.bounds import bounded_message, check_adapter_parameters
 from shard_server.server.telemetry import Telemetry
 from shard_server.types import (
     AdapterSpec,
@@ -51,11 +51,6 @@ MERGE_STRATEGIES = {
     pb.DARE_TIES: "dare_ties",
 }
 MAJORITY_SIGN_METHODS = {pb.TOTAL: "total", pb.FREQUENCY: "frequency"}
-MAX_ADAPTER_IDS = 64  # adapters in one merge
-MAX_ADAPTER_ID_CHARS = 4096
-# A status message travels in a header (gRPC's metadata limit is 8 KiB by default, and the message is
-# percent-encoded): longer ones are cut, so an echoed input can never turn a refusal into a transport error.
-MAX_STATUS_MESSAGE_BYTES = 1024
 
 
 def _inverse(d: dict[int, str]) -> dict[str, int]:
@@ -143,19 +138,7 @@ def batch_from_pb(b: pb.Batch, rpc: str) -> BatchSpec:
 def adapter_from_pb(params: pb.AdapterParameters, source: int, api_token: str | None = None) -> AdapterSpec:
     if not params.adapter_ids:
         raise InvalidArgument("adapter_parameters.adapter_ids is empty")
-    if len(params.adapter_ids) > MAX_ADAPTER_IDS:
-        raise InvalidArgument(f"adapter_parameters.adapter_ids has {len(params.adapter_ids)} ids; at most "
-                              f"{MAX_ADAPTER_IDS}")  # fmt: skip
-    for i, adapter_id in enumerate(params.adapter_ids):
-        if len(adapter_id) > MAX_ADAPTER_ID_CHARS:
-            raise InvalidArgument(f"adapter_parameters.adapter_ids[{i}] has {len(adapter_id)} characters; at "
-                                  f"most {MAX_ADAPTER_ID_CHARS}")  # fmt: skip
-    bad = next((w for w in params.weights if not math.isfinite(w)), None)
-    if bad is not None or not math.isfinite(params.density):
-        raise InvalidArgument(
-            f"adapter_parameters: merge weights and density must be finite, got weights "
-            f"{list(params.weights)[:8]} density {params.density}"
-        )
+    check_adapter_parameters(params.adapter_ids, params.weights, params.density)
     return AdapterSpec(
         adapter_ids=tuple(params.adapter_ids),
         weights=tuple(params.weights),
@@ -295,15 +278,6 @@ def _is_out_of_memory(e: BaseException) -> bool:
         or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
         or (isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
     )
-
-
-def bounded_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
-    """`message` cut to `limit` UTF-8 bytes (on a character boundary), saying how much was cut."""
-    raw = message.encode("utf-8", "replace")
-    if len(raw) <= limit:
-        return message
-    head = raw[: limit - 40].decode("utf-8", "ignore")
-    return f"{head}... ({len(raw)} bytes in all)"
 
 
 def _status_of(e: ShardError) -> grpc.StatusCode:
