@@ -30,7 +30,7 @@ test-gpu:
 	$(PYTHON) -m pytest -m gpu -p no:cacheprovider $(PYTEST_ARGS)
 
 run:
-	$(PYTHON) -m shard_server.demo --dir $(DEMO_DIR)
+	$(PYTHON) -m shard_server.testing.demo --dir $(DEMO_DIR)
 
 bench:
 	$(PYTHON) -m bench.gpu

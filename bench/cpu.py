@@ -124,7 +124,7 @@ class DirectSide:
         import torch
 
         from shard_server.config import ShardConfig
-        from shard_server.engine import ShardEngine
+        from shard_server.engine.engine import ShardEngine
         from shard_server.server.service import batch_from_pb
         from shard_server.testing.wire import warmup_request
 

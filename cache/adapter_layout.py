@@ -1,10 +1,10 @@
 """Device side of the adapter store: fixed-capacity stacks, slot placement and LRU residency.
 
-`AdapterLayout` is the base class of `cache.adapter_store.AdapterStore`: the store keeps the registry and
-the host copies, this class keeps which adapters are device-resident and where. A subclass provides
-`_host_of(index) -> HostAdapter` for every registered index.
+`cache.adapter_store.AdapterStore` holds one `AdapterLayout` (`store.layout`): the store keeps the registry
+and the host copies, the layout keeps which adapters are device-resident and where. It reads host copies
+through the `host_of(index) -> HostAdapter` callable the store gives it, for every registered index.
 
-Device layout (CUDA-graph friendly, issue 6): per (layer_idx, target) one stack A [cap, R, in_local],
+Device layout (CUDA-graph friendly): per (layer_idx, target) one stack A [cap, R, in_local],
 B [cap, out_local, R] (B scaled, TP-sliced), R = the bucket (power of two >= 8) of the largest resident
 rank for that module, zero padding elsewhere; an adapter not targeting a module leaves its slot zero.
 All stacks of one layout are contiguous views of one device buffer (one allocation, one memset).
@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from model.adapters.errors import AdapterBudgetExceeded
+from model.errors import ResourceExhausted
 
 MIN_RANK_BUCKET = 8
 Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
@@ -60,8 +60,9 @@ class HostAdapter:
 class AdapterLayout:
     """Which registered adapters are device-resident, in which slot of which stacks (module docstring)."""
 
-    def __init__(self, device: torch.device | str, dtype: torch.dtype, budget_bytes: int | None,
-                 max_slots: int):  # fmt: skip
+    def __init__(self, host_of: Callable[[int], HostAdapter], device: torch.device | str, dtype: torch.dtype,
+                 budget_bytes: int | None, max_slots: int):  # fmt: skip
+        self._host_of = host_of  # the store's registry: registered index -> its host copy
         self.device = torch.device(device)
         self.dtype = dtype
         self.budget_bytes = budget_bytes
@@ -71,17 +72,32 @@ class AdapterLayout:
         self._stacks: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident index -> slot, LRU first
 
-    def _host_of(self, index: int) -> HostAdapter:
-        """The host copy of registered `index` (the subclass's registry)."""
-        raise NotImplementedError
-
     def resident_indices(self) -> list[int]:
         return list(self._slot_of)
+
+    @property
+    def stacks(self) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+        """The current stacks; a re-layout replaces the dict, so a holder keeps a consistent view."""
+        return self._stacks
+
+    def slots(self, indices: Sequence[int]) -> list[int]:
+        """Device slot per index, -1 where it is not resident (the base model)."""
+        return [self._slot_of.get(i, -1) for i in indices]
+
+    def release(self, index: int) -> None:
+        """`index` leaves the device (if resident): its slot is zeroed and free for another adapter."""
+        slot = self._slot_of.pop(index, None)
+        if slot is not None:
+            self._zero_slot(slot)
+
+    def clear(self) -> None:
+        """No adapter stays resident; the stacks' memory is given back."""
+        self._rebuild([], 0)
 
     def device_bytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self._stacks.values())
 
-    def _adapter_device_bytes(self, host: HostAdapter) -> int:
+    def adapter_device_bytes(self, host: HostAdapter) -> int:
         """Stack bytes of one slot for `host` alone, at its rank buckets (download()'s budget share)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
         return sum(
@@ -112,7 +128,8 @@ class AdapterLayout:
             for key, (a, _) in self._host_of(index).weights.items()
         )
 
-    def _ensure_resident(self, required: list[int]) -> None:
+    def ensure_resident(self, required: list[int]) -> None:
+        """Make every index of `required` resident (evicting others, LRU first, if the budget needs it)."""
         for index in required:
             if index in self._slot_of:
                 self._slot_of.move_to_end(index)  # most recently used last
@@ -120,7 +137,7 @@ class AdapterLayout:
         if not missing:
             return
         if len(required) > self.max_slots:
-            raise AdapterBudgetExceeded(f"batch needs {len(required)} adapters; only {self.max_slots} slots")
+            raise ResourceExhausted(f"batch needs {len(required)} adapters; only {self.max_slots} slots")
         shapes_ok = all(self._fits_current_shapes(i) for i in missing)
         free = sorted(set(range(self._cap)) - set(self._slot_of.values()))
         evictable = [i for i in self._slot_of if i not in required]  # LRU first
@@ -145,7 +162,7 @@ class AdapterLayout:
             if self._fits(len(members), need):
                 return self._rebuild(members, len(members))
             if not keep:
-                raise AdapterBudgetExceeded(
+                raise ResourceExhausted(
                     f"adapters {required} need {self._layout_bytes(len(members), need)} device bytes; the "
                     f"adapter budget is {self.budget_bytes}"
                 )
@@ -233,7 +250,7 @@ class AdapterLayout:
             free = sorted(set(range(cap)) - set(self._slot_of.values()))
             missing = [i for i in members if i not in self._slot_of]
             self._place(missing, free)
-            order = {i: k for k, i in enumerate(members)}  # LRU order of `members`, as before
+            order = {i: k for k, i in enumerate(members)}  # the residents' order stays `members`' LRU order
             self._slot_of = OrderedDict(sorted(self._slot_of.items(), key=lambda kv: order[kv[0]]))
         else:
             self._place(members, list(range(len(members))))

@@ -5,8 +5,8 @@
 
 LOCAL: `adapter_id` is a directory. With `adapter_root` set, ids are confined to it: a relative id is taken
 under the root, and the fully resolved path (symlinks and `..` resolved) must stay inside the resolved
-root, else AdapterInvalid; so must the resolved adapter files (a file symlink out of the root is refused
-as a directory symlink is). Ids with a NUL byte, over-long ones and symlink loops are AdapterInvalid.
+root, else InvalidArgument; so must the resolved adapter files (a file symlink out of the root is refused
+as a directory symlink is). Ids with a NUL byte, over-long ones and symlink loops are InvalidArgument.
 HUB: `org/name` or `org/name@revision`, fetched by huggingface_hub into its
 standard cache (`models--org--name/snapshots/<commit>/`, `refs/<revision>`); only the two PEFT files are
 fetched. This module reads no environment variable: huggingface_hub itself honours HF_HUB_OFFLINE and
@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.adapters.errors import AdapterInvalid, AdapterNotFound, AdapterSourceUnsupported, shown
 from model.adapters.peft_loader import CONFIG_FILE, WEIGHTS_FILE
+from model.errors import InvalidArgument, NotFound, Unimplemented, shown
 
 SOURCES = ("hub", "s3", "local", "pbase")
 MAX_ID_CHARS = 4096  # PATH_MAX; no legitimate adapter id or path is longer
@@ -28,13 +28,13 @@ MAX_NAME_BYTES = 255  # NAME_MAX of one path component
 
 def _check_local_id(adapter_id: str) -> None:
     if not adapter_id:
-        raise AdapterInvalid("empty LOCAL adapter id")
+        raise InvalidArgument("empty LOCAL adapter id")
     if "\x00" in adapter_id:
-        raise AdapterInvalid(f"LOCAL adapter id {shown(adapter_id)} contains a NUL byte")
+        raise InvalidArgument(f"LOCAL adapter id {shown(adapter_id)} contains a NUL byte")
     if len(adapter_id) > MAX_ID_CHARS:
-        raise AdapterInvalid(f"LOCAL adapter id of {len(adapter_id)} characters; at most {MAX_ID_CHARS}")
+        raise InvalidArgument(f"LOCAL adapter id of {len(adapter_id)} characters; at most {MAX_ID_CHARS}")
     if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in adapter_id.split("/")):
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"LOCAL adapter id {shown(adapter_id)} has a path component longer than {MAX_NAME_BYTES} bytes"
         )
 
@@ -51,21 +51,19 @@ class AdapterSources:
         self.config = config or AdapterSourceConfig()
 
     def resolve(self, adapter_id: str, source: str = "hub", api_token: str | None = None) -> Path:
-        """-> directory with adapter_config.json (+ adapter_model.safetensors). Raises Adapter* errors."""
+        """-> directory with adapter_config.json (+ adapter_model.safetensors). Raises model.errors types."""
         source = source.lower()
         if source == "local":
             return self._local(adapter_id)
         if source == "hub":
             return self._hub(adapter_id, api_token)
         if source == "pbase":
-            raise AdapterSourceUnsupported(
+            raise Unimplemented(
                 f"adapter source PBASE (proprietary) is not supported by this shard: {adapter_id!r}"
             )
         if source == "s3":
-            raise AdapterSourceUnsupported(
-                f"adapter source S3 is not supported by this shard: {adapter_id!r}"
-            )
-        raise AdapterInvalid(f"unknown adapter source {source!r}; known: {', '.join(SOURCES)}")
+            raise Unimplemented(f"adapter source S3 is not supported by this shard: {adapter_id!r}")
+        raise InvalidArgument(f"unknown adapter source {source!r}; known: {', '.join(SOURCES)}")
 
     def _local(self, adapter_id: str) -> Path:
         _check_local_id(adapter_id)
@@ -77,7 +75,7 @@ class AdapterSources:
                 # Resolve first, then compare: a symlink or `..` inside the id must not escape the root.
                 resolved = (root_resolved / path).resolve()
                 if not resolved.is_relative_to(root_resolved):
-                    raise AdapterInvalid(
+                    raise InvalidArgument(
                         f"LOCAL adapter id {shown(adapter_id)} resolves to {shown(str(resolved))}, "
                         f"outside the adapter root {root_resolved}"
                     )
@@ -86,7 +84,7 @@ class AdapterSources:
                 for name in (CONFIG_FILE, WEIGHTS_FILE):
                     target = (path / name).resolve()
                     if not target.is_relative_to(root_resolved):
-                        raise AdapterInvalid(
+                        raise InvalidArgument(
                             f"LOCAL adapter {shown(adapter_id)}: {name} links to {shown(str(target))}, "
                             f"outside the adapter root {root_resolved}"
                         )
@@ -94,12 +92,12 @@ class AdapterSources:
                 path = path.resolve()
             is_dir = path.is_dir()
         except (OSError, RuntimeError) as e:  # a symlink loop, a name the file system refuses
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"LOCAL adapter id {shown(adapter_id)} cannot be resolved: {type(e).__name__}: "
                 f"{shown(getattr(e, 'strerror', None) or str(e), 120)}"
             ) from None
         if not is_dir:
-            raise AdapterNotFound(f"LOCAL adapter directory {shown(str(path))} does not exist")
+            raise NotFound(f"LOCAL adapter directory {shown(str(path))} does not exist")
         return path
 
     def _hub(self, adapter_id: str, api_token: str | None) -> Path:
@@ -124,11 +122,11 @@ class AdapterSources:
                 allow_patterns=[CONFIG_FILE, WEIGHTS_FILE],
             )
         except HFValidationError as e:
-            raise AdapterInvalid(f"HUB adapter id {adapter_id!r} is not a valid repository id: {e}") from e
+            raise InvalidArgument(f"HUB adapter id {adapter_id!r} is not a valid repository id: {e}") from e
         except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError,
                 EntryNotFoundError) as e:  # fmt: skip
             where = "in the local hub cache (offline)" if self.config.hub_offline else "on the hub"
-            raise AdapterNotFound(f"HUB adapter {adapter_id!r} not found {where}: {e}") from e
+            raise NotFound(f"HUB adapter {adapter_id!r} not found {where}: {e}") from e
         except OSError as e:  # network failures surface as OSError subclasses
-            raise AdapterNotFound(f"HUB adapter {adapter_id!r} could not be fetched: {e}") from e
+            raise NotFound(f"HUB adapter {adapter_id!r} could not be fetched: {e}") from e
         return Path(path)

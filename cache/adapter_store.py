@@ -13,15 +13,15 @@ Public API (called by the engine from its one model thread; not thread-safe):
     store.request_slots(adapter_indices) -> list[int]; store.graph_batch_data(static_meta)  # CUDA graphs
     store.device_bytes() / budget_bytes / layout_version / preloaded_adapters() / resident_indices()
 
-Errors (model.adapters.errors; engine maps `code`): AdapterNotFound (NOT_FOUND: index not loaded, files
-missing), AdapterConflict (FAILED_PRECONDITION: load on an index holding another adapter), AdapterInvalid
-(INVALID_ARGUMENT), AdapterSourceUnsupported (UNIMPLEMENTED: S3, PBASE, TIES/DARE), AdapterBudgetExceeded
-(RESOURCE_EXHAUSTED: one batch or one adapter needs more than the budget).
+Errors (model.errors, each answers its own status): NotFound (index not loaded, files missing),
+FailedPrecondition (load on an index holding another adapter), InvalidArgument (unusable adapter files),
+Unimplemented (S3, PBASE, TIES/DARE), ResourceExhausted (one batch or one adapter needs more than the
+budget).
 
 Index 0 is the base model unless an adapter was loaded (or preloaded) there; any other index must be loaded.
 
-Device layout and LRU residency (stacks, slots, budget, `layout_version`): `cache.adapter_layout`, the
-base class of AdapterStore.
+Device layout and LRU residency (stacks, slots, budget, `layout_version`): `store.layout`, a
+`cache.adapter_layout.AdapterLayout` that reads each registered adapter's host copy from the registry.
 
 Load path cost (7B rank 16, bf16: 448 tensors, 84 MB): the file is mapped, not read into per-tensor
 tensors; `_to_host_layout` copies it once into one host buffer per adapter (TP-sliced, cast, B scaled;
@@ -43,10 +43,10 @@ import torch
 from cache.adapter_layout import AdapterLayout, HostAdapter, HostWeights, Key, rank_bucket
 from cache.adapter_sources import AdapterSources
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
-from model.adapters.errors import AdapterBudgetExceeded, AdapterConflict, AdapterInvalid, AdapterNotFound
 from model.adapters.merge import check_strategy, merge_adapters
 from model.adapters.peft_loader import LoraAdapter, LoraModule, read_peft_adapter
 from model.adapters.sharding import shard_lora
+from model.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 __all__ = ["AdapterStore", "rank_bucket"]  # rank_bucket: imported from here by tests and bench/adapter_load
 
@@ -70,16 +70,21 @@ class _Entry:
     generation: int
 
 
-class AdapterStore(AdapterLayout):
+class AdapterStore:
     def __init__(self, config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  budget_bytes: int | None = None, tp=None, max_slots: int = 64,
                  sources: AdapterSources | None = None, preloaded: Sequence[tuple[int, object]] = (),
                  host_cache_entries: int = 8):  # fmt: skip
-        super().__init__(device, dtype, budget_bytes, max_slots)
+        self.device = torch.device(device)
+        self.dtype = dtype
         self.config = config
         self.tp = tp
         self.sources = sources or AdapterSources()
-        self._entries: dict[int, _Entry] = {}
+        entries: dict[int, _Entry] = {}
+        self._entries = entries
+        # The layout reads host copies from the registry dict itself (not through `self`: no cycle, so the
+        # stacks go as soon as the store does).
+        self.layout = AdapterLayout(lambda i: entries[i].host, self.device, dtype, budget_bytes, max_slots)
         self._host_cache: OrderedDict[object, HostAdapter] = OrderedDict()  # downloaded, by spec
         self._host_cache_entries = host_cache_entries
         self._host_lock = threading.Lock()  # registry + host cache: DownloadAdapter runs on another thread
@@ -94,7 +99,7 @@ class AdapterStore(AdapterLayout):
         weights = self._host_weights(spec)
         if not self.budget_bytes:
             return 0.0
-        return self._adapter_device_bytes(weights) / self.budget_bytes
+        return self.layout.adapter_device_bytes(weights) / self.budget_bytes
 
     def prepare(self, spec) -> HostAdapter:
         """Read, validate and pack `spec`'s files into its host copy (no device work, no registry change):
@@ -108,7 +113,7 @@ class AdapterStore(AdapterLayout):
         if entry is not None:
             if _spec_key(entry.spec) == _spec_key(spec):
                 return
-            raise AdapterConflict(
+            raise FailedPrecondition(
                 f"adapter index {index} already holds {list(entry.spec.adapter_ids)}; offload it before "
                 f"loading {list(spec.adapter_ids)}"
             )
@@ -117,8 +122,8 @@ class AdapterStore(AdapterLayout):
             self._entries[index] = _Entry(spec, host, self._next_generation)
         self._next_generation += 1
         try:
-            self._ensure_resident([index])
-        except AdapterBudgetExceeded:
+            self.layout.ensure_resident([index])
+        except ResourceExhausted:
             with self._host_lock:
                 del self._entries[index]
             raise
@@ -132,11 +137,9 @@ class AdapterStore(AdapterLayout):
         with self._host_lock:
             if self._entries.pop(index, None) is None:
                 return False
-        slot = self._slot_of.pop(index, None)
-        if slot is not None:
-            self._zero_slot(slot)
+        self.layout.release(index)
         if not self._entries:  # nothing left: give the stacks' memory back
-            self._rebuild([], 0)
+            self.layout.clear()
         return True
 
     def is_loaded(self, index: int) -> bool:
@@ -154,6 +157,22 @@ class AdapterStore(AdapterLayout):
     def preloaded_adapters(self) -> tuple[tuple[int, object], ...]:
         return self._preloaded
 
+    # ---- the device layout's facts (graphs, metrics, tests) -------------------------------------------
+    @property
+    def budget_bytes(self) -> int | None:
+        return self.layout.budget_bytes
+
+    @property
+    def layout_version(self) -> int:
+        """Bumps whenever the stacks are re-laid out: CUDA graphs and AdapterBatchData must be rebuilt."""
+        return self.layout.layout_version
+
+    def device_bytes(self) -> int:
+        return self.layout.device_bytes()
+
+    def resident_indices(self) -> list[int]:
+        return self.layout.resident_indices()
+
     # ---- batches --------------------------------------------------------------------------------------
     def batch_data(self, adapter_indices: Sequence[int], tokens: Sequence[int], is_prefill: bool,
                    lm_head_indices: torch.Tensor | None = None) -> AdapterBatchData:  # fmt: skip
@@ -164,7 +183,7 @@ class AdapterStore(AdapterLayout):
         Valid until the next load/offload/batch_data that changes `layout_version` or evicts.
         """
         meta = AdapterBatchMetadata.from_requests(self.request_slots(adapter_indices), tokens, self.device)
-        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp, lm_head_indices)
+        return AdapterBatchData(meta, self.layout.stacks, is_prefill, self.tp, lm_head_indices)
 
     def request_slots(self, adapter_indices: Sequence[int]) -> list[int]:
         """Device slot per request (-1: base), after making every adapter of the batch resident.
@@ -174,14 +193,14 @@ class AdapterStore(AdapterLayout):
         """
         for index in adapter_indices:
             if index not in self._entries and index != 0:
-                raise AdapterNotFound(f"adapter index {index} is not loaded")
+                raise NotFound(f"adapter index {index} is not loaded")
         required = list(dict.fromkeys(i for i in adapter_indices if i in self._entries))
-        self._ensure_resident(required)
-        return [self._slot_of.get(i, -1) for i in adapter_indices]
+        self.layout.ensure_resident(required)
+        return self.layout.slots(adapter_indices)
 
     def graph_batch_data(self, meta: AdapterBatchMetadata) -> AdapterBatchData:
         """Decode AdapterBatchData over the current stacks for a graph bucket's static metadata."""
-        return AdapterBatchData(meta, self._stacks, False, self.tp)
+        return AdapterBatchData(meta, self.layout.stacks, False, self.tp)
 
     # ---- host side ------------------------------------------------------------------------------------
     def _host_weights(self, spec) -> HostAdapter:
@@ -197,7 +216,7 @@ class AdapterStore(AdapterLayout):
                 self._host_cache.move_to_end(key)
                 return self._host_cache[key]
         if not spec.adapter_ids:
-            raise AdapterInvalid("adapter parameters name no adapter id")
+            raise InvalidArgument("adapter parameters name no adapter id")
         if len(spec.adapter_ids) > 1:
             check_strategy(spec.merge_strategy)  # refuse TIES/DARE before reading any file
         files = [
@@ -225,13 +244,13 @@ class AdapterStore(AdapterLayout):
         then scaled in place in the store dtype with one multiply per run of equal scales (usually one
         for the whole adapter), which is bit-identical to the float32 `B * scale` then cast, because the
         cast before it is exact. Where the cast is not exact (e.g. float32 file, bfloat16 store) that B
-        is scaled in float32 first, as before.
+        is scaled in float32 first, then cast (one rounding, at the end).
         """
         rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
         sliced = []
         for key, m in sorted(modules.items()):
             a, b = shard_lora(key[1], m.a, m.b, self.config, rank, world)
-            if a.dtype not in _HALF_OR_SINGLE:  # e.g. float64: through float32 first, as the cast always was
+            if a.dtype not in _HALF_OR_SINGLE:  # e.g. float64: through float32, then the store dtype
                 a = a.float()
             if b.dtype not in _HALF_OR_SINGLE:
                 b = b.float()
@@ -263,9 +282,6 @@ class AdapterStore(AdapterLayout):
         _check_finite(flat, weights)
         return HostAdapter(flat, weights, offsets)
 
-    def _host_of(self, index: int) -> HostAdapter:
-        return self._entries[index].host
-
 
 def _check_finite(flat: torch.Tensor, weights: HostWeights) -> None:
     """Refuse NaN/Inf anywhere in what would be served: from the file, the config's alpha, a merge
@@ -273,7 +289,7 @@ def _check_finite(flat: torch.Tensor, weights: HostWeights) -> None:
     if bool(torch.isfinite(flat).all()):
         return
     bad = next(k for k, ab in weights.items() if not all(bool(torch.isfinite(t).all()) for t in ab))
-    raise AdapterInvalid(
+    raise InvalidArgument(
         f"adapter has non-finite values (NaN or Inf) in layer {bad[0]} {bad[1]} after scaling and casting "
         f"to {flat.dtype}: check its weights, lora_alpha and merge weights"
     )

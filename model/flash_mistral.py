@@ -16,8 +16,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from cache.kv_cache import KVCache, LayerKV
 from model.attention import AttentionBackend, Seqlen, select_attention_backend
+from model.attention.kv import LayerKV
 from model.config import MistralConfig
 from model.layers import (
     MergedColumnParallelLinear,
@@ -267,11 +267,6 @@ class FlashMistralForCausalLM(nn.Module):
     def block_size(self) -> int:
         """KV block size the attention backend needs; size the cache and block manager with it."""
         return self.attention.block_size
-
-    def new_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache.for_model(
-            self.config, self.tp, num_blocks, self.block_size, dtype or self.dtype, self.device
-        )
 
     @torch.no_grad()  # not inference_mode: callers may update the returned logits in place
     def forward(

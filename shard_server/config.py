@@ -1,14 +1,15 @@
 """Typed start-up configuration of one shard process.
 
 `ShardConfig` is what `ShardEngine(config)` receives: every value already resolved (no "auto" device,
-no "checkpoint" dtype), so the engine never reads the environment or guesses. Only `shard_server/cli.py`
-reads os.environ (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun/launch set them) and builds it.
-`ServeConfig` adds what only the gRPC server needs (socket path, logging, shutdown grace).
+no "checkpoint" dtype), so the engine never reads the environment or guesses. Only
+`shard_server/server/cli.py` reads os.environ (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as
+torchrun/launch set them); `shard_server/server/options.py` builds both configs from the command line.
+`ServeConfig` adds what only the gRPC server needs (socket path, logging, shutdown grace, health).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEVICES = ("cpu", "cuda")
@@ -16,6 +17,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 BLOCK_ALLOCATORS = ("shard", "router")
 LOG_FORMATS = ("text", "json")
+# "auto": the measured-fastest backend that can run (model/attention BACKENDS order)
+ATTENTION_BACKENDS = ("auto", "torch_cuda", "flash_attn", "reference")
+
+
+@dataclass(frozen=True)
+class GrammarConfig:
+    """Structured output (JSON schemas): bounds on what one schema may cost, caches, threads."""
+
+    max_schema_bytes: int = 64 * 1024
+    max_depth: int = 32  # nesting of objects/arrays in the schema document itself
+    compile_timeout_s: float = 5.0  # one rank only (generation/grammar.py says why)
+    cache_size: int = 512  # compiled schemas (and refusals) kept
+    compile_threads: int = 2
+    mask_threads: int = 8  # llguidance's pool that fills a step's masks in parallel
+    # llguidance limits (None: llguidance's defaults)
+    max_grammar_size: int | None = None
+    max_lexer_states: int | None = None
+    initial_lexer_fuel: int | None = None
+    step_lexer_fuel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -34,17 +54,23 @@ class ShardConfig:
     block_allocator: str = "shard"  # shard: the shard allocates KV blocks | router: requests bring them
     max_batch_size: int | None = None  # None: bounded by the KV cache only (graphs up to 256)
     cuda_graphs: bool = True  # decode replays CUDA graphs per batch bucket (CUDA only)
+    # Decode overlap: enqueue the next step's forward before this step's response leaves (no change in
+    # tokens; on a CPU it only moves work earlier, so the CLI turns it on for cuda by default).
+    overlap: bool = False
+    attention_backend: str = "auto"  # or one name of ATTENTION_BACKENDS (an error says why it cannot run)
     # Tensor parallelism (torch.distributed, env:// style rendezvous values passed explicitly).
     rank: int = 0
     world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    grammar: GrammarConfig = field(default_factory=GrammarConfig)
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _one_of("block_allocator", self.block_allocator, BLOCK_ALLOCATORS)
+        _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.max_kv_cache_bytes is not None and self.max_kv_cache_bytes <= 0:
             raise ValueError(f"max_kv_cache_bytes must be > 0, got {self.max_kv_cache_bytes}")
         if not 0.0 < self.adapter_memory_fraction <= 1.0:
@@ -72,6 +98,10 @@ class ServeConfig:
     # OpenTelemetry spans over OTLP/gRPC to this receiver (None: off).
     otlp_endpoint: str | None = None
     otlp_service_name: str = "lorax-shard"
+    # Health turns UNAVAILABLE / NOT_SERVING once one engine call has run this long: above any real
+    # call (Warmup with graph capture on a 7B takes about a minute), below the 10-minute timeout of a
+    # collective whose peer rank died.
+    health_stuck_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         _one_of("log_format", self.log_format, LOG_FORMATS)
@@ -79,6 +109,12 @@ class ServeConfig:
             raise ValueError("uds_path must not be empty")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.health_stuck_seconds <= 0:
+            raise ValueError(f"health_stuck_seconds must be > 0, got {self.health_stuck_seconds}")
+        if self.grpc_threads < 1:
+            raise ValueError(f"grpc_threads must be >= 1, got {self.grpc_threads}")
 
     @property
     def socket_path(self) -> str:

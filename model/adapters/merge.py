@@ -12,7 +12,7 @@ realised without approximation by concatenating along the rank dimension:
 so the merged rank is the sum of the ranks (refused above MAX_RANK). A module only some adapters target
 gets only their terms. Empty `weights` means uniform 1/n.
 
-TIES and DARE are refused (AdapterSourceUnsupported -> UNIMPLEMENTED): both operate on dense deltas
+TIES and DARE are refused (Unimplemented): both operate on dense deltas
 (trim/sign-elect or random drop-and-rescale) and have no exact low-rank form, so serving them would need a
 truncated SVD whose error we would have to define and test first.
 """
@@ -23,17 +23,17 @@ from collections.abc import Sequence
 
 import torch
 
-from model.adapters.errors import AdapterInvalid, AdapterSourceUnsupported
 from model.adapters.peft_loader import MAX_RANK, LoraAdapter
+from model.errors import InvalidArgument, Unimplemented
 
 SUPPORTED_STRATEGIES = ("linear",)
 
 
 def check_strategy(strategy: str) -> str:
-    """Normalised strategy name; AdapterSourceUnsupported (UNIMPLEMENTED) for TIES/DARE or unknown ones."""
+    """Normalised strategy name; Unimplemented for TIES/DARE or unknown ones."""
     strategy = strategy.lower()
     if strategy not in SUPPORTED_STRATEGIES:
-        raise AdapterSourceUnsupported(
+        raise Unimplemented(
             f"merge strategy {strategy!r} is not supported; supported: {', '.join(SUPPORTED_STRATEGIES)}"
         )
     return strategy
@@ -45,11 +45,11 @@ def merge_adapters(
     """Merge `adapters` with `weights` by `strategy` (module docstring). One adapter, weight 1: itself."""
     check_strategy(strategy)
     if not adapters:
-        raise AdapterInvalid("merge needs at least one adapter")
+        raise InvalidArgument("merge needs at least one adapter")
     if not weights:
         weights = [1.0 / len(adapters)] * len(adapters)
     if len(weights) != len(adapters):
-        raise AdapterInvalid(f"merge got {len(adapters)} adapters but {len(weights)} weights")
+        raise InvalidArgument(f"merge got {len(adapters)} adapters but {len(weights)} weights")
     if len(adapters) == 1 and weights[0] == 1.0:
         return adapters[0]
 
@@ -60,7 +60,7 @@ def merge_adapters(
         a = torch.cat([ab[0] for ab, _ in terms], dim=0)  # [sum r_i, in]
         b = torch.cat([ab[1] * w for ab, w in terms], dim=1)  # [out, sum r_i]
         if a.shape[0] > MAX_RANK:
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"linear merge of layer {key[0]} {key[1]} has rank {a.shape[0]} > {MAX_RANK} (sum of ranks)"
             )
         merged.weights[key] = (a, b)

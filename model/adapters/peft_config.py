@@ -1,7 +1,7 @@
 """adapter_config.json as untrusted input: a bounded read, typed fields, and patterns matched without regex.
 
 Adapter configs come from third parties (the hub, S3, a user's directory). Everything here refuses with
-AdapterInvalid (INVALID_ARGUMENT) naming the field, in time bounded by the (bounded) file size:
+InvalidArgument (INVALID_ARGUMENT) naming the field, in time bounded by the (bounded) file size:
 
 - the file: a regular file of at most MAX_CONFIG_BYTES, UTF-8 JSON whose top level is an object
   (nesting too deep for the parser is refused, not a crash);
@@ -28,7 +28,7 @@ import re
 import stat
 from pathlib import Path
 
-from model.adapters.errors import AdapterInvalid, shown
+from model.errors import InvalidArgument, shown
 
 CONFIG_FILE = "adapter_config.json"
 MAX_RANK = 256
@@ -44,28 +44,28 @@ def read_adapter_config(adapter_dir: Path, unsupported: dict[str, str]) -> dict:
     cfg = _load_object(path)
     peft_type = cfg.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise AdapterInvalid(f"{path}: peft_type {shown(peft_type)} is not LORA")
+        raise InvalidArgument(f"{path}: peft_type {shown(peft_type)} is not LORA")
     for key, why in unsupported.items():
         if cfg.get(key):
-            raise AdapterInvalid(f"{path}: {why}")
+            raise InvalidArgument(f"{path}: {why}")
     _check_rank(path, "r", cfg.get("r"))
     if "lora_alpha" in cfg:
         _check_number(path, "lora_alpha", cfg["lora_alpha"])
     if not isinstance(cfg.get("use_rslora", False), bool):
-        raise AdapterInvalid(f"{path}: use_rslora must be true or false, got {shown(cfg['use_rslora'])}")
+        raise InvalidArgument(f"{path}: use_rslora must be true or false, got {shown(cfg['use_rslora'])}")
     for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_number)):
         patterns = cfg.get(field) or {}
         if not isinstance(patterns, dict):
-            raise AdapterInvalid(f"{path}: {field} must be an object of module name -> value")
+            raise InvalidArgument(f"{path}: {field} must be an object of module name -> value")
         if len(patterns) > MAX_PATTERN_KEYS:
-            raise AdapterInvalid(f"{path}: {field} has {len(patterns)} keys; at most {MAX_PATTERN_KEYS}")
+            raise InvalidArgument(f"{path}: {field} has {len(patterns)} keys; at most {MAX_PATTERN_KEYS}")
         for key, value in patterns.items():
             _check_pattern_key(path, field, key)
             check(path, f"{field}[{shown(key)}]", value)
     targets = cfg.get("target_modules")
     if targets is not None and not isinstance(targets, str):
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-            raise AdapterInvalid(f"{path}: target_modules must be a list of module names (or one string)")
+            raise InvalidArgument(f"{path}: target_modules must be a list of module names (or one string)")
     return cfg
 
 
@@ -87,41 +87,43 @@ def _load_object(path: Path) -> dict:
     try:
         st = path.stat()  # follows links; the source checks where they lead
     except FileNotFoundError:
-        raise AdapterInvalid(f"{path.parent}: missing {CONFIG_FILE} (not a PEFT adapter directory)") from None
+        raise InvalidArgument(
+            f"{path.parent}: missing {CONFIG_FILE} (not a PEFT adapter directory)"
+        ) from None
     except (OSError, RuntimeError, ValueError) as e:  # a link loop, a bad name
-        raise AdapterInvalid(f"{path}: cannot be read: {type(e).__name__}") from None
+        raise InvalidArgument(f"{path}: cannot be read: {type(e).__name__}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise AdapterInvalid(f"{path}: {CONFIG_FILE} is not a regular file")
+        raise InvalidArgument(f"{path}: {CONFIG_FILE} is not a regular file")
     with path.open("rb") as f:
         raw = f.read(MAX_CONFIG_BYTES + 1)  # /proc files report size 0: bound the read, not the stat
     if len(raw) > MAX_CONFIG_BYTES:
-        raise AdapterInvalid(f"{path}: more than {MAX_CONFIG_BYTES} bytes; an adapter config is a few KB")
+        raise InvalidArgument(f"{path}: more than {MAX_CONFIG_BYTES} bytes; an adapter config is a few KB")
     try:
         cfg = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise AdapterInvalid(f"{path}: not UTF-8 JSON: {shown(str(e), 120)}") from None
+        raise InvalidArgument(f"{path}: not UTF-8 JSON: {shown(str(e), 120)}") from None
     except RecursionError:
-        raise AdapterInvalid(f"{path}: JSON nested too deeply") from None
+        raise InvalidArgument(f"{path}: JSON nested too deeply") from None
     if not isinstance(cfg, dict):
-        raise AdapterInvalid(f"{path}: {CONFIG_FILE} must hold a JSON object, not {type(cfg).__name__}")
+        raise InvalidArgument(f"{path}: {CONFIG_FILE} must hold a JSON object, not {type(cfg).__name__}")
     return cfg
 
 
 def _check_rank(path: Path, field: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"{path}: rank {field}={shown(value)} is out of range 1..{MAX_RANK} (an integer)"
         )
 
 
 def _check_number(path: Path, field: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterInvalid(f"{path}: {field} must be a finite number, got {shown(value)}")
+        raise InvalidArgument(f"{path}: {field} must be a finite number, got {shown(value)}")
 
 
 def _check_pattern_key(path: Path, field: str, key: str) -> None:
     if len(key) > MAX_PATTERN_KEY_CHARS or not _LITERAL_KEY.fullmatch(key.replace("\\.", ".")):
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"{path}: {field} key {shown(key)} is not a module name: pattern keys are matched as literal "
             "module-name suffixes (e.g. 'q_proj' or 'model.layers.0.self_attn.q_proj'); regular "
             "expressions are not evaluated"

@@ -15,7 +15,7 @@ A and B as views of one read-only mapping of the file (its dtype, no copy) plus 
 that the store can slice, cast and scale them straight into its own host buffer in a single pass
 (a 7B rank-16 adapter is 448 tensors / 84 MB: every extra full pass or allocation costs milliseconds).
 
-Refused (AdapterInvalid, the message names the problem): a pickle-only `adapter_model.bin` (never opened,
+Refused (InvalidArgument, the message names the problem): a pickle-only `adapter_model.bin` (never opened,
 let alone unpickled), missing files, a non-LoRA peft_type, DoRA, `modules_to_save`, LoRA biases, unknown
 target modules, layers beyond the base model, shapes that do not fit the base model, ranks outside 1..256.
 """
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from model.adapters.errors import AdapterInvalid, AdapterNotFound, shown
 from model.adapters.peft_config import CONFIG_FILE, MAX_RANK, pattern_value
 from model.adapters.peft_config import read_adapter_config as _read_checked_config
+from model.errors import InvalidArgument, NotFound, shown
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 # Row-parallel layers shard their input dim, so under TP their LoRA A is sliced on `in` and the shrink
@@ -114,7 +114,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     if isinstance(targets, list):  # a string is a regex; then the tensor keys are checked instead
         unknown = sorted({t.split(".")[-1] for t in targets} - set(TARGETS))
         if unknown:
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{path}: unknown target module(s) {shown(unknown)}; supported: {', '.join(TARGETS)}"
             )
     return cfg
@@ -222,15 +222,15 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         if (adapter_dir / PICKLE_FILE).exists():
             # Unpickling runs arbitrary code from whoever published the adapter: never open it.
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{adapter_dir}: only a pickle file {PICKLE_FILE} is present; pickle-only adapters are "
                 f"refused (never unpickled) - convert it to {WEIGHTS_FILE}"
             )
-        raise AdapterInvalid(f"{adapter_dir}: missing {WEIGHTS_FILE}")
+        raise InvalidArgument(f"{adapter_dir}: missing {WEIGHTS_FILE}")
     try:
         return _map_safetensors(path)
     except (OSError, ValueError, RuntimeError) as e:
-        raise AdapterInvalid(f"{path}: unreadable safetensors file: {e}") from e
+        raise InvalidArgument(f"{path}: unreadable safetensors file: {e}") from e
 
 
 def _parse_key(key: str, num_layers: int, where: Path) -> tuple[int, str, str] | None:
@@ -241,24 +241,24 @@ def _parse_key(key: str, num_layers: int, where: Path) -> tuple[int, str, str] |
         if key.endswith(".base_layer.weight"):
             return None
         if "lora_magnitude_vector" in key:
-            raise AdapterInvalid(f"{where}: DoRA magnitude vector {shown(key)} is not supported")
+            raise InvalidArgument(f"{where}: DoRA magnitude vector {shown(key)} is not supported")
         if "modules_to_save" in key:
-            raise AdapterInvalid(f"{where}: modules_to_save weight {shown(key)} is not supported")
-        raise AdapterInvalid(f"{where}: unsupported tensor {shown(key)} (not a LoRA A/B weight)")
+            raise InvalidArgument(f"{where}: modules_to_save weight {shown(key)} is not supported")
+        raise InvalidArgument(f"{where}: unsupported tensor {shown(key)} (not a LoRA A/B weight)")
     module, part = m.group("module"), m.group("part")
     target = module.split(".")[-1]
     if target not in TARGETS:
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"{where}: unknown target module {shown(target)} in {shown(key)}; supported: {', '.join(TARGETS)}"
         )
     if target == "lm_head":
         return LM_HEAD_LAYER, target, part
     lm = _LAYER_RE.search("." + module + ".")
     if lm is None:
-        raise AdapterInvalid(f"{where}: cannot find the layer index in {shown(key)}")
+        raise InvalidArgument(f"{where}: cannot find the layer index in {shown(key)}")
     layer = int(lm.group(1))
     if layer >= num_layers:
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"{where}: {shown(key)} targets layer {layer} but the base model has {num_layers}"
         )
     return layer, target, part
@@ -273,7 +273,7 @@ def read_peft_adapter(adapter_dir: str | Path, config, name: str | None = None) 
     """Read and validate one PEFT LoRA adapter; tensors stay views of the file, scales stay separate."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
-        raise AdapterNotFound(f"adapter directory {adapter_dir} does not exist")
+        raise NotFound(f"adapter directory {adapter_dir} does not exist")
     cfg = read_adapter_config(adapter_dir)
     tensors = _read_tensors(adapter_dir)
     return validate_lora_tensors(tensors, cfg, config, adapter_dir / WEIGHTS_FILE, name or str(adapter_dir))
@@ -296,33 +296,33 @@ def validate_lora_tensors(
     out = PeftTensors(name=name)
     for (layer, target), ab in sorted(parts.items()):
         if set(ab) != {"lora_A", "lora_B"}:
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{where}: layer {layer} {target} has only {sorted(ab)}; needs lora_A and lora_B"
             )
         (ka, a), (kb, b) = ab["lora_A"], ab["lora_B"]
         fan_in, fan_out = shapes.shapes[target]
         r = a.shape[0] if a.dim() else 0
         if a.dim() != 2 or b.dim() != 2 or not 1 <= r <= MAX_RANK:
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{where}: {shown(ka)} has shape {tuple(a.shape)}; rank must be in 1..{MAX_RANK}"
             )
         if tuple(a.shape) != (r, fan_in):
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{where}: shape mismatch for {shown(ka)}: got {tuple(a.shape)}, "
                 f"base model needs ({r}, {fan_in})"
             )
         if tuple(b.shape) != (fan_out, r):
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{where}: shape mismatch for {shown(kb)}: got {tuple(b.shape)}, "
                 f"base model needs ({fan_out}, {r})"
             )
         module = ka[len("base_model.model.") : -len(".lora_A.weight")]
         r_cfg = pattern_value(rank_pattern, module, r_default)
         if r != r_cfg:
-            raise AdapterInvalid(f"{where}: {shown(ka)} has rank {r} but adapter_config.json says r={r_cfg}")
+            raise InvalidArgument(f"{where}: {shown(ka)} has rank {r} but adapter_config.json says r={r_cfg}")
         a_mod = pattern_value(alpha_pattern, module, alpha)
         scale = a_mod / math.sqrt(r) if cfg.get("use_rslora") else a_mod / r
         out.modules[(layer, target)] = LoraModule(a, b, scale)
     if not out.modules:
-        raise AdapterInvalid(f"{where}: no LoRA weights found")
+        raise InvalidArgument(f"{where}: no LoRA weights found")
     return out

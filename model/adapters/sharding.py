@@ -1,4 +1,4 @@
-"""Tensor-parallel slicing of one module's LoRA weights (issue 7), applied once at upload time.
+"""Tensor-parallel slicing of one module's LoRA weights, applied once at upload time.
 
 Column-parallel targets (q/k/v/gate/up) shard their output dim, so each rank keeps the full
 A [r, in] and the rows of B [out, r] of its own output columns:  out_local = x @ A.T @ B_local.T.
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from model.adapters.errors import AdapterInvalid
 from model.adapters.peft_loader import ROW_PARALLEL
+from model.errors import InvalidArgument
 
 
 def _even_chunk(n: int, rank: int, world: int, what: str) -> slice:
     if n % world:
-        raise AdapterInvalid(f"{what} size {n} is not divisible by the tensor-parallel world size {world}")
+        raise InvalidArgument(f"{what} size {n} is not divisible by the tensor-parallel world size {world}")
     size = n // world
     return slice(rank * size, (rank + 1) * size)
 

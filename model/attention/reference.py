@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from cache.kv_cache import LayerKV
 from model.attention import AttentionBackend, Seqlen
+from model.attention.kv import LayerKV
 
 
 def gather_prefill_kv(

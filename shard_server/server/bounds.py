@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from shard_server.errors import InvalidArgument
+from model.errors import InvalidArgument
 
 MAX_ADAPTER_IDS = 64  # adapters in one merge
 MAX_ADAPTER_ID_CHARS = 4096

@@ -1,0 +1,1 @@
+"""Local model kits for tests and the demo (no hub): tiny random Mistral models and PEFT adapters."""

@@ -7,7 +7,6 @@ trained with `tokenizers` on `shard_server/data/corpus.txt`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +137,3 @@ def make_tiny_adapter(
     out = Path(out_dir)
     peft_model.save_pretrained(out, safe_serialization=True)
     return out
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

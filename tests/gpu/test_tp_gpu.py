@@ -27,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from mistral_harness import PagedRunner, random_prompts  # noqa: E402
 
+from cache.kv_cache import KVCache
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"),
@@ -73,7 +75,7 @@ def _generate(tp, model_dir: str, adapter_dirs: dict[int, str]) -> dict:
     model, store = _model_and_store(tp, model_dir, adapter_dirs)
     out = {}
     for key in ("base", "lora"):
-        runner = PagedRunner(model, model.new_kv_cache(48 if model.block_size < 256 else 12), seed=3)
+        runner = PagedRunner(model, KVCache.for_model(model, 48 if model.block_size < 256 else 12), seed=3)
         lens = [len(p) for p in PROMPTS]
         data = store.batch_data(REQUEST_ADAPTERS, lens, is_prefill=True) if key == "lora" else None
         logits, _ = runner.prefill(PROMPTS, adapter_data=data)
@@ -88,20 +90,20 @@ def _generate(tp, model_dir: str, adapter_dirs: dict[int, str]) -> dict:
 def _graph_replay(tp, model_dir: str, adapter_dirs: dict[int, str]) -> dict:
     """One decode step eager, then captured and replayed on the same inputs (it rewrites the same K/V)."""
     model, store = _model_and_store(tp, model_dir, adapter_dirs)
-    runner = PagedRunner(model, model.new_kv_cache(48 if model.block_size < 256 else 12), seed=4)
+    runner = PagedRunner(model, KVCache.for_model(model, 48 if model.block_size < 256 else 12), seed=4)
     data = store.batch_data(REQUEST_ADAPTERS, [len(p) for p in PROMPTS], is_prefill=True)
     runner.prefill(PROMPTS, adapter_data=data)
     data = store.batch_data(REQUEST_ADAPTERS, [1] * len(PROMPTS), False)
-    args = runner.decode_args(DECODE[0], adapter_data=data)
-    eager = model(**args)[0].float().cpu()
+    step = runner.decode_batch(DECODE[0], adapter_data=data)
+    eager = step.run(model, runner.kv_cache).float().cpu()
     stream = torch.cuda.Stream()  # warm-up off the capture stream, as test_model_gpu.py does
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        model(**args)
+        step.run(model, runner.kv_cache)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_logits, _ = model(**args)
+        static_logits = step.run(model, runner.kv_cache)
     static_logits.zero_()
     graph.replay()
     torch.cuda.synchronize()
@@ -119,8 +121,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, target, args: tup
     try:
         import torch.distributed as dist
 
-        from shard_server.bootstrap import init_tensor_parallel
         from shard_server.config import ShardConfig
+        from shard_server.engine.bootstrap import init_tensor_parallel
 
         config = ShardConfig(
             model_dir=Path(out_dir),

@@ -73,7 +73,10 @@ def parameters(draw, sane: bool | None = None) -> pb.NextTokenChooserParameters:
         return_k_alternatives=draw(st.sampled_from([0, 0, 2]) if sane else U32),
     )
     if not sane and draw(st.integers(0, 20)) == 0:
-        p.schema = draw(st.sampled_from(['{"type": "object"}', "not json", ""]))
+        # Schemas are supported: a valid one is served, a bad one is INVALID_ARGUMENT.
+        p.schema = draw(st.sampled_from(['{"type": "object"}', "not json", "", '{"type": "nonsense"}',
+                                         '{"type": "string", "pattern": "(a*)*b"}',
+                                         '{"items": ' * 2_000 + "{}" + "}" * 2_000]))  # fmt: skip
     return p
 
 

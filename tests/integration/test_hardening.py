@@ -201,7 +201,7 @@ def test_offload_checks_the_adapter_id(shared_shard, bystander):
 
 @pytest.fixture(scope="module")
 def in_process(tiny_model_dir, adapter_dirs):
-    from shard_server.engine import ShardEngine
+    from shard_server.engine.engine import ShardEngine
 
     workers = EngineWorkers()
     engine = workers.model(ShardEngine, ShardConfig(model_dir=tiny_model_dir, max_kv_cache_bytes=1 << 20))

@@ -12,6 +12,8 @@ import copy
 import torch
 from mistral_harness import PagedRunner, hf_logits, random_prompts
 
+from cache.kv_cache import KVCache
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -48,7 +50,7 @@ def test_hook_called_with_correct_slices_in_prefill_and_decode(model_pair):
             _hf_module(hf_lora, layer, target).weight += delta
 
     adapter = DeltaAdapter(deltas)
-    runner = PagedRunner(ours, ours.new_kv_cache(16))
+    runner = PagedRunner(ours, KVCache.for_model(ours, 16))
     prompts = random_prompts([6, 9], 512, seed=3)
     logits, cu = runner.prefill(prompts, adapter_data=adapter)
     for b, p in enumerate(prompts):
@@ -85,7 +87,7 @@ def test_lm_head_hook_sees_only_selected_rows(model_pair):
     deltas[(-1, "lm_head")] = torch.zeros(ours.config.vocab_size, ours.config.hidden_size)
     adapter = DeltaAdapter(deltas)
     adapter.add_lora = lambda i, t, x, out: adapter.calls.append((i, t, tuple(x.shape), tuple(out.shape)))
-    PagedRunner(ours, ours.new_kv_cache(16)).prefill(
+    PagedRunner(ours, KVCache.for_model(ours, 16)).prefill(
         random_prompts([6, 9], 512), adapter_data=adapter, last_only=True
     )
     assert adapter.calls[-1] == (-1, "lm_head", (2, 64), (2, 512))

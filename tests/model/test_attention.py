@@ -16,6 +16,7 @@ import pytest
 import torch
 from mistral_harness import PagedRunner, hf_logits, random_prompts
 
+from cache.kv_cache import KVCache
 from model.attention import Seqlen, available_backends, select_attention_backend
 from model.attention.reference import attend
 
@@ -47,7 +48,7 @@ def test_seqlen_from_lengths():
 def test_decode_has_no_host_sync(model_pair, monkeypatch):
     """Decode must be CUDA-graph capturable: no .item()/.tolist()/bool(tensor)/int(tensor) anywhere."""
     ours, _, _ = model_pair(sliding_window=8, heads=4, kv_heads=2)
-    runner = PagedRunner(ours, ours.new_kv_cache(16))
+    runner = PagedRunner(ours, KVCache.for_model(ours, 16))
     runner.prefill(random_prompts([12, 3], 512))
 
     def sync(*_a, **_k):
@@ -143,9 +144,8 @@ def test_cuda_backends_plumbing_on_cpu(model_pair, cuda_stand_ins, backend_name,
     backend = next(e for e in BACKENDS if e.name == backend_name).make()
     model = FlashMistralForCausalLM.from_pretrained(d, attention=backend)
     assert model.block_size == (256 if backend_name == "flash_attn" else 16)
-    from cache.kv_cache import KVCache
 
-    cache = KVCache.for_model(model.config, model.tp, num_blocks=24, block_size=4, dtype=torch.float32)
+    cache = KVCache.for_config(model.config, model.tp, num_blocks=24, block_size=4, dtype=torch.float32)
     runner = PagedRunner(model, cache, seed=1)
     prompts = random_prompts([20, 5, 11], 512, seed=5)
     runner.prefill([p[:7] for p in prompts])

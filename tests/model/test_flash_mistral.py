@@ -8,6 +8,9 @@ import pytest
 import torch
 from mistral_harness import SHAPES, PagedRunner, hf_logits, random_prompts
 
+from cache.kv_cache import KVCache
+from model.forward_batch import ForwardBatch, PrefillSeq
+
 ATOL = 1e-4
 VOCAB = 512
 
@@ -44,7 +47,7 @@ def _decode_steps(runner, hf, steps, seed=1, pad_rows=0):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_ragged_prefill_then_48_decode_steps(model_pair, shape):
     ours, hf, _ = model_pair(**shape)
-    runner = PagedRunner(ours, ours.new_kv_cache(num_blocks=48), seed=3)  # shuffled block pool
+    runner = PagedRunner(ours, KVCache.for_model(ours, num_blocks=48), seed=3)  # shuffled block pool
     prompts = random_prompts([13, 5, 22, 1], VOCAB, seed=2)
     logits, cu = runner.prefill(prompts)
     assert logits.shape == (sum(map(len, prompts)), VOCAB)
@@ -59,9 +62,8 @@ def test_sliding_window_8_crossed_in_prefill_and_decode(model_pair, shape):
     ours, hf, _ = model_pair(sliding_window=8, **shape)
     assert hf.config.sliding_window == 8 and ours.config.sliding_window == 8
     # Block size 4: the window spans several blocks; only the last 8 prompt tokens are cached.
-    from cache.kv_cache import KVCache
 
-    cache = KVCache.for_model(ours.config, ours.tp, num_blocks=96, block_size=4, dtype=torch.float32)
+    cache = KVCache.for_config(ours.config, ours.tp, num_blocks=96, block_size=4, dtype=torch.float32)
     runner = PagedRunner(ours, cache, seed=5)
     prompts = random_prompts([40, 40, 6], VOCAB, seed=4)
     logits, cu = runner.prefill(prompts)
@@ -73,10 +75,10 @@ def test_sliding_window_8_crossed_in_prefill_and_decode(model_pair, shape):
 def test_prefill_in_two_chunks_equals_prefill_at_once(model_pair, window):
     ours, hf, _ = model_pair(sliding_window=window, heads=4, kv_heads=2)
     prompts = random_prompts([30, 19, 12], VOCAB, seed=7)
-    whole = PagedRunner(ours, ours.new_kv_cache(num_blocks=32), seed=1)
+    whole = PagedRunner(ours, KVCache.for_model(ours, num_blocks=32), seed=1)
     full_logits, full_cu = whole.prefill(prompts)
 
-    chunked = PagedRunner(ours, ours.new_kv_cache(num_blocks=32), seed=2)
+    chunked = PagedRunner(ours, KVCache.for_model(ours, num_blocks=32), seed=2)
     cut = [17, 4, 12]  # the third sequence has nothing left for chunk 2
     first, _ = chunked.prefill([p[:c] for p, c in zip(prompts, cut, strict=False)])
     second, cu2 = chunked.prefill([p[c:] for p, c in zip(prompts, cut, strict=False)], seq_ids=[0, 1, 2])
@@ -90,10 +92,9 @@ def test_prefill_in_two_chunks_equals_prefill_at_once(model_pair, window):
 def test_window_with_a_ring_of_blocks_and_chunked_prefill(model_pair):
     """Blocks reused cyclically (ceil(W / bs) + 1 per sequence, as the block manager's ring): a 30-token
     chunk overwrites ring slots of prefix keys its first queries still need, so they must be read first."""
-    from cache.kv_cache import KVCache
 
     ours, hf, _ = model_pair(sliding_window=8, heads=4, kv_heads=2)
-    cache = KVCache.for_model(ours.config, ours.tp, num_blocks=16, block_size=4, dtype=torch.float32)
+    cache = KVCache.for_config(ours.config, ours.tp, num_blocks=16, block_size=4, dtype=torch.float32)
     runner = PagedRunner(ours, cache, seed=4, ring=3)
     prompts = random_prompts([40, 13], VOCAB, seed=12)
     runner.prefill([p[:10] for p in prompts])
@@ -106,12 +107,12 @@ def test_window_with_a_ring_of_blocks_and_chunked_prefill(model_pair):
 def test_lm_head_indices_and_skip_lm_head(model_pair):
     ours, hf, _ = model_pair(heads=4, kv_heads=2)
     prompts = random_prompts([9, 4, 15], VOCAB, seed=9)
-    full, cu = PagedRunner(ours, ours.new_kv_cache(16)).prefill(prompts)
-    last, _ = PagedRunner(ours, ours.new_kv_cache(16)).prefill(prompts, last_only=True)
+    full, cu = PagedRunner(ours, KVCache.for_model(ours, 16)).prefill(prompts)
+    last, _ = PagedRunner(ours, KVCache.for_model(ours, 16)).prefill(prompts, last_only=True)
     assert last.shape == (3, VOCAB)
     torch.testing.assert_close(last, full[[c - 1 for c in cu[1:]]], atol=0, rtol=0)
 
-    runner = PagedRunner(ours, ours.new_kv_cache(16))
+    runner = PagedRunner(ours, KVCache.for_model(ours, 16))
     hidden, _ = runner.prefill(prompts, last_only=True, skip_lm_head=True)
     assert hidden.shape == (3, ours.config.hidden_size)
     torch.testing.assert_close(ours.lm_head(hidden), last, atol=1e-6, rtol=0)
@@ -120,33 +121,30 @@ def test_lm_head_indices_and_skip_lm_head(model_pair):
 def test_prefill_without_cache_for_embeddings(model_pair):
     """kv_cache=None in prefill (embedding requests): same logits, nothing written anywhere."""
     ours, hf, _ = model_pair(heads=4, kv_heads=2)
-    from model.attention import Seqlen
-
     prompt = random_prompts([11], VOCAB, seed=10)[0]
-    seqlen = Seqlen.from_lengths([11])
-    logits, _ = ours(
-        input_ids=torch.tensor(prompt),
-        position_ids=torch.arange(11),
-        cu_seqlen_prefill=seqlen.cu_seqlen_q,
-        kv_cache=None,
-        block_tables=None,
-        slots=None,
-        seqlen=seqlen,
-        max_s=11,
-        adapter_data=None,
-    )
-    torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=ATOL, rtol=0)
+    fb = ForwardBatch.prefill([PrefillSeq(prompt, all_logits=True)], device="cpu")
+    assert fb.slots is None and fb.block_tables is None and fb.lm_head_indices is None
+    torch.testing.assert_close(fb.run(ours, None), hf_logits(hf, prompt), atol=ATOL, rtol=0)
+    hidden = ForwardBatch.embed([prompt, prompt[:4]], device="cpu").run(ours, None)
+    assert hidden.shape == (2, ours.config.hidden_size)
 
 
-def test_padding_rows_with_slot_minus_one_write_nothing(model_pair):
+@pytest.mark.parametrize("slot_minus_one", [True, False])
+def test_padding_rows_write_nothing_outside_reserved_block_0(model_pair, slot_minus_one):
+    """A CUDA-graph bucket's padding rows (position 0, table of zeros) write only into reserved block 0;
+    with slot -1 (the model's "write nothing") not even there."""
     ours, _, _ = model_pair(heads=4, kv_heads=2)
-    cache = ours.new_kv_cache(num_blocks=8)
+    cache = KVCache.for_model(ours, num_blocks=8)
     runner = PagedRunner(ours, cache)
     runner.prefill(random_prompts([5, 7], VOCAB, seed=11))
     before = [(layer.k_slots.clone(), layer.v_slots.clone()) for layer in cache]
-    runner.decode([10, 11], pad_rows=3)
+    fb = runner.decode_batch([10, 11], pad_rows=3)
+    if slot_minus_one:
+        fb.slots[2:] = -1
+    fb.run(ours, cache)
     written = {runner._slot(i, runner.cached[i] - 1) for i in range(2)}
-    untouched = [s for s in range(cache.num_blocks * cache.block_size) if s not in written]
+    reserved = set() if slot_minus_one else set(range(cache.block_size))
+    untouched = [s for s in range(cache.num_blocks * cache.block_size) if s not in written | reserved]
     for layer, (k0, v0) in zip(cache, before, strict=False):
         assert torch.equal(layer.k_slots[untouched], k0[untouched])
         assert torch.equal(layer.v_slots[untouched], v0[untouched])

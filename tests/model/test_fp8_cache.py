@@ -19,9 +19,10 @@ from mistral_harness import PagedRunner
 from safetensors.torch import load_file, save_file
 
 from cache.fp8 import FP8_E4M3_MAX, KVScales, read_kv_scales
+from cache.kv_cache import KVCache
 from model.weights import Weights
 from shard_server.config import ShardConfig
-from shard_server.engine import ShardEngine
+from shard_server.engine.engine import ShardEngine
 from shard_server.server.service import batch_from_pb
 from shard_server.testing.wire import warmup_request
 from shard_server.types import BatchSpec, RequestSpec, StoppingParams
@@ -86,8 +87,8 @@ def test_greedy_tokens_and_logits_close_to_full_precision(tiny_model_factory):
     # Teacher-forced on the full-precision tokens: per position, does the fp8 cache pick the same
     # greedy token after the same history, and how far are its logits (the cache's error alone)?
     model = full.model
-    ref = PagedRunner(model, model.new_kv_cache(260, torch.float32))
-    cache8 = model.new_kv_cache(260, torch.float8_e4m3fn)
+    ref = PagedRunner(model, KVCache.for_model(model, 260, torch.float32))
+    cache8 = KVCache.for_model(model, 260, torch.float8_e4m3fn)
     scales.apply(cache8)
     q8 = PagedRunner(model, cache8)
     ref.prefill(prompts)

@@ -68,5 +68,5 @@ def test_for_model_uses_this_ranks_kv_heads():
         num_key_value_heads=2,
         head_dim=16,
     )
-    assert KVCache.for_model(config, TPGroup(), 4, 16, torch.float32)[0].k.shape == (4, 16, 2, 16)
-    assert KVCache.for_model(config, TPGroup(1, 4), 4, 16, torch.float32)[0].k.shape == (4, 16, 1, 16)
+    assert KVCache.for_config(config, TPGroup(), 4, 16, torch.float32)[0].k.shape == (4, 16, 2, 16)
+    assert KVCache.for_config(config, TPGroup(1, 4), 4, 16, torch.float32)[0].k.shape == (4, 16, 1, 16)

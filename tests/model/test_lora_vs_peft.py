@@ -15,7 +15,8 @@ import torch
 from mistral_harness import PagedRunner, hf_logits, random_prompts
 
 from cache.adapter_store import AdapterStore
-from model.adapters.errors import AdapterNotFound
+from cache.kv_cache import KVCache
+from model.errors import NotFound
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.types import AdapterSpec
 
@@ -54,7 +55,7 @@ def test_mixed_adapter_batch_prefill_and_16_decode_steps_equal_peft(setup):
     store = AdapterStore(ours.config, device="cpu", dtype=torch.float32)
     for i, d in dirs.items():
         store.load(i, _spec(d))
-    runner = PagedRunner(ours, ours.new_kv_cache(num_blocks=64), seed=7)
+    runner = PagedRunner(ours, KVCache.for_model(ours, num_blocks=64), seed=7)
     prompts = random_prompts([7, 12, 3, 9, 1, 15, 5, 11, 6], VOCAB, seed=21)
     data = store.batch_data(REQUEST_ADAPTERS, [len(p) for p in prompts], is_prefill=True)
     assert len(data.meta.segments) == 7  # base requests split the runs
@@ -78,7 +79,7 @@ def test_mixed_adapter_batch_prefill_and_16_decode_steps_equal_peft(setup):
 
     # Offload: requests for that index are refused; after a reload it serves the same logits again.
     store.offload(3)
-    with pytest.raises(AdapterNotFound, match="adapter index 3 is not loaded"):
+    with pytest.raises(NotFound, match="adapter index 3 is not loaded"):
         store.batch_data(REQUEST_ADAPTERS, [1] * len(REQUEST_ADAPTERS), is_prefill=False)
     store.load(3, _spec(dirs[3]))
     tokens = [g.randrange(3, VOCAB) for _ in runner.seqs]
@@ -100,7 +101,7 @@ def test_last_token_prefill_with_lm_head_indices_and_a_tight_budget(setup):
         store.load(i, _spec(d))
     assert store.device_bytes() <= budget
     assert len(store.resident_indices()) < 3  # one of the three waits in host memory
-    runner = PagedRunner(ours, ours.new_kv_cache(num_blocks=32), seed=2)
+    runner = PagedRunner(ours, KVCache.for_model(ours, num_blocks=32), seed=2)
     for pair in ([3, 0, 2], [1, 3, 0]):  # each batch: two adapters + base; the third is on the host
         prompts = random_prompts([5, 8, 4], VOCAB, seed=sum(pair))
         cu = [0]

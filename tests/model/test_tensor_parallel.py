@@ -19,6 +19,8 @@ import torch
 import torch.multiprocessing as mp
 from mistral_harness import PagedRunner, hf_logits, random_prompts
 
+from cache.kv_cache import KVCache
+
 PROMPTS = random_prompts([9, 4, 14], 500, seed=21)  # ids < every test vocab (509 included)
 DECODE = [[40, 41, 42], [50, 51, 52], [60, 61, 62]]
 
@@ -32,8 +34,8 @@ def free_port() -> int:
 def _child(target, rank: int, world: int, port: int, out_dir: str, args: tuple) -> None:
     import torch.distributed as dist
 
-    from shard_server.bootstrap import init_tensor_parallel
     from shard_server.config import ShardConfig
+    from shard_server.engine.bootstrap import init_tensor_parallel
 
     try:
         torch.set_num_threads(1)
@@ -93,7 +95,7 @@ def _prefill_and_decode(tp, model_dirs: list[str]) -> list:
     results = []
     for d in model_dirs:
         model = FlashMistralForCausalLM.from_pretrained(d, tp=tp)
-        runner = PagedRunner(model, model.new_kv_cache(16), seed=1)
+        runner = PagedRunner(model, KVCache.for_model(model, 16), seed=1)
         logits, _ = runner.prefill(PROMPTS)
         steps = [runner.decode(tokens) for tokens in DECODE]
         results.append((logits, steps))

@@ -21,6 +21,7 @@ from mistral_harness import PagedRunner, random_prompts
 from test_tensor_parallel import run_ranks
 
 from cache.adapter_store import AdapterStore
+from cache.kv_cache import KVCache
 from model.adapters.batch import AdapterBatchData
 from model.adapters.peft_loader import ROW_PARALLEL
 from model.flash_mistral import FlashMistralForCausalLM
@@ -58,7 +59,7 @@ def _spec(d) -> AdapterSpec:
 
 def _run(model, store, wrap=None, requests=REQUEST_ADAPTERS) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Prefill (all positions) + decode steps; store None: no adapters. -> (prefill logits, step logits)."""
-    runner = PagedRunner(model, model.new_kv_cache(48), seed=3)
+    runner = PagedRunner(model, KVCache.for_model(model, 48), seed=3)
     wrap = wrap or (lambda d: d)
     data = None
     if store is not None:
@@ -79,7 +80,7 @@ def _with_and_without_adapters(tp: TPGroup, model_dir: str, adapter_dirs: dict[i
     for i, d in adapter_dirs.items():
         store.load(i, _spec(d))
     # The engine's prefill: logits of each sequence's last token only (lm_head LoRA on selected rows).
-    runner = PagedRunner(model, model.new_kv_cache(48), seed=5)
+    runner = PagedRunner(model, KVCache.for_model(model, 48), seed=5)
     data = store.batch_data(REQUEST_ADAPTERS, [len(p) for p in PROMPTS], True, lm_head_indices=last_rows())
     last_logits, _ = runner.prefill(PROMPTS, last_only=True, adapter_data=data)
     return {"base": _run(model, None), "lora": _run(model, store), "lora-last": (last_logits, [])}

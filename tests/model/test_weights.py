@@ -10,6 +10,7 @@ import torch
 from mistral_harness import PagedRunner, hf_logits, random_prompts
 from safetensors.torch import load_file, save_file
 
+from cache.kv_cache import KVCache
 from model.config import MistralConfig
 from model.flash_mistral import FlashMistralForCausalLM
 from model.weights import Weights, WeightsError
@@ -84,8 +85,8 @@ def test_fused_parameters_hold_the_checkpoint_tensors(tiny_model_dir):
 def test_dtype_conversion(tiny_model_dir):
     model = FlashMistralForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert model.new_kv_cache(4).dtype == torch.bfloat16
-    runner = PagedRunner(model, model.new_kv_cache(8))
+    assert KVCache.for_model(model, 4).dtype == torch.bfloat16
+    runner = PagedRunner(model, KVCache.for_model(model, 8))
     logits, _ = runner.prefill(random_prompts([7], 512))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
@@ -100,7 +101,7 @@ def test_tied_word_embeddings(tiny_model_factory):
     assert torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)
     hf = MistralForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     prompt = random_prompts([10], 512, seed=1)
-    logits, _ = PagedRunner(ours, ours.new_kv_cache(8)).prefill(prompt)
+    logits, _ = PagedRunner(ours, KVCache.for_model(ours, 8)).prefill(prompt)
     torch.testing.assert_close(logits, hf_logits(hf, prompt[0]), atol=1e-4, rtol=0)
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from model.adapters.errors import AdapterInvalid, AdapterSourceUnsupported
 from model.adapters.merge import merge_adapters
 from model.adapters.peft_loader import LoraAdapter
+from model.errors import InvalidArgument, Status, Unimplemented
 
 
 def _adapter(name, ranks_by_key, seed, fan_in=16, fan_out=12):
@@ -38,14 +38,14 @@ def test_linear_merge_defaults_to_uniform_weights():
 @pytest.mark.parametrize("strategy", ["ties", "dare_linear", "dare_ties"])
 def test_ties_and_dare_are_refused_as_unimplemented(strategy):
     a = _adapter("a", {(0, "q_proj"): 2}, 1)
-    with pytest.raises(AdapterSourceUnsupported, match=f"merge strategy '{strategy}' is not supported"):
+    with pytest.raises(Unimplemented, match=f"merge strategy '{strategy}' is not supported"):
         merge_adapters([a, a], [0.5, 0.5], strategy)
-    assert AdapterSourceUnsupported.code == "UNIMPLEMENTED"
+    assert Unimplemented.status == Status.UNIMPLEMENTED
 
 
 def test_merge_refusals_name_the_problem():
     a = _adapter("a", {(0, "q_proj"): 200}, 1)
-    with pytest.raises(AdapterInvalid, match="2 adapters but 1 weights"):
+    with pytest.raises(InvalidArgument, match="2 adapters but 1 weights"):
         merge_adapters([a, a], [1.0])
-    with pytest.raises(AdapterInvalid, match=r"layer 0 q_proj has rank 400 > 256"):
+    with pytest.raises(InvalidArgument, match=r"layer 0 q_proj has rank 400 > 256"):
         merge_adapters([a, a], [0.5, 0.5])

@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from cache.adapter_sources import AdapterSourceConfig, AdapterSources
 from cache.adapter_store import AdapterStore
-from model.adapters.errors import AdapterError, AdapterInvalid
 from model.adapters.peft_config import match_pattern
 from model.adapters.peft_loader import read_peft_adapter
+from model.errors import InvalidArgument, ShardError
 from shard_server.types import AdapterSpec
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -81,9 +81,9 @@ def load(root: Path, adapter_id: str, config) -> object:
 
 def expect_refused(root: Path, adapter_id: str, config, codes=("INVALID_ARGUMENT",)) -> str:
     with time_limit(5.0):
-        with pytest.raises(AdapterError) as e:
+        with pytest.raises(ShardError) as e:
             load(root, adapter_id, config)
-    assert e.value.code in codes, (type(e.value), e.value)
+    assert e.value.status.name in codes, (type(e.value), e.value)
     assert len(str(e.value)) < 2000  # names the problem without echoing unbounded input
     return str(e.value)
 
@@ -109,7 +109,7 @@ def test_non_finite_weights_are_refused_at_load(copy, root, tiny_model_dir, valu
     tensors[key][0, 0] = value
     save_file(tensors, str(d / WEIGHTS))
     store = AdapterStore(base_config(tiny_model_dir), sources=AdapterSources(AdapterSourceConfig(root)))
-    with pytest.raises(AdapterInvalid, match="non-finite"):
+    with pytest.raises(InvalidArgument, match="non-finite"):
         store.load(1, AdapterSpec(adapter_ids=("a",), source="local"))
     assert not store.is_loaded(1)
 
@@ -136,7 +136,7 @@ def test_non_finite_merge_weights_are_refused(copy, root, tiny_model_dir, weight
     copy("a"), copy("b")
     store = AdapterStore(base_config(tiny_model_dir), sources=AdapterSources(AdapterSourceConfig(root)))
     spec = AdapterSpec(adapter_ids=("a", "b"), weights=weights, source="local")
-    with pytest.raises(AdapterInvalid, match="non-finite"):
+    with pytest.raises(InvalidArgument, match="non-finite"):
         store.load(2, spec)
     assert not store.is_loaded(2)
 
@@ -147,7 +147,7 @@ def test_scaling_that_overflows_the_store_dtype_is_refused(copy, root, tiny_mode
     with_config(d, lora_alpha=1e8)
     store = AdapterStore(base_config(tiny_model_dir), dtype=torch.float16,
                          sources=AdapterSources(AdapterSourceConfig(root)))  # fmt: skip
-    with pytest.raises(AdapterInvalid, match="non-finite"):
+    with pytest.raises(InvalidArgument, match="non-finite"):
         store.load(1, AdapterSpec(adapter_ids=("a",), source="local"))
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from shard_server.server.cli import build_parser, serve_argv, serve_config_from_args
+from shard_server.server.cli import build_parser, serve_argv
+from shard_server.server.options import serve_config
 
 
 def test_metrics_and_tracing_are_off_by_default(tmp_path):
     args = build_parser().parse_args(["serve", str(tmp_path), "--uds-path", "/tmp/x", "--device", "cpu"])
-    cfg = serve_config_from_args(args, {})
+    cfg = serve_config(args, {})
     assert cfg.metrics_port is None and cfg.otlp_endpoint is None
 
 
@@ -19,7 +20,7 @@ def test_launch_passes_the_observability_flags_to_each_rank(tmp_path):
          "--otlp-service-name", "shard-a"]
     )  # fmt: skip
     child = parser.parse_args(serve_argv(launch))
-    cfg = serve_config_from_args(child, {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"})
+    cfg = serve_config(child, {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"})
     assert (cfg.metrics_port, cfg.metrics_host) == (9100, "0.0.0.0")  # rank r serves on 9100 + r
     assert (cfg.otlp_endpoint, cfg.otlp_service_name) == ("collector:4317", "shard-a")
     assert cfg.shard.rank == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from shard_server.detokenize import IncrementalDetokenizer, special_token_ids, token_texts
+from shard_server.generation.detokenize import IncrementalDetokenizer, special_token_ids, token_texts
 
 TEXTS = ["The cat 🐈 sat on 世界 mat", "café 🎉🎉 ok", "Hello world", "日本語のテキスト"]
 

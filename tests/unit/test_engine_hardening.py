@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shard_server import errors
+from model import errors
 from shard_server.config import ShardConfig
-from shard_server.engine import ShardEngine
+from shard_server.engine.engine import ShardEngine
 from shard_server.types import AdapterSpec, BatchSpec, RequestSpec, StoppingParams
 
 PROMPT = (1, 17, 99, 250, 3, 42, 7, 8)
@@ -79,6 +79,30 @@ def test_decode_for_a_caller_that_is_gone_does_not_advance(engine):
     assert tokens == expected  # the router saw every token, none was skipped
 
 
+def test_cancelled_decode_with_overlap_keeps_the_lookahead_it_had(engine):
+    """The step the router never receives stores no lookahead of its own: the batch keeps the one it had
+    (still right for its unchanged rows), and the tokens after a retry are the same."""
+    expected = greedy_tokens(engine, 79, new=8)
+    engine.overlap = True
+    try:
+        out = engine.prefill(BatchSpec(id=78, requests=(req(79, new=8),)))
+        tokens = [out.generations[0].next_tokens.ids[0]]
+        out = engine.decode([78])  # stores the next step's lookahead
+        tokens += [g.next_tokens.ids[0] for g in out.generations]
+        had = engine.lookaheads[78]
+        with pytest.raises(errors.Cancelled):
+            engine.decode([78], still_wanted=lambda: False)
+        assert engine.lookaheads[78] is had
+        used = engine.lookahead_rows_used
+        while out.batch is not None:
+            out = engine.decode([78])
+            tokens += [g.next_tokens.ids[0] for g in out.generations]
+        assert engine.lookahead_rows_used > used  # the kept lookahead was used, not recomputed
+    finally:
+        engine.overlap = False
+    assert tokens == expected
+
+
 def test_a_repeated_prefill_of_a_cached_batch_id_is_failed_precondition(engine):
     engine.prefill(BatchSpec(id=83, requests=(req(1),)))
     with pytest.raises(errors.FailedPrecondition, match="ClearCache"):
@@ -113,10 +137,42 @@ def test_failed_warmup_restores_the_kv_cache(engine):
     blocks, usable = engine.runner.kv_cache.num_blocks, engine.usable_blocks()
     with pytest.raises(errors.ShardError) as e:
         engine.warmup(BatchSpec(id=0, requests=(req(0, adapter=9),)), 16, 64, 16)
-    assert e.value.code == "NOT_FOUND"
+    assert e.value.status.name == "NOT_FOUND"
     assert engine.runner.kv_cache.num_blocks == blocks and engine.usable_blocks() == usable
     long = tuple(range(3, 3 + 500))
     assert greedy_tokens(engine, 88, long, new=2)  # a request far larger than the warmup batch fits
+
+
+class RecordingGraphs:
+    """DecodeGraphs' interface as the runner and engine call it; replays nothing (decode runs eagerly)."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def clear(self):
+        self.calls.append("clear")
+
+    def capture(self, max_total_tokens):
+        self.calls.append(("capture", max_total_tokens))
+
+    def refresh_lora(self):
+        pass
+
+    def run(self, batch, request_slots):
+        return None
+
+
+def test_failed_warmup_captures_the_last_good_graphs_again_for_the_restored_cache(engine):
+    graphs = engine.runner.graphs = RecordingGraphs()
+    engine.graph_tokens = 48
+    try:
+        with pytest.raises(errors.NotFound):
+            engine.warmup(BatchSpec(id=0, requests=(req(0, adapter=9),)), 16, 64, 16)
+        # the restored cache dropped every graph, then the last good Warmup's were captured against it
+        assert graphs.calls[-2:] == ["clear", ("capture", 48)]
+        assert engine.graph_tokens == 48
+    finally:
+        engine.runner.graphs, engine.graph_tokens = None, None
 
 
 # ---------------------------------------------------------------- 11. OffloadAdapter checks the id

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from shard_server.config import ShardConfig
-from shard_server.engine import ShardEngine
+from shard_server.engine.engine import ShardEngine
 from shard_server.types import AdapterSpec, BatchSpec, RequestSpec, SamplingParams, StoppingParams
 
 rng = random.Random(5)

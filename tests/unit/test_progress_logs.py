@@ -7,7 +7,7 @@ import logging
 import re
 
 from shard_server.config import ShardConfig
-from shard_server.engine import ShardEngine
+from shard_server.engine.engine import ShardEngine
 from shard_server.types import BatchSpec, RequestSpec, StoppingParams
 
 

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shard_server.sampling import NextTokenChooser, validate_sampling_params
+from shard_server.generation.sampling import NextTokenChooser, validate_sampling_params
 from shard_server.types import SamplingParams
 
 V = 64

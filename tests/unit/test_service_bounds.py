@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shard_server import errors
+from model import errors
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.server.bounds import MAX_STATUS_MESSAGE_BYTES, bounded_message
 from shard_server.server.service import _is_out_of_memory, adapter_from_pb

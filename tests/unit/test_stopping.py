@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from shard_server.stopping import GenerationTracker, StoppingCriteria
+from shard_server.generation.stopping import GenerationTracker, StoppingCriteria
 from shard_server.types import FinishReason, StoppingParams
 
 EOS = 2

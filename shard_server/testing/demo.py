@@ -1,6 +1,6 @@
 """`make run`: a shard process, two LoRA adapters and the fake router, end to end on CPU.
 
-    python -m shard_server.demo --dir .demo
+    python -m shard_server.testing.demo --dir .demo
 
 Makes the tiny model and two adapters under --dir (once), starts `python -m shard_server serve` on a
 temporary unix socket, waits for it to report SERVING, warms it up and loads the adapters at indices 1
@@ -152,7 +152,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m shard_server.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m shard_server.testing.demo", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--dir", default=".demo", help="where the tiny model, adapters and the shard log live")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the shard to start")

@@ -14,7 +14,7 @@ from cache.adapter_store import AdapterStore
 from model.config import MistralConfig
 from model.parallel import TPGroup
 from shard_server.config import ShardConfig
-from shard_server.detokenize import special_token_ids
+from shard_server.generation.detokenize import special_token_ids
 from shard_server.types import AdapterSpec
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 from cache.fp8 import CALIBRATION_MARGIN, KVScales, layer_amax, read_kv_scales
 from cache.kv_cache import FP8_DTYPES, KVCache
 from model.weights import Weights
-from shard_server.runner import ModelRunner, PrefillSeq
+from shard_server.executor.runner import ModelRunner, PrefillSeq
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class KVScaleKeeper:
         return self.fp8 and (self.scales is None or self.scales.source == "calibrated")
 
     def new_cache(self, num_blocks: int) -> KVCache:
-        cache = self.model.new_kv_cache(num_blocks, self.kv_dtype)
+        cache = KVCache.for_model(self.model, num_blocks, self.kv_dtype)
         if self.scales is not None:
             self.scales.apply(cache)
         return cache
@@ -61,7 +61,7 @@ class KVScaleKeeper:
         groups = [list(prompts), [spread]] if prompts else [[spread]]
         bs = self.model.block_size
         blocks = sum(-(-len(p) // bs) for g in groups for p in g) + 1
-        scratch = self.model.new_kv_cache(blocks, self.model.dtype)
+        scratch = KVCache.for_model(self.model, blocks, self.model.dtype)
         serving, runner.kv_cache = runner.kv_cache, scratch
         try:
             next_block = 1  # block 0 stays reserved, as in every cache
@@ -70,8 +70,7 @@ class KVScaleKeeper:
                 for p in group:
                     table = list(range(next_block, next_block + -(-len(p) // bs)))
                     next_block += len(table)
-                    slots = [table[q // bs] * bs + q % bs for q in range(len(p))]
-                    seqs.append(PrefillSeq(list(p), 0, slots, table, adapter_index=0))
+                    seqs.append(PrefillSeq(list(p), block_table=table, adapter_index=0))
                 runner.prefill(seqs)
             k_amax, v_amax = layer_amax(scratch)
         finally:

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from shard_server.batch import Batch, RequestState
-from shard_server.detokenize import token_texts
-from shard_server.sampling import HostSample
+from shard_server.engine.batch import Batch, RequestState
+from shard_server.generation.detokenize import token_texts
+from shard_server.generation.sampling import HostSample
 from shard_server.types import AlternativeTokensOut, GenerationOut, TokensOut
 
 

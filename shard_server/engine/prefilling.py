@@ -19,18 +19,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-from shard_server import admission
-from shard_server.batch import Batch, PendingPrefill, RequestState, grouped_order
-from shard_server.outputs import chunk_prompt_logprobs
-from shard_server.runner import PrefillOutput, PrefillSeq, pad_block_tables
-from shard_server.sampling import HostSample, NextTokenChooser, SampleOutput
+from model.forward_batch import pad_block_tables
+from shard_server.engine import admission
+from shard_server.engine.batch import Batch, PendingPrefill, RequestState, grouped_order
+from shard_server.engine.outputs import chunk_prompt_logprobs
+from shard_server.executor.runner import ModelRunner, PrefillOutput, PrefillSeq
+from shard_server.generation.grammar_masks import GrammarRows
+from shard_server.generation.sampling import HostSample, NextTokenChooser, SampleOutput
 
-if TYPE_CHECKING:
-    from shard_server.engine import ShardEngine
+
+class PrefillHost(Protocol):
+    """What a prefill step needs of the engine (ShardEngine provides it; no import back to it)."""
+
+    model_config: Any  # .vocab_size
+    adapters: Any  # AdapterStore
+    blocks: Any  # BlockManager or the router-allocation bookkeeping
+    runner: ModelRunner  # builds and runs the step's ForwardBatch; .block_size
+    tokenizer: Any
+    eos_ids: Any
+    special_ids: Any
+    device: torch.device
+    computed_prefill_tokens: int
+
+    def next_seq_id(self) -> int: ...
+
+    def emits(self, request_id: int) -> bool: ...
+
+    def emit(self, batch: Batch, host: HostSample, first_token: bool) -> tuple[list, Batch | None]: ...
 
 
 @dataclass
@@ -56,7 +75,7 @@ def plan_chunks(pending: Sequence[PendingPrefill], budget: int) -> list[int]:
     return out
 
 
-def start_request(engine: ShardEngine, a: admission.Admitted, *, warmup: bool) -> PendingPrefill:
+def start_request(engine: PrefillHost, a: admission.Admitted, *, warmup: bool) -> PendingPrefill:
     """KV blocks for a new request (the shard's, or the router's as given) -> its pending prefill."""
     seq_id = engine.next_seq_id()
     prompt = list(a.ids)
@@ -65,7 +84,7 @@ def start_request(engine: ShardEngine, a: admission.Admitted, *, warmup: bool) -
     # single decode step, so it needs blocks for one position past the prompt, not the whole budget.
     decode_positions = min(max_new - 1, 1) if warmup else max_new - 1
     if a.router_blocks:
-        bs = engine.model.block_size
+        bs = engine.runner.block_size
         table = list(a.spec.blocks[: -(-(len(prompt) + decode_positions) // bs)])
         cached, own = a.spec.cache_len, False
     else:
@@ -98,32 +117,27 @@ def start_request(engine: ShardEngine, a: admission.Admitted, *, warmup: bool) -
         own_blocks=own,
         # Tokens 0..cached have no computed logits (the first token never has one).
         prompt_logprobs=[float("nan")] * (cached + 1) if a.spec.prefill_logprobs else None,
+        grammar=a.grammar.start() if a.grammar is not None else None,
     )
     # A shard prefix-cache hit may shorten the prompt's rest below the asked chunk: never past the end.
     first = min(a.first_chunk, len(prompt) - cached) if own else a.first_chunk
     return PendingPrefill(state, next_chunk=first)
 
 
-def compute(engine: ShardEngine, items: list[tuple[PendingPrefill, int]]) -> PrefillCompute:
+def compute(engine: PrefillHost, items: list[tuple[PendingPrefill, int]]) -> PrefillCompute:
     """Forward the chunks (grouped by adapter for few LoRA segments) and choose finishing first tokens."""
     order = grouped_order([p.request.adapter_index for p, _ in items])
     items = [items[i] for i in order]
-    bs = engine.model.block_size
-    seqs = []
-    for p, n in items:
-        r = p.request
-        start, end = r.length, r.length + n
-        seqs.append(
-            PrefillSeq(
-                ids=r.prompt_ids[:end],
-                cached=start,
-                # A window ring repeats blocks in the table; the runner writes only the last W rows.
-                slots=[r.block_table[q // bs] * bs + q % bs for q in range(start, end)],
-                block_table=r.block_table,
-                adapter_index=r.adapter_index,
-                all_logits=r.prompt_logprobs is not None,
-            )
+    seqs = [
+        PrefillSeq(
+            ids=p.request.prompt_ids[: p.request.length + n],
+            cached=p.request.length,
+            block_table=p.request.block_table,  # a window ring repeats its blocks here
+            all_logits=p.request.prompt_logprobs is not None,
+            adapter_index=p.request.adapter_index,
         )
+        for p, n in items
+    ]
     out = engine.runner.prefill(seqs)
     chunk_lps: list[list[float] | None] = [
         None if lg is None else chunk_prompt_logprobs(lg, p.request.prompt_ids, p.request.length)
@@ -136,6 +150,7 @@ def compute(engine: ShardEngine, items: list[tuple[PendingPrefill, int]]) -> Pre
         chooser = NextTokenChooser.from_params(
             [r.sampling for r in reqs], [r.prompt_ids for r in reqs], engine.model_config.vocab_size,
             engine.device,
+            grammar=GrammarRows.of([r.grammar for r in reqs]),
         )
         idx = torch.tensor(finishing, dtype=torch.int64, device=engine.device)
         sample = chooser.choose(out.last_logits.index_select(0, idx))
@@ -143,7 +158,7 @@ def compute(engine: ShardEngine, items: list[tuple[PendingPrefill, int]]) -> Pre
     return PrefillCompute(items, out, finishing, chooser, sample, host, chunk_lps)
 
 
-def commit(engine: ShardEngine, batch_id: int, c: PrefillCompute) -> tuple[list, Batch | None, list]:
+def commit(engine: PrefillHost, batch_id: int, c: PrefillCompute) -> tuple[list, Batch | None, list]:
     """Apply a computed step -> (generations, batch of the requests that got their first token,
     pending prefills still unfinished)."""
     for (p, n), lps in zip(c.items, c.chunk_logprobs, strict=True):
@@ -159,7 +174,7 @@ def commit(engine: ShardEngine, batch_id: int, c: PrefillCompute) -> tuple[list,
     if not c.finishing:
         return [], None, still
     requests = [c.items[i][0].request for i in c.finishing]
-    c.chooser.update(c.sample.next_ids)
+    c.chooser.update(c.sample.next_ids, c.host.next_ids)
     batch = Batch(
         batch_id,
         requests,

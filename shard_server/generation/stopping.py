@@ -14,7 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from shard_server.detokenize import Decoder, IncrementalDetokenizer, fast_decoder, special_token_ids
+from shard_server.generation.detokenize import (
+    Decoder,
+    IncrementalDetokenizer,
+    fast_decoder,
+    special_token_ids,
+)
 from shard_server.types import FinishReason, GeneratedTextOut, StoppingParams
 
 
