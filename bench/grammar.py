@@ -72,7 +72,7 @@ class GrammarBench:
         self.batch_ids = iter(range(1, 1 << 30))
 
     def build_engine(self) -> None:
-        from shard_server.config import ShardConfig
+        from shard_server.config import GrammarConfig, ShardConfig
         from shard_server.engine.engine import ShardEngine
         from shard_server.types import BatchSpec
 
@@ -84,8 +84,9 @@ class GrammarBench:
         per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * elem
         kv_bytes = int(1.5 * a.batch * (a.prompt + a.new_tokens) * per_token) + (64 << 20)
         t0 = time.perf_counter()
+        grammar = GrammarConfig(**({"mask_threads": a.mask_threads} if a.mask_threads else {}))
         self.engine = ShardEngine(ShardConfig(model_dir=self.model_dir, device=a.device, dtype=dtype,
-                                              max_kv_cache_bytes=kv_bytes))  # fmt: skip
+                                              max_kv_cache_bytes=kv_bytes, grammar=grammar))  # fmt: skip
         self.prompts = Prompts(min(512, cfg["vocab_size"]))
         warm = self.prompts.specs(4, a.prompt, 2)
         warm_batch = BatchSpec(id=next(self.batch_ids), requests=tuple(warm))
@@ -161,6 +162,7 @@ class GrammarBench:
         masks = {k: statistics.median(r[k] for r in grammar) for k in grammar[0] if k.startswith("mask_")}
         self.report.add(
             "decode", "schema_per_row", batch=a.batch, tok_s=a.batch / cons, step_ms=cons * 1e3,
+            mask_threads=self.engine.config.grammar.mask_threads,
             ratio_vs_unconstrained=base / cons, rounds=[r["step_s"] * 1e3 for r in grammar], prompt=a.prompt,
             new_tokens=a.new_tokens, **masks, notes="64 distinct schemas, one per row; medians over rounds "
             "of per-step medians; mask_job = worker (advance + fill), mask_wait = model thread's wait",
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=None, help="default 512 on cuda, 32 on cpu")
     p.add_argument("--new-tokens", type=int, default=None, help="default 128 on cuda, 24 on cpu")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--mask-threads", type=int, default=None, help="llguidance's mask threads (GrammarConfig)")
     p.add_argument("--model-dir", default=None, help="reuse a checkpoint dir (default: write one)")
     p.add_argument("--out-dir", default=None, help="default bench/results on cuda, a temporary dir on cpu")
     args = p.parse_args(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import replace
 
 import jsonschema
 import pytest
@@ -17,9 +18,12 @@ import torch
 from transformers import AutoTokenizer
 
 from shard_server.config import GrammarConfig
-from shard_server.generation.grammar import SchemaCompiler, SchemaError, json_depth
+from shard_server.engine.admission import compile_schema
+from shard_server.errors import InvalidArgument, Unimplemented
+from shard_server.generation.grammar import GrammarUnavailable, SchemaCompiler, SchemaError, json_depth
 from shard_server.generation.grammar_masks import GrammarRows
 from shard_server.testing.json_schemas import SCHEMAS, distinct_schemas, schema_text
+from shard_server.types import RequestSpec, SamplingParams
 
 EOS = 2
 
@@ -132,6 +136,21 @@ def test_bad_schemas_are_refused_naming_the_problem(compiler, case):
         compiler.compile(text)
     assert words.lower() in str(e.value).lower(), str(e.value)
     assert str(e.value).startswith("schema")  # admission prefixes "request N: parameters."
+
+
+def test_admission_maps_refusals_to_status_codes(compiler):
+    bad = RequestSpec(id=7, sampling=SamplingParams(schema="[]"))
+    with pytest.raises(InvalidArgument, match="request 7: parameters.schema must be a JSON object"):
+        compile_schema(bad, compiler)
+    assert compile_schema(RequestSpec(id=8), compiler) is None  # no schema: nothing to compile
+    # A tokenizer llguidance cannot read (no tokenizer.json behind it): UNIMPLEMENTED, naming why.
+    unreadable = SchemaCompiler(object(), 10, (2,))
+    with pytest.raises(GrammarUnavailable):
+        unreadable.compile("{}")
+    with pytest.raises(Unimplemented, match="request 7: parameters.schema needs a fast"):
+        compile_schema(replace(bad, sampling=SamplingParams(schema="{}")), unreadable)
+    with pytest.raises(Unimplemented, match="not set up"):
+        compile_schema(bad, None)
 
 
 def test_refusals_are_cached_too(compiler):
