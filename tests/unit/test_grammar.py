@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from model.errors import InvalidArgument, Unimplemented
 from shard_server.config import GrammarConfig
 from shard_server.engine.admission import compile_schema
-from shard_server.errors import InvalidArgument, Unimplemented
 from shard_server.generation.grammar import GrammarUnavailable, SchemaCompiler, SchemaError, json_depth
 from shard_server.generation.grammar_masks import GrammarRows
 from shard_server.testing.json_schemas import SCHEMAS, distinct_schemas, schema_text
