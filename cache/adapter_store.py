@@ -6,7 +6,8 @@ Public API (called by the engine from its one model thread; not thread-safe):
                          sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...],
                          base_weights=model.projection_weight)   # DoRA's norms read the base weights
     store.download(spec) -> float        # fetch + validate; device bytes of the adapter / budget
-    store.load(index, spec) -> None      # register under index and make it device-resident
+    store.prepare(spec) -> HostAdapter   # fetch + validate + pack on the host (any thread)
+    store.load(index, spec, host=None)   # register under index and make it device-resident
     store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
     store.is_loaded(index) / loaded_spec(index) / generation(index)   # generation: bumps on every load
     store.batch_data(adapter_indices, tokens, is_prefill, lm_head_indices=None) -> AdapterBatchData
@@ -120,8 +121,14 @@ class AdapterStore:
             return 0.0
         return self.layout.adapter_device_bytes(weights) / self.budget_bytes
 
-    def load(self, index: int, spec) -> None:
-        """Register `spec` under `index` and make it device-resident. Same spec again: a no-op."""
+    def prepare(self, spec) -> HostAdapter:
+        """Read, validate and pack `spec`'s files into its host copy (no device work, no registry change):
+        the file work of a load, for the server's I/O thread; pass the result to `load(..., host=)`."""
+        return self._host_weights(spec)
+
+    def load(self, index: int, spec, host: HostAdapter | None = None) -> None:
+        """Register `spec` under `index` and make it device-resident. Same spec again: a no-op.
+        `host`: the result of `prepare(spec)`, so that no file is read here."""
         entry = self._entries.get(index)
         if entry is not None:
             if _spec_key(entry.spec) == _spec_key(spec):
@@ -130,9 +137,10 @@ class AdapterStore:
                 f"adapter index {index} already holds {list(entry.spec.adapter_ids)}; offload it before "
                 f"loading {list(spec.adapter_ids)}"
             )
-        host, error = None, None
+        error = None
         try:
-            host = self._host_weights(spec)
+            if host is None:
+                host = self._host_weights(spec)
         except Exception as e:  # every rank must reach the agreement below
             error = e
         self._agree(spec, error)
@@ -310,6 +318,7 @@ class AdapterStore:
             for key, m in modules.items()
             if m.magnitude is not None
         }
+        _check_finite(flat, weights)
         return HostAdapter(flat, weights, offsets, magnitudes)
 
     def _dora_scales(self, host: HostAdapter) -> dict[Key, torch.Tensor]:
@@ -341,3 +350,16 @@ class AdapterStore:
 # The kinds of failure one rank can report to the others (agreement in `load`); the last is the catch-all.
 _AGREED_ERRORS = (NotFound, InvalidArgument, Unimplemented, ResourceExhausted,
                   FailedPrecondition, PermissionDenied, Unavailable, ShardError)  # fmt: skip
+
+
+def _check_finite(flat: torch.Tensor, weights: HostWeights) -> None:
+    """Refuse NaN/Inf anywhere in what would be served: from the file, the config's alpha, a merge
+    weight, or a scale or cast that overflows the store dtype. Checked on the final buffer (one pass)."""
+    if bool(torch.isfinite(flat).all()):
+        return
+    bad = next(k for k, ab in weights.items() if not all(bool(torch.isfinite(t).all()) for t in ab))
+    raise InvalidArgument(
+        f"adapter has non-finite values (NaN or Inf) in layer {bad[0]} {bad[1]} after scaling and casting "
+        f"to {flat.dtype}: check its weights, lora_alpha and merge weights"
+    )
+

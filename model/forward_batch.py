@@ -165,9 +165,17 @@ class ForwardBatch:
         )
 
     @classmethod
-    def embed(cls, prompts: Sequence[Sequence[int]], *, device: torch.device | str) -> ForwardBatch:
+    def embed(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        *,
+        device: torch.device | str,
+        adapter_data: object | None = None,
+    ) -> ForwardBatch:
         """Final hidden state of each prompt's last token; no KV cache is read or written."""
-        return cls.prefill([PrefillSeq(p) for p in prompts], device=device, skip_lm_head=True)
+        return cls.prefill(
+            [PrefillSeq(p) for p in prompts], device=device, adapter_data=adapter_data, skip_lm_head=True
+        )
 
 
 def pad_block_tables(tables: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:

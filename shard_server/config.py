@@ -98,6 +98,12 @@ class ServeConfig:
     # SIGTERM: how long the RPC in flight may take to finish before the server is torn down.
     grace_seconds: float = 30.0
     grpc_threads: int = 16  # gRPC handler threads; model work still runs on one thread
+    # Prometheus /metrics over HTTP (None: off); rank r listens on metrics_port + r (0: any free port).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    # OpenTelemetry spans over OTLP/gRPC to this receiver (None: off).
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "lorax-shard"
     # Health turns UNAVAILABLE / NOT_SERVING once one engine call has run this long: above any real
     # call (Warmup with graph capture on a 7B takes about a minute), below the 10-minute timeout of a
     # collective whose peer rank died.
@@ -107,6 +113,8 @@ class ServeConfig:
         _one_of("log_format", self.log_format, LOG_FORMATS)
         if not self.uds_path:
             raise ValueError("uds_path must not be empty")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.health_stuck_seconds <= 0:

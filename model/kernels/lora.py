@@ -292,7 +292,8 @@ def _slices(slice_offsets, n_total):
 
 def bgmv_shrink_ref(x, lora_a, indices, *, out=None):
     a = lora_a[indices.long().clamp_min(0)].float()  # [T, R, in]
-    v = torch.einsum("ti,tri->tr", x.float(), a) * (indices >= 0).unsqueeze(1)
+    # select, not multiply by a 0/1 mask: slot 0's values (the placeholder of base rows) stay out of them
+    v = torch.where((indices >= 0).unsqueeze(1), torch.einsum("ti,tri->tr", x.float(), a), 0.0)
     return v.to(x.dtype) if out is None else out.copy_(v)
 
 

@@ -62,6 +62,7 @@ def emit_step(
                 generated_text=(
                     r.tracker.generated_text(seeds[i]) if step.finish_reason is not None else None
                 ),
+                adapter_index=r.adapter_index,
             )
         )
     return out

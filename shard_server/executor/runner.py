@@ -96,9 +96,18 @@ class ModelRunner:
         last_logits = logits.index_select(0, torch.tensor(last, dtype=torch.int64, device=self.device))
         return PrefillOutput(last_logits, per_seq)
 
-    def embed(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Final hidden state of each prompt's last token -> [B, hidden]. Nothing is cached."""
-        return ForwardBatch.embed(prompts, device=self.device).run(self.model, None)
+    def embed(
+        self, prompts: Sequence[Sequence[int]], adapter_indices: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Final hidden state of each prompt's last token -> [B, hidden], each prompt under its adapter
+        (None: all base). Nothing is cached."""
+        adapter_data = None
+        if adapter_indices is not None and any(adapter_indices):
+            lengths = [len(p) for p in prompts]
+            adapter_data = self.adapters.batch_data(adapter_indices, lengths, is_prefill=True)
+        return ForwardBatch.embed(prompts, device=self.device, adapter_data=adapter_data).run(
+            self.model, None
+        )
 
     # ---- decode --------------------------------------------------------------------------------------
 

@@ -171,6 +171,19 @@ OPTIONS: tuple[Option, ...] = (
         "gRPC handler threads (model work runs on one thread)",
         type=int,
     ),
+    Option(
+        "--metrics-port",
+        "serve.metrics_port",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (rank r: PORT + r); off by default",
+        type=int,
+    ),
+    Option("--metrics-host", "serve.metrics_host", "address the metrics server binds"),
+    Option(
+        "--otlp-endpoint",
+        "serve.otlp_endpoint",
+        "export a span per RPC over OTLP/gRPC to this collector (host:port); off by default",
+    ),
+    Option("--otlp-service-name", "serve.otlp_service_name", "service.name of the spans"),
 )
 
 

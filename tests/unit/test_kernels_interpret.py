@@ -307,6 +307,34 @@ def test_sgmv_interpret(kernels, case):
     assert rel_err(y - y0, y_ref - y0) <= 1e-2
 
 
+def test_lora_kernels_keep_a_poisoned_slot_in_its_own_rows_interpret(kernels):
+    """A slot of NaN weights (slot 0 too: base rows use it as their placeholder index) reaches no other
+    row: the kernels mask by index, they never multiply another slot's values by zero."""
+    lora = kernels["lora"]
+    gen = torch.Generator().manual_seed(7)
+    T, S, R, fan_in, out = 6, 3, 16, 64, 32
+    x = torch.randn(T, fan_in, generator=gen).to(torch.bfloat16)
+    a = torch.randn(S, R, fan_in, generator=gen).to(torch.bfloat16)
+    b = torch.randn(S, out, R, generator=gen).to(torch.bfloat16)
+    a[:2], b[:2] = float("nan"), float("nan")
+    idx = torch.tensor([-1, 2, 1, 2, -1, 0], dtype=torch.int32)
+    y0 = torch.randn(T, out, generator=gen).to(torch.bfloat16)
+    y = y0.clone()
+    lora.bgmv(y, x, a, b, idx)
+    assert torch.equal(y[idx < 0], y0[idx < 0])
+    clean = idx == 2
+    ref = y0.clone()
+    lora.bgmv_ref(ref, x, a, b, idx)
+    assert rel_err(y[clean] - y0[clean], ref[clean] - y0[clean]) <= 1e-2
+    starts, ends, slots = (torch.tensor(c, dtype=torch.int32) for c in ([0, 1, 3], [1, 3, 6], [1, 2, -1]))
+    y = y0.clone()
+    lora.sgmv(y, x, a, b, starts, ends, slots, max_seg_len=3)
+    assert torch.equal(y[3:], y0[3:])  # the segment without an adapter
+    ref = y0.clone()
+    lora.sgmv_ref(ref, x, a, b, starts, ends, slots)
+    assert rel_err(y[1:3] - y0[1:3], ref[1:3] - y0[1:3]) <= 1e-2
+
+
 # ------------------------------------------------------------------------------------ RMSNorm, rotary
 
 
