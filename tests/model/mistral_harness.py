@@ -152,6 +152,37 @@ class PagedRunner:
         )
 
 
+def verify_args(runner: PagedRunner, tokens: list[list[int]], **kw) -> dict:
+    """forward() arguments of a speculative verify step: Q tokens for every sequence (a decode forward
+    with B * Q query tokens, the Q newest positions of each sequence, written before attention)."""
+    q_len = len(tokens[0])
+    assert all(len(t) == q_len for t in tokens)
+    ids, pos, slots, lengths = [], [], [], []
+    for i, toks in enumerate(tokens):
+        p = runner.cached[i]
+        runner._ensure_blocks(i, p + q_len)
+        for j, tok in enumerate(toks):
+            ids.append(tok)
+            pos.append(p + j)
+            slots.append(runner._slot(i, p + j))
+        runner.seqs[i].extend(toks)
+        runner.cached[i] = p + q_len
+        lengths.append(p + q_len)
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=runner.device)  # noqa: E731
+    return dict(
+        input_ids=t(ids, torch.int64),
+        position_ids=t(pos, torch.int64),
+        cu_seqlen_prefill=None,
+        kv_cache=runner.kv_cache,
+        block_tables=runner._block_tables(list(range(len(tokens)))),
+        slots=t(slots, torch.int64),
+        seqlen=Seqlen(input_lengths=t(lengths, torch.int32), max_q=q_len),
+        max_s=max(lengths),
+        adapter_data=kw.pop("adapter_data", None),
+        **kw,
+    )
+
+
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     g = random.Random(seed)
     return [[g.randrange(3, vocab) for _ in range(n)] for n in lengths]
