@@ -21,7 +21,7 @@ from model.adapters.errors import AdapterError
 from model.config import MistralConfig
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.config import ShardConfig
-from shard_server.engine import admission, prefilling
+from shard_server.engine import admission, prefilling, speculation
 from shard_server.engine.batch import Batch, PendingPrefill
 from shard_server.engine.bootstrap import (
     build_adapter_store,
@@ -35,6 +35,7 @@ from shard_server.engine.outputs import emit_step
 from shard_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ShardError
 from shard_server.executor.runner import ModelRunner
 from shard_server.generation.sampling import HostSample
+from shard_server.generation.speculative import HostTokens
 from shard_server.types import AdapterSpec, BatchSpec, CachedBatchInfo, GenerationOut, ShardInfo, StepResult
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class ShardEngine:
             from shard_server.executor.graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
+        self.speculator = speculation.build(self) if config.speculative_tokens else None
         self.batches: dict[int, Batch] = {}
         self._next_seq_id = 0
         log.info(
@@ -92,6 +94,7 @@ class ShardEngine:
             requires_block_allocator=self.router_blocks,
             chunked_prefill=True,
             preloaded_adapters=tuple(self.adapters.preloaded_adapters()),
+            speculate=self.config.speculative_tokens,
         )
 
     def health(self) -> None:
@@ -139,8 +142,10 @@ class ShardEngine:
         originals = [self.batches.pop(b) for b in batch_ids]
         try:  # compute everything before changing anything
             batch = Batch.concatenate(originals)
-            out = host = chunks = None
-            if len(batch):
+            out = host = chunks = spec = None
+            if len(batch) and self.speculator is not None:
+                spec = self.speculator.compute(batch)  # None: nothing to verify, a plain step
+            if len(batch) and spec is None:
                 logits = self.runner.decode(batch)  # [B, V]
                 out = batch.chooser.choose(logits)
                 host = out.to_host()  # the step's one device -> host sync
@@ -155,7 +160,10 @@ class ShardEngine:
             raise
         generations: list[GenerationOut] = []
         rows = None
-        if out is not None:
+        if spec is not None:
+            self.speculator.commit(batch, spec)
+            generations, rows = self.emit(batch, spec.host, first_token=False)
+        elif out is not None:
             batch.chooser.update(out.next_ids)
             batch.advance(out.next_ids)
             generations, rows = self.emit(batch, host, first_token=False)
@@ -244,7 +252,12 @@ class ShardEngine:
         if index == 0:
             raise FailedPrecondition("adapter_index 0 is the base model; load adapters at index >= 1")
         with adapter_errors():
+            heads = speculation.adapter_heads(self.speculator, self.adapters, spec)
             self.adapters.load(index, spec)
+        if self.speculator is not None:  # its requests draft with these heads, or with the base's
+            self.speculator.medusa.by_adapter.pop(index, None)
+            if heads is not None:
+                self.speculator.medusa.by_adapter[index] = heads
 
     def offload_adapter(self, index: int, spec: AdapterSpec) -> bool:
         if not self.adapters.is_loaded(index):
@@ -252,6 +265,8 @@ class ShardEngine:
         users = [b.id for b in self.batches.values() if index in {r.adapter_index for r in b.all_requests}]
         if users:
             raise FailedPrecondition(f"adapter index {index} is in use by cached batches {users}")
+        if self.speculator is not None:
+            self.speculator.medusa.by_adapter.pop(index, None)
         with adapter_errors():
             return self.adapters.offload(index)
 
@@ -265,7 +280,7 @@ class ShardEngine:
         return request_id % self.tp.world_size == self.tp.rank
 
     def emit(
-        self, batch: Batch, host: HostSample, first_token: bool
+        self, batch: Batch, host: HostSample | HostTokens, first_token: bool
     ) -> tuple[list[GenerationOut], Batch | None]:
         """Stopping + detokenization of the rows on the host; finished requests leave (blocks freed).
         -> (generations, the rows still running, without pending prefills)."""

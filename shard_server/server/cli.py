@@ -89,6 +89,13 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
         default=True,
         help="decode replays CUDA graphs per batch bucket (CUDA only)",
     )
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="speculative decoding: draft tokens verified per step (n-gram / Medusa); 0 = off",
+    )
     p.add_argument("--log-format", choices=LOG_FORMATS, default="text")
     p.add_argument(
         "--log-level",
@@ -155,6 +162,7 @@ def shard_config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Sha
         block_allocator=args.block_allocator,
         max_batch_size=args.max_batch_size,
         cuda_graphs=args.cuda_graphs,
+        speculative_tokens=args.speculative_tokens,
         rank=int(env.get("RANK", "0")),
         world_size=int(env.get("WORLD_SIZE", "1")),
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
@@ -181,6 +189,8 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
         args.log_level,
         "--grace-seconds",
         repr(args.grace_seconds),
+        "--speculative-tokens",
+        str(args.speculative_tokens),
     ]
     for flag, value in (
         ("--device", args.device),

@@ -126,8 +126,8 @@ def test_paged_verify_attention(q_len, window, fp8):
     gen = gen_for("pav", q_len, window, fp8)
     B, Hq, Hkv, D = 17, 32, 8, 128
     lens = ragged_lens(B, 2100, q_len)
-    _, k, v, tables, seq_lens, max_len, (ks, vs) = make_paged_case(gen, B, Hq, Hkv, D, 16, lens, torch.bfloat16,
-                                                                  fp8=fp8)
+    case = make_paged_case(gen, B, Hq, Hkv, D, 16, lens, torch.bfloat16, fp8=fp8)
+    _, k, v, tables, seq_lens, max_len, (ks, vs) = case
     q = torch.randn(B * q_len, Hq, D, generator=gen, device=DEV).to(torch.bfloat16)
     ref = paged_decode_attention_ref(q, k, v, tables, seq_lens, D**-0.5, max_len, sliding_window=window,
                                      k_scale=ks, v_scale=vs)

@@ -322,6 +322,8 @@ def test_serve_options_map_to_shard_config_and_survive_launch(tmp_path):
             "router",
             "--log-format",
             "json",
+            "--speculative-tokens",
+            "4",
         ]
     )
     child = parser.parse_args(serve_argv(launch))  # what each rank's `serve` receives
@@ -331,7 +333,9 @@ def test_serve_options_map_to_shard_config_and_survive_launch(tmp_path):
     assert (cfg.rank, cfg.world_size, cfg.master_port) == (1, 2, 29555)
     assert (cfg.cuda_graphs, cfg.max_kv_cache_bytes, cfg.block_allocator) == (False, 4096, "router")
     assert cfg.preloaded_adapter_ids == ("a", "b") and child.log_format == "json"
+    assert cfg.speculative_tokens == 4
     cpu = shard_config_from_args(
         parser.parse_args(["serve", str(tmp_path), "--uds-path", "/x", "--device", "cpu"]), {}
     )
     assert (cpu.dtype, cpu.rank, cpu.world_size, cpu.cuda_graphs) == ("float32", 0, 1, True)
+    assert cpu.speculative_tokens == 0
