@@ -138,8 +138,8 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
         text = TASKS[i % len(TASKS)].format(passage=PASSAGES[i % len(PASSAGES)])
         if getattr(tokenizer, "chat_template", None):
             chat = [{"role": "user", "content": text}]
-            ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+            prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(prompt, add_special_tokens=False).input_ids  # the template has its own BOS
         else:
             ids = tokenizer(text).input_ids
         out.append(list(ids))
@@ -190,7 +190,7 @@ def _sync(dev) -> None:
 
 def _speedup_rows(out: dict, model_dir: Path, dev, args, drafter: str) -> None:
     batches = [1, 2] if args.smoke else [1, 16]
-    max_new = 16 if args.smoke else args.max_new
+    max_new = args.max_new or (16 if args.smoke else 256)
     plain_engine, spec_engine = (
         _engine(model_dir, 0, dev, args.smoke),
         _engine(model_dir, args.k, dev, args.smoke),
@@ -233,7 +233,7 @@ def sec_medusa(args, dev, out: dict) -> None:
     model, tok = engine.model, engine.tokenizer
     prompts = _prompts(tok, 4 if args.smoke else 64)
     t0 = time.perf_counter()
-    texts, _, _ = _generate(engine, prompts, 16 if args.smoke else args.max_new)
+    texts, _, _ = _generate(engine, prompts, args.max_new or (16 if args.smoke else 256))
     seqs = [p + texts[i + 1] for i, p in enumerate(prompts)]
     heads, layers, steps = args.k, 1, 5 if args.smoke else args.medusa_steps
     hidden, targets = _hidden_and_targets(model, seqs, [len(p) for p in prompts], heads)
@@ -340,7 +340,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SECTIONS))
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step")
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument("--max-new", type=int, default=None, help="new tokens per request (default 256)")
     ap.add_argument("--medusa-steps", type=int, default=400)
     ap.add_argument("--medusa-lr", type=float, default=1e-3)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: code paths only")

@@ -110,6 +110,8 @@ def choose_positions(chooser: NextTokenChooser, logits: torch.Tensor, drafts: to
     (the tokens fed at positions 1..Q-1; padding past a row's drafts is scored but never accepted,
     since acceptance stops at the row's draft count). No host sync."""
     num_rows, q_len, _ = logits.shape
+    if chooser.counts is None and chooser.seen is None and not chooser.flags.any_watermark:
+        return _choose_stateless(chooser, logits, drafts)
     rows = torch.arange(num_rows, device=logits.device)
     counts = chooser.counts.clone() if chooser.counts is not None else None
     seen = chooser.seen.clone() if chooser.seen is not None else None
@@ -135,6 +137,25 @@ def choose_positions(chooser: NextTokenChooser, logits: torch.Tensor, drafts: to
         sample.alt_ids = torch.stack([o.alt_ids for o in outs], dim=1)
         sample.alt_logprobs = torch.stack([o.alt_logprobs for o in outs], dim=1)
         sample.alt_k = outs[0].alt_k
+    return sample
+
+
+def _choose_stateless(chooser: NextTokenChooser, logits: torch.Tensor, drafts: torch.Tensor) -> VerifySample:
+    """No penalties and no watermark: position i depends on the history only through the step counter
+    of the noise, so all B x Q positions are scored in one pass of a chooser whose rows repeat each
+    request's parameters Q times with steps step .. step + Q - 1 (row-wise ops: the same numbers)."""
+    num_rows, q_len, vocab = logits.shape
+    expanded = chooser.filter([b for b in range(num_rows) for _ in range(q_len)])
+    expanded.step = expanded.step + torch.arange(q_len, device=logits.device).repeat(num_rows)
+    out = expanded.choose(logits.reshape(num_rows * q_len, vocab))
+    targets = out.next_ids.view(num_rows, q_len)
+    logprobs = out.logprobs.view(num_rows, q_len)
+    sample = VerifySample(targets=targets, logprobs=logprobs, match=targets[:, :-1] == drafts)
+    if out.alt_ids is not None and out.alt_logprobs is not None:
+        k = out.alt_ids.shape[1]
+        sample.alt_ids = out.alt_ids.view(num_rows, q_len, k)
+        sample.alt_logprobs = out.alt_logprobs.view(num_rows, q_len, k)
+        sample.alt_k = tuple(min(p.return_k_alternatives, k) for p in chooser.params)
     return sample
 
 
