@@ -76,6 +76,13 @@ class Speculator:
         """Draft and verify; reads the batch and writes only uncommitted KV slots (safe to retry)."""
         dev = batch.input_ids.device
         bs = self.runner.block_size
+        if any(r.sampling.schema is not None for r in batch.requests):
+            # A grammar's state would have to follow every draft: such steps are plain decode steps,
+            # after which Medusa drafts (made for the skipped position) are stale.
+            for r in batch.requests:
+                if r.drafts is not None:
+                    r.drafts.medusa = None
+            return None
         drafts: list[list[int]] = []
         medusa_rows, medusa_next = [], []
         for b, r in enumerate(batch.requests):
@@ -84,8 +91,6 @@ class Speculator:
             budget = draft_budget(
                 self.k, r.max_new_tokens, len(r.tracker.generated_ids), r.length, len(r.block_table) * bs
             )
-            if r.sampling.schema is not None:
-                budget = 0  # a constrained row's FSM is not advanced by draft tokens here
             heads = self.medusa.heads_for(r.adapter_index) if self.medusa else None
             if heads is not None:
                 medusa_rows.append(b)

@@ -45,7 +45,7 @@ def _step_inputs(first_pos, tables, n_valid, q_len: int, bs: int, max_k: int):
     return positions, slots.reshape(-1), seqlen
 
 
-def _forward(runner, tokens, positions, tables, slots, seqlen, max_s, adapter_data):
+def _model_forward(runner, tokens, positions, tables, slots, seqlen, max_s, adapter_data):
     """-> (logits [B * Q, V], hidden [B * Q, H]): the model's decode forward, lm_head applied here so
     that the final hidden states (what Medusa heads read) come out too."""
     model = runner.model
@@ -77,7 +77,7 @@ def verify_forward(
     tables = torch.nn.functional.pad(batch.block_tables, (0, width - batch.block_tables.shape[1]))
     positions, slots, seqlen = _step_inputs(batch.positions, tables, n_valid, q_len, bs, max_k)
     adapter_data = runner.adapters.batch_data(batch.adapter_indices, [q_len] * num_rows, is_prefill=True)
-    logits, hidden = _forward(runner, tokens, positions, tables, slots, seqlen, max_k, adapter_data)
+    logits, hidden = _model_forward(runner, tokens, positions, tables, slots, seqlen, max_k, adapter_data)
     return logits.view(num_rows, q_len, -1), hidden.view(num_rows, q_len, -1)
 
 
@@ -96,7 +96,7 @@ class VerifyGraphs:
         self.block_tables = torch.zeros(bmax, decode_graphs.max_blocks, dtype=torch.int32, device=dev)
         self.meta = AdapterBatchMetadata.for_cuda_graph(bmax * max_q, dev)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None  # made at the first capture (and fresh after every invalidation)
         self._key: tuple | None = None
 
     def run(self, batch, tokens: torch.Tensor, n_valid: torch.Tensor):
@@ -107,12 +107,12 @@ class VerifyGraphs:
         width = batch.block_tables.shape[1]
         if b is None or q_len > self.max_q or width > d.max_blocks or max_k > d.max_context:
             return None
+        slots = self.runner.adapters.request_slots(batch.adapter_indices)  # may re-lay out the stacks
         key = (self.runner.adapters.layout_version, self.runner.kv_version)
         if key != self._key:  # as the decode graphs: never replay against freed memory; a fresh pool
             self.graphs.clear()
-            self.pool = torch.cuda.graph_pool_handle()
+            self.pool = None
             self._key = key
-        slots = self.runner.adapters.request_slots(batch.adapter_indices)
         flat = self.tokens[: b * q_len].view(b, q_len)
         flat[:n].copy_(tokens)
         self.positions[:n].copy_(batch.positions)
@@ -147,7 +147,8 @@ class VerifyGraphs:
         )
         tokens = self.tokens[: b * q_len].view(b, q_len)
         adapter_data = self.runner.adapters.graph_batch_data(meta)
-        logits, hidden = _forward(self.runner, tokens, positions, tables, slots, seqlen, ctx, adapter_data)
+        out = _model_forward(self.runner, tokens, positions, tables, slots, seqlen, ctx, adapter_data)
+        logits, hidden = out
         return logits.view(b, q_len, -1), hidden.view(b, q_len, -1)
 
     def _capture(self, b: int, q_len: int, ctx: int, lora: bool):
@@ -157,6 +158,8 @@ class VerifyGraphs:
         with torch.cuda.stream(stream):  # warm up allocators and autotuners outside the capture
             self._forward(b, q_len, ctx, lora)
         torch.cuda.current_stream(dev).wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits, hidden = self._forward(b, q_len, ctx, lora)

@@ -264,3 +264,68 @@ def test_info_reports_speculate_and_limits_are_checked(tiny_model_dir, tmp_path)
         speculation.build(small_blocks)
     small_blocks.model_config.sliding_window = None
     assert speculation.build(small_blocks).k == 8
+
+
+def test_batch_with_a_schema_row_decodes_without_speculation(engines):
+    """A structured-output row's grammar would have to follow the drafts: its batch takes plain steps
+    (and forgets Medusa drafts made for the skipped position)."""
+    engine = engines(K)
+    engine.speculator.ngram_drafts = lambda r, budget: [5] * budget  # every row has drafts
+    engine.prefill(BatchSpec(id=50, requests=tuple(requests(3, seed=6))))
+    batch = engine.batches[50]
+    assert engine.speculator.compute(batch) is not None  # a verify step (computed, not committed)
+    row = batch.requests[1]
+    row.sampling = replace(row.sampling, schema='{"type": "object"}')  # as an admitted schema request
+    row.drafts.medusa = torch.zeros(2, dtype=torch.int64)
+    steps = engine.speculator.steps
+    assert engine.speculator.compute(batch) is None and row.drafts.medusa is None
+    result = engine.decode([50])
+    assert engine.speculator.steps == steps and all(len(g.next_tokens.ids) == 1 for g in result.generations)
+    engine.clear_cache()
+    assert engine.free_blocks() == engine.usable_blocks()
+
+
+def test_verify_graph_inputs_on_cpu(engines, monkeypatch):
+    """The verify graphs' static-buffer path (rows copied in, bucket padding, per-token adapter slots,
+    BGMV) gives the eager verify forward's logits and hidden states. CUDA graphs cannot run here, so a
+    'graph' that replays by recomputing stands in for the capture (tests/gpu runs the real one)."""
+    from types import SimpleNamespace
+
+    from shard_server.executor.graphs import DecodeGraphs
+    from shard_server.executor.verify import VerifyGraphs, verify_forward
+
+    engine = engines(K)
+    engine.prefill(BatchSpec(id=60, requests=tuple(requests(5, seed=12))))
+    batch = engine.batches[60]
+    ns = SimpleNamespace(
+        runner=engine.runner, buckets=(1, 2, 8), max_blocks=64, max_context=1024, block_size=16
+    )
+    ns.context_bucket = lambda n: DecodeGraphs.context_bucket(ns, n)
+
+    class Recompute:  # replay = run the captured function again into the same output tensors
+        def __init__(self, fn, outs):
+            self.fn, self.outs = fn, outs
+
+        def replay(self):
+            for o, new in zip(self.outs, self.fn(), strict=True):
+                o.copy_(new)
+
+    def capture(self, b, q_len, ctx, lora):
+        logits, hidden = self._forward(b, q_len, ctx, lora)
+        return Recompute(lambda: self._forward(b, q_len, ctx, lora), (logits, hidden)), logits, hidden
+
+    monkeypatch.setattr(VerifyGraphs, "_capture", capture)
+    graphs = VerifyGraphs(ns, K + 1)
+    g = torch.Generator().manual_seed(0)
+    for q_len in (3, 5, 3):
+        drafts = torch.randint(3, 500, (len(batch), q_len - 1), generator=g)
+        tokens = torch.cat([batch.input_ids[:, None], drafts], dim=1)
+        n_valid = torch.randint(1, q_len + 1, (len(batch),), generator=g)
+        graph_logits, graph_hidden = (
+            t.clone() for t in verify_forward(engine.runner, batch, tokens, n_valid, graphs)
+        )
+        logits, hidden = verify_forward(engine.runner, batch, tokens, n_valid)
+        torch.testing.assert_close(graph_logits, logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(graph_hidden, hidden, atol=1e-4, rtol=1e-4)
+    assert sorted(graphs.graphs) == [(8, 3, 256, True), (8, 5, 256, True)]
+    engine.clear_cache()
