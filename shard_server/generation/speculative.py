@@ -1,4 +1,4 @@
-"""Speculative acceptance: the target token of every verified position, on the device, in one pass.
+"""Speculative acceptance: the target token of every verified position, on the device, one host sync.
 
 A verify step feeds each row its next input token plus up to k draft tokens (deterministic drafts:
 n-gram lookup or Medusa argmax) and yields logits at Q = k + 1 positions. Position i of row b is
