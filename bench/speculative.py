@@ -99,7 +99,9 @@ def sec_verify(args, dev, out: dict) -> None:
     graphs = None
     if dev.type == "cuda":
         runner.graphs = DecodeGraphs(runner, max_batch=max(batches), max_context=context + 64)
-        graphs = VerifyGraphs(runner.graphs, k + 1)
+        runner.verify_graphs = graphs = VerifyGraphs(runner, k + 1, max_batch=max(batches),
+                                                     max_context=context + 64)  # fmt: skip
+        runner.capture_graphs(context + 1)  # as Warmup does: never inside a timed step
     reps = 3 if args.smoke else 30
     for rows in batches:
         batch, _ = _batch(model, rows, context, k, dev)
@@ -281,16 +283,14 @@ def sec_medusa(args, dev, out: dict) -> None:
 def _hidden_and_targets(model, seqs: list[list[int]], prompt_lens: list[int], heads: int):
     """Final hidden states (after the norm) of every generated position, and for head h the token at
     t+2+h (-1 past the end): [N, H] float32, [N, heads] int64."""
-    from model.attention import Seqlen
+    from model.forward_batch import ForwardBatch, PrefillSeq
 
     dev = model.device
     hs, ts = [], []
     for seq, n_prompt in zip(seqs, prompt_lens, strict=True):
         ids = torch.tensor(seq, device=dev)
-        seqlen = Seqlen.from_lengths([len(seq)], None, dev)
-        hidden, _ = model(input_ids=ids, position_ids=torch.arange(len(seq), device=dev),
-                          cu_seqlen_prefill=seqlen.cu_seqlen_q, kv_cache=None, block_tables=None, slots=None,
-                          seqlen=seqlen, max_s=len(seq), adapter_data=None, skip_lm_head=True)  # fmt: skip
+        fb = ForwardBatch.prefill([PrefillSeq(seq, all_logits=True)], device=dev, skip_lm_head=True)
+        hidden = fb.run(model, None)  # [len(seq), H]
         start = max(n_prompt - 1, 0)
         pos = torch.arange(start, len(seq), device=dev)
         tgt = torch.stack([pos + 2 + j for j in range(heads)], dim=1)  # [n, heads]

@@ -8,6 +8,8 @@ the all-reduce of a row-parallel layer),
     # effect: out[t] += LoRA_{slot[t]}(x[t]) for every token whose adapter targets (layer_idx, target)
 
 Prefill uses SGMV over segments, decode BGMV over the per-token slot index (see ops.py for semantics).
+DoRA modules then scale the whole output of their rows: out[t] *= scales[slot(t)] (model/adapters/dora.py),
+a separate step after the delta, so it composes with whichever LoRA kernels run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from model.adapters.peft_loader import LM_HEAD_LAYER, ROW_PARALLEL
 
 # (layer_idx, target) -> (A [S, R, in_local], B [S, out_local, R]); the store's stacked device tensors.
 LoraStacks = Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+# (layer_idx, target) -> DoRA output scales [S, out_local] float32 (ones for slots without DoRA); only
+# modules that some resident DoRA adapter targets have one.
+ScaleStacks = Mapping[tuple[int, str], torch.Tensor]
 
 
 @dataclass
@@ -82,7 +87,8 @@ class AdapterBatchMetadata:
 
 
 class AdapterBatchData:
-    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None): forward's adapter_data.
+    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None, scales=None): forward's
+    adapter_data (`scales`: the store's DoRA scale stacks, if any).
 
     `stacks` is the store's current layout (AdapterStore.batch_data builds this object); it is valid until
     the store's `layout_version` changes. `tp`: anything with rank / world_size / group (model.parallel.
@@ -92,10 +98,11 @@ class AdapterBatchData:
 
     def __init__(
         self, meta: AdapterBatchMetadata, stacks: LoraStacks, is_prefill: bool, tp=None,
-        lm_head_indices: torch.Tensor | None = None,
+        lm_head_indices: torch.Tensor | None = None, scales: ScaleStacks | None = None,
     ):  # fmt: skip
         self.meta = meta
         self.stacks = stacks
+        self.scales = scales or {}
         self.is_prefill = is_prefill
         self.ops = lora_ops_for(meta.token_slots.device)
         self._seg_args, self._seg_kwargs = self._segment_arguments()
@@ -124,6 +131,7 @@ class AdapterBatchData:
         if layer_idx == LM_HEAD_LAYER and self.lm_head_indices is not None:
             idx = m.token_slots[self.lm_head_indices]  # [N]: per-row slots; rows are no longer segments
             self.ops.bgmv_expand(out, self.ops.bgmv_shrink(x, lora_a, idx), lora_b, idx)
+            self._dora(layer_idx, target, out, idx)
             return
         if x.shape[0] != m.token_slots.shape[0]:
             raise ValueError(
@@ -146,6 +154,13 @@ class AdapterBatchData:
             ops.sgmv_expand(out, v, lora_b, *self._seg_args, **self._seg_kwargs)
         else:
             ops.bgmv_expand(out, v, lora_b, m.token_slots)
+        self._dora(layer_idx, target, out, m.token_slots)
+
+    def _dora(self, layer_idx: int, target: str, out: torch.Tensor, slots: torch.Tensor) -> None:
+        """DoRA rows: out[t] *= scale[slot(t)] over base + delta; other rows have scale 1 (untouched)."""
+        scales = self.scales.get((layer_idx, target))
+        if scales is not None:
+            dora_scale_op_for(out.device)(out, scales, slots)
 
 
 def lora_ops_for(device: torch.device):
@@ -160,3 +175,12 @@ def lora_ops_for(device: torch.device):
 
         return triton_ops
     return reference_ops
+
+
+def dora_scale_op_for(device: torch.device):
+    """scale_rows (ops.py semantics): the Triton kernel on CUDA when importable, else the torch reference."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from model.kernels.dora import scale_rows
+
+        return scale_rows
+    return reference_ops.scale_rows

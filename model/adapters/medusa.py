@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from model.adapters.errors import AdapterInvalid
 from model.adapters.peft_loader import _map_safetensors
+from model.errors import InvalidArgument
 
 CONFIG_FILE = "config.json"
 MAX_HEADS = 16
@@ -51,13 +51,13 @@ def read_medusa_config(directory: Path) -> MedusaConfig | None:
     if not path.is_file():
         return None
     if path.is_symlink():
-        raise AdapterInvalid(f"{path}: a symbolic link; Medusa files must be regular files")
+        raise InvalidArgument(f"{path}: a symbolic link; Medusa files must be regular files")
     if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterInvalid(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+        raise InvalidArgument(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise AdapterInvalid(f"{path}: unreadable JSON: {e}") from e
+        raise InvalidArgument(f"{path}: unreadable JSON: {e}") from e
     if not isinstance(cfg, dict) or "medusa_num_heads" not in cfg:
         return None
     heads, layers = cfg.get("medusa_num_heads"), cfg.get("medusa_num_layers", 1)
@@ -66,7 +66,7 @@ def read_medusa_config(directory: Path) -> MedusaConfig | None:
         ("medusa_num_layers", layers, MAX_LAYERS),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
-            raise AdapterInvalid(f"{path}: {name} must be an integer in 1..{top}, got {value!r}")
+            raise InvalidArgument(f"{path}: {name} must be an integer in 1..{top}, got {value!r}")
     return MedusaConfig(heads, layers)
 
 
@@ -101,18 +101,18 @@ class MedusaHeads:
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
         if missing or extra:
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{directory}: Medusa tensors do not match medusa_num_heads={hh}, medusa_num_layers={L}: "
                 f"missing {missing[:4]}, unexpected {extra[:4]}"
             )
         for name, shape in expected.items():
             t = tensors[name]
             if tuple(t.shape) != shape:
-                raise AdapterInvalid(
+                raise InvalidArgument(
                     f"{directory}: Medusa tensor {name} is {list(t.shape)}, expected {list(shape)}"
                 )
             if not bool(torch.isfinite(t).all()):
-                raise AdapterInvalid(f"{directory}: Medusa tensor {name} holds non-finite values")
+                raise InvalidArgument(f"{directory}: Medusa tensor {name} holds non-finite values")
 
         def stack(fmt: str, per_layer: bool) -> torch.Tensor:
             rows = [
@@ -146,25 +146,25 @@ def _read_medusa_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every Medusa-shaped key of the directory's safetensors files (LoRA keys and others ignored)."""
     files = sorted(p for p in directory.iterdir() if p.suffix == ".safetensors")
     if len(files) > MAX_FILES:
-        raise AdapterInvalid(f"{directory}: more than {MAX_FILES} safetensors files")
+        raise InvalidArgument(f"{directory}: more than {MAX_FILES} safetensors files")
     out: dict[str, torch.Tensor] = {}
     for path in files:
         if path.is_symlink() or not path.is_file():
-            raise AdapterInvalid(f"{path}: not a regular file; Medusa weights must be regular files")
+            raise InvalidArgument(f"{path}: not a regular file; Medusa weights must be regular files")
         try:
             tensors = _map_safetensors(path)
         except (OSError, ValueError, RuntimeError) as e:
-            raise AdapterInvalid(f"{path}: unreadable safetensors file: {e}") from e
+            raise InvalidArgument(f"{path}: unreadable safetensors file: {e}") from e
         for name, t in tensors.items():
             m = _KEY_RE.match(name)
             if m is None:
                 continue
             key = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
             if key in out:
-                raise AdapterInvalid(f"{directory}: Medusa tensor {key} appears twice")
+                raise InvalidArgument(f"{directory}: Medusa tensor {key} appears twice")
             out[key] = t
     if not out:
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"{directory}: config.json names medusa_num_heads but no Medusa tensors were found"
         )
     return out

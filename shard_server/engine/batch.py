@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from shard_server.generation.grammar_masks import RequestGrammar
 from shard_server.generation.sampling import NextTokenChooser
 from shard_server.generation.stopping import GenerationTracker
 from shard_server.types import CachedBatchInfo, SamplingParams
@@ -48,6 +49,7 @@ class RequestState:
     prompt_logprobs: list[float] | None = None
     skipped_tokens: int = 0  # generated tokens that came as accepted speculative drafts
     drafts: Any = None  # speculative decoding's per-request state (engine/speculation.py)
+    grammar: RequestGrammar | None = None  # the JSON schema's matcher; advances on emitted tokens only
 
     @property
     def table_len(self) -> int:
@@ -83,8 +85,10 @@ class Batch:
         positions: torch.Tensor,  # [B] int64: its position (= tokens already in the cache)
         block_tables: torch.Tensor,  # [B, max_blocks] int32
         pending: list[PendingPrefill] | None = None,
+        steps_ahead: int = 0,  # a lookahead's rows are one step past their requests' `length`
     ):
         self.id = batch_id
+        self.steps_ahead = steps_ahead
         self.requests = requests
         self.chooser = chooser
         self.input_ids = input_ids
@@ -126,7 +130,7 @@ class Batch:
     @property
     def max_len(self) -> int:
         """Longest KV length after the next decode step (host ints: no device sync)."""
-        return max(r.length for r in self.requests) + 1
+        return max(r.length for r in self.requests) + 1 + self.steps_ahead
 
     def info(self) -> CachedBatchInfo:
         return CachedBatchInfo(

@@ -65,8 +65,8 @@ class Speculator:
         self.k = k
         self.runner = runner
         self.medusa = medusa if medusa is not None else MedusaStore(runner.model if runner else None)
-        decode_graphs = getattr(runner, "graphs", None)  # CUDA with graphs on: verify steps replay too
-        self.graphs = VerifyGraphs(decode_graphs, k + 1) if decode_graphs is not None else None
+        # CUDA with graphs on: verify steps replay the graphs Warmup captured (executor/verify.py)
+        self.graphs: VerifyGraphs | None = getattr(runner, "verify_graphs", None)
         self.steps = 0  # verify steps run (tests, metrics)
         self.drafted = 0  # draft tokens verified
         self.accepted = 0  # draft tokens accepted (before stopping cut them)

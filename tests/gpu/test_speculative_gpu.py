@@ -51,8 +51,12 @@ def _requests(n: int, max_new: int = 48) -> tuple[RequestSpec, ...]:
 
 
 def _engine(model_dir, adapters, k: int, **cfg) -> ShardEngine:
-    cfg = ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", speculative_tokens=k, **cfg)
+    # a bounded KV cache: several engines share the device
+    cfg = ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", speculative_tokens=k,
+                      max_kv_cache_bytes=256 << 20, **cfg)  # fmt: skip
     engine = ShardEngine(cfg)
+    warm = RequestSpec(id=0, input_ids=tuple(range(3, 35)), stopping=StoppingParams(max_new_tokens=4))
+    engine.warmup(BatchSpec(id=0, requests=(warm,)), 64, 256, 64)  # captures decode and verify graphs
     for i, path in enumerate(adapters, start=1):
         engine.load_adapter(i, AdapterSpec(adapter_ids=(str(path),), source="local"))
     return engine
@@ -92,7 +96,10 @@ def test_verify_graph_equals_eager_verify(gpu_model, batch_size):
         assert torch.isfinite(graph_logits).all()
         assert _rel(graph_logits, eager_logits) < 2e-2 and _rel(graph_hidden, eager_hidden) < 2e-2
         engine.decode([1])
-    assert len(spec.graphs.graphs) >= 1
+    assert len(spec.graphs.graphs) >= 1 and spec.graphs.replayed >= 6
+    captured = spec.graphs.captured
+    engine.decode([1])
+    assert spec.graphs.captured == captured  # a Decode never captures
     engine.clear_cache()
 
 

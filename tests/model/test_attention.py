@@ -164,7 +164,7 @@ def test_cuda_backends_plumbing_on_cpu(model_pair, cuda_stand_ins, backend_name,
 def test_verify_step_several_tokens_per_sequence(model_pair, cuda_stand_ins, backend_name, window):
     """A decode forward with Q tokens per sequence (speculative verify) gives, at every position, the
     logits of transformers' full forward; a window shorter than the context is applied per query."""
-    from mistral_harness import verify_args
+    from mistral_harness import verify_batch
 
     from model.attention import BACKENDS
     from model.flash_mistral import FlashMistralForCausalLM
@@ -178,7 +178,7 @@ def test_verify_step_several_tokens_per_sequence(model_pair, cuda_stand_ins, bac
     runner.prefill(prompts)
     for step, q_len in enumerate((4, 1, 3, 5)):
         tokens = random_prompts([q_len] * 3, 512, seed=20 + step)
-        logits, _ = model(**verify_args(runner, tokens))
+        logits = verify_batch(runner, tokens).run(model, cache)
         assert logits.shape == (3 * q_len, 512)
         for b, seq in enumerate(runner.seqs):
             want = hf_logits(hf, seq)[-q_len:]

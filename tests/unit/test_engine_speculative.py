@@ -286,46 +286,84 @@ def test_batch_with_a_schema_row_decodes_without_speculation(engines):
 
 
 def test_verify_graph_inputs_on_cpu(engines, monkeypatch):
-    """The verify graphs' static-buffer path (rows copied in, bucket padding, per-token adapter slots,
-    BGMV) gives the eager verify forward's logits and hidden states. CUDA graphs cannot run here, so a
-    'graph' that replays by recomputing stands in for the capture (tests/gpu runs the real one)."""
-    from types import SimpleNamespace
-
-    from shard_server.executor.graphs import DecodeGraphs
+    """The verify graphs' static-buffer path (rows copied in, padded to the bucket and to max_q tokens,
+    per-token adapter slots, BGMV, shared outputs) gives the eager verify forward's logits and hidden
+    states. CUDA graphs cannot run here, so a 'graph' that replays by recomputing into the shared
+    outputs stands in for the capture (tests/gpu runs the real one)."""
     from shard_server.executor.verify import VerifyGraphs, verify_forward
+
+    class Recompute:  # replay = run the captured function again
+        def __init__(self, fn):
+            self.fn = fn
+
+        def replay(self):
+            self.fn()
+
+    def capture(self, b, ctx, lora):
+        logits, hidden = self._forward(b, ctx, lora)
+        if self.out is None:
+            rows = self.buckets[-1] * self.max_q
+            self.out = torch.empty(rows, logits.shape[1], dtype=logits.dtype)
+            self.hidden = torch.empty(rows, hidden.shape[1], dtype=hidden.dtype)
+        self.captured += 1
+        return Recompute(lambda: self._forward_into_outputs(b, ctx, lora))
 
     engine = engines(K)
     engine.prefill(BatchSpec(id=60, requests=tuple(requests(5, seed=12))))
     batch = engine.batches[60]
-    ns = SimpleNamespace(
-        runner=engine.runner, buckets=(1, 2, 8), max_blocks=64, max_context=1024, block_size=16
-    )
-    ns.context_bucket = lambda n: DecodeGraphs.context_bucket(ns, n)
-
-    class Recompute:  # replay = run the captured function again into the same output tensors
-        def __init__(self, fn, outs):
-            self.fn, self.outs = fn, outs
-
-        def replay(self):
-            for o, new in zip(self.outs, self.fn(), strict=True):
-                o.copy_(new)
-
-    def capture(self, b, q_len, ctx, lora):
-        logits, hidden = self._forward(b, q_len, ctx, lora)
-        return Recompute(lambda: self._forward(b, q_len, ctx, lora), (logits, hidden)), logits, hidden
-
     monkeypatch.setattr(VerifyGraphs, "_capture", capture)
-    graphs = VerifyGraphs(ns, K + 1)
+    graphs = VerifyGraphs(engine.runner, K + 1, max_batch=8, max_context=1024)
+    assert graphs.run(batch, batch.input_ids[:, None], torch.ones(len(batch), dtype=torch.int64)) is None
+    assert graphs.captured == 0  # before Warmup's capture: eager, never a capture inside a step
+    # Warmup's capture plan without the CUDA calls around it (pool, synchronize, free memory)
+    engine.runner.adapters.request_slots(batch.adapter_indices)  # the layout this batch uses
+    graphs.contexts, graphs._kv_version = (256, 512), engine.runner.kv_version
+    graphs._lora_layout = engine.runner.adapters.layout_version
+    for key in [(b, ctx, lora) for b in graphs.buckets for ctx in graphs.contexts for lora in (False, True)]:
+        graphs.graphs[key] = graphs._capture(*key)
     g = torch.Generator().manual_seed(0)
-    for q_len in (3, 5, 3):
+    for q_len in (3, 5, 1, 3):
         drafts = torch.randint(3, 500, (len(batch), q_len - 1), generator=g)
         tokens = torch.cat([batch.input_ids[:, None], drafts], dim=1)
         n_valid = torch.randint(1, q_len + 1, (len(batch),), generator=g)
+        replayed = graphs.replayed
         graph_logits, graph_hidden = (
             t.clone() for t in verify_forward(engine.runner, batch, tokens, n_valid, graphs)
         )
+        assert graphs.replayed == replayed + 1
         logits, hidden = verify_forward(engine.runner, batch, tokens, n_valid)
+        assert graph_logits.shape == logits.shape == (len(batch), q_len, logits.shape[-1])
         torch.testing.assert_close(graph_logits, logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(graph_hidden, hidden, atol=1e-4, rtol=1e-4)
-    assert sorted(graphs.graphs) == [(8, 3, 256, True), (8, 5, 256, True)]
+    assert graphs.captured == len(graphs.graphs)  # replays captured nothing
     engine.clear_cache()
+
+
+def test_decode_overlap_with_speculation(engines, window_model):
+    """With the decode overlap on, a speculative step takes no lookahead and drops the stale ones of the
+    batches it steps; plain steps between them (nothing to draft) still use theirs. Outputs equal plain
+    decoding through prefill joins, chunks and a filter."""
+    first = requests(4, seed=8)
+    second = [replace(r, id=r.id + 100, chunk_len=5) for r in requests(4, seed=9)]
+    groups = [first, second]
+    plain = drive(engines(0), groups, drop=3)
+    engine = make_engine(*window_model, K, overlap=True)
+    spec = engine.speculator
+    spec.ngram_drafts = oracle({rid: o["ids"] for rid, o in plain.items()})
+    real_compute, real_decode, calls = spec.compute, engine.decode, {"n": 0}
+
+    def compute(batch):  # every third step speculates; the two between are plain steps
+        calls["n"] += 1
+        return real_compute(batch) if calls["n"] % 3 == 0 else None
+
+    def decode(batch_ids):
+        steps = spec.steps
+        result = real_decode(batch_ids)
+        if spec.steps > steps and result.batch is not None:
+            assert result.batch.id not in engine.lookaheads
+        return result
+
+    spec.compute, engine.decode = compute, decode
+    assert_same(plain, drive(engine, groups, drop=3))
+    assert spec.steps > 0 and spec.accepted > 0
+    assert engine.lookahead_rows_used > 0  # the plain step after a plain step used its lookahead

@@ -95,13 +95,13 @@ def _interpreter_internals_present() -> bool:
 
 @pytest.fixture(scope="module")
 def kernels():
-    """name -> freshly loaded interpreted module (paged_attention, lora, rmsnorm, rotary)."""
+    """name -> freshly loaded interpreted module (paged_attention, lora, rmsnorm, rotary, dora)."""
     if not _interpreter_internals_present():
         pytest.skip(f"triton {triton.__version__}: interpreter internals the shims patch are gone")
     mp = pytest.MonkeyPatch()
     _patch_interpreter(mp)
     mods = {}
-    for name in ("paged_attention", "lora", "rmsnorm", "rotary"):
+    for name in ("paged_attention", "lora", "rmsnorm", "rotary", "dora"):
         path = KERNEL_DIR / f"{name}.py"
         if not path.exists():
             continue
@@ -287,6 +287,20 @@ def test_bgmv_interpret(kernels, case):
     lora.bgmv(y, x, a, b, idx, slice_offsets=offsets)
     lora.bgmv_ref(y_ref, x, a, b, idx, slice_offsets=offsets)
     assert rel_err(y - y0, y_ref - y0) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dora_scale_rows_interpret(kernels, dtype):
+    dora = kernels["dora"]
+    gen = torch.Generator().manual_seed(5)
+    scales = 0.5 + torch.rand(3, 80, generator=gen)  # [S, out] float32
+    idx = torch.tensor([2, -1, 0, 0, -1, 1, 2], dtype=torch.int32)
+    y0 = torch.randn(7, 96, generator=gen).to(dtype)[:, 8:-8]  # a strided column view [T, 80]
+    y, y_ref = y0.clone(), y0.clone()
+    dora.scale_rows(y, scales, idx, block_n=32)
+    dora.scale_rows_ref(y_ref, scales, idx)
+    assert torch.equal(y, y_ref)  # one float32 product, one rounding: bit-identical
+    assert torch.equal(y[idx < 0], y0[idx < 0]) and not torch.equal(y[idx >= 0], y0[idx >= 0])
 
 
 @pytest.mark.parametrize("case", LORA_CASES, ids=lambda c: f"T{c[0]}-R{c[2]}-slices{len(c[4])}")
