@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 BLOCK_ALLOCATORS = ("shard", "router")
 LOG_FORMATS = ("text", "json")
+MAX_SPECULATIVE_TOKENS = 16  # also bounded by the KV block size with a sliding window (engine)
 # "auto": the measured-fastest backend that can run (model/attention BACKENDS order)
 ATTENTION_BACKENDS = ("auto", "torch_cuda", "flash_attn", "reference")
 
@@ -58,6 +59,9 @@ class ShardConfig:
     block_allocator: str = "shard"  # shard: the shard allocates KV blocks | router: requests bring them
     max_batch_size: int | None = None  # None: bounded by the KV cache only (graphs up to 256)
     cuda_graphs: bool = True  # decode replays CUDA graphs per batch bucket (CUDA only)
+    # Speculative decoding: draft tokens verified per decode step (n-gram lookup, or Medusa heads where
+    # present); 0 = off. Reported as Info.speculate.
+    speculative_tokens: int = 0
     # Decode overlap: enqueue the next step's forward before this step's response leaves (no change in
     # tokens; on a CPU it only moves work earlier, so the CLI turns it on for cuda by default).
     overlap: bool = False
@@ -83,6 +87,10 @@ class ShardConfig:
             raise ValueError(f"adapter_memory_fraction must be in (0, 1], got {self.adapter_memory_fraction}")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(
+                f"speculative_tokens must be in 0..{MAX_SPECULATIVE_TOKENS}, got {self.speculative_tokens}"
+            )
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank={self.rank} world_size={self.world_size}"

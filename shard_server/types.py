@@ -111,6 +111,7 @@ class GeneratedTextOut:
     generated_tokens: int
     finish_reason: FinishReason
     seed: int | None = None
+    skipped_tokens: int = 0  # of generated_tokens, those that came as accepted speculative drafts
 
 
 @dataclass(frozen=True)
@@ -166,3 +167,4 @@ class ShardInfo:
     supports_generation: bool = True
     supports_embeddings: bool = True
     supports_classification: bool = False
+    speculate: int = 0  # draft tokens verified per decode step (0: no speculative decoding)

@@ -25,7 +25,7 @@ from model.config import MistralConfig
 from model.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.config import ShardConfig
-from shard_server.engine import admission, prefilling
+from shard_server.engine import admission, prefilling, speculation
 from shard_server.engine.batch import Batch, PendingPrefill
 from shard_server.engine.bootstrap import (
     build_adapter_store,
@@ -40,6 +40,7 @@ from shard_server.engine.outputs import emit_step
 from shard_server.executor.runner import ModelRunner
 from shard_server.generation.grammar import SchemaCompiler
 from shard_server.generation.sampling import HostSample
+from shard_server.generation.speculative import HostTokens
 from shard_server.types import (
     AdapterSpec,
     BatchSpec,
@@ -82,6 +83,12 @@ class ShardEngine:
             from shard_server.executor.graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
+            if config.speculative_tokens:
+                from shard_server.executor.verify import VerifyGraphs
+
+                self.runner.verify_graphs = VerifyGraphs(
+                    self.runner, config.speculative_tokens + 1, max_batch=config.max_batch_size or 256
+                )
         self.grammars = SchemaCompiler(
             self.tokenizer,
             self.model_config.vocab_size,
@@ -90,6 +97,7 @@ class ShardEngine:
             deterministic_only=self.tp.world_size > 1,
             pin_memory=self.device.type == "cuda",
         )
+        self.speculator = speculation.build(self) if config.speculative_tokens else None
         self.batches: dict[int, Batch] = {}
         # Decode overlap (lookahead.py): each cached batch's next step, already enqueued.
         self.overlap = config.overlap
@@ -120,6 +128,7 @@ class ShardEngine:
             requires_block_allocator=self.router_blocks,
             chunked_prefill=True,
             preloaded_adapters=tuple(self.adapters.preloaded_adapters()),
+            speculate=self.config.speculative_tokens,
         )
 
     def health(self) -> None:
@@ -190,8 +199,10 @@ class ShardEngine:
         found = [la for la in (self.lookaheads.pop(b, None) for b in batch_ids) if la is not None]
         try:  # compute everything before changing anything
             batch = Batch.concatenate(originals)
-            out = host = chunks = ahead = None
-            if len(batch):
+            out = host = chunks = ahead = spec = None
+            if len(batch) and self.speculator is not None:
+                spec = self.speculator.compute(batch)  # None: nothing to verify, a plain step
+            if len(batch) and spec is None:
                 logits, used = logits_for(batch, found, self.runner.decode)  # [B, V]
                 out = batch.chooser.choose(logits)
                 to_host = out.start_to_host()  # enqueued before the lookahead: its wait excludes it
@@ -210,7 +221,10 @@ class ShardEngine:
             raise
         generations: list[GenerationOut] = []
         rows = None
-        if out is not None:
+        if spec is not None:
+            self.speculator.commit(batch, spec)
+            generations, rows = self.emit(batch, spec.host, first_token=False)
+        elif out is not None:
             batch.chooser.update(out.next_ids, host.next_ids)
             batch.advance(out.next_ids)
             generations, rows = self.emit(batch, host, first_token=False)
@@ -362,7 +376,12 @@ class ShardEngine:
         """`prepared`: prepare_adapter(spec)'s result, so that the model thread reads no file."""
         if index == 0:
             raise FailedPrecondition("adapter_index 0 is the base model; load adapters at index >= 1")
+        heads = speculation.adapter_heads(self.speculator, self.adapters, spec)  # bad files refuse here
         self.adapters.load(index, spec, host=prepared)
+        if self.speculator is not None:  # its requests draft with these heads, or with the base's
+            self.speculator.medusa.by_adapter.pop(index, None)
+            if heads is not None:
+                self.speculator.medusa.by_adapter[index] = heads
         self.runner.refresh_lora_graphs()  # here, if the stacks moved: never inside a Decode
 
     def offload_adapter(self, index: int, spec: AdapterSpec) -> bool:
@@ -377,6 +396,8 @@ class ShardEngine:
         users = [b.id for b in self.batches.values() if index in {r.adapter_index for r in b.all_requests}]
         if users:
             raise FailedPrecondition(f"adapter index {index} is in use by cached batches {users}")
+        if self.speculator is not None:
+            self.speculator.medusa.by_adapter.pop(index, None)
         offloaded = self.adapters.offload(index)
         self.runner.refresh_lora_graphs()
         return offloaded
@@ -391,7 +412,7 @@ class ShardEngine:
         return request_id % self.tp.world_size == self.tp.rank
 
     def emit(
-        self, batch: Batch, host: HostSample, first_token: bool
+        self, batch: Batch, host: HostSample | HostTokens, first_token: bool
     ) -> tuple[list[GenerationOut], Batch | None]:
         """Stopping + detokenization of the rows on the host; finished requests leave (blocks freed).
         -> (generations, the rows still running, without pending prefills)."""

@@ -156,6 +156,12 @@ OPTIONS: tuple[Option, ...] = (
         switch=True,
         default=None,
     ),
+    Option(
+        "--speculative-tokens",
+        "shard.speculative_tokens",
+        "speculative decoding: draft tokens verified per decode step (n-gram / Medusa); 0 = off",
+        type=int,
+    ),
     Option("--log-format", "serve.log_format", "text or one JSON object per line", choices=LOG_FORMATS),
     Option("--log-level", "serve.log_level", "root log level", type=str.upper, choices=LOG_LEVELS),
     Option("--grace-seconds", "serve.grace_seconds", "SIGTERM: time the RPC in flight may take", type=float),

@@ -184,6 +184,7 @@ def generation_to_pb(g: GenerationOut) -> pb.Generation:
             pb.GeneratedText(
                 text=gt.text,
                 generated_tokens=gt.generated_tokens,
+                skipped_tokens=gt.skipped_tokens,
                 finish_reason=int(gt.finish_reason),  # FinishReason's values are the wire enum's
                 seed=gt.seed,  # None leaves the optional field unset (greedy requests)
             )
@@ -225,7 +226,7 @@ def info_to_pb(info: ShardInfo) -> pb.InfoResponse:
         device_type=info.device_type,
         window_size=info.window_size,  # None leaves the optional field unset
         block_size=info.block_size,
-        speculate=0,  # no speculative decoding
+        speculate=info.speculate,
         preloaded_adapters=preloaded,
         supports_generation=info.supports_generation,
         supports_embeddings=info.supports_embeddings,
