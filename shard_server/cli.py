@@ -104,6 +104,8 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one shard (rank from RANK/WORLD_SIZE) on a unix socket")
     _add_serve_options(p)
+    # Tests only: each Decode waits until PATH exists (see shard_server/testing/hold.py).
+    p.add_argument("--test-hold-decode-file", default=None, metavar="PATH", help=argparse.SUPPRESS)
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
@@ -207,6 +209,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             log_format=args.log_format,
             log_level=args.log_level,
             grace_seconds=args.grace_seconds,
+            test_hold_decode_file=Path(args.test_hold_decode_file) if args.test_hold_decode_file else None,
         )
     except ValueError as e:
         parser.error(str(e))

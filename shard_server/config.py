@@ -66,6 +66,9 @@ class ServeConfig:
     # SIGTERM: how long the RPC in flight may take to finish before the server is torn down.
     grace_seconds: float = 30.0
     grpc_threads: int = 16  # gRPC handler threads; model work still runs on one thread
+    # Tests only (hidden flag --test-hold-decode-file): every Decode waits on the model thread until this
+    # file exists, so that a test can act while an RPC is certainly in flight (shard_server/testing/hold.py).
+    test_hold_decode_file: Path | None = None
 
     def __post_init__(self) -> None:
         _one_of("log_format", self.log_format, LOG_FORMATS)

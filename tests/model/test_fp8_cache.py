@@ -97,7 +97,9 @@ def test_greedy_tokens_and_logits_close_to_full_precision(tiny_model_factory):
         toks = [a[i][k] for i in range(len(prompts))]
         la, lb = ref.decode(toks), q8.decode(toks)  # [64, V]
         nxt = torch.tensor([a[i][k + 1] for i in range(len(prompts))])
-        assert torch.equal(la.argmax(-1), nxt)  # the engine's tokens, reproduced
+        # The engine's tokens, reproduced: each is the maximum here too, up to the float rounding that
+        # separates the engine's batch from this runner's (a near-tie may pick either).
+        assert (la.max(-1).values - la.gather(1, nxt[:, None])[:, 0]).max() <= 1e-5
         same += int((lb.argmax(-1) == nxt).sum())
         errs += ((lb - la).norm(dim=-1) / la.norm(dim=-1)).tolist()
     forced = (same + len(prompts)) / (16 * len(prompts))  # first tokens: prefill reads no cache
