@@ -72,6 +72,7 @@ def test_capacity_grows_with_the_element_size_ratio(tiny_model_dir):
     assert fp8.runner.kv_cache.num_blocks * fp8.model.block_size * bytes_per_token <= KV_BYTES
 
 
+@pytest.mark.slow
 def test_greedy_tokens_and_logits_close_to_full_precision(tiny_model_factory):
     model_dir = tiny_model_factory(init_std=ACCURACY_INIT_STD)
     full, _ = warmed(model_dir, "auto")
