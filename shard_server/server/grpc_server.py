@@ -240,6 +240,10 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
         remove_stale_socket(path)  # fail fast, before the slow engine build, if the path is taken
         engine = workers.model(engine_factory)
         telemetry = build_telemetry(config)
+        if config.test_hold_decode_file is not None:
+            from shard_server.testing.hold import HeldDecode
+
+            engine = HeldDecode(engine, config.test_hold_decode_file)
         built = build_server(
             engine,
             config.uds_path,

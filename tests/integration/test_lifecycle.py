@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal
@@ -13,62 +12,47 @@ import time
 from pathlib import Path
 
 import pytest
-from shard_harness import Bystander, assert_sharded_equals_single, batch, request, running_shard, start_shard
+from shard_harness import Bystander, assert_sharded_equals_single, running_shard, start_shard
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.testing.fake_router import RouterLimits
+from shard_server.testing.hold import held_marker
 from shard_server.types import RequestSpec, StoppingParams
 
 SMALL = RouterLimits(max_input_length=16, max_total_tokens=32, max_prefill_tokens=32)
-PROMPT = 480  # tokens per request of the slow Prefill
 
 
-@pytest.fixture(scope="module")
-def slower_model_dir(tiny_model_factory):
-    # Big enough that a Prefill of a few dozen long prompts takes seconds on CPU.
-    return tiny_model_factory(layers=4, hidden=256, heads=4, kv_heads=2)
+def _wait_for(what: str, cond, sp, timeout: float = 120.0) -> None:
+    """Poll for an event the test caused; the bound only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert sp.proc.poll() is None, f"the shard exited waiting for {what}:\n{sp.log()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f}s:\n{sp.log()[-4000:]}"
+        time.sleep(0.02)
 
 
-def _prefill_batch(bid: int, n: int) -> pb.PrefillRequest:
-    reqs = [
-        request(bid * 1000 + i, (1, *((7 * i + k) % 500 + 3 for k in range(PROMPT - 1))), max_new_tokens=1)
-        for i in range(n)
-    ]
-    return pb.PrefillRequest(batch=batch(bid, *reqs))
-
-
-def test_sigterm_mid_decode_completes_the_rpc_and_exits_0(slower_model_dir):
-    with running_shard(slower_model_dir, "--max-kv-cache-bytes", str(512 << 20)) as sp:
+def test_sigterm_mid_decode_completes_the_rpc_and_exits_0(tiny_model_dir, tmp_path):
+    # The shard holds every Decode on its model thread until `release` exists: the signal certainly
+    # arrives while the RPC is in flight, however fast or busy the machine is.
+    release = tmp_path / "release"
+    with running_shard(
+        tiny_model_dir, "--max-kv-cache-bytes", str(1 << 20), "--test-hold-decode-file", str(release)
+    ) as sp:
         with sp.router(SMALL) as router:
             router.warmup()
         stub = sp.stub()
         by = Bystander(stub, 1, {1: (1, 5, 6, 7), 2: (1, 9, 10)}, max_new_tokens=16)
-        # Calibrate so that the model thread is busy for ~2 s when the signal arrives.
-        t0 = time.monotonic()
-        stub.Prefill(_prefill_batch(2, 4), timeout=120)
-        per_request = (time.monotonic() - t0) / 4
-        n = max(4, min(120, math.ceil(2.0 / per_request)))
-        finished_at: dict[str, float] = {}
-
-        def mark(name):
-            return lambda _future: finished_at.setdefault(name, time.monotonic())
-
-        slow = stub.Prefill.future(_prefill_batch(3, n), timeout=300)
-        slow.add_done_callback(mark("prefill"))
-        time.sleep(0.3)
-        decode = stub.Decode.future(pb.DecodeRequest(batches=[by.cached]), timeout=300)  # queued behind it
-        decode.add_done_callback(mark("decode"))
-        time.sleep(0.3)
-        assert not decode.done(), "calibration failed: the Decode finished before the signal"
-        signalled_at = time.monotonic()
+        decode = stub.Decode.future(pb.DecodeRequest(batches=[by.cached]), timeout=300)
+        _wait_for("Decode on the model thread", held_marker(release).exists, sp)
         sp.proc.send_signal(signal.SIGTERM)
+        _wait_for("drain", lambda: "draining" in sp.log(), sp)
+        assert not decode.done()  # still held: the signal came while the RPC was in flight
+        release.touch()
         resp = decode.result()  # the RPC in flight completes normally
         assert {g.request_id for g in resp.generations} == {1, 2}
-        assert len(slow.result().generations) == n
-        assert finished_at["decode"] > signalled_at
+        assert all(len(g.next_tokens.ids) == 1 for g in resp.generations)
         assert sp.proc.wait(60) == 0
         assert not sp.socket(0).exists()
-        assert "draining" in sp.log()
 
 
 def _pids(log: str) -> list[int]:

@@ -110,12 +110,13 @@ def test_lm_head_indices_and_skip_lm_head(model_pair):
     full, cu = PagedRunner(ours, KVCache.for_model(ours, 16)).prefill(prompts)
     last, _ = PagedRunner(ours, KVCache.for_model(ours, 16)).prefill(prompts, last_only=True)
     assert last.shape == (3, VOCAB)
-    torch.testing.assert_close(last, full[[c - 1 for c in cu[1:]]], atol=0, rtol=0)
+    # The same rows through a GEMM of another shape: equal up to float rounding, not bit for bit.
+    torch.testing.assert_close(last, full[[c - 1 for c in cu[1:]]], atol=1e-6, rtol=1e-5)
 
     runner = PagedRunner(ours, KVCache.for_model(ours, 16))
     hidden, _ = runner.prefill(prompts, last_only=True, skip_lm_head=True)
     assert hidden.shape == (3, ours.config.hidden_size)
-    torch.testing.assert_close(ours.lm_head(hidden), last, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.lm_head(hidden), last, atol=1e-6, rtol=1e-5)
 
 
 def test_prefill_without_cache_for_embeddings(model_pair):

@@ -73,6 +73,7 @@ def test_capacity_grows_with_the_element_size_ratio(tiny_model_dir):
     assert fp8.runner.kv_cache.num_blocks * fp8.model.block_size * bytes_per_token <= KV_BYTES
 
 
+@pytest.mark.slow
 def test_greedy_tokens_and_logits_close_to_full_precision(tiny_model_factory):
     model_dir = tiny_model_factory(init_std=ACCURACY_INIT_STD)
     full, _ = warmed(model_dir, "auto")
@@ -98,7 +99,9 @@ def test_greedy_tokens_and_logits_close_to_full_precision(tiny_model_factory):
         toks = [a[i][k] for i in range(len(prompts))]
         la, lb = ref.decode(toks), q8.decode(toks)  # [64, V]
         nxt = torch.tensor([a[i][k + 1] for i in range(len(prompts))])
-        assert torch.equal(la.argmax(-1), nxt)  # the engine's tokens, reproduced
+        # The engine's tokens, reproduced: each is the maximum here too, up to the float rounding that
+        # separates the engine's batch from this runner's (a near-tie may pick either).
+        assert (la.max(-1).values - la.gather(1, nxt[:, None])[:, 0]).max() <= 1e-5
         same += int((lb.argmax(-1) == nxt).sum())
         errs += ((lb - la).norm(dim=-1) / la.norm(dim=-1)).tolist()
     forced = (same + len(prompts)) / (16 * len(prompts))  # first tokens: prefill reads no cache

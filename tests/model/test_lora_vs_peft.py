@@ -50,6 +50,7 @@ def _spec(d) -> AdapterSpec:
     return AdapterSpec(adapter_ids=(str(d),), source="local")
 
 
+@pytest.mark.slow
 def test_mixed_adapter_batch_prefill_and_16_decode_steps_equal_peft(setup):
     ours, truth, dirs = setup
     store = AdapterStore(ours.config, device="cpu", dtype=torch.float32)

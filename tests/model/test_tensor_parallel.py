@@ -149,7 +149,7 @@ def test_run_ranks_kills_a_hung_rank(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(pytest.fail.Exception, match=r"ranks \[1\] of 2 did not finish within 3 s"):
         run_ranks(_hang_on_rank_1, 2, tmp_path, timeout=3)
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 60  # killed, not waited for: the rank would sleep 120 s
 
 
 def _hang_on_rank_1(tp):

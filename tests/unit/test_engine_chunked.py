@@ -87,7 +87,7 @@ def assert_same(a: dict, b: dict) -> None:
             assert pa[1:] == pytest.approx(pb[1:], abs=1e-4)
 
 
-@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("window", [None, pytest.param(24, marks=pytest.mark.slow)])
 def test_chunked_equals_unchunked(tiny_model_factory, window):
     model_dir = tiny_model_factory(sliding_window=window) if window else tiny_model_factory()
     reqs = requests()

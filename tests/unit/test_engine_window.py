@@ -29,7 +29,7 @@ def hf_greedy(model_dir, prompts: list[list[int]], total: int) -> list[list[int]
 
 
 # W=8: the ring (2 blocks of 16) is longer than the window; W=24: not a multiple of the block size.
-@pytest.mark.parametrize("window", [8, 24])
+@pytest.mark.parametrize("window", [8, pytest.param(24, marks=pytest.mark.slow)])
 def test_ring_bounds_blocks_for_5x_window_and_tokens_equal_transformers(tiny_model_factory, window):
     model_dir = tiny_model_factory(sliding_window=window)
     engine = ShardEngine(ShardConfig(model_dir=model_dir, max_kv_cache_bytes=1 << 20))

