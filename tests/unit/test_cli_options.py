@@ -46,8 +46,9 @@ def test_every_option_fills_a_config_field_and_appears_in_serve_and_launch():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
     dests = {name: {a.dest for a in sub[name]._actions} - {"help"} for name in ("serve", "launch")}
-    assert dests["serve"] == {o.dest for o in OPTIONS}
-    assert dests["launch"] == dests["serve"] | {"num_shard"}
+    # serve alone has one hidden, test-only flag (a held Decode; shard_server/testing/hold.py)
+    assert dests["serve"] == {o.dest for o in OPTIONS} | {"test_hold_decode_file"}
+    assert dests["launch"] == {o.dest for o in OPTIONS} | {"num_shard"}
 
 
 @pytest.mark.parametrize("option", [o for o in OPTIONS if not o.required], ids=lambda o: o.name)
