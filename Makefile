@@ -24,7 +24,7 @@ proto:
 test:
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-# The fuzz suite of `make test` (1,500 derandomized examples) at length: 100,000 fresh random ones.
+# The fuzz suite of `make test` (1,000 derandomized examples) at length: 100,000 fresh random ones.
 FUZZ_EXAMPLES ?= 100000
 fuzz:
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(PYTHON) -m pytest tests/integration/test_fuzz.py -s -p no:cacheprovider \

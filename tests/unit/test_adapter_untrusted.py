@@ -136,7 +136,7 @@ def test_non_finite_merge_weights_are_refused(copy, root, tiny_model_dir, weight
     copy("a"), copy("b")
     store = AdapterStore(base_config(tiny_model_dir), sources=AdapterSources(AdapterSourceConfig(root)))
     spec = AdapterSpec(adapter_ids=("a", "b"), weights=weights, source="local")
-    with pytest.raises(InvalidArgument, match="finite"):
+    with pytest.raises(InvalidArgument, match="finite"):  # the merge refuses them before any file is read
         store.load(2, spec)
     assert not store.is_loaded(2)
 

@@ -12,11 +12,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from shard_server.generation.sampling import NextTokenChooser, validate_sampling_params
 from shard_server.types import SamplingParams
+
+pytest.importorskip("hypothesis")  # a dev dependency; the GPU machine may lack it
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 V = 64
 f32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
@@ -43,7 +45,7 @@ def sampling_params(draw) -> SamplingParams:
     )
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(p=sampling_params(), scale=st.sampled_from([1.0, 30.0, 1e4]), seed=st.integers(0, 2**16))
 def test_accepted_parameters_give_a_finite_distribution(p, scale, seed):
     try:
