@@ -4,10 +4,14 @@
 the host copies, this class keeps which adapters are device-resident and where. A subclass provides
 `_host_of(index) -> HostAdapter` for every registered index.
 
-Device layout (CUDA-graph friendly, issue 6): per (layer_idx, target) one stack A [cap, R, in_local],
-B [cap, out_local, R] (B scaled, TP-sliced), R = the bucket (power of two >= 8) of the largest resident
-rank for that module, zero padding elsewhere; an adapter not targeting a module leaves its slot zero.
-All stacks of one layout are contiguous views of one device buffer (one allocation, one memset).
+Device layout (CUDA-graph friendly): per (layer_idx, group) one `LoraGroupStack` (model/adapters/
+stacks.py): the group's members that some resident adapter targets (q/k/v in one stack, gate/up in one,
+o, down, lm_head alone), A [cap, NT*R, in_local], B [cap, sum(out_local), R] (B scaled, TP-sliced), R =
+the bucket (power of two >= 8) of the largest resident rank in the group, zero padding elsewhere, and
+per slot the adapter's largest rank in the group (0: it targets none of them), so one shrink and one
+expand serve the whole group and a rank-8 adapter reads 8 rows whatever R is. All A/B stacks of one
+layout are contiguous views of one device buffer (one allocation, one memset); the per-slot ranks are
+one small int32 tensor [groups, cap].
 A batch only changes the per-token slot index. `device_bytes()` is what these stacks allocate and never
 exceeds the budget: when new adapters do not fit, least recently used residents move out (their host
 copy stays), and the stacks are re-laid out only when capacity or a rank bucket must change
@@ -27,15 +31,42 @@ from collections.abc import Sequence
 import torch
 
 from model.adapters.errors import AdapterBudgetExceeded
+from model.adapters.stacks import GROUP_OF, LORA_GROUPS, LoraGroupStack
 
 MIN_RANK_BUCKET = 8
 Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
+GroupKey = tuple[int, str]  # (layer_idx, group of stacks.LORA_GROUPS)
 HostWeights = dict[Key, tuple[torch.Tensor, torch.Tensor]]  # A [r, in_local], B [out_local, r], store dtype
 
 
 def rank_bucket(r: int) -> int:
     """Padded rank of a stack: powers of two from 8, so few distinct shapes (and CUDA graphs) exist."""
     return max(MIN_RANK_BUCKET, 1 << (r - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupShape:
+    """What one group stack needs: rank bucket, input width, the members present and their widths."""
+
+    rank: int
+    fan_in: int
+    members: tuple[tuple[str, int], ...]  # (target, out_local), in the group's fused-output order
+
+    def slot_elems(self) -> int:
+        return self.rank * (len(self.members) * self.fan_in + sum(w for _, w in self.members))
+
+
+def group_shapes(modules) -> dict[GroupKey, GroupShape]:
+    """modules: iterable of ((layer, target), r, in_local, out_local) -> the group stacks holding them."""
+    acc: dict[GroupKey, list] = {}
+    for (layer, target), r, fan_in, fan_out in modules:
+        entry = acc.setdefault((layer, GROUP_OF[target]), [0, fan_in, {}])
+        entry[0] = max(entry[0], rank_bucket(r))
+        entry[2][target] = fan_out
+    return {
+        key: GroupShape(r, fan_in, tuple((t, widths[t]) for t in LORA_GROUPS[key[1]] if t in widths))
+        for key, (r, fan_in, widths) in acc.items()
+    }
 
 
 @dataclasses.dataclass
@@ -46,6 +77,10 @@ class HostAdapter:
     weights: HostWeights  # per module (A, B), views of `flat`
     offsets: dict[Key, tuple[int, int]]  # element offsets of A and B in `flat`
 
+    def modules(self) -> list[tuple[Key, int, int, int]]:
+        """(key, r, in_local, out_local) per module."""
+        return [(key, a.shape[0], a.shape[1], b.shape[0]) for key, (a, b) in self.weights.items()]
+
     def views_of(self, flat: torch.Tensor) -> list[tuple[Key, torch.Tensor, torch.Tensor]]:
         """(key, A, B) as views of `flat`, a copy of `self.flat` (e.g. on the device), in key order."""
         out = []
@@ -55,6 +90,7 @@ class HostAdapter:
                 (key, flat[oa : oa + a.numel()].view(a.shape), flat[ob : ob + b.numel()].view(b.shape))
             )
         return out
+
 
 
 class AdapterLayout:
@@ -68,7 +104,8 @@ class AdapterLayout:
         self.max_slots = max_slots
         self.layout_version = 0
         self._cap = 0  # slots allocated in every stack
-        self._stacks: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[GroupKey, LoraGroupStack] = {}
+        self._ranks = torch.zeros(0, 0, dtype=torch.int32, device=self.device)  # [groups, cap], stack order
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident index -> slot, LRU first
 
     def _host_of(self, index: int) -> HostAdapter:
@@ -79,27 +116,22 @@ class AdapterLayout:
         return list(self._slot_of)
 
     def device_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self._stacks.values())
+        """Bytes of the A/B stacks (the per-slot rank vectors add 4 bytes per slot and group)."""
+        return sum(s.a.nbytes + s.b.nbytes for s in self._stacks.values())
+
+    def _elem(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
     def _adapter_device_bytes(self, host: HostAdapter) -> int:
         """Stack bytes of one slot for `host` alone, at its rank buckets (download()'s budget share)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(
-            rank_bucket(a.shape[0]) * (a.shape[1] + b.shape[0]) * elem for a, b in host.weights.values()
-        )
+        return sum(g.slot_elems() for g in group_shapes(host.modules()).values()) * self._elem()
 
-    def _need(self, indices: Sequence[int]) -> dict[Key, tuple[int, int, int]]:
-        """(R, in_local, out_local) per module for holding `indices` together."""
-        need: dict[Key, tuple[int, int, int]] = {}
-        for index in indices:
-            for key, (a, b) in self._host_of(index).weights.items():
-                r = max(rank_bucket(a.shape[0]), need.get(key, (0,))[0])
-                need[key] = (r, a.shape[1], b.shape[0])
-        return need
+    def _need(self, indices: Sequence[int]) -> dict[GroupKey, GroupShape]:
+        """The group stacks holding `indices` together."""
+        return group_shapes(m for index in indices for m in self._host_of(index).modules())
 
-    def _layout_bytes(self, cap: int, need: dict[Key, tuple[int, int, int]]) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(cap * r * (fan_in + fan_out) * elem for r, fan_in, fan_out in need.values())
+    def _layout_bytes(self, cap: int, need: dict[GroupKey, GroupShape]) -> int:
+        return cap * sum(g.slot_elems() for g in need.values()) * self._elem()
 
     def _fits(self, cap: int, need) -> bool:
         if cap > self.max_slots:
@@ -107,10 +139,11 @@ class AdapterLayout:
         return self.budget_bytes is None or self._layout_bytes(cap, need) <= self.budget_bytes
 
     def _fits_current_shapes(self, index: int) -> bool:
-        return all(
-            key in self._stacks and self._stacks[key][0].shape[1] >= a.shape[0]
-            for key, (a, _) in self._host_of(index).weights.items()
-        )
+        for (layer, target), r, _, _ in self._host_of(index).modules():
+            stack = self._stacks.get((layer, GROUP_OF[target]))
+            if stack is None or target not in stack.targets or stack.rank < r:
+                return False
+        return True
 
     def _ensure_resident(self, required: list[int]) -> None:
         for index in required:
@@ -167,27 +200,36 @@ class AdapterLayout:
 
     def _scatter(self, host: HostAdapter, flat: torch.Tensor, slot: int) -> None:
         """Copy the uploaded buffer into `slot` of every stack; zero what the adapter does not cover."""
-        dst, src, zero = [], [], []
+        dst, src, zero, ranks = [], [], [], []
         views = {key: (a, b) for key, a, b in host.views_of(flat)}
-        for key, (stack_a, stack_b) in self._stacks.items():
-            ab = views.get(key)
-            if ab is None:  # the adapter skips this module: its slot must read as zero
-                zero += [stack_a[slot], stack_b[slot]]
-                continue
-            a, b = ab
-            r = a.shape[0]
-            dst += [stack_a[slot, :r], stack_b[slot, :, :r]]  # [r, in] of [R, in]; [out, r] of [out, R]
-            src += [a, b]
-            if r < stack_a.shape[1]:  # rank padding: a freed slot may hold an older adapter's values
-                zero += [stack_a[slot, r:], stack_b[slot, :, r:]]
+        for (layer, _), stack in self._stacks.items():
+            big_r, top = stack.rank, 0
+            members = zip(stack.targets, stack.b_offsets, stack.widths, strict=True)
+            for i, (target, b0, w) in enumerate(members):
+                a_rows, b_rows = stack.a[slot, i * big_r : (i + 1) * big_r], stack.b[slot, b0 : b0 + w]
+                ab = views.get((layer, target))
+                if ab is None:  # the adapter skips this member: its rows must read as zero
+                    zero += [a_rows, b_rows]
+                    continue
+                a, b = ab
+                r = a.shape[0]
+                top = max(top, r)
+                dst += [a_rows[:r], b_rows[:, :r]]  # [r, in] of [R, in]; [out, r] of [out, R]
+                src += [a, b]
+                if r < big_r:  # rank padding: a freed slot may hold an older adapter's values
+                    zero += [a_rows[r:], b_rows[:, r:]]
+            ranks.append(top)
         if zero:
             torch._foreach_zero_(zero)
         if dst:
             torch._foreach_copy_(dst, src)  # on CUDA a few multi-tensor launches instead of 448 copies
+        if ranks:
+            self._ranks[:, slot].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
 
     def _zero_slot(self, slot: int) -> None:
         if self._stacks:
-            torch._foreach_zero_([t[slot] for ab in self._stacks.values() for t in ab])
+            torch._foreach_zero_([t[slot] for s in self._stacks.values() for t in (s.a, s.b)])
+            self._ranks[:, slot].zero_()
 
     def _rebuild(self, members: list[int], cap: int) -> None:
         """New stacks of `cap` slots shaped for `members` (LRU order kept); everyone else is evicted.
@@ -207,26 +249,16 @@ class AdapterLayout:
                 or self.device_bytes() + self._layout_bytes(cap, need) <= self.budget_bytes
             )
         )
-        old_stacks, old_slots = self._stacks, self._slot_of
+        old_stacks, old_ranks, old_slots = self._stacks, self._ranks, self._slot_of
         self._stacks = {}  # a new dict: an older AdapterBatchData keeps its own consistent view
         self._slot_of = OrderedDict()
         if not carry:
             old_stacks = {}  # dropped before allocating, so old and new never coexist
         self._cap = cap
-        self._stacks = _zeroed_stacks(cap, need, self.device, self.dtype)
+        self._stacks, self._ranks = _zeroed_stacks(cap, need, self.device, self.dtype)
         self.layout_version += 1
         if carry:
-            n = min(cap, max(old_slots.values()) + 1)  # every staying slot is below n
-            dst, src = [], []
-            for key, (old_a, old_b) in old_stacks.items():
-                if key not in self._stacks:  # only evicted adapters targeted it
-                    continue
-                new_a, new_b = self._stacks[key]
-                r = min(old_a.shape[1], new_a.shape[1])  # rows past a smaller new R held evicted ones only
-                dst += [new_a[:n, :r], new_b[:n, :, :r]]  # [n, r, in], [n, out, r]
-                src += [old_a[:n, :r], old_b[:n, :, :r]]
-            if dst:
-                torch._foreach_copy_(dst, src)
+            self._carry(old_stacks, old_ranks, min(cap, max(old_slots.values()) + 1))
             for i in members:
                 if i in old_slots:
                     self._slot_of[i] = old_slots[i]
@@ -238,25 +270,58 @@ class AdapterLayout:
         else:
             self._place(members, list(range(len(members))))
 
+    def _carry(self, old_stacks: dict[GroupKey, LoraGroupStack], old_ranks: torch.Tensor, n: int) -> None:
+        """Copy slots [0, n) of every member from the old stacks into the new ones (ranks included)."""
+        dst, src, rows_new, rows_old = [], [], [], []
+        old_row = {key: i for i, key in enumerate(old_stacks)}
+        for i, (key, new) in enumerate(self._stacks.items()):
+            old = old_stacks.get(key)
+            if old is None:  # a group no staying adapter can target (only new members target it)
+                continue
+            rows_new.append(i)
+            rows_old.append(old_row[key])
+            r = min(old.rank, new.rank)  # rows past a smaller new R held evicted adapters only
+            for target, ob0, w in zip(old.targets, old.b_offsets, old.widths, strict=True):
+                if target not in new.targets:  # only evicted adapters targeted it
+                    continue
+                io, inew = old.targets.index(target), new.targets.index(target)
+                nb0 = new.b_offsets[inew]
+                dst += [new.a[:n, inew * new.rank : inew * new.rank + r], new.b[:n, nb0 : nb0 + w, :r]]
+                src += [old.a[:n, io * old.rank : io * old.rank + r], old.b[:n, ob0 : ob0 + w, :r]]
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if rows_new:
+            new_idx = torch.tensor(rows_new, device=self.device)
+            old_idx = torch.tensor(rows_old, device=self.device)
+            self._ranks[new_idx, :n] = old_ranks[old_idx, :n]
+
 
 _ALIGN_BYTES = 256  # every stack starts at this alignment inside the shared buffer (vector loads)
 
 
-def _zeroed_stacks(cap: int, need: dict[Key, tuple[int, int, int]], device: torch.device,
-                   dtype: torch.dtype) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """Stacks A [cap, R, in] and B [cap, out, R] per module: contiguous views of one zeroed buffer.
+def _zeroed_stacks(cap: int, need: dict[GroupKey, GroupShape], device: torch.device,
+                   dtype: torch.dtype) -> tuple[dict[GroupKey, LoraGroupStack], torch.Tensor]:  # fmt: skip
+    """Group stacks of `cap` slots: A/B contiguous views of one zeroed buffer, ranks rows of one [G, cap].
 
     One allocation and one memset for the whole layout instead of one per stack (448 for a 7B adapter
     on all seven projections: each new size is a cudaMalloc of its own when the stacks grow).
     """
     align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
     shapes, total = [], 0
-    for key, (r, fan_in, fan_out) in sorted(need.items()):
-        for shape in ((cap, r, fan_in), (cap, fan_out, r)):
-            shapes.append((key, shape, total))
+    for _, g in sorted(need.items()):
+        nt, widths = len(g.members), sum(w for _, w in g.members)
+        for shape in ((cap, nt * g.rank, g.fan_in), (cap, widths, g.rank)):
+            shapes.append(shape)
             total += -(-(shape[0] * shape[1] * shape[2]) // align) * align
     flat = torch.zeros(total, device=device, dtype=dtype)
-    views: dict[Key, list[torch.Tensor]] = {}
-    for key, shape, offset in shapes:
-        views.setdefault(key, []).append(flat[offset : offset + shape[0] * shape[1] * shape[2]].view(shape))
-    return {key: (a, b) for key, (a, b) in views.items()}
+    ranks = torch.zeros(len(need), cap, dtype=torch.int32, device=device)
+    views, offset = [], 0
+    for shape in shapes:
+        views.append(flat[offset : offset + shape[0] * shape[1] * shape[2]].view(shape))
+        offset += -(-(shape[0] * shape[1] * shape[2]) // align) * align
+    stacks = {}
+    for i, (key, g) in enumerate(sorted(need.items())):
+        targets = tuple(t for t, _ in g.members)
+        widths = tuple(w for _, w in g.members)
+        stacks[key] = LoraGroupStack(views[2 * i], views[2 * i + 1], ranks[i], targets, widths)
+    return stacks, ranks

@@ -65,19 +65,26 @@ def test_host_copy_is_bit_identical_to_the_float32_path(tmp_path, file_dtype, st
 
 
 def expected_stacks(store: AdapterStore, paths: dict[int, Path]) -> None:
-    """Every slot of every stack holds exactly its adapter (zero-padded), free and skipped parts zero."""
+    """Every slot of every group stack holds exactly its adapter (zero-padded), free and skipped parts
+    zero, and its rank per group is the adapter's largest rank over the group's members (0: none)."""
     by_slot = {slot: paths[i] for i, slot in store._slot_of.items()}
     for slot in range(store._cap):
-        want = {} if slot not in by_slot else previous_host_layout(by_slot[slot], store.dtype, 0, 1)
-        for key, (stack_a, stack_b) in store._stacks.items():
-            if slot not in by_slot:
-                continue  # a free slot is never indexed
-            a_full, b_full = torch.zeros_like(stack_a[slot]), torch.zeros_like(stack_b[slot])
-            if key in want:
-                a, b = want[key]
-                a_full[: a.shape[0]] = a
-                b_full[:, : b.shape[1]] = b
-            assert torch.equal(stack_a[slot], a_full) and torch.equal(stack_b[slot], b_full), (slot, key)
+        if slot not in by_slot:
+            continue  # a free slot is never indexed
+        want = previous_host_layout(by_slot[slot], store.dtype, 0, 1)
+        for (layer, group), stack in store._stacks.items():
+            top = 0
+            for target in stack.targets:
+                member = stack.member(target)
+                a_full, b_full = torch.zeros_like(member.a[slot]), torch.zeros_like(member.b[slot])
+                if (layer, target) in want:
+                    a, b = want[(layer, target)]
+                    a_full[: a.shape[0]] = a
+                    b_full[:, : b.shape[1]] = b
+                    top = max(top, a.shape[0])
+                assert torch.equal(member.a[slot], a_full), (slot, layer, target)
+                assert torch.equal(member.b[slot], b_full), (slot, layer, target)
+            assert int(stack.ranks[slot]) == top, (slot, layer, group)
 
 
 def test_growth_carries_resident_slots_and_bumps_layout_version(tmp_path):
@@ -101,7 +108,7 @@ def test_reused_slot_is_cleared_and_tight_budget_reuploads_from_host(tmp_path):
     third = adapter(tmp_path / "third", rank=4, seed=3)
     probe = AdapterStore(CONFIG, "cpu", torch.float32)
     host = probe._host_weights(local(big))
-    one_slot = probe._layout_bytes(1, {k: (8, a.shape[1], b.shape[0]) for k, (a, b) in host.weights.items()})
+    one_slot = probe._adapter_device_bytes(host)  # rank 8: bucket 8
     # Two slots fit the budget, but two slots plus one old slot do not: growth re-uploads from the host.
     store = AdapterStore(CONFIG, "cpu", torch.float32, budget_bytes=2 * one_slot)
     store.load(1, local(big))
