@@ -17,26 +17,30 @@ exceeds the budget: when new adapters do not fit, least recently used residents 
 copy stays), and the stacks are re-laid out only when capacity or a rank bucket must change
 (`layout_version` then increments: recapture CUDA graphs, rebuild AdapterBatchData).
 
-Placing an adapter uploads its one host buffer with one H2D copy and scatters it into the slots with a
-few multi-tensor launches; growing the capacity copies the resident slots device-to-device instead of
-re-uploading every resident adapter from the host.
+Placing an adapter (cache/adapter_host.Uploader) reads its bytes into a pinned staging buffer, then per
+layer copies them to the device on a side stream and unpacks them into the slot (TP slice, B * scale,
+copy, zero padding) with a few multi-tensor launches, recording an event per layer: a prefill forward
+waits per layer (`ready_events`, so the copy overlaps the layers before), a decode step or a re-layout
+for all of them (`wait_uploads`). Growing the capacity copies the resident slots device-to-device
+instead of re-uploading every resident adapter from the host; the first layout already has `min_slots`
+slots (when the budget allows) so the first adapters loaded do not each re-lay out the stacks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 
 import torch
 
+from cache.adapter_host import HostAdapter, Uploader, prepared
 from model.adapters.errors import AdapterBudgetExceeded
 from model.adapters.stacks import GROUP_OF, LORA_GROUPS, LoraGroupStack
 
 MIN_RANK_BUCKET = 8
 Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
 GroupKey = tuple[int, str]  # (layer_idx, group of stacks.LORA_GROUPS)
-HostWeights = dict[Key, tuple[torch.Tensor, torch.Tensor]]  # A [r, in_local], B [out_local, r], store dtype
 
 
 def rank_bucket(r: int) -> int:
@@ -69,39 +73,19 @@ def group_shapes(modules) -> dict[GroupKey, GroupShape]:
     }
 
 
-@dataclasses.dataclass
-class HostAdapter:
-    """One adapter's host copy: every A, then every B (TP-local, store dtype, B scaled) in one buffer."""
-
-    flat: torch.Tensor  # [numel]; the views below share its storage
-    weights: HostWeights  # per module (A, B), views of `flat`
-    offsets: dict[Key, tuple[int, int]]  # element offsets of A and B in `flat`
-
-    def modules(self) -> list[tuple[Key, int, int, int]]:
-        """(key, r, in_local, out_local) per module."""
-        return [(key, a.shape[0], a.shape[1], b.shape[0]) for key, (a, b) in self.weights.items()]
-
-    def views_of(self, flat: torch.Tensor) -> list[tuple[Key, torch.Tensor, torch.Tensor]]:
-        """(key, A, B) as views of `flat`, a copy of `self.flat` (e.g. on the device), in key order."""
-        out = []
-        for key, (a, b) in self.weights.items():
-            oa, ob = self.offsets[key]
-            out.append(
-                (key, flat[oa : oa + a.numel()].view(a.shape), flat[ob : ob + b.numel()].view(b.shape))
-            )
-        return out
-
-
-
 class AdapterLayout:
     """Which registered adapters are device-resident, in which slot of which stacks (module docstring)."""
 
     def __init__(self, device: torch.device | str, dtype: torch.dtype, budget_bytes: int | None,
-                 max_slots: int):  # fmt: skip
+                 max_slots: int, min_slots: int = 1):  # fmt: skip
         self.device = torch.device(device)
         self.dtype = dtype
         self.budget_bytes = budget_bytes
         self.max_slots = max_slots
+        self.min_slots = max(1, min(min_slots, max_slots))
+        self._uploader = Uploader(self.device)
+        self._ready: dict[int, torch.cuda.Event] = {}  # layer -> last upload event touching it (CUDA)
+        self._ready_all: torch.cuda.Event | None = None  # the last upload event of all
         self.layout_version = 0
         self._cap = 0  # slots allocated in every stack
         self._stacks: dict[GroupKey, LoraGroupStack] = {}
@@ -124,11 +108,11 @@ class AdapterLayout:
 
     def _adapter_device_bytes(self, host: HostAdapter) -> int:
         """Stack bytes of one slot for `host` alone, at its rank buckets (download()'s budget share)."""
-        return sum(g.slot_elems() for g in group_shapes(host.modules()).values()) * self._elem()
+        return sum(g.slot_elems() for g in group_shapes(host.shapes()).values()) * self._elem()
 
     def _need(self, indices: Sequence[int]) -> dict[GroupKey, GroupShape]:
         """The group stacks holding `indices` together."""
-        return group_shapes(m for index in indices for m in self._host_of(index).modules())
+        return group_shapes(m for index in indices for m in self._host_of(index).shapes())
 
     def _layout_bytes(self, cap: int, need: dict[GroupKey, GroupShape]) -> int:
         return cap * sum(g.slot_elems() for g in need.values()) * self._elem()
@@ -139,7 +123,7 @@ class AdapterLayout:
         return self.budget_bytes is None or self._layout_bytes(cap, need) <= self.budget_bytes
 
     def _fits_current_shapes(self, index: int) -> bool:
-        for (layer, target), r, _, _ in self._host_of(index).modules():
+        for (layer, target), r, _, _ in self._host_of(index).shapes():
             stack = self._stacks.get((layer, GROUP_OF[target]))
             if stack is None or target not in stack.targets or stack.rank < r:
                 return False
@@ -162,7 +146,8 @@ class AdapterLayout:
         # Grow (capacity or rank buckets) while keeping every resident adapter, if the budget allows.
         members = list(self._slot_of) + missing
         need = self._need(members)
-        for cap in (min(self.max_slots, 1 << (len(members) - 1).bit_length()), len(members)):
+        grown = min(self.max_slots, 1 << (len(members) - 1).bit_length())
+        for cap in (max(self.min_slots, grown), grown, len(members)):
             if cap >= len(members) and self._fits(cap, need):
                 return self._rebuild(members, cap)
         # Evict least recently used residents into the slots the current layout already has.
@@ -186,45 +171,90 @@ class AdapterLayout:
 
     def _place(self, indices: list[int], free_slots: list[int]) -> None:
         for index, slot in zip(indices, free_slots, strict=False):
-            host = self._host_of(index)
-            self._scatter(host, self._upload(host), slot)
+            self._transfer(self._host_of(index), slot)
             self._slot_of[index] = slot
 
-    def _upload(self, host: HostAdapter) -> torch.Tensor:
-        """The adapter's buffer on the device: one host->device copy (the buffer itself on CPU).
-
-        Pageable source: the driver stages it at full PCIe rate and returns once the host bytes are
-        consumed; whatever reads the result is queued behind it on the same stream.
-        """
-        return host.flat.to(self.device, non_blocking=True)
-
-    def _scatter(self, host: HostAdapter, flat: torch.Tensor, slot: int) -> None:
-        """Copy the uploaded buffer into `slot` of every stack; zero what the adapter does not cover."""
-        dst, src, zero, ranks = [], [], [], []
-        views = {key: (a, b) for key, a, b in host.views_of(flat)}
+    def _transfer(self, host: HostAdapter, slot: int) -> None:
+        """Bring `host` into `slot` of every stack, layer by layer (asynchronous on CUDA, see module doc)."""
+        by_layer: dict[int, list[LoraGroupStack]] = defaultdict(list)
+        ranks = []
         for (layer, _), stack in self._stacks.items():
-            big_r, top = stack.rank, 0
+            by_layer[layer].append(stack)
+            present = [host.modules.get((layer, t)) for t in stack.targets]
+            ranks.append(max((m.a.shape[0] for m in present if m is not None), default=0))
+        done: set[int] = set()
+
+        def begin() -> None:  # first: any layer's event then also covers the slot's ranks
+            if ranks:
+                self._ranks[:, slot].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
+
+        def unpack(raw: torch.Tensor, keys) -> None:
+            layers = sorted({k[0] for k in keys}, key=lambda layer: (layer < 0, layer))
+            for layer in layers:
+                self._unpack_layer(host, raw, layer, slot, by_layer.get(layer, []))
+                done.add(layer)
+            self._mark_ready(layers)
+
+        def finish() -> None:  # stacks of layers the adapter has no module in: its slot reads zero
+            rest = [t for layer, stacks in by_layer.items() if layer not in done
+                    for s in stacks for t in (s.a, s.b)]  # fmt: skip
+            if rest:
+                torch._foreach_zero_([t[slot] for t in rest])
+            self._mark_ready(sorted(set(by_layer) - done))
+
+        self._uploader.upload(host, begin, unpack, finish)
+
+    def _unpack_layer(self, host: HostAdapter, raw: torch.Tensor, layer: int, slot: int,
+                      stacks: list[LoraGroupStack]) -> None:  # fmt: skip
+        """One layer of `raw` (the adapter's bytes) into `slot`; zero what the adapter does not cover."""
+        dst, src, zero = [], [], []
+        scale_in_place: dict[float, list[torch.Tensor]] = defaultdict(list)
+        for stack in stacks:
+            big_r = stack.rank
             members = zip(stack.targets, stack.b_offsets, stack.widths, strict=True)
             for i, (target, b0, w) in enumerate(members):
                 a_rows, b_rows = stack.a[slot, i * big_r : (i + 1) * big_r], stack.b[slot, b0 : b0 + w]
-                ab = views.get((layer, target))
-                if ab is None:  # the adapter skips this member: its rows must read as zero
+                m = host.modules.get((layer, target))
+                if m is None:  # the adapter skips this member: its rows must read as zero
                     zero += [a_rows, b_rows]
                     continue
-                a, b = ab
+                a, b = m.a.view(raw), m.b.view(raw)
+                if m.scale != 1.0 and b.dtype == self.dtype and b.is_contiguous():
+                    scale_in_place[m.scale].append(b)  # in the adapter's own (temporary) bytes
+                else:
+                    a, b = prepared(a, b, m.scale, self.dtype)
                 r = a.shape[0]
-                top = max(top, r)
                 dst += [a_rows[:r], b_rows[:, :r]]  # [r, in] of [R, in]; [out, r] of [out, R]
                 src += [a, b]
                 if r < big_r:  # rank padding: a freed slot may hold an older adapter's values
                     zero += [a_rows[r:], b_rows[:, r:]]
-            ranks.append(top)
+        for scale, bs in scale_in_place.items():  # B * scale in the store dtype, as the cast was exact
+            for b in bs:  # per tensor: _foreach_mul_ rounds the scale to bf16 first on the CPU
+                b.mul_(scale)
         if zero:
             torch._foreach_zero_(zero)
         if dst:
-            torch._foreach_copy_(dst, src)  # on CUDA a few multi-tensor launches instead of 448 copies
-        if ranks:
-            self._ranks[:, slot].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
+            torch._foreach_copy_(dst, src)  # on CUDA a few multi-tensor launches per layer
+
+    def _mark_ready(self, layers) -> None:
+        if self._uploader.stream is None or not layers:
+            return
+        event = torch.cuda.Event()
+        event.record(self._uploader.stream)
+        for layer in layers:
+            self._ready[layer] = event
+        self._ready_all = event
+
+    def ready_events(self) -> dict[int, torch.cuda.Event]:
+        """Per layer, the upload event a forward must wait for before that layer's LoRA (CUDA; else {})."""
+        return dict(self._ready)
+
+    def wait_uploads(self) -> None:
+        """Order the current stream after every upload so far (decode steps, CUDA graphs, re-layouts)."""
+        if self._ready_all is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready_all)
+            self._ready.clear()
+            self._ready_all = None
 
     def _zero_slot(self, slot: int) -> None:
         if self._stacks:
@@ -239,6 +269,7 @@ class AdapterLayout:
         capacity and the old and new stacks together fit the budget; otherwise the old stacks are freed
         first and every member is uploaded again from its host copy.
         """
+        self.wait_uploads()  # the carry reads slots an upload may still be writing
         need = self._need(members)
         staying = [i for i in members if i in self._slot_of]
         carry = (

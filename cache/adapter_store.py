@@ -3,7 +3,7 @@
 Public API (called by the engine from its one model thread; not thread-safe):
 
     store = AdapterStore(config, device, dtype, budget_bytes=None, tp=None, max_slots=64,
-                         sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...])
+                         sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...], min_slots=1)
     store.download(spec) -> float        # fetch + validate; device bytes of the adapter / budget
     store.load(index, spec) -> None      # register under index and make it device-resident
     store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
@@ -22,12 +22,12 @@ Index 0 is the base model unless an adapter was loaded (or preloaded) there; any
 Device layout and LRU residency (stacks, slots, budget, `layout_version`): `cache.adapter_layout`, the
 base class of AdapterStore.
 
-Load path cost (7B rank 16, bf16: 448 tensors, 84 MB): the file is mapped, not read into per-tensor
-tensors; `_to_host_layout` copies it once into one host buffer per adapter (TP-sliced, cast, B scaled;
-no float32 round trip, no page-locking: pinning 84 MB costs more than the pageable copy it would speed
-up); `AdapterLayout._place` uploads that buffer with one H2D copy and scatters it into the slots with a
-few multi-tensor launches; growing the capacity copies the resident slots device-to-device instead of
-re-uploading every resident adapter from the host.
+Load path (7B rank 16, bf16: 448 tensors, 84 MB): the file's header is parsed and every tensor name and
+shape validated against a mapping of the file (no tensor byte is read), which gives the module table of
+`cache.adapter_host.HostAdapter`: host memory keeps that table, the bytes stay in the page cache (or on
+disk). Making it resident reads the file once into a pinned staging buffer and copies it to the device
+layer by layer on a side stream, where the TP slice, the cast and B * scale happen during the scatter
+into the slot (`AdapterLayout._transfer`). A merged adapter keeps one packed buffer in host memory.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ from collections.abc import Sequence
 
 import torch
 
-from cache.adapter_layout import AdapterLayout, HostAdapter, HostWeights, Key, rank_bucket
+from cache.adapter_host import FileIdentity, HostAdapter
+from cache.adapter_layout import AdapterLayout, Key, rank_bucket
 from cache.adapter_sources import AdapterSources
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
 from model.adapters.errors import AdapterBudgetExceeded, AdapterConflict, AdapterInvalid, AdapterNotFound
 from model.adapters.merge import check_strategy, merge_adapters
-from model.adapters.peft_loader import LoraAdapter, LoraModule, read_peft_adapter
+from model.adapters.peft_loader import WEIGHTS_FILE, LoraAdapter, LoraModule, read_peft_adapter
 from model.adapters.sharding import shard_lora
 
 __all__ = ["AdapterStore", "rank_bucket"]  # rank_bucket: imported from here by tests and bench/adapter_load
@@ -52,14 +53,6 @@ __all__ = ["AdapterStore", "rank_bucket"]  # rank_bucket: imported from here by 
 
 def _spec_key(spec) -> object:
     return dataclasses.replace(spec, api_token=None)  # the token does not change what is loaded
-
-
-_HALF_OR_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether casting src -> dst loses nothing, so B may be scaled after the cast, in dst."""
-    return src == dst or (dst == torch.float32 and src in (torch.float16, torch.bfloat16))
 
 
 @dataclasses.dataclass
@@ -73,8 +66,8 @@ class AdapterStore(AdapterLayout):
     def __init__(self, config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  budget_bytes: int | None = None, tp=None, max_slots: int = 64,
                  sources: AdapterSources | None = None, preloaded: Sequence[tuple[int, object]] = (),
-                 host_cache_entries: int = 8):  # fmt: skip
-        super().__init__(device, dtype, budget_bytes, max_slots)
+                 host_cache_entries: int = 8, min_slots: int = 1):  # fmt: skip
+        super().__init__(device, dtype, budget_bytes, max_slots, min_slots)
         self.config = config
         self.tp = tp
         self.sources = sources or AdapterSources()
@@ -116,8 +109,9 @@ class AdapterStore(AdapterLayout):
                 del self._entries[index]
             raise
         if self.device.type == "cuda":
-            # The copies are queued on the stream; LoadAdapter answers once they landed, so a failure
-            # surfaces here and the caller's timing is the adapter's real time to usable.
+            # The copies are queued on the upload stream; LoadAdapter answers once they landed, so a
+            # failure surfaces here and the caller's timing is the adapter's real time to usable.
+            self._uploader.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
 
     def offload(self, index: int) -> bool:
@@ -156,15 +150,22 @@ class AdapterStore(AdapterLayout):
 
         Valid until the next load/offload/batch_data that changes `layout_version` or evicts.
         """
-        meta = AdapterBatchMetadata.from_requests(self.request_slots(adapter_indices), tokens, self.device)
-        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp, lm_head_indices)
+        meta = AdapterBatchMetadata.from_requests(self._slots(adapter_indices), tokens, self.device)
+        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp, lm_head_indices,
+                                ready=self.ready_events())  # fmt: skip
 
     def request_slots(self, adapter_indices: Sequence[int]) -> list[int]:
         """Device slot per request (-1: base), after making every adapter of the batch resident.
 
         For a CUDA-graph decode: `meta.token_slots.copy_(torch.tensor(store.request_slots(...)))` into
-        the bucket's static metadata, then `graph_batch_data(meta)` if `layout_version` changed.
+        the bucket's static metadata, then `graph_batch_data(meta)` if `layout_version` changed. The
+        current stream then waits for every adapter upload in flight (a graph cannot wait per layer).
         """
+        slots = self._slots(adapter_indices)
+        self.wait_uploads()
+        return slots
+
+    def _slots(self, adapter_indices: Sequence[int]) -> list[int]:
         for index in adapter_indices:
             if index not in self._entries and index != 0:
                 raise AdapterNotFound(f"adapter index {index} is not loaded")
@@ -186,79 +187,57 @@ class AdapterStore(AdapterLayout):
             for entry in list(self._entries.values()):
                 if _spec_key(entry.spec) == key:
                     return entry.host
-            if key in self._host_cache:
+            cached = self._host_cache.get(key)
+            if cached is not None and (cached.file is None or _identity(cached.file.path) == cached.file):
                 self._host_cache.move_to_end(key)
-                return self._host_cache[key]
+                return cached  # (a file that changed since is read again below)
         if not spec.adapter_ids:
             raise AdapterInvalid("adapter parameters name no adapter id")
         if len(spec.adapter_ids) > 1:
             check_strategy(spec.merge_strategy)  # refuse TIES/DARE before reading any file
-        files = [
-            read_peft_adapter(self.sources.resolve(i, spec.source, spec.api_token), self.config, name=i)
-            for i in spec.adapter_ids
-        ]
-        if len(files) > 1 or spec.weights:
-            name = "+".join(spec.adapter_ids)
-            merged = merge_adapters([f.to_lora_adapter() for f in files], spec.weights, spec.merge_strategy,
-                                    name=name)  # fmt: skip
-            modules = _as_modules(merged)
-        else:
-            modules = files[0].modules
-        weights = self._to_host_layout(modules)
+        dirs = [self.sources.resolve(i, spec.source, spec.api_token) for i in spec.adapter_ids]
+        single = len(dirs) == 1 and not spec.weights  # file-backed: the bytes stay in the file
+        before = _identity(dirs[0] / WEIGHTS_FILE) if single else None
+        files = [read_peft_adapter(d, self.config, name=n)
+                 for d, n in zip(dirs, spec.adapter_ids, strict=True)]  # fmt: skip
+        host = None
+        if before is not None and _identity(before.path) == before:  # not replaced while we read it
+            host = HostAdapter.from_file(before, self._sliced(files[0].modules))
+        if host is None:  # merged (or an unaligned tensor the loader had to copy): packed in memory
+            if len(files) > 1 or spec.weights:
+                name = "+".join(spec.adapter_ids)
+                merged = merge_adapters([f.to_lora_adapter() for f in files], spec.weights,
+                                        spec.merge_strategy, name=name)  # fmt: skip
+                modules = _as_modules(merged)
+            else:
+                modules = files[0].modules
+            host = HostAdapter.packed(self._sliced(modules), self.dtype)
         with self._host_lock:
-            self._host_cache[key] = weights
+            self._host_cache[key] = host
             while len(self._host_cache) > self._host_cache_entries:
                 self._host_cache.popitem(last=False)
-        return weights
+        return host
 
-    def _to_host_layout(self, modules: dict[Key, LoraModule]) -> HostAdapter:
-        """TP-slice, cast and scale every module into one new host buffer: A's first, then B's.
-
-        One pass over the bytes: each tensor is copied once from the file mapping into its place; B is
-        then scaled in place in the store dtype with one multiply per run of equal scales (usually one
-        for the whole adapter), which is bit-identical to the float32 `B * scale` then cast, because the
-        cast before it is exact. Where the cast is not exact (e.g. float32 file, bfloat16 store) that B
-        is scaled in float32 first, as before.
-        """
+    def _sliced(self, modules: dict[Key, LoraModule]) -> dict[Key, tuple[torch.Tensor, torch.Tensor, float]]:
+        """This rank's (A, B, scale) per module: views of the loader's tensors (no copy)."""
         rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
-        sliced = []
+        out = {}
         for key, m in sorted(modules.items()):
             a, b = shard_lora(key[1], m.a, m.b, self.config, rank, world)
-            if a.dtype not in _HALF_OR_SINGLE:  # e.g. float64: through float32 first, as the cast always was
-                a = a.float()
-            if b.dtype not in _HALF_OR_SINGLE:
-                b = b.float()
-            sliced.append((key, a, b, m.scale))
-        numel_a = sum(a.numel() for _, a, _, _ in sliced)
-        numel = numel_a + sum(b.numel() for _, _, b, _ in sliced)
-        flat = torch.empty(numel, dtype=self.dtype)  # [sum r*in_local | sum out_local*r]
-        weights: HostWeights = {}
-        offsets: dict[Key, tuple[int, int]] = {}
-        runs: list[list] = []  # [start, end, scale] of B ranges still to scale in place
-        oa, ob = 0, numel_a
-        for key, a, b, scale in sliced:
-            dst_a = flat[oa : oa + a.numel()].view(a.shape)
-            dst_b = flat[ob : ob + b.numel()].view(b.shape)
-            dst_a.copy_(a)
-            if scale == 1.0 or _exact_cast(b.dtype, self.dtype):
-                dst_b.copy_(b)
-                if scale != 1.0:
-                    if runs and runs[-1][1] == ob and runs[-1][2] == scale:
-                        runs[-1][1] = ob + b.numel()
-                    else:
-                        runs.append([ob, ob + b.numel(), scale])
-            else:
-                dst_b.copy_(b.float() * scale)
-            weights[key], offsets[key] = (dst_a, dst_b), (oa, ob)
-            oa, ob = oa + a.numel(), ob + b.numel()
-        for start, end, scale in runs:
-            flat[start:end].mul_(scale)
-        return HostAdapter(flat, weights, offsets)
+            out[key] = (a, b, m.scale)
+        return out
 
     def _host_of(self, index: int) -> HostAdapter:
         return self._entries[index].host
 
 
+def _identity(path) -> FileIdentity | None:
+    try:
+        return FileIdentity.of(path)
+    except OSError:  # missing: the loader names the problem
+        return None
+
+
 def _as_modules(adapter: LoraAdapter) -> dict[Key, LoraModule]:
-    """A merged (float32, already scaled) adapter in the form `_to_host_layout` takes."""
+    """A merged (float32, already scaled) adapter as loader modules (scale 1)."""
     return {key: LoraModule(a, b, 1.0) for key, (a, b) in adapter.weights.items()}

@@ -89,7 +89,8 @@ class AdapterBatchMetadata:
 
 
 class AdapterBatchData:
-    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None): forward's adapter_data.
+    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None, ready=None): forward's
+    adapter_data.
 
     `stacks` is the store's current layout (AdapterStore.batch_data builds this object); it is valid until
     the store's `layout_version` changes. `tp`: anything with rank / world_size / group (model.parallel.
@@ -100,7 +101,7 @@ class AdapterBatchData:
 
     def __init__(
         self, meta: AdapterBatchMetadata, stacks: LoraStacks, is_prefill: bool, tp=None,
-        lm_head_indices: torch.Tensor | None = None,
+        lm_head_indices: torch.Tensor | None = None, ready: Mapping[int, object] | None = None,
     ):  # fmt: skip
         self.meta = meta
         self.stacks = stacks
@@ -109,6 +110,9 @@ class AdapterBatchData:
         self.tp = tp
         # The same rows as forward(lm_head_indices=...): lm_head then sees [N] rows, not [T] tokens.
         self.lm_head_indices = lm_head_indices
+        # Per layer, a CUDA event the layer's LoRA waits for: an adapter upload still in flight (the
+        # store's side stream), so the copy overlaps the layers before. None/empty: nothing in flight.
+        self.ready = dict(ready or {})
         self._rows: dict[tuple[bool, int], object] = {}  # token grouping, built once per batch
         self._single: dict[tuple[int, str], LoraGroupStack] = {}
 
@@ -130,6 +134,9 @@ class AdapterBatchData:
                     y0 += w
             return
         stack = found
+        event = self.ready.pop(layer_idx, None)
+        if event is not None:
+            torch.cuda.current_stream(x.device).wait_event(event)
         starts = dict(zip(members, [sum(widths[:i]) for i in range(len(members))], strict=True))
         slices = []
         for t, b0, w in zip(stack.targets, stack.b_offsets, stack.widths, strict=True):

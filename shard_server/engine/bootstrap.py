@@ -72,6 +72,9 @@ def build_adapter_store(
         for i, a in enumerate(config.preloaded_adapter_ids)
     ]
     sources = AdapterSources(AdapterSourceConfig(adapter_root=config.adapter_root))
+    # min_slots: the first adapter lays out 8 slots (when the budget allows), so the next seven loads
+    # neither re-lay out the stacks nor drop the captured decode graphs.
     return AdapterStore(
-        model_config, device, dtype, budget_bytes=budget, tp=tp, sources=sources, preloaded=preloaded
+        model_config, device, dtype, budget_bytes=budget, tp=tp, sources=sources, preloaded=preloaded,
+        min_slots=8,
     )

@@ -1,4 +1,4 @@
-"""The fast adapter load path computes what the previous one did: host copies bit-identical to the float32
+"""The fast adapter load path computes what the previous one did: device stacks bit-identical to the float32
 fold-then-cast path (every dtype pair, TP slices, non power-of-two scales), stacks identical after growth
 with device-to-device carry-over, padding zeroed when a slot is reused, corrupt files refused, and
 bench/adapter_load.py runs. Functional only: no timing is asserted."""
@@ -50,18 +50,24 @@ def previous_host_layout(path: Path, dtype: torch.dtype, rank: int, world: int) 
 @pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("store_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tp_rank,world", [(0, 1), (1, 2)])
-def test_host_copy_is_bit_identical_to_the_float32_path(tmp_path, file_dtype, store_dtype, tp_rank, world):
+def test_stacks_are_bit_identical_to_the_float32_path(tmp_path, file_dtype, store_dtype, tp_rank, world):
     path = adapter(tmp_path / "a", rank=5, dtype=file_dtype, alpha=7)  # scale 7/5
     tp = None if world == 1 else SimpleNamespace(rank=tp_rank, world_size=world, group=None)
     store = AdapterStore(CONFIG, "cpu", store_dtype, tp=tp)
-    host = store._host_weights(local(path))
+    store.load(1, local(path))
     want = previous_host_layout(path, store_dtype, tp_rank, world)
-    assert host.weights.keys() == want.keys()
-    for key, (a, b) in host.weights.items():
-        assert a.dtype == b.dtype == store_dtype
-        assert torch.equal(a, want[key][0]) and torch.equal(b, want[key][1]), key
-        # one buffer per adapter: every tensor is a view of it (one H2D copy uploads all of them)
-        assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() == host.flat.data_ptr()
+    slot, seen = store._slot_of[1], set()
+    for (layer, _), stack in store._stacks.items():
+        for target in stack.targets:
+            m, (a, b) = stack.member(target), want[(layer, target)]
+            assert m.a.dtype == m.b.dtype == store_dtype
+            assert torch.equal(m.a[slot, : a.shape[0]], a) and torch.equal(m.b[slot, :, : b.shape[1]], b)
+            seen.add((layer, target))
+    assert seen == want.keys()
+    # host memory keeps the module table only: the bytes stay in the file and are read again on upload
+    host = store._host_of(1)
+    assert host.file is not None and host.memory is None
+    assert host.file.path == path / "adapter_model.safetensors"
 
 
 def expected_stacks(store: AdapterStore, paths: dict[int, Path]) -> None:
@@ -153,7 +159,7 @@ def test_corrupt_files_are_refused(tmp_path, payload):
 def test_bench_runs_on_the_tiny_shape(tmp_path, capsys):
     out = bench_main(["--device", "cpu", "--shape", "tiny", "--loads", "3", "--work", str(tmp_path),
                       "--json", str(tmp_path / "r.json")])  # fmt: skip
-    assert set(out["stages_ms"]) >= {"read", "validate", "host_pack", "upload", "scatter", "relayout", "sum"}
+    assert set(out["stages_ms"]) >= {"read", "validate", "stage", "transfer", "relayout", "sum"}
     assert len(out["e2e_ms"]) == 3 and "reference_ms" in out
     assert json.loads((tmp_path / "r.json").read_text())["shape"] == "tiny"
     assert "previous load path" in capsys.readouterr().out
