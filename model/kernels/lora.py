@@ -6,6 +6,7 @@ by slot and cuts each slot's run into row tiles of at most BLOCK_M tokens:
 
     plan.perm   [T] int32 or None   token rows in slot order (None: identity, prefill's contiguous runs)
     plan.tiles  [3, TILES] int32    per tile: slot, first position in perm order, rows (0: empty tile)
+    plan.count  [1] int32           non-empty tiles, which come first
 
 Semantics (torch references below, same arguments):
 
@@ -18,8 +19,9 @@ Semantics (torch references below, same arguments):
 Each tile reads its slot's A and B once, whatever the batch size: decode tokens of one adapter share the
 reads (BGMV read them once per token). A decode plan is built on the device with static shapes
 (`plan_from_slots`: TILES = min(T, S) + ceil(T / BLOCK_M) bounds the tiles of any slot mix), so the CUDA
-graph of a batch bucket serves every mix of adapters; empty tiles exit at once, and they come last in
-launch order (the tile is the slowest grid axis). Tokens with slot -1 are in no tile: no reads, no writes.
+graph of a batch bucket serves every mix of adapters. The grid has a fixed number of tile workers that
+loop over the `count` real tiles (a grid over TILES would launch thousands of programs of empty tiles
+at decode sizes). Tokens with slot -1 are in no tile: no reads, no writes.
 
 Launches: one shrink and one expand per group (qkv, o, gate_up, down). Split-K shrink for small batches
 (an adapter's A is 48 rows x 4096 for qkv at rank 16: one program per tile would stream 393 KB alone),
@@ -48,6 +50,7 @@ class LoraPlan:
 
     perm: torch.Tensor | None  # [T] int32
     tiles: torch.Tensor  # [3, TILES] int32: slot, first, rows
+    count: torch.Tensor  # [1] int32: the real tiles, tiles[:, :count]
     block_m: int
     num_rows: int  # T
     min_tiles: int  # fewest non-empty tiles any slot mix of this plan has (sizes split-K and the grid)
@@ -72,15 +75,16 @@ def plan_from_slots(token_slots: torch.Tensor, num_slots: int, block_m: int = 16
     s = max(int(num_slots), 1)
     num_tiles = min(t, s) + -(-t // block_m)
     perm = torch.empty(t, dtype=torch.int32, device=token_slots.device)
-    tiles = torch.empty(3, num_tiles, dtype=torch.int32, device=token_slots.device)
+    buf = torch.empty(3 * num_tiles + 1, dtype=torch.int32, device=token_slots.device)
+    tiles, count = buf[: 3 * num_tiles].view(3, num_tiles), buf[3 * num_tiles :]
     scratch = torch.empty(t, dtype=torch.int32, device=token_slots.device)
     t_pad = triton.next_power_of_2(t)
     _plan_kernel[(1,)](
-        token_slots, perm, tiles, scratch, t, s, num_tiles, T_PAD=t_pad, CHUNK=min(32, t_pad),
+        token_slots, perm, tiles, count, scratch, t, s, num_tiles, T_PAD=t_pad, CHUNK=min(32, t_pad),
         BLOCK_M=block_m, J_PAD=triton.next_power_of_2(-(-t // block_m)),
         TILES_PAD=triton.next_power_of_2(num_tiles), num_warps=4 if t_pad <= 256 else 8,
     )  # fmt: skip
-    return LoraPlan(perm, tiles, block_m, t, min_tiles=-(-t // block_m))
+    return LoraPlan(perm, tiles, count, block_m, t, min_tiles=-(-t // block_m))
 
 
 PLAN_KERNEL_MAX_ROWS = 512
@@ -105,7 +109,8 @@ def plan_from_slots_ref(token_slots: torch.Tensor, num_slots: int, block_m: int 
     rows = torch.where(real, (counts[seg_c] - within * block_m).clamp(max=block_m), 0)
     first = torch.where(real, starts[seg_c] + within * block_m, 0)
     tiles = torch.stack([torch.where(real, seg_c, 0), first, rows]).to(torch.int32)
-    return LoraPlan(perm, tiles, block_m, t, min_tiles=-(-t // block_m))
+    count = ntiles.sum().reshape(1).to(torch.int32)
+    return LoraPlan(perm, tiles, count, block_m, t, min_tiles=-(-t // block_m))
 
 
 @triton.jit
@@ -116,7 +121,7 @@ def _plan_keys(slots_ptr, idx, T, S):
 
 
 @triton.jit
-def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, scratch_ptr, T, S, num_tiles, T_PAD: tl.constexpr,
+def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, count_ptr, scratch_ptr, T, S, num_tiles, T_PAD: tl.constexpr,
                  CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, J_PAD: tl.constexpr, TILES_PAD: tl.constexpr):
     # One program: a stable counting sort of the rows by slot through all-pairs comparisons (T <= 512).
     i = tl.arange(0, T_PAD)
@@ -135,6 +140,7 @@ def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, scratch_ptr, T, S, num_tiles, T
     lead = (before == 0) & (key_i < S)  # the first row of each adapter's run
     ntiles = tl.where(lead, (count + BLOCK_M - 1) // BLOCK_M, 0)
     tl.store(scratch_ptr + i, ntiles, mask=i < T)
+    tl.store(count_ptr, tl.sum(ntiles, axis=0))
     t_all = tl.arange(0, TILES_PAD)
     empty = t_all < num_tiles
     tl.store(tiles_ptr + t_all, tl.zeros([TILES_PAD], dtype=tl.int32), mask=empty)
@@ -170,8 +176,9 @@ def plan_from_segments(segments: Sequence[tuple[int, int, int]], num_rows: int, 
             cols[0].append(slot)
             cols[1].append(first)
             cols[2].append(min(block_m, end - first))
-    tiles = torch.tensor(cols, dtype=torch.int32).to(device)
-    return LoraPlan(None, tiles, block_m, num_rows, min_tiles=len(cols[0]))
+    n = len(cols[0])
+    buf = torch.tensor([v for c in cols for v in c] + [n], dtype=torch.int32).to(device)  # one upload
+    return LoraPlan(None, buf[: 3 * n].view(3, n), buf[3 * n :], block_m, num_rows, min_tiles=n)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -203,81 +210,74 @@ def _tile_rows(perm_ptr, first, n, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, ranks_ptr, perm_ptr, tiles_ptr, v_ptr, N, K, R, k_chunk, num_tiles,
-                   stride_xt, stride_as, stride_an, stride_vs, stride_vt,
+def _shrink_kernel(x_ptr, a_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, v_ptr, N, K, R, k_chunk,
+                   num_tiles, stride_xt, stride_as, stride_an, stride_vs, stride_vt,
                    HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    tile = tl.program_id(2)
-    n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
-    if n_rows == 0:  # empty tile of a static-capacity plan
-        return
-    slot = tl.load(tiles_ptr + tile)
-    rows, m_ok = _tile_rows(perm_ptr, tl.load(tiles_ptr + num_tiles + tile), n_rows, HAS_PERM, BLOCK_M)
-    rank = tl.load(ranks_ptr + slot)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    live = n_ok & ((offs_n % R) < rank)  # rows of A past the slot's rank are zero: never read
     k_lo = split * k_chunk
-    k_hi = tl.minimum(K, k_lo + k_chunk)
-    k_hi = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, k_hi, k_lo)
-    a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_n[None, :] * stride_an
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_hi
-        xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                     other=0.0)  # [BLOCK_M, BLOCK_K]
-        at = tl.load(a_rows + offs_k[:, None], mask=live[None, :] & k_ok[:, None], other=0.0)  # [BK, BN]
-        acc = tl.dot(xt.to(at.dtype), at, acc)
-    tl.store(v_ptr + split * stride_vs + rows[:, None] * stride_vt + offs_n[None, :], acc,
-             mask=m_ok[:, None] & n_ok[None, :])
+    for tile in range(tl.program_id(2), tl.load(count_ptr), tl.num_programs(2)):  # the real tiles only
+        slot = tl.load(tiles_ptr + tile)
+        n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
+        rows, m_ok = _tile_rows(perm_ptr, tl.load(tiles_ptr + num_tiles + tile), n_rows, HAS_PERM, BLOCK_M)
+        live = n_ok & ((offs_n % R) < tl.load(ranks_ptr + slot))  # rows past the slot's rank: zero, unread
+        k_hi = tl.minimum(K, k_lo + k_chunk)
+        k_hi = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, k_hi, k_lo)
+        a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_n[None, :] * stride_an
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_hi
+            xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            at = tl.load(a_rows + offs_k[:, None], mask=live[None, :] & k_ok[:, None], other=0.0)  # [BK, BN]
+            acc = tl.dot(xt.to(at.dtype), at, acc)
+        tl.store(v_ptr + split * stride_vs + rows[:, None] * stride_vt + offs_n[None, :], acc,
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, y_ptr, N, R, num_splits, num_tiles,
-                   tiles_per_prog, b1, b2, b3, d0, d1, d2, d3, stride_vs, stride_vt, stride_bs, stride_bn,
-                   stride_yt, HAS_PERM: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
+def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_ptr, N, R, num_splits,
+                   num_tiles, tiles_per_prog, b1, b2, b3, d0, d1, d2, d3, stride_vs, stride_vt, stride_bs,
+                   stride_bn, stride_yt, HAS_PERM: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
                    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
-    tile = tl.program_id(1)
-    n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
-    if n_rows == 0:
-        return
-    slot = tl.load(tiles_ptr + tile)
-    rank = tl.load(ranks_ptr + slot)
-    if rank == 0:  # the slot's adapter targets none of these members
-        return
-    rows, m_ok = _tile_rows(perm_ptr, tl.load(tiles_ptr + num_tiles + tile), n_rows, HAS_PERM, BLOCK_M)
     # The members side by side on the reduction axis: kk = member * R_PAD + r. B is loaded block-diagonally
     # (column c of B only under its own member's kk rows), so one dot adds every member's delta.
     kk = tl.arange(0, NT_PAD * R_PAD)
     kk_member = kk // R_PAD
     kk_r = kk % R_PAD
-    kk_ok = (kk_member < NT) & (kk_r < rank)
-    v_ptrs = v_ptr + rows[:, None] * stride_vt + (kk_member * R + kk_r)[None, :]
-    v_ok = m_ok[:, None] & kk_ok[None, :]
-    v = tl.zeros([BLOCK_M, NT_PAD * R_PAD], dtype=tl.float32)
-    for s in range(0, num_splits):  # the shrink's split-K partials
-        v += tl.load(v_ptrs + s * stride_vs, mask=v_ok, other=0.0)
-    b_base = b_ptr + slot.to(tl.int64) * stride_bs
-    v = v.to(b_ptr.dtype.element_ty)
     n_first = pid_n * tiles_per_prog
-    n_count = tl.minimum(tiles_per_prog, tl.cdiv(N, BLOCK_N) - n_first)
-    for j in range(0, n_count):
-        offs_n = (n_first + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        member = _slice_of(offs_n, b1, b2, b3)
-        bt = tl.load(b_base + offs_n[None, :] * stride_bn + kk_r[:, None],
-                     mask=kk_ok[:, None] & n_ok[None, :] & (kk_member[:, None] == member[None, :]),
-                     other=0.0)  # [NT_PAD * R_PAD, BLOCK_N]
-        delta = tl.dot(v, bt)  # [BLOCK_M, BLOCK_N] fp32
-        shift = tl.where(member == 0, d0, tl.where(member == 1, d1, tl.where(member == 2, d2, d3)))
-        y_ptrs = y_ptr + rows[:, None] * stride_yt + (offs_n + shift)[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
-        y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
+    n_span = tl.minimum(tiles_per_prog, tl.cdiv(N, BLOCK_N) - n_first)
+    for tile in range(tl.program_id(1), tl.load(count_ptr), tl.num_programs(1)):  # the real tiles only
+        slot = tl.load(tiles_ptr + tile)
+        rank = tl.load(ranks_ptr + slot)  # 0: the slot's adapter targets none of these members
+        n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
+        rows, m_ok = _tile_rows(perm_ptr, tl.load(tiles_ptr + num_tiles + tile), n_rows, HAS_PERM, BLOCK_M)
+        kk_ok = (kk_member < NT) & (kk_r < rank)
+        v_ptrs = v_ptr + rows[:, None] * stride_vt + (kk_member * R + kk_r)[None, :]
+        v_ok = m_ok[:, None] & kk_ok[None, :]
+        v = tl.zeros([BLOCK_M, NT_PAD * R_PAD], dtype=tl.float32)
+        for s in range(0, num_splits):  # the shrink's split-K partials
+            v += tl.load(v_ptrs + s * stride_vs, mask=v_ok, other=0.0)
+        v = v.to(b_ptr.dtype.element_ty)
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        for j in range(0, tl.where(rank > 0, n_span, 0)):
+            offs_n = (n_first + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            member = _slice_of(offs_n, b1, b2, b3)
+            bt = tl.load(b_base + offs_n[None, :] * stride_bn + kk_r[:, None],
+                         mask=kk_ok[:, None] & n_ok[None, :] & (kk_member[:, None] == member[None, :]),
+                         other=0.0)  # [NT_PAD * R_PAD, BLOCK_N]
+            delta = tl.dot(v, bt)  # [BLOCK_M, BLOCK_N] fp32
+            shift = tl.where(member == 0, d0, tl.where(member == 1, d1, tl.where(member == 2, d2, d3)))
+            y_ptrs = y_ptr + rows[:, None] * stride_yt + (offs_n + shift)[None, :]
+            ok = m_ok[:, None] & n_ok[None, :]
+            y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _perm_arg(plan: LoraPlan) -> torch.Tensor:
@@ -287,8 +287,16 @@ def _perm_arg(plan: LoraPlan) -> torch.Tensor:
 def _check(plan: LoraPlan, *tensors: torch.Tensor) -> None:
     for t in tensors:
         assert t.stride(-1) == 1, t.stride()
-    assert plan.tiles.dtype == torch.int32 and plan.tiles.is_contiguous()
+    assert plan.tiles.dtype == torch.int32 and plan.tiles.is_contiguous() and plan.count.dtype == torch.int32
     assert plan.perm is None or (plan.perm.dtype == torch.int32 and plan.perm.stride(0) == 1)
+
+
+def tile_workers(plan: LoraPlan) -> int:
+    """Programs along the tile axis: the real tiles when the host knows them (prefill), else twice the
+    fewest a batch of this size has (one adapter); more tiles (many adapters) loop in each program."""
+    if plan.perm is None:
+        return max(plan.num_tiles, 1)
+    return max(1, min(plan.num_tiles, 2 * plan.min_tiles, 64))
 
 
 def choose_splits(plan: LoraPlan, n_cols: int, k: int, block_n: int, sms: int) -> int:
@@ -322,9 +330,9 @@ def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | No
     v = torch.empty((splits, t, n), device=x.device, dtype=torch.float32) if out is None else out
     if t == 0 or plan.num_tiles == 0:
         return v
-    grid = (triton.cdiv(n, block_n), splits, plan.num_tiles)
+    grid = (triton.cdiv(n, block_n), splits, tile_workers(plan))
     _shrink_kernel[grid](
-        x, lora_a, ranks, _perm_arg(plan), plan.tiles, v, n, k, rank, k_chunk, plan.num_tiles,
+        x, lora_a, ranks, _perm_arg(plan), plan.tiles, plan.count, v, n, k, rank, k_chunk, plan.num_tiles,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0), v.stride(1),
         HAS_PERM=plan.perm is not None, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )  # fmt: skip
@@ -358,8 +366,8 @@ def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
     n_progs = max(1, min(n_tiles, triton.cdiv(4 * _num_sms(y.device), max(plan.min_tiles, 1))))
     per_prog = triton.cdiv(n_tiles, n_progs)
     n_progs = triton.cdiv(n_tiles, per_prog)
-    _expand_kernel[(n_progs, plan.num_tiles)](
-        v, lora_b, ranks, _perm_arg(plan), plan.tiles, y, n, rank,
+    _expand_kernel[(n_progs, tile_workers(plan))](
+        v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, y, n, rank,
         v.shape[0], plan.num_tiles, per_prog, *bounds[:3], *shifts, v.stride(0), v.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), HAS_PERM=plan.perm is not None, NT=nt,
         NT_PAD=nt_pad, R_PAD=r_pad, BLOCK_M=plan.block_m, BLOCK_N=block_n, num_warps=4,

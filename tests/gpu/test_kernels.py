@@ -219,6 +219,7 @@ def test_lora_plan_kernel_equals_torch_plan(T, S):
         got = lora.plan_from_slots(slots, S, use_kernel=True)
         ref = lora.plan_from_slots_ref(slots, S)
         assert torch.equal(got.perm, ref.perm) and torch.equal(got.tiles, ref.tiles)
+        assert torch.equal(got.count, ref.count)
 
 
 def test_lora_grouped_cuda_graph():

@@ -29,7 +29,7 @@ from model.kernels import lora, paged_attention as pa, rmsnorm, rotary
 PTR = {"bt": "*i32", "lens": "*i32", "idx": "*i32", "starts": "*i32", "ends": "*i32", "slots": "*i32",
        "part_o": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "k_scale": "*fp32", "v_scale": "*fp32",
        "cos": "*fp32", "sin": "*fp32", "pos": "*i64", "slot": "*i64", "ranks": "*i32", "perm": "*i32",
-       "tiles": "*i32", "v": "*fp32", "scratch": "*i32"}
+       "tiles": "*i32", "v": "*fp32", "scratch": "*i32", "count": "*i32"}
 FLOATS = {"qk_scale", "v_scale_val", "eps", "k_inv", "v_inv"}
 CASES = [
     (pa._paged_decode_kernel, dict(G=4, G_PAD=16, D=128, BLOCK_SIZE=16, BLOCK_N=64, SCALE_FROM_PTR=False,

@@ -34,6 +34,7 @@ CASES = [
     (37, 5, 64, 128, (48, 48), (True, True), torch.bfloat16, 1),  # gate_up; 3 tiles of one slot
     (20, 2, 128, 64, (128,), (True,), torch.bfloat16, 1),
     (12, 4, 16, 192, (64, 16, 16), (False, True, True), torch.float16, 3),  # MQA-like k/v only
+    (40, 20, 16, 64, (32, 16, 16), (True, True, True), torch.bfloat16, 1),  # ~20 tiles on 6 tile workers
 ]
 
 
@@ -86,8 +87,9 @@ def test_device_plan_groups_tokens_by_slot_in_static_tiles(lora):
             rows.setdefault(slot, []).extend(perm[first : first + n])
     assert rows == {0: [2, 6], 3: [0, 3, 4, 7, 8, 9]}  # stable: token order kept within a slot
     assert plan.tiles[2].tolist()[4:] == [0] * (plan.num_tiles - 4)  # 1 + 3 real tiles, then empty
+    assert plan.count.tolist() == [4]
     empty = lora.plan_from_slots(torch.full((4,), -1, dtype=torch.int32), 3)
-    assert empty.tiles[2].eq(0).all()
+    assert empty.tiles[2].eq(0).all() and empty.count.tolist() == [0]
 
 
 def test_choose_splits_spreads_small_batches(lora):
@@ -157,3 +159,4 @@ def test_plan_kernel_equals_the_torch_plan(lora, T, S, block_m):
         ref = lora.plan_from_slots_ref(slots, S, block_m)
         got = lora.plan_from_slots(slots, S, block_m, use_kernel=True)
         assert torch.equal(got.perm, ref.perm) and torch.equal(got.tiles, ref.tiles), (trial, slots)
+        assert torch.equal(got.count, ref.count), (trial, slots)
