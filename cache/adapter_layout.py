@@ -13,8 +13,8 @@ expand serve the whole group and a rank-8 adapter reads 8 rows whatever R is. Al
 layout are contiguous views of one device buffer (one allocation, one memset); the per-slot ranks are
 one small int32 tensor [groups, cap].
 A batch only changes the per-token slot index. `device_bytes()` is what these stacks allocate and never
-exceeds the budget: when new adapters do not fit, least recently used residents move out (their host
-copy stays), and the stacks are re-laid out only when capacity or a rank bucket must change
+exceeds the budget: when new adapters do not fit, least recently used residents move out (they stay
+registered; their bytes come back from the host side on next use), and the stacks are re-laid out only when capacity or a rank bucket must change
 (`layout_version` then increments: recapture CUDA graphs, rebuild AdapterBatchData).
 
 Placing an adapter (cache/adapter_host.Uploader) reads its bytes into a pinned staging buffer, then per

@@ -16,18 +16,14 @@ Semantics (torch references below, same arguments):
     expand:  for tile, for member i with B rows [b0_i, b1_i) and output columns from y0_i:
                  y[rows, y0_i + c] += sum_s(v[s, rows, i*R:(i+1)*R]) @ B[slot, b0_i + c].T   in place
 
-Each tile reads its slot's A and B once, whatever the batch size: decode tokens of one adapter share the
-reads (BGMV read them once per token). A decode plan is built on the device with static shapes
-(`plan_from_slots`: TILES = min(T, S) + ceil(T / BLOCK_M) bounds the tiles of any slot mix), so the CUDA
-graph of a batch bucket serves every mix of adapters. The grid has a fixed number of tile workers that
-loop over the `count` real tiles (a grid over TILES would launch thousands of programs of empty tiles
-at decode sizes). Tokens with slot -1 are in no tile: no reads, no writes.
-
-Launches: one shrink and one expand per group (qkv, o, gate_up, down). Split-K shrink for small batches
-(an adapter's A is 48 rows x 4096 for qkv at rank 16: one program per tile would stream 393 KB alone),
-partials summed in the expand's prologue (no atomics, no memset). Rank buckets: the stack is padded to
-the largest resident rank R, but a slot of rank r reads r of R rows of A and r of R columns of B.
-Cost model and predictions for Mistral-7B: docs/lora.md.
+Each tile reads its slot's A and B once, whatever the batch size (BGMV read them once per token). A decode
+plan is built on the device with static shapes (`plan_from_slots`: TILES = min(T, S) + ceil(T / BLOCK_M)
+bounds the tiles of any slot mix), so a CUDA graph serves every mix of adapters; a fixed number of tile
+workers loops over the `count` real tiles (a grid over TILES would launch thousands of empty programs).
+Tokens with slot -1 are in no tile: no reads, no writes. One shrink and one expand launch per group;
+split-K shrink for small batches (qkv's A is 48 x 4096 at rank 16: one program would stream 393 KB),
+partials summed in the expand's prologue (no atomics, no memset); a slot of rank r reads r of the
+stack's R rows of A and columns of B. Cost model and predictions for Mistral-7B: docs/lora.md.
 """
 
 from __future__ import annotations
@@ -53,7 +49,7 @@ class LoraPlan:
     count: torch.Tensor  # [1] int32: the real tiles, tiles[:, :count]
     block_m: int
     num_rows: int  # T
-    min_tiles: int  # fewest non-empty tiles any slot mix of this plan has (sizes split-K and the grid)
+    min_tiles: int  # tiles when every row uses one adapter (prefill: the exact count); sizes the grids
 
     @property
     def num_tiles(self) -> int:
@@ -168,16 +164,10 @@ def plan_from_segments(segments: Sequence[tuple[int, int, int]], num_rows: int, 
     """Plan from host segments (start, end, slot) of contiguous rows (prefill): exact, one upload."""
     longest = max((e - s for s, e, k in segments if k >= 0), default=0)
     block_m = block_m or (16 if longest <= 16 else 64)
-    cols: list[list[int]] = [[], [], []]
-    for start, end, slot in segments:
-        if slot < 0:
-            continue
-        for first in range(start, end, block_m):
-            cols[0].append(slot)
-            cols[1].append(first)
-            cols[2].append(min(block_m, end - first))
-    n = len(cols[0])
-    buf = torch.tensor([v for c in cols for v in c] + [n], dtype=torch.int32).to(device)  # one upload
+    tiles = [(slot, first, min(block_m, end - first)) for start, end, slot in segments if slot >= 0
+             for first in range(start, end, block_m)]  # fmt: skip
+    n = len(tiles)
+    buf = torch.tensor([t[i] for i in range(3) for t in tiles] + [n], dtype=torch.int32).to(device)
     return LoraPlan(None, buf[: 3 * n].view(3, n), buf[3 * n :], block_m, num_rows, min_tiles=n)
 
 

@@ -12,8 +12,10 @@ pytestmark = pytest.mark.slow  # ~30 s on two cores
 
 
 def test_adapter_sections_run_on_cpu(tmp_path):
+    # the deadline counts from the bench module's import, which in a test session is long before this
     assert main(["--smoke", "--only", "adapter_load,rotation,mixed_ranks", "--out-dir", str(tmp_path),
-                 "--work-dir", str(tmp_path / "work"), "--rotation-seconds", "1.5"]) == 0  # fmt: skip
+                 "--work-dir", str(tmp_path / "work"), "--rotation-seconds", "1.5",
+                 "--deadline-seconds", "1e9"]) == 0  # fmt: skip
     (path,) = tmp_path.glob("cpu-smoke-*.json")
     rows = json.loads(path.read_text())["rows"]
     assert not [r for r in rows if r.get("error")], rows
