@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m bench.gpu` (issue 6's benchmark), `bench.cpu` (gRPC overhead), `bench.kernels`.
+"""Benchmarks: `python -m bench.gpu` (the performance targets), `bench.cpu` (gRPC overhead), `bench.kernels`.
 
 Benchmarks are never timed tests: they print a table and write JSON under bench/results/.
 """

@@ -1,4 +1,4 @@
-"""LoadAdapter cost, stage by stage: the store's load path against the previous one, on CPU or CUDA.
+"""LoadAdapter cost, stage by stage: the store's load path against a naive one, on CPU or CUDA.
 
     python -m bench.adapter_load                          # CUDA when present, else CPU; 7B shape, rank 16
     python -m bench.adapter_load --device cpu --threads 1 --loads 5 --json out.json
@@ -14,7 +14,7 @@ as in bench/gpu.py's adapter_load), three ways:
              scales), stage (the file's bytes into the pinned staging buffer: parallel preadv),
              transfer (per layer: host->device copy on the side stream, TP slice + B * scale + copy into
              the slot), relayout (new stacks on growth + device-to-device carry-over of the residents).
-  reference  the previous load path, re-enacted stage by stage with the same growth policy: safetensors
+  reference  a naive load path, re-enacted stage by stage with the same growth policy: safetensors
              load_file, validate, float32 + scale fold, slice + cast + contiguous per tensor, pin_memory per
              tensor (CUDA), per-tensor zero + copy into the slot, and on growth new stacks with every
              resident re-uploaded from its pinned host copy.
@@ -116,8 +116,8 @@ def run_stages(dirs: list[Path], config, device, dtype) -> list[dict[str, float]
     timer = StageTimer(device)
     store = new_store(config, device, dtype)
     for name, attr in (("transfer", "_transfer"), ("relayout", "_rebuild")):
-        setattr(store, attr, timer.wrap(name, getattr(store, attr)))
-    store._uploader.read = timer.wrap("stage", store._uploader.read)
+        setattr(store.layout, attr, timer.wrap(name, getattr(store.layout, attr)))
+    store.layout._uploader.read = timer.wrap("stage", store.layout._uploader.read)
     saved = {attr: getattr(loader, attr) for attr in ("_read_tensors", "validate_lora_tensors")}
     loader._read_tensors = timer.wrap("read", saved["_read_tensors"])
     loader.validate_lora_tensors = timer.wrap("validate", saved["validate_lora_tensors"])
@@ -133,7 +133,7 @@ def run_stages(dirs: list[Path], config, device, dtype) -> list[dict[str, float]
 
 
 def run_reference(dirs: list[Path], config, device, dtype) -> list[dict[str, float]]:
-    """The previous path: load_file, float32 fold, per-tensor cast/pin/copy, full re-upload on growth."""
+    """The naive path: load_file, float32 fold, per-tensor cast/pin/copy, full re-upload on growth."""
     from safetensors.torch import load_file
 
     from cache.adapter_store import rank_bucket
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--loads", type=int, default=5, help="distinct adapters loaded into one empty store")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-adapter-load"))
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--no-reference", action="store_true", help="skip the previous path's breakdown")
+    ap.add_argument("--no-reference", action="store_true", help="skip the naive path's breakdown")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["stages_ms"] = summarize(rows, NEW_STAGES)
     if not args.no_reference:
         ref = run_reference(files("reference"), config, device, dtype)
-        print_table("stages, previous load path (reference)", ref, REF_STAGES)
+        print_table("stages, naive load path (reference)", ref, REF_STAGES)
         result["reference_ms"] = summarize(ref, REF_STAGES)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

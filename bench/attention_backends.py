@@ -18,7 +18,8 @@ import torch
 
 from bench.common import device_name, time_ms
 from bench.profile_decode import DecodeCase, bandwidth_model_and_weight_bytes, kv_bytes
-from model.attention import Seqlen, available_backends, select_attention_backend
+from model.attention import available_backends, select_attention_backend
+from model.forward_batch import ForwardBatch, PrefillSeq
 
 MAX_S = 1024
 
@@ -43,18 +44,11 @@ def decode_ms(model, batch: int, context: int, dev) -> tuple[float, int]:
 
 
 def prefill_ms(model, prompts: int, length: int, dev) -> float:
-    n = prompts * length
-    ids = torch.randint(0, model.config.vocab_size, (n,), device=dev)
-    positions = torch.arange(length, device=dev).repeat(prompts)
-    seqlen = Seqlen.from_lengths([length] * prompts, None, dev)
-    last = torch.arange(1, prompts + 1, device=dev) * length - 1
-
-    def run():
-        model(input_ids=ids, position_ids=positions, cu_seqlen_prefill=seqlen.cu_seqlen_q, kv_cache=None,
-              block_tables=None, slots=None, seqlen=seqlen, max_s=length, adapter_data=None,
-              lm_head_indices=last)  # fmt: skip
-
-    return sorted(time_ms(run, dev, 2, 5))[2]
+    """Whole prefill forward of `prompts` x `length` random tokens, no KV cache, last-token logits."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (prompts, length), generator=g).tolist()
+    fb = ForwardBatch.prefill([PrefillSeq(p) for p in ids], device=dev)
+    return sorted(time_ms(lambda: fb.run(model, None), dev, 2, 5))[2]
 
 
 def main() -> None:

@@ -312,13 +312,17 @@ def write_model_dir(
 
 def write_adapter(
     out: Path, shape: ModelShape, rank: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, *,
-    seed: int = 1, std: float = 0.02, targets: tuple[str, ...] = LORA_TARGETS,
+    seed: int = 1, std: float = 0.02, targets: tuple[str, ...] = LORA_TARGETS, dora: bool = False,
 ) -> Path:
-    """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) written directly."""
+    """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) written directly.
+
+    dora: also a DoRA magnitude vector [out] per module (values near 1, after the same A and B as the
+    plain adapter of this seed, so a DoRA/LoRA pair differs only by DoRA)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(seed)
+    mgen = torch.Generator(device=device).manual_seed(seed + 7919)
     proj = shape.projections()
     tensors = {}
     for i in range(shape.layers):
@@ -327,11 +331,14 @@ def write_adapter(
             key = f"base_model.model.model.layers.{i}.{'self_attn' if t in _ATTN else 'mlp'}.{t}"
             tensors[f"{key}.lora_A.weight"] = _random((rank, fan_in), std, gen, device, dtype).cpu()
             tensors[f"{key}.lora_B.weight"] = _random((fan_out, rank), std, gen, device, dtype).cpu()
+            if dora:  # its own generator: A and B stay those of the plain adapter of this seed
+                m = 1.0 + _random((fan_out,), 0.1, mgen, device, dtype)
+                tensors[f"{key}.lora_magnitude_vector"] = m.cpu()
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
         "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "inference_mode": True, "modules_to_save": None,
+        "use_rslora": False, "use_dora": dora, "inference_mode": True, "modules_to_save": None,
     }  # fmt: skip
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return out

@@ -24,6 +24,13 @@ from bench.gpu_sections import Bench
 
 
 def e2e_grpc(bench: Bench) -> None:
+    """A server process per overlap setting, each driven through every e2e batch by the fake router."""
+    for overlap in (True, False):
+        fail_soft(bench.report, "e2e", "shard", lambda o=overlap: _e2e_grpc_server(bench, o),
+                  path="grpc", overlap=overlap)  # fmt: skip
+
+
+def _e2e_grpc_server(bench: Bench, overlap: bool) -> None:
     # Fail in seconds, not after the server has loaded 14.5 GB: the server needs the generated stubs
     # (shard_server/pb, git-ignored: carry them) and grpcio-health-checking / grpcio-reflection.
     import shard_server.server.grpc_server  # noqa: F401
@@ -34,9 +41,10 @@ def e2e_grpc(bench: Bench) -> None:
     uds = sock_dir / "s"
     cmd = [sys.executable, "-m", "shard_server", "serve", str(bench.model_dir), "--uds-path", str(uds),
            "--device", p.device.type, "--dtype", str(p.dtype).removeprefix("torch."),
-           "--log-level", "WARNING"]  # fmt: skip
+           "--log-level", "WARNING", "--overlap" if overlap else "--no-overlap"]  # fmt: skip
+    largest = max(p.e2e_batches)
     if p.device.type == "cpu":  # the CPU shard needs a bound; on CUDA Warmup sizes the cache itself
-        kv = 4 * p.e2e_batch * (p.prompt + p.new_tokens) * p.shape.kv_bytes_per_token(p.elem)
+        kv = 4 * largest * (p.prompt + p.new_tokens) * p.shape.kv_bytes_per_token(p.elem)
         cmd += ["--max-kv-cache-bytes", str(kv)]
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path)
@@ -49,28 +57,30 @@ def e2e_grpc(bench: Bench) -> None:
             if time.perf_counter() - t0 > 600:
                 raise TimeoutError("the shard server did not listen within 600 s")
             time.sleep(0.2)
-        log(f"e2e: server listening after {time.perf_counter() - t0:.1f}s")
+        log(f"e2e: server (overlap {overlap}) listening after {time.perf_counter() - t0:.1f}s")
         limits = RouterLimits(
             max_input_length=p.prompt, max_total_tokens=p.prompt + p.new_tokens,
-            max_prefill_tokens=p.e2e_batch * p.prompt,
+            max_prefill_tokens=largest * p.prompt,
         )  # fmt: skip
         with FakeRouter(f"unix://{uds}-0", limits, timeout=600) as router:
             budget = router.warmup()
             log(f"e2e: router warmup done (budget {budget} tokens)")
-            router.generate(bench.prompts.specs(p.e2e_batch, p.prompt, 4))  # warm, as the direct run
-            specs = bench.prompts.specs(p.e2e_batch, p.prompt, p.new_tokens)
-            t1 = time.perf_counter()
-            results = router.generate(specs)
-            seconds = time.perf_counter() - t1
-        tokens = sum(len(r.token_ids) for r in results)
-        direct = bench.direct_e2e["tok_s"] if bench.direct_e2e else None
-        bench.report.add(
-            "e2e", "shard", batch=p.e2e_batch, adapters=0, tok_s=tokens / seconds,
-            step_ms=seconds / p.new_tokens * 1e3, ms=seconds * 1e3, path="grpc", tokens=tokens,
-            ratio_vs_direct=tokens / seconds / direct if direct else None,
-            notes="shard server process + fake router over a unix socket (Prefill, Decode..., "
-            "FilterBatch, ClearCache, protobuf both ways); same workload as the direct row",
-        )  # fmt: skip
+            for batch in p.e2e_batches:
+                router.generate(bench.prompts.specs(batch, p.prompt, 4))  # warm, as the direct run
+                specs = bench.prompts.specs(batch, p.prompt, p.new_tokens)
+                t1 = time.perf_counter()
+                results = router.generate(specs)
+                seconds = time.perf_counter() - t1
+                tokens = sum(len(r.token_ids) for r in results)
+                direct = bench.direct_e2e.get((batch, overlap))
+                bench.report.add(
+                    "e2e", "shard", batch=batch, adapters=0, tok_s=tokens / seconds,
+                    step_ms=seconds / p.new_tokens * 1e3, ms=seconds * 1e3, path="grpc", tokens=tokens,
+                    overlap=overlap, ratio_vs_direct=tokens / seconds / direct if direct else None,
+                    notes="shard server process + fake router over a unix socket (Prefill, Decode..., "
+                    "FilterBatch, ClearCache, protobuf both ways); same workload as the direct row with "
+                    "the same overlap setting",
+                )  # fmt: skip
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -35,6 +35,8 @@ class Plan:
     decode_batches: list[int] = field(default_factory=lambda: [1, 8, 32, 64, 128])
     adapter_batches: list[int] = field(default_factory=lambda: [32, 64, 128])
     adapter_counts: list[int] = field(default_factory=lambda: [1, 8, 32])
+    dora_batches: list[int] = field(default_factory=lambda: [1, 64])
+    dora_counts: list[int] = field(default_factory=lambda: [8])
     rank: int = 16
     prefill_prompts: int = 16
     prefill_len: int = 1024
@@ -45,7 +47,8 @@ class Plan:
     peft_batches: list[int] = field(default_factory=lambda: [32, 64])
     peft_adapters: int = 8
     peft_new_tokens: int = 16
-    e2e_batch: int = 64
+    e2e_batches: list[int] = field(default_factory=lambda: [1, 64, 128])
+    overlap: bool = True  # decode overlap in the engine (e2e runs both settings and records each)
     max_decode_seconds: float = 6.0  # per decode row: stop early rather than blow the run's time
     prefill_chunk_tokens: int = 16384  # decode batches are prefilled in chunks of at most this
     copy_bytes: int = 1 << 30
@@ -58,6 +61,7 @@ class Plan:
     rotation_seconds: float = 20.0  # per driver run (baseline, rotation), after the first fill
     rotation_prompt: int = 128
     rotation_unique_files: int = 16
+    attention_backend: str = "auto"  # ShardConfig.attention_backend; every shard row records the one used
 
     @property
     def elem(self) -> int:
@@ -68,15 +72,16 @@ def smoke_plan() -> Plan:
     return Plan(
         device=torch.device("cpu"), dtype=torch.float32, shape=common.TINY, smoke=True, prompt=24,
         new_tokens=8, decode_batches=[1, 4], adapter_batches=[4], adapter_counts=[1, 2], rank=16,
+        dora_batches=[4], dora_counts=[2],
         prefill_prompts=2, prefill_len=48, prefill_reps=2, load_reps=3, hf_batches=[1, 2], hf_new_tokens=4,
-        peft_batches=[2], peft_adapters=2, peft_new_tokens=3, e2e_batch=4, max_decode_seconds=10.0,
+        peft_batches=[2], peft_adapters=2, peft_new_tokens=3, e2e_batches=[1, 4], max_decode_seconds=10.0,
         prefill_chunk_tokens=64, copy_bytes=1 << 24, matmul_n=256, rotation_adapters=24, rotation_running=6,
         rotation_slots=8, rotation_seconds=3.0, rotation_prompt=16, rotation_unique_files=4,
     )  # fmt: skip
 
 
 class Report:
-    """The JSON of issue 6; saved after every change so that a run cut short keeps its rows."""
+    """The JSON of one `bench.gpu` run; saved after every change so that a run cut short keeps its rows."""
 
     def __init__(self, path: Path, device: str, commit: str):
         self.path = path

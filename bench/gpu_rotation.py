@@ -128,12 +128,12 @@ def sec_rotation(bench) -> None:
     for j in range(1, 33):
         engine.offload_adapter(j, AdapterSpec(adapter_ids=(str(base_dirs[j - 1]),), source="local"))
     # The rotation: many registered adapters, at most rotation_slots on the device.
-    slots_before = store.max_slots
-    store.max_slots = min(store.max_slots, p.rotation_slots)
+    slots_before = store.layout.max_slots
+    store.layout.max_slots = min(store.layout.max_slots, p.rotation_slots)
     try:
         _rotate(bench, base)
     finally:
-        store.max_slots = slots_before
+        store.layout.max_slots = slots_before
 
 
 def _rotate(bench, base: dict) -> None:
@@ -153,13 +153,13 @@ def _rotate(bench, base: dict) -> None:
     miss, hit = out["ttft_miss_ms"], out["ttft_hit_ms"]
     rep.add("rotation", "shard", batch=p.rotation_running, adapters=len(dirs), tok_s=out["tok_s"],
             ratio_vs_resident=out["tok_s"] / base["tok_s"], seconds=out["seconds"], tokens=out["tokens"],
-            device_slots=store.max_slots, misses=out["misses"], misses_per_s=out["misses_per_s"],
+            device_slots=store.layout.max_slots, misses=out["misses"], misses_per_s=out["misses_per_s"],
             ttft_miss_p50_ms=_percentile(miss, 0.5), ttft_miss_p99_ms=_percentile(miss, 0.99),
             ttft_hit_p50_ms=_percentile(hit, 0.5), ttft_hit_p99_ms=_percentile(hit, 0.99),
             ttft_miss_samples=len(miss),
             notes=f"Zipf s={p.rotation_zipf} over {len(dirs)} rank-{p.rank} adapters "
-            f"({p.rotation_unique_files} distinct files), {p.rotation_running} running, <= {store.max_slots} "
-            "device slots; TTFT = the "
+            f"({p.rotation_unique_files} distinct files), {p.rotation_running} running, "
+            f"<= {store.layout.max_slots} device slots; TTFT = the "
             "prefill call of the step that admitted the request (synchronized)")  # fmt: skip
     for j, d in enumerate(dirs):
         engine.offload_adapter(first + j, AdapterSpec(adapter_ids=(str(d),), source="local"))
@@ -185,8 +185,7 @@ def sec_mixed_ranks(bench) -> None:
     adapter_bytes = sum(p.shape.adapter_params(r) for r in ranks) * p.elem
     try:
         for b in p.adapter_batches:
-            row = dict(first_index=first, adapter_bytes=adapter_bytes,
-                       extra={"ranks": ranks, "mixed_ranks": True})
+            row = dict(first_index=first, adapter_bytes=adapter_bytes, ranks=ranks, mixed_ranks=True)
             fail_soft(bench.report, "decode", "shard",
                       lambda b=b, row=row: bench.decode_row(b, len(ranks), **row),
                       batch=b, adapters=len(ranks), mixed_ranks=True)  # fmt: skip

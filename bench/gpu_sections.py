@@ -64,7 +64,7 @@ class Bench:
         self.bandwidth = None  # bytes / s
         self.peak_flops = None  # FLOP / s
         self.adapter_dirs: dict[str, list[Path]] = {}
-        self.direct_e2e: dict | None = None
+        self.direct_e2e: dict[tuple[int, bool], float] = {}  # (batch, overlap) -> tok/s in process
 
     # ---- setup ---------------------------------------------------------------------------------------
 
@@ -105,7 +105,7 @@ class Bench:
 
         p = self.plan
         per_seq = p.prompt + p.new_tokens
-        largest = max([*p.decode_batches, *p.adapter_batches, p.e2e_batch, 1])
+        largest = max([*p.decode_batches, *p.adapter_batches, *p.e2e_batches, 1])
         tokens = max(largest * per_seq, p.prefill_prompts * (p.prefill_len + 1))
         # A bound on the KV cache: Warmup would otherwise take nearly all free memory, leaving none
         # for the adapter stacks (32 rank-16 adapters: 2.7 GB) loaded after it.
@@ -115,7 +115,8 @@ class Bench:
         self.engine = ShardEngine(
             ShardConfig(
                 model_dir=self.model_dir, device=p.device.type, dtype=str(p.dtype).removeprefix("torch."),
-                max_kv_cache_bytes=kv_bytes, **extra,
+                max_kv_cache_bytes=kv_bytes, attention_backend=p.attention_backend, overlap=p.overlap,
+                **extra,
             )
         )
         log(f"engine: loaded in {time.perf_counter() - t0:.1f}s, decode CUDA graphs: "
@@ -166,17 +167,21 @@ class Bench:
         self.engine.clear_cache(None)
         return seconds, tokens
 
-    def load_adapters(self, dirs: list[Path], first_index: int) -> list[float]:
+    def load_adapters(self, dirs: list[Path], first_index: int) -> tuple[list[float], list[float]]:
+        """-> (ms per LoadAdapter, ms of it spent recapturing LoRA decode graphs after a re-layout)."""
         from shard_server.types import AdapterSpec
 
-        ms = []
+        ms, recapture_ms = [], []
+        graphs = self.engine.runner.graphs
         for j, d in enumerate(dirs):
+            captured_s = graphs.capture_seconds if graphs is not None else 0.0
             sync(self.plan.device)
             t0 = time.perf_counter()
             self.engine.load_adapter(first_index + j, AdapterSpec(adapter_ids=(str(d),), source="local"))
             sync(self.plan.device)  # the host -> device copies are asynchronous: usable means landed
             ms.append((time.perf_counter() - t0) * 1e3)
-        return ms
+            recapture_ms.append((graphs.capture_seconds - captured_s) * 1e3 if graphs is not None else 0.0)
+        return ms, recapture_ms
 
     # ---- sections ------------------------------------------------------------------------------------
 
@@ -205,14 +210,15 @@ class Bench:
             "prefill", "shard", batch=n, adapters=0, tok_s=n * length / t, ms=t * 1e3,
             roofline_fraction=achieved / self.peak_flops if self.peak_flops else None,
             tflops=achieved / 1e12, prompt=length, samples_ms=[x * 1e3 for x in times],
+            backend=self.engine.model.attention.name,
             notes="engine.prefill incl. first-token sampling; FLOPs = 2*matmul params*tokens + lm_head rows "
             "+ causal attention; fraction of measured matmul peak",
         )  # fmt: skip
 
     def decode_row(self, batch: int, n_adapters: int, first_index: int = 1, adapter_bytes: int | None = None,
-                   extra: dict | None = None) -> None:  # fmt: skip
+                   **extra) -> dict:  # fmt: skip
         """Decode steps of `batch` requests over adapters first_index.. (round-robin); adapter_bytes: the
-        adapters' own bytes for the roofline when they are not all rank `plan.rank`."""
+        adapters' own bytes for the roofline when they are not all rank `plan.rank`; `extra`: row fields."""
         p = self.plan
         specs = self.prompts.specs(batch, p.prompt, p.new_tokens, round_robin(n_adapters, first_index))
         steps: list[tuple[int, float]] = []
@@ -220,13 +226,16 @@ class Bench:
             bid = self.prefill(specs, p.prefill_chunk_tokens)
             # The model forward alone (incl. LoRA, no sampling or host bookkeeping), for the split.
             fwd = common.time_ms(lambda: self.engine.runner.decode(self.engine.batches[bid]), p.device, 2, 5)
-            begin = time.perf_counter()
+            # No device sync between steps: each Decode ends with its own host sync of the step's tokens,
+            # and with the overlap the next step's forward is already running when it returns; a sync
+            # here would wait for that forward and hide exactly what the overlap gains.
+            sync(p.device)
+            begin = t0 = time.perf_counter()
             while bid is not None and time.perf_counter() - begin < p.max_decode_seconds:
-                sync(p.device)
-                t0 = time.perf_counter()
-                res = self.engine.decode([bid])  # ends with the step's one device -> host sync
-                sync(p.device)
-                steps.append((len(steps) + 1, time.perf_counter() - t0))
+                res = self.engine.decode([bid])
+                t1 = time.perf_counter()
+                steps.append((len(steps) + 1, t1 - t0))
+                t0 = t1
                 bid = None if res.batch is None else res.batch.id
         finally:
             self.engine.clear_cache(None)
@@ -234,14 +243,15 @@ class Bench:
         step_s = median([dt for _, dt in timed])
         # After decode step k the KV length is prompt + k.
         mean_ctx = p.prompt + statistics.fmean(k for k, _ in timed)
-        values = self.decode_values(batch, n_adapters, step_s, mean_ctx, adapter_bytes) | (extra or {})
+        values = self.decode_values(batch, n_adapters, step_s, mean_ctx, adapter_bytes)
         if n_adapters:  # the roofline counts the adapters used; the store may hold (and read) more
             values["resident_adapters"] = len(self.engine.adapters.resident_indices())
         ms = sorted(dt * 1e3 for _, dt in timed)
         values["step_ms_p10_p90"] = [ms[len(ms) // 10], ms[(9 * len(ms)) // 10]]  # the spread of the median
-        self.report.add("decode", "shard", **values, forward_ms=median(fwd), steps=len(timed),
-                        prompt=p.prompt, new_tokens=p.new_tokens,
-                        cuda_graphs=self.engine.runner.graphs is not None)  # fmt: skip
+        return self.report.add("decode", "shard", **values, forward_ms=median(fwd), steps=len(timed),
+                               prompt=p.prompt, new_tokens=p.new_tokens,
+                               cuda_graphs=self.engine.runner.graphs is not None, overlap=self.engine.overlap,
+                               backend=self.engine.model.attention.name, **extra)  # fmt: skip
 
     def decode_values(self, batch: int, n_adapters: int, step_s: float, mean_ctx: float,
                       adapter_bytes: int | None = None) -> dict:  # fmt: skip
@@ -267,38 +277,89 @@ class Bench:
         p = self.plan
         dirs = self.adapters("load", p.load_reps, seed0=5000)
         first = 1000  # indices of their own, offloaded again after
-        samples = self.load_adapters(dirs, first)
+        samples, recapture = self.load_adapters(dirs, first)
         for j, d in enumerate(dirs):
             self.engine.offload_adapter(first + j, AdapterSpec(adapter_ids=(str(d),), source="local"))
         mb = p.shape.adapter_params(p.rank) * p.elem / 1e6
         self.report.add(
             "adapter_load", "shard", adapters=1, ms=median(samples), samples_ms=samples, adapter_MB=mb,
+            graph_recapture_ms=recapture,
+            ms_without_graph_recapture=median([a - b for a, b in zip(samples, recapture, strict=True)]),
             notes=f"engine.load_adapter of {len(dirs)} distinct local rank-{p.rank} adapters into a store "
             "that starts empty (it grows its stacks 1->2->4->..); timed to synchronize; the files were just "
-            "written, so they come from the page cache",
+            "written, so they come from the page cache; a load that re-lays out the stacks also recaptures "
+            "the LoRA decode CUDA graphs (graph_recapture_ms)",
         )  # fmt: skip
 
     def sec_adapters(self) -> None:
         p = self.plan
         most = max(p.adapter_counts)
         dirs = self.adapters("decode", most, seed0=1)
-        samples = self.load_adapters(dirs, 1)  # indices 1..most
-        log(f"adapters: {most} loaded, median {median(samples):.1f} ms each")
+        samples, recapture = self.load_adapters(dirs, 1)  # indices 1..most
+        log(f"adapters: {most} loaded, median {median(samples):.1f} ms each, {sum(recapture) / 1e3:.1f} s "
+            "of it recapturing LoRA decode graphs")  # fmt: skip
         for b in p.adapter_batches:
             for n in p.adapter_counts:
                 fail_soft(self.report, "decode", "shard", lambda b=b, n=n: self.decode_row(b, n),
                           batch=b, adapters=n)  # fmt: skip
 
-    def e2e_direct(self) -> None:
+    def sec_dora(self) -> None:
+        """DoRA's decode cost over LoRA of the same rank: n LoRA adapters, then n DoRA adapters with the
+        same A and B plus magnitudes (one scale kernel per DoRA module and step), rows back to back."""
         p = self.plan
-        # Warm at the same batch size: a decode graph captured inside the timed run would cost one side only.
-        self.generate_direct(self.prompts.specs(p.e2e_batch, p.prompt, 4))
-        specs = self.prompts.specs(p.e2e_batch, p.prompt, p.new_tokens)
+        most = max(p.dora_counts)
+        lora = self.adapters("decode", most, seed0=1)  # the `adapters` section's; loading again is a no-op
+        have = self.adapter_dirs.setdefault("dora", [])
+        for j in range(len(have), most):
+            have.append(common.write_adapter(self.work / f"adapter-dora-{j}", p.shape, p.rank, p.device,
+                                             p.dtype, seed=1 + j, dora=True))  # fmt: skip
+        self.load_adapters(lora, 1)
+        first = 3000
+        load_ms, recapture_ms = self.load_adapters(have, first)
+        log(f"dora: {most} DoRA adapters loaded, median {median(load_ms):.1f} ms each "
+            f"({median(recapture_ms):.1f} ms of it recapturing LoRA graphs)")  # fmt: skip
+        for b in p.dora_batches:
+            for n in p.dora_counts:
+                rows: dict[str, dict] = {}
+
+                def row(b=b, n=n, rows=rows, variant="lora", index=1):
+                    rows[variant] = self.decode_row(b, n, index, variant=variant)
+
+                for variant, index in (("lora", 1), ("dora", first)):
+                    fail_soft(self.report, "decode", "shard",
+                              lambda v=variant, i=index: row(variant=v, index=i),
+                              batch=b, adapters=n, variant=variant)  # fmt: skip
+                if len(rows) == 2:
+                    lo, do = rows["lora"], rows["dora"]
+                    self.report.add(
+                        "dora_overhead", "shard", batch=b, adapters=n, step_ms=do["step_ms"] - lo["step_ms"],
+                        ratio=do["step_ms"] / lo["step_ms"],
+                        forward_ms_extra=do["forward_ms"] - lo["forward_ms"], rank=p.rank,
+                        notes="decode step of n DoRA adapters minus the same batch with n LoRA adapters of "
+                        "the same rank (all 7 projections); ratio = DoRA step / LoRA step",
+                    )  # fmt: skip
+
+    def e2e_direct(self) -> None:
+        """Each e2e batch with the overlap on and off (the engine reads `overlap` at every Decode)."""
+        p = self.plan
+        for batch in p.e2e_batches:
+            for overlap in (True, False):
+                fail_soft(self.report, "e2e", "shard", lambda b=batch, o=overlap: self._e2e_direct_row(b, o),
+                          batch=batch, path="direct", overlap=overlap)  # fmt: skip
+        self.engine.overlap = p.overlap
+
+    def _e2e_direct_row(self, batch: int, overlap: bool) -> None:
+        p = self.plan
+        self.engine.overlap = overlap
+        # Warm at the same batch size: first kernels and allocations at this shape stay out of the timing.
+        self.generate_direct(self.prompts.specs(batch, p.prompt, 4))
+        specs = self.prompts.specs(batch, p.prompt, p.new_tokens)
         seconds, tokens = self.generate_direct(specs)
-        self.direct_e2e = {"tok_s": tokens / seconds, "seconds": seconds}
+        self.direct_e2e[(batch, overlap)] = tokens / seconds
         self.report.add(
-            "e2e", "shard", batch=p.e2e_batch, adapters=0, tok_s=tokens / seconds,
+            "e2e", "shard", batch=batch, adapters=0, tok_s=tokens / seconds,
             step_ms=seconds / p.new_tokens * 1e3, ms=seconds * 1e3, path="direct", tokens=tokens,
-            notes=f"ShardEngine in process: one prefill of {p.e2e_batch} x {p.prompt} tokens, decode until "
+            overlap=overlap,
+            notes=f"ShardEngine in process: one prefill of {batch} x {p.prompt} tokens, decode until "
             f"{p.new_tokens} new tokens each; tok_s = generated tokens / wall time",
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Issue 8 on a GPU: decode at long context with a bf16 vs an FP8 (e4m3) KV cache, and how many
+"""FP8 KV cache on a GPU: decode at long context with a bf16 vs an FP8 (e4m3) KV cache, and how many
 concurrent 4k-token sequences fit. Mistral-7B shape, random bf16 weights built on the device.
 
     python -m bench.long_context [--out FILE]

@@ -16,9 +16,9 @@ import torch
 
 from bench.common import copy_bandwidth_gbps, time_ms
 from cache.kv_cache import KVCache
-from model.attention import Seqlen
 from model.config import MistralConfig
 from model.flash_mistral import FlashMistralForCausalLM
+from model.forward_batch import ForwardBatch
 from model.layers.fused import FusedOps
 
 SHAPE = dict(
@@ -60,18 +60,10 @@ class DecodeCase:
         self.input_ids = torch.randint(0, model.config.vocab_size, (batch,), device=dev)
 
     def step(self, max_s: int) -> torch.Tensor:
-        bs = self.model.block_size
-        rows = torch.arange(self.batch, device=self.positions.device)
-        slots = self.tables[rows, self.positions // bs].long() * bs + self.positions % bs
-        seqlen = Seqlen(
-            input_lengths=(self.positions + 1).int(), cache_lengths=self.positions.int(), max_q=1, max_k=max_s
+        fb = ForwardBatch.decode(
+            self.input_ids, self.positions, self.tables, block_size=self.model.block_size, max_s=max_s
         )
-        logits, _ = self.model(
-            input_ids=self.input_ids, position_ids=self.positions, cu_seqlen_prefill=None,
-            kv_cache=self.kv.layers, block_tables=self.tables, slots=slots, seqlen=seqlen, max_s=max_s,
-            adapter_data=None,
-        )
-        return logits
+        return fb.run(self.model, self.kv.layers)
 
 
 def kv_bytes(case: DecodeCase) -> int:

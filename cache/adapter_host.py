@@ -8,7 +8,7 @@ slice, and B's scale) and where the bytes are:
                  memory) or on disk and are read again whenever the adapter becomes device-resident, so
                  a thousand registered 7B rank-16 adapters cost a thousand module tables, not 84 GB of
                  copies; the page cache evicts the idle ones. A file that changed since it was loaded
-                 is refused (AdapterConflict) instead of silently serving other weights.
+                 is refused (FailedPrecondition) instead of silently serving other weights.
   memory-backed  merged adapters (no file holds them): one buffer in the store dtype, scaled.
 
 `Uploader` moves the bytes: one read into a pinned staging buffer (parallel preadv of the file, or a
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from model.adapters.errors import AdapterConflict
+from model.errors import FailedPrecondition
 
 Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
 Sliced = dict[Key, tuple[torch.Tensor, torch.Tensor, float]]  # this rank's (A, B, scale) per module
@@ -97,6 +97,10 @@ class HostAdapter:
     nbytes: int  # length of the byte source
     file: FileIdentity | None = None
     memory: torch.Tensor | None = None  # uint8 [nbytes] (memory-backed only)
+    # DoRA: per module the magnitude m [out_local] (float32) from the file, and the output scales
+    # m / ||W + s B A|| [out_local] (float32) that need the base model, computed when it is loaded.
+    magnitudes: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
+    scales: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def shapes(self) -> list[tuple[Key, int, int, int]]:
         """(key, r, in_local, out_local) per module."""
@@ -125,11 +129,16 @@ class HostAdapter:
             buf[: self.nbytes].copy_(self.memory)
             return
         f = self.file
-        fd = os.open(f.path, os.O_RDONLY)
+        try:
+            fd = os.open(f.path, os.O_RDONLY)
+        except OSError as e:
+            raise FailedPrecondition(
+                f"{f.path} is gone since it was loaded ({e.strerror}); offload the adapter and load it again"
+            ) from e
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (f.device, f.inode, f.size, f.mtime_ns):
-                raise AdapterConflict(
+                raise FailedPrecondition(
                     f"{f.path} changed since it was loaded; offload the adapter and load it again"
                 )
             view = memoryview(buf.numpy()).cast("B")
@@ -141,7 +150,9 @@ class HostAdapter:
                 while lo < hi:  # preadv may return short
                     n = os.preadv(fd, [view[lo:hi]], lo)
                     if n <= 0:
-                        raise AdapterConflict(f"{f.path} ended early; offload the adapter and load it again")
+                        raise FailedPrecondition(
+                            f"{f.path} ended early; offload the adapter and load it again"
+                        )
                     lo += n
 
             if pool is None or len(jobs) == 1:

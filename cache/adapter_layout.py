@@ -1,8 +1,8 @@
 """Device side of the adapter store: fixed-capacity stacks, slot placement and LRU residency.
 
-`AdapterLayout` is the base class of `cache.adapter_store.AdapterStore`: the store keeps the registry and
-the host copies, this class keeps which adapters are device-resident and where. A subclass provides
-`_host_of(index) -> HostAdapter` for every registered index.
+`cache.adapter_store.AdapterStore` holds one `AdapterLayout` (`store.layout`): the store keeps the registry
+and the host copies, the layout keeps which adapters are device-resident and where. It reads host copies
+through the `host_of(index) -> HostAdapter` callable the store gives it, for every registered index.
 
 Device layout (CUDA-graph friendly): per (layer_idx, group) one `LoraGroupStack` (model/adapters/
 stacks.py): the group's members that some resident adapter targets (q/k/v in one stack, gate/up in one,
@@ -12,10 +12,14 @@ per slot the adapter's largest rank in the group (0: it targets none of them), s
 expand serve the whole group and a rank-8 adapter reads 8 rows whatever R is. All A/B stacks of one
 layout are contiguous views of one device buffer (one allocation, one memset); the per-slot ranks are
 one small int32 tensor [groups, cap].
+DoRA adapters add, per module (layer, target) they target, a float32 scale stack [cap, out_local] (ones
+in the slots of other adapters), present only while some resident DoRA adapter targets the module; for
+a fused group each member (q, k, v / gate, up) has its own scale stack or none, applied to its columns.
 A batch only changes the per-token slot index. `device_bytes()` is what these stacks allocate and never
 exceeds the budget: when new adapters do not fit, least recently used residents move out (they stay
-registered; their bytes come back from the host side on next use), and the stacks are re-laid out only when capacity or a rank bucket must change
-(`layout_version` then increments: recapture CUDA graphs, rebuild AdapterBatchData).
+registered; their bytes come back from the host side on next use), and the stacks are re-laid out only
+when capacity, a rank bucket or the set of DoRA scale stacks must change (`layout_version` then
+increments: recapture CUDA graphs, rebuild AdapterBatchData).
 
 Placing an adapter (cache/adapter_host.Uploader) reads its bytes into a pinned staging buffer, then per
 layer copies them to the device on a side stream and unpacks them into the slot (TP slice, B * scale,
@@ -28,56 +32,25 @@ slots (when the budget allows) so the first adapters loaded do not each re-lay o
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from cache.adapter_host import HostAdapter, Uploader, prepared
-from model.adapters.errors import AdapterBudgetExceeded
-from model.adapters.stacks import GROUP_OF, LORA_GROUPS, LoraGroupStack
+from cache.adapter_shapes import GroupKey, GroupShape, group_shapes, ones_scales, zeroed_stacks
+from model.adapters.stacks import GROUP_OF, LoraGroupStack
+from model.errors import ResourceExhausted
 
-MIN_RANK_BUCKET = 8
 Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
-GroupKey = tuple[int, str]  # (layer_idx, group of stacks.LORA_GROUPS)
-
-
-def rank_bucket(r: int) -> int:
-    """Padded rank of a stack: powers of two from 8, so few distinct shapes (and CUDA graphs) exist."""
-    return max(MIN_RANK_BUCKET, 1 << (r - 1).bit_length())
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupShape:
-    """What one group stack needs: rank bucket, input width, the members present and their widths."""
-
-    rank: int
-    fan_in: int
-    members: tuple[tuple[str, int], ...]  # (target, out_local), in the group's fused-output order
-
-    def slot_elems(self) -> int:
-        return self.rank * (len(self.members) * self.fan_in + sum(w for _, w in self.members))
-
-
-def group_shapes(modules) -> dict[GroupKey, GroupShape]:
-    """modules: iterable of ((layer, target), r, in_local, out_local) -> the group stacks holding them."""
-    acc: dict[GroupKey, list] = {}
-    for (layer, target), r, fan_in, fan_out in modules:
-        entry = acc.setdefault((layer, GROUP_OF[target]), [0, fan_in, {}])
-        entry[0] = max(entry[0], rank_bucket(r))
-        entry[2][target] = fan_out
-    return {
-        key: GroupShape(r, fan_in, tuple((t, widths[t]) for t in LORA_GROUPS[key[1]] if t in widths))
-        for key, (r, fan_in, widths) in acc.items()
-    }
 
 
 class AdapterLayout:
     """Which registered adapters are device-resident, in which slot of which stacks (module docstring)."""
 
-    def __init__(self, device: torch.device | str, dtype: torch.dtype, budget_bytes: int | None,
-                 max_slots: int, min_slots: int = 1):  # fmt: skip
+    def __init__(self, host_of: Callable[[int], HostAdapter], device: torch.device | str, dtype: torch.dtype,
+                 budget_bytes: int | None, max_slots: int, min_slots: int = 1):  # fmt: skip
+        self._host_of = host_of  # the store's registry: registered index -> its host copy
         self.device = torch.device(device)
         self.dtype = dtype
         self.budget_bytes = budget_bytes
@@ -90,32 +63,63 @@ class AdapterLayout:
         self._cap = 0  # slots allocated in every stack
         self._stacks: dict[GroupKey, LoraGroupStack] = {}
         self._ranks = torch.zeros(0, 0, dtype=torch.int32, device=self.device)  # [groups, cap], stack order
+        self._scales: dict[Key, torch.Tensor] = {}  # DoRA output scales [cap, out_local] float32
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident index -> slot, LRU first
-
-    def _host_of(self, index: int) -> HostAdapter:
-        """The host copy of registered `index` (the subclass's registry)."""
-        raise NotImplementedError
 
     def resident_indices(self) -> list[int]:
         return list(self._slot_of)
 
+    @property
+    def stacks(self) -> dict[GroupKey, LoraGroupStack]:
+        """The current stacks; a re-layout replaces the dict, so a holder keeps a consistent view."""
+        return self._stacks
+
+    @property
+    def scales(self) -> dict[Key, torch.Tensor]:
+        """The current DoRA scale stacks (replaced with the stacks at a re-layout, which bumps
+        `layout_version`, so captured graphs are recaptured over the new ones)."""
+        return self._scales
+
+    def slots(self, indices: Sequence[int]) -> list[int]:
+        """Device slot per index, -1 where it is not resident (the base model)."""
+        return [self._slot_of.get(i, -1) for i in indices]
+
+    def release(self, index: int) -> None:
+        """`index` leaves the device (if resident): its slot is zeroed and free for another adapter."""
+        slot = self._slot_of.pop(index, None)
+        if slot is not None:
+            self._zero_slot(slot)
+
+    def clear(self) -> None:
+        """No adapter stays resident; the stacks' memory is given back."""
+        self._rebuild([], 0)
+
+    def synchronize(self) -> None:
+        """Wait on the host until every upload queued so far has landed."""
+        self._uploader.synchronize()
+
     def device_bytes(self) -> int:
-        """Bytes of the A/B stacks (the per-slot rank vectors add 4 bytes per slot and group)."""
-        return sum(s.a.nbytes + s.b.nbytes for s in self._stacks.values())
+        """Bytes of the A/B and DoRA scale stacks (the rank vectors add 4 bytes per slot and group)."""
+        return sum(s.a.nbytes + s.b.nbytes for s in self._stacks.values()) + sum(
+            s.nbytes for s in self._scales.values()
+        )
 
     def _elem(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
-    def _adapter_device_bytes(self, host: HostAdapter) -> int:
+    def adapter_device_bytes(self, host: HostAdapter) -> int:
         """Stack bytes of one slot for `host` alone, at its rank buckets (download()'s budget share)."""
-        return sum(g.slot_elems() for g in group_shapes(host.shapes()).values()) * self._elem()
+        shapes = group_shapes(host.shapes(), host.magnitudes)
+        return sum(g.slot_bytes(self._elem()) for g in shapes.values())
 
     def _need(self, indices: Sequence[int]) -> dict[GroupKey, GroupShape]:
         """The group stacks holding `indices` together."""
-        return group_shapes(m for index in indices for m in self._host_of(index).shapes())
+        hosts = [self._host_of(index) for index in indices]
+        return group_shapes((m for host in hosts for m in host.shapes()),
+                            (k for host in hosts for k in host.magnitudes))  # fmt: skip
 
     def _layout_bytes(self, cap: int, need: dict[GroupKey, GroupShape]) -> int:
-        return cap * sum(g.slot_elems() for g in need.values()) * self._elem()
+        return cap * sum(g.slot_bytes(self._elem()) for g in need.values())
 
     def _fits(self, cap: int, need) -> bool:
         if cap > self.max_slots:
@@ -123,13 +127,15 @@ class AdapterLayout:
         return self.budget_bytes is None or self._layout_bytes(cap, need) <= self.budget_bytes
 
     def _fits_current_shapes(self, index: int) -> bool:
-        for (layer, target), r, _, _ in self._host_of(index).shapes():
+        host = self._host_of(index)
+        for (layer, target), r, _, _ in host.shapes():
             stack = self._stacks.get((layer, GROUP_OF[target]))
             if stack is None or target not in stack.targets or stack.rank < r:
                 return False
-        return True
+        return all(key in self._scales for key in host.magnitudes)
 
-    def _ensure_resident(self, required: list[int]) -> None:
+    def ensure_resident(self, required: list[int]) -> None:
+        """Make every index of `required` resident (evicting others, LRU first, if the budget needs it)."""
         for index in required:
             if index in self._slot_of:
                 self._slot_of.move_to_end(index)  # most recently used last
@@ -137,7 +143,7 @@ class AdapterLayout:
         if not missing:
             return
         if len(required) > self.max_slots:
-            raise AdapterBudgetExceeded(f"batch needs {len(required)} adapters; only {self.max_slots} slots")
+            raise ResourceExhausted(f"batch needs {len(required)} adapters; only {self.max_slots} slots")
         shapes_ok = all(self._fits_current_shapes(i) for i in missing)
         free = sorted(set(range(self._cap)) - set(self._slot_of.values()))
         evictable = [i for i in self._slot_of if i not in required]  # LRU first
@@ -163,7 +169,7 @@ class AdapterLayout:
             if self._fits(len(members), need):
                 return self._rebuild(members, len(members))
             if not keep:
-                raise AdapterBudgetExceeded(
+                raise ResourceExhausted(
                     f"adapters {required} need {self._layout_bytes(len(members), need)} device bytes; the "
                     f"adapter budget is {self.budget_bytes}"
                 )
@@ -184,9 +190,11 @@ class AdapterLayout:
             ranks.append(max((m.a.shape[0] for m in present if m is not None), default=0))
         done: set[int] = set()
 
-        def begin() -> None:  # first: any layer's event then also covers the slot's ranks
+        def begin() -> None:  # first: any layer's event then also covers the slot's ranks and scales
             if ranks:
                 self._ranks[:, slot].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
+            if self._scales:
+                self._scatter_scales(host, slot)
 
         def unpack(raw: torch.Tensor, keys) -> None:
             layers = sorted({k[0] for k in keys}, key=lambda layer: (layer < 0, layer))
@@ -236,6 +244,18 @@ class AdapterLayout:
         if dst:
             torch._foreach_copy_(dst, src)  # on CUDA a few multi-tensor launches per layer
 
+    def _scatter_scales(self, host: HostAdapter, slot: int) -> None:
+        """The adapter's DoRA scales into `slot` (one upload); ones where it has none (plain LoRA)."""
+        keys = [k for k in self._scales if k in host.scales]
+        if keys:
+            flat = torch.cat([host.scales[k] for k in keys]).to(self.device, non_blocking=True)
+            parts = flat.split([host.scales[k].numel() for k in keys])
+            torch._foreach_copy_([self._scales[k][slot] for k in keys], list(parts))
+        ones = [s[slot] for k, s in self._scales.items() if k not in host.scales]
+        if ones:
+            torch._foreach_zero_(ones)
+            torch._foreach_add_(ones, 1.0)
+
     def _mark_ready(self, layers) -> None:
         if self._uploader.stream is None or not layers:
             return
@@ -260,6 +280,10 @@ class AdapterLayout:
         if self._stacks:
             torch._foreach_zero_([t[slot] for s in self._stacks.values() for t in (s.a, s.b)])
             self._ranks[:, slot].zero_()
+        if self._scales:
+            rows = [s[slot] for s in self._scales.values()]
+            torch._foreach_zero_(rows)
+            torch._foreach_add_(rows, 1.0)
 
     def _rebuild(self, members: list[int], cap: int) -> None:
         """New stacks of `cap` slots shaped for `members` (LRU order kept); everyone else is evicted.
@@ -280,16 +304,21 @@ class AdapterLayout:
                 or self.device_bytes() + self._layout_bytes(cap, need) <= self.budget_bytes
             )
         )
-        old_stacks, old_ranks, old_slots = self._stacks, self._ranks, self._slot_of
-        self._stacks = {}  # a new dict: an older AdapterBatchData keeps its own consistent view
+        old_stacks, old_ranks, old_scales, old_slots = self._stacks, self._ranks, self._scales, self._slot_of
+        self._stacks, self._scales = {}, {}  # new dicts: an older AdapterBatchData keeps its own view
         self._slot_of = OrderedDict()
         if not carry:
-            old_stacks = {}  # dropped before allocating, so old and new never coexist
+            old_stacks, old_scales = {}, {}  # dropped before allocating, so old and new never coexist
         self._cap = cap
-        self._stacks, self._ranks = _zeroed_stacks(cap, need, self.device, self.dtype)
+        self._stacks, self._ranks = zeroed_stacks(cap, need, self.device, self.dtype)
+        self._scales = ones_scales(cap, need, self.device)
         self.layout_version += 1
         if carry:
-            self._carry(old_stacks, old_ranks, min(cap, max(old_slots.values()) + 1))
+            n = min(cap, max(old_slots.values()) + 1)  # every staying slot is below n
+            self._carry(old_stacks, old_ranks, n)
+            kept = [k for k in old_scales if k in self._scales]  # float32: a multi-tensor copy of its own
+            if kept:
+                torch._foreach_copy_([self._scales[k][:n] for k in kept], [old_scales[k][:n] for k in kept])
             for i in members:
                 if i in old_slots:
                     self._slot_of[i] = old_slots[i]
@@ -325,34 +354,3 @@ class AdapterLayout:
             new_idx = torch.tensor(rows_new, device=self.device)
             old_idx = torch.tensor(rows_old, device=self.device)
             self._ranks[new_idx, :n] = old_ranks[old_idx, :n]
-
-
-_ALIGN_BYTES = 256  # every stack starts at this alignment inside the shared buffer (vector loads)
-
-
-def _zeroed_stacks(cap: int, need: dict[GroupKey, GroupShape], device: torch.device,
-                   dtype: torch.dtype) -> tuple[dict[GroupKey, LoraGroupStack], torch.Tensor]:  # fmt: skip
-    """Group stacks of `cap` slots: A/B contiguous views of one zeroed buffer, ranks rows of one [G, cap].
-
-    One allocation and one memset for the whole layout instead of one per stack (448 for a 7B adapter
-    on all seven projections: each new size is a cudaMalloc of its own when the stacks grow).
-    """
-    align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-    shapes, total = [], 0
-    for _, g in sorted(need.items()):
-        nt, widths = len(g.members), sum(w for _, w in g.members)
-        for shape in ((cap, nt * g.rank, g.fan_in), (cap, widths, g.rank)):
-            shapes.append(shape)
-            total += -(-(shape[0] * shape[1] * shape[2]) // align) * align
-    flat = torch.zeros(total, device=device, dtype=dtype)
-    ranks = torch.zeros(len(need), cap, dtype=torch.int32, device=device)
-    views, offset = [], 0
-    for shape in shapes:
-        views.append(flat[offset : offset + shape[0] * shape[1] * shape[2]].view(shape))
-        offset += -(-(shape[0] * shape[1] * shape[2]) // align) * align
-    stacks = {}
-    for i, (key, g) in enumerate(sorted(need.items())):
-        targets = tuple(t for t, _ in g.members)
-        widths = tuple(w for _, w in g.members)
-        stacks[key] = LoraGroupStack(views[2 * i], views[2 * i + 1], ranks[i], targets, widths)
-    return stacks, ranks

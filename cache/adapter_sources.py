@@ -1,14 +1,17 @@
-"""Where adapter files come from: LOCAL directories and the Hugging Face Hub; S3 and PBASE are refused.
+"""Where adapter files come from: LOCAL directories, the Hugging Face Hub, S3; PBASE is refused.
 
-    sources = AdapterSources(AdapterSourceConfig(adapter_root=..., hub_cache_dir=..., hub_offline=...))
+    sources = AdapterSources(AdapterSourceConfig(adapter_root=..., hub_cache_dir=..., hub_offline=...,
+                                                 s3=S3CacheConfig(cache_dir=..., max_bytes=...)))
     path = sources.resolve(adapter_id, source, api_token)     # -> local directory holding the PEFT files
 
 LOCAL: `adapter_id` is a directory. With `adapter_root` set, ids are confined to it: a relative id is taken
 under the root, and the fully resolved path (symlinks and `..` resolved) must stay inside the resolved
-root, else AdapterInvalid. HUB: `org/name` or `org/name@revision`, fetched by huggingface_hub into its
+root, else InvalidArgument. HUB: `org/name` or `org/name@revision`, fetched by huggingface_hub into its
 standard cache (`models--org--name/snapshots/<commit>/`, `refs/<revision>`); only the two PEFT files are
-fetched. This module reads no environment variable: huggingface_hub itself honours HF_HUB_OFFLINE and
-HF_HUB_CACHE/HF_HOME; the CLI can also pass `hub_offline` / `hub_cache_dir` explicitly.
+fetched. S3: `s3://bucket/prefix` into a size-bounded local cache (cache/s3_source.py), then read like
+LOCAL. PBASE (Predibase's hosted registry) needs a proprietary service: UNIMPLEMENTED.
+This module reads no environment variable: huggingface_hub itself honours HF_HUB_OFFLINE and
+HF_HUB_CACHE/HF_HOME, boto3 the AWS_* settings; the CLI can also pass `hub_offline` / `hub_cache_dir`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.adapters.errors import AdapterInvalid, AdapterNotFound, AdapterSourceUnsupported
+from cache.s3_source import S3Adapters, S3CacheConfig
 from model.adapters.peft_loader import CONFIG_FILE, WEIGHTS_FILE
+from model.errors import InvalidArgument, NotFound, Unimplemented
 
 SOURCES = ("hub", "s3", "local", "pbase")
 
@@ -27,11 +31,13 @@ class AdapterSourceConfig:
     adapter_root: Path | None = None  # LOCAL ids must resolve inside it (None: any directory)
     hub_cache_dir: Path | None = None  # None: huggingface_hub's default cache
     hub_offline: bool = False  # True: cache only (local_files_only), never the network
+    s3: S3CacheConfig | None = None  # None: S3 ids are refused (no cache directory to put them in)
 
 
 class AdapterSources:
     def __init__(self, config: AdapterSourceConfig | None = None):
         self.config = config or AdapterSourceConfig()
+        self._s3 = S3Adapters(self.config.s3) if self.config.s3 is not None else None
 
     def resolve(self, adapter_id: str, source: str = "hub", api_token: str | None = None) -> Path:
         """-> directory with adapter_config.json (+ adapter_model.safetensors). Raises Adapter* errors."""
@@ -41,18 +47,23 @@ class AdapterSources:
         if source == "hub":
             return self._hub(adapter_id, api_token)
         if source == "pbase":
-            raise AdapterSourceUnsupported(
-                f"adapter source PBASE (proprietary) is not supported by this shard: {adapter_id!r}"
+            raise Unimplemented(
+                f"adapter source PBASE is not supported by this shard: {adapter_id!r} names an adapter in "
+                "Predibase's hosted registry, which only Predibase's proprietary service and API serve; "
+                "publish it to the Hugging Face Hub or S3, or pass a LOCAL directory"
             )
         if source == "s3":
-            raise AdapterSourceUnsupported(
-                f"adapter source S3 is not supported by this shard: {adapter_id!r}"
-            )
-        raise AdapterInvalid(f"unknown adapter source {source!r}; known: {', '.join(SOURCES)}")
+            if self._s3 is None:
+                raise Unimplemented(
+                    f"S3 adapter {adapter_id!r}: this shard has no adapter cache directory for S3 downloads "
+                    "(--adapter-cache-dir)"
+                )
+            return self._s3.fetch(adapter_id)
+        raise InvalidArgument(f"unknown adapter source {source!r}; known: {', '.join(SOURCES)}")
 
     def _local(self, adapter_id: str) -> Path:
         if not adapter_id:
-            raise AdapterInvalid("empty LOCAL adapter id")
+            raise InvalidArgument("empty LOCAL adapter id")
         root = self.config.adapter_root
         path = Path(adapter_id)
         if root is not None:
@@ -60,7 +71,7 @@ class AdapterSources:
             # Resolve first, then compare: a symlink or `..` inside the id must not escape the root.
             resolved = (root_resolved / path).resolve()
             if not resolved.is_relative_to(root_resolved):
-                raise AdapterInvalid(
+                raise InvalidArgument(
                     f"LOCAL adapter id {adapter_id!r} resolves to {resolved}, outside the adapter root "
                     f"{root_resolved}"
                 )
@@ -68,7 +79,7 @@ class AdapterSources:
         else:
             path = path.resolve()
         if not path.is_dir():
-            raise AdapterNotFound(f"LOCAL adapter directory {path} does not exist")
+            raise NotFound(f"LOCAL adapter directory {path} does not exist")
         return path
 
     def _hub(self, adapter_id: str, api_token: str | None) -> Path:
@@ -93,11 +104,11 @@ class AdapterSources:
                 allow_patterns=[CONFIG_FILE, WEIGHTS_FILE],
             )
         except HFValidationError as e:
-            raise AdapterInvalid(f"HUB adapter id {adapter_id!r} is not a valid repository id: {e}") from e
+            raise InvalidArgument(f"HUB adapter id {adapter_id!r} is not a valid repository id: {e}") from e
         except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError,
                 EntryNotFoundError) as e:  # fmt: skip
             where = "in the local hub cache (offline)" if self.config.hub_offline else "on the hub"
-            raise AdapterNotFound(f"HUB adapter {adapter_id!r} not found {where}: {e}") from e
+            raise NotFound(f"HUB adapter {adapter_id!r} not found {where}: {e}") from e
         except OSError as e:  # network failures surface as OSError subclasses
-            raise AdapterNotFound(f"HUB adapter {adapter_id!r} could not be fetched: {e}") from e
+            raise NotFound(f"HUB adapter {adapter_id!r} could not be fetched: {e}") from e
         return Path(path)

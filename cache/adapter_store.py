@@ -3,7 +3,8 @@
 Public API (called by the engine from its one model thread; not thread-safe):
 
     store = AdapterStore(config, device, dtype, budget_bytes=None, tp=None, max_slots=64,
-                         sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...], min_slots=1)
+                         sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...], min_slots=1,
+                         base_weights=model.projection_weight)   # DoRA's norms read the base weights
     store.download(spec) -> float        # fetch + validate; device bytes of the adapter / budget
     store.load(index, spec) -> None      # register under index and make it device-resident
     store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
@@ -12,41 +13,61 @@ Public API (called by the engine from its one model thread; not thread-safe):
     store.request_slots(adapter_indices) -> list[int]; store.graph_batch_data(static_meta)  # CUDA graphs
     store.device_bytes() / budget_bytes / layout_version / preloaded_adapters() / resident_indices()
 
-Errors (model.adapters.errors; engine maps `code`): AdapterNotFound (NOT_FOUND: index not loaded, files
-missing), AdapterConflict (FAILED_PRECONDITION: load on an index holding another adapter), AdapterInvalid
-(INVALID_ARGUMENT), AdapterSourceUnsupported (UNIMPLEMENTED: S3, PBASE, TIES/DARE), AdapterBudgetExceeded
-(RESOURCE_EXHAUSTED: one batch or one adapter needs more than the budget).
+Errors (model.errors, each answers its own status): NotFound (index not loaded, files missing),
+FailedPrecondition (load on an index holding another adapter), InvalidArgument (unusable adapter files),
+Unimplemented (PBASE, merging DoRA adapters), ResourceExhausted (one batch or one adapter needs more than
+the budget), PermissionDenied / Unavailable (an S3 source refused or could not be reached).
 
 Index 0 is the base model unless an adapter was loaded (or preloaded) there; any other index must be loaded.
 
-Device layout and LRU residency (stacks, slots, budget, `layout_version`): `cache.adapter_layout`, the
-base class of AdapterStore.
+DoRA adapters: `load` computes each module's output scale m / ||W + s B A|| from the base weights
+(model/adapters/dora.py; one all-reduce under tensor parallelism) and keeps it with the entry; the
+layout serves it as a per-slot scale stack. Under tensor parallelism every `load` first agrees with the
+other ranks on whether the adapter could be read anywhere (one small all-reduce), so that a failure on
+one rank fails the load on all of them instead of leaving one rank out of a later collective.
+
+Device layout and LRU residency (stacks, DoRA scale stacks, slots, budget, `layout_version`):
+`store.layout`, a `cache.adapter_layout.AdapterLayout` that reads each registered adapter's host copy
+from the registry.
 
 Load path (7B rank 16, bf16: 448 tensors, 84 MB): the file's header is parsed and every tensor name and
 shape validated against a mapping of the file (no tensor byte is read), which gives the module table of
 `cache.adapter_host.HostAdapter`: host memory keeps that table, the bytes stay in the page cache (or on
 disk). Making it resident reads the file once into a pinned staging buffer and copies it to the device
 layer by layer on a side stream, where the TP slice, the cast and B * scale happen during the scatter
-into the slot (`AdapterLayout._transfer`). A merged adapter keeps one packed buffer in host memory.
+into the slot (`AdapterLayout._transfer`). A merged adapter, and one from S3 (whose cache directory may
+evict the file), keeps one packed buffer in host memory.
 """
+
 
 from __future__ import annotations
 
 import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from cache.adapter_host import FileIdentity, HostAdapter
-from cache.adapter_layout import AdapterLayout, Key, rank_bucket
+from cache.adapter_host import FileIdentity, HostAdapter, prepared
+from cache.adapter_layout import AdapterLayout, Key
+from cache.adapter_shapes import rank_bucket
 from cache.adapter_sources import AdapterSources
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
-from model.adapters.errors import AdapterBudgetExceeded, AdapterConflict, AdapterInvalid, AdapterNotFound
-from model.adapters.merge import check_strategy, merge_adapters
-from model.adapters.peft_loader import WEIGHTS_FILE, LoraAdapter, LoraModule, read_peft_adapter
-from model.adapters.sharding import shard_lora
+from model.adapters.dora import dora_scales
+from model.adapters.merge import check_merge, merge_modules, merge_seed
+from model.adapters.peft_loader import WEIGHTS_FILE, LoraModule, read_peft_adapter
+from model.adapters.sharding import shard_lora, shard_output_vector
+from model.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ShardError,
+    Unavailable,
+    Unimplemented,
+)
 
 __all__ = ["AdapterStore", "rank_bucket"]  # rank_bucket: imported from here by tests and bench/adapter_load
 
@@ -62,16 +83,24 @@ class _Entry:
     generation: int
 
 
-class AdapterStore(AdapterLayout):
+class AdapterStore:
     def __init__(self, config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  budget_bytes: int | None = None, tp=None, max_slots: int = 64,
                  sources: AdapterSources | None = None, preloaded: Sequence[tuple[int, object]] = (),
-                 host_cache_entries: int = 8, min_slots: int = 1):  # fmt: skip
-        super().__init__(device, dtype, budget_bytes, max_slots, min_slots)
+                 host_cache_entries: int = 8, min_slots: int = 1,
+                 base_weights: Callable[[int, str], torch.Tensor] | None = None):  # fmt: skip
+        self.device = torch.device(device)
+        self.dtype = dtype
         self.config = config
         self.tp = tp
+        self._base_weights = base_weights  # (layer_idx, target) -> this rank's base weight (DoRA)
         self.sources = sources or AdapterSources()
-        self._entries: dict[int, _Entry] = {}
+        entries: dict[int, _Entry] = {}
+        self._entries = entries
+        # The layout reads host copies from the registry dict itself (not through `self`: no cycle, so the
+        # stacks go as soon as the store does).
+        self.layout = AdapterLayout(lambda i: entries[i].host, self.device, dtype, budget_bytes, max_slots,
+                                    min_slots)  # fmt: skip
         self._host_cache: OrderedDict[object, HostAdapter] = OrderedDict()  # downloaded, by spec
         self._host_cache_entries = host_cache_entries
         self._host_lock = threading.Lock()  # registry + host cache: DownloadAdapter runs on another thread
@@ -86,7 +115,7 @@ class AdapterStore(AdapterLayout):
         weights = self._host_weights(spec)
         if not self.budget_bytes:
             return 0.0
-        return self._adapter_device_bytes(weights) / self.budget_bytes
+        return self.layout.adapter_device_bytes(weights) / self.budget_bytes
 
     def load(self, index: int, spec) -> None:
         """Register `spec` under `index` and make it device-resident. Same spec again: a no-op."""
@@ -94,24 +123,31 @@ class AdapterStore(AdapterLayout):
         if entry is not None:
             if _spec_key(entry.spec) == _spec_key(spec):
                 return
-            raise AdapterConflict(
+            raise FailedPrecondition(
                 f"adapter index {index} already holds {list(entry.spec.adapter_ids)}; offload it before "
                 f"loading {list(spec.adapter_ids)}"
             )
-        host = self._host_weights(spec)
+        host, error = None, None
+        try:
+            host = self._host_weights(spec)
+        except Exception as e:  # every rank must reach the agreement below
+            error = e
+        self._agree(spec, error)
+        if host.magnitudes:
+            host = dataclasses.replace(host, scales=self._dora_scales(host))
         with self._host_lock:
             self._entries[index] = _Entry(spec, host, self._next_generation)
         self._next_generation += 1
         try:
-            self._ensure_resident([index])
-        except AdapterBudgetExceeded:
+            self.layout.ensure_resident([index])
+        except ResourceExhausted:
             with self._host_lock:
                 del self._entries[index]
             raise
         if self.device.type == "cuda":
             # The copies are queued on the upload stream; LoadAdapter answers once they landed, so a
             # failure surfaces here and the caller's timing is the adapter's real time to usable.
-            self._uploader.synchronize()
+            self.layout.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
 
     def offload(self, index: int) -> bool:
@@ -119,11 +155,9 @@ class AdapterStore(AdapterLayout):
         with self._host_lock:
             if self._entries.pop(index, None) is None:
                 return False
-        slot = self._slot_of.pop(index, None)
-        if slot is not None:
-            self._zero_slot(slot)
+        self.layout.release(index)
         if not self._entries:  # nothing left: give the stacks' memory back
-            self._rebuild([], 0)
+            self.layout.clear()
         return True
 
     def is_loaded(self, index: int) -> bool:
@@ -141,6 +175,22 @@ class AdapterStore(AdapterLayout):
     def preloaded_adapters(self) -> tuple[tuple[int, object], ...]:
         return self._preloaded
 
+    # ---- the device layout's facts (graphs, metrics, tests) -------------------------------------------
+    @property
+    def budget_bytes(self) -> int | None:
+        return self.layout.budget_bytes
+
+    @property
+    def layout_version(self) -> int:
+        """Bumps whenever the stacks are re-laid out: CUDA graphs and AdapterBatchData must be rebuilt."""
+        return self.layout.layout_version
+
+    def device_bytes(self) -> int:
+        return self.layout.device_bytes()
+
+    def resident_indices(self) -> list[int]:
+        return self.layout.resident_indices()
+
     # ---- batches --------------------------------------------------------------------------------------
     def batch_data(self, adapter_indices: Sequence[int], tokens: Sequence[int], is_prefill: bool,
                    lm_head_indices: torch.Tensor | None = None) -> AdapterBatchData:  # fmt: skip
@@ -151,8 +201,8 @@ class AdapterStore(AdapterLayout):
         Valid until the next load/offload/batch_data that changes `layout_version` or evicts.
         """
         meta = AdapterBatchMetadata.from_requests(self._slots(adapter_indices), tokens, self.device)
-        return AdapterBatchData(meta, self._stacks, is_prefill, self.tp, lm_head_indices,
-                                ready=self.ready_events())  # fmt: skip
+        return AdapterBatchData(meta, self.layout.stacks, is_prefill, self.tp, lm_head_indices,
+                                self.layout.scales, ready=self.layout.ready_events())  # fmt: skip
 
     def request_slots(self, adapter_indices: Sequence[int]) -> list[int]:
         """Device slot per request (-1: base), after making every adapter of the batch resident.
@@ -162,20 +212,20 @@ class AdapterStore(AdapterLayout):
         current stream then waits for every adapter upload in flight (a graph cannot wait per layer).
         """
         slots = self._slots(adapter_indices)
-        self.wait_uploads()
+        self.layout.wait_uploads()
         return slots
 
     def _slots(self, adapter_indices: Sequence[int]) -> list[int]:
         for index in adapter_indices:
             if index not in self._entries and index != 0:
-                raise AdapterNotFound(f"adapter index {index} is not loaded")
+                raise NotFound(f"adapter index {index} is not loaded")
         required = list(dict.fromkeys(i for i in adapter_indices if i in self._entries))
-        self._ensure_resident(required)
-        return [self._slot_of.get(i, -1) for i in adapter_indices]
+        self.layout.ensure_resident(required)
+        return self.layout.slots(adapter_indices)
 
     def graph_batch_data(self, meta: AdapterBatchMetadata) -> AdapterBatchData:
         """Decode AdapterBatchData over the current stacks for a graph bucket's static metadata."""
-        return AdapterBatchData(meta, self._stacks, False, self.tp)
+        return AdapterBatchData(meta, self.layout.stacks, False, self.tp, scales=self.layout.scales)
 
     # ---- host side ------------------------------------------------------------------------------------
     def _host_weights(self, spec) -> HostAdapter:
@@ -192,26 +242,33 @@ class AdapterStore(AdapterLayout):
                 self._host_cache.move_to_end(key)
                 return cached  # (a file that changed since is read again below)
         if not spec.adapter_ids:
-            raise AdapterInvalid("adapter parameters name no adapter id")
-        if len(spec.adapter_ids) > 1:
-            check_strategy(spec.merge_strategy)  # refuse TIES/DARE before reading any file
+            raise InvalidArgument("adapter parameters name no adapter id")
+        merge = None
+        if len(spec.adapter_ids) > 1 or spec.weights or spec.merge_strategy.lower() != "linear":
+            # Refuse bad merge parameters before reading any file.
+            merge = check_merge(len(spec.adapter_ids), spec.weights, spec.merge_strategy, spec.density,
+                                spec.majority_sign_method)  # fmt: skip
         dirs = [self.sources.resolve(i, spec.source, spec.api_token) for i in spec.adapter_ids]
-        single = len(dirs) == 1 and not spec.weights  # file-backed: the bytes stay in the file
+        # File-backed: the bytes stay in the file (not for S3, whose cache directory may evict it).
+        single = merge is None and spec.source.lower() != "s3"
         before = _identity(dirs[0] / WEIGHTS_FILE) if single else None
         files = [read_peft_adapter(d, self.config, name=n)
                  for d, n in zip(dirs, spec.adapter_ids, strict=True)]  # fmt: skip
+        if merge is not None:
+            if any(m.magnitude is not None for f in files for m in f.modules.values()):
+                raise Unimplemented(
+                    "merging DoRA adapters is not supported: each magnitude vector belongs to its own "
+                    "factors (and PEFT's add_weighted_adapter keeps the new adapter's initial magnitude)"
+                )
+            modules = merge_modules([f.modules for f in files], merge, merge_seed(spec.adapter_ids, merge))
+        else:
+            modules = files[0].modules
         host = None
         if before is not None and _identity(before.path) == before:  # not replaced while we read it
-            host = HostAdapter.from_file(before, self._sliced(files[0].modules))
-        if host is None:  # merged (or an unaligned tensor the loader had to copy): packed in memory
-            if len(files) > 1 or spec.weights:
-                name = "+".join(spec.adapter_ids)
-                merged = merge_adapters([f.to_lora_adapter() for f in files], spec.weights,
-                                        spec.merge_strategy, name=name)  # fmt: skip
-                modules = _as_modules(merged)
-            else:
-                modules = files[0].modules
+            host = HostAdapter.from_file(before, self._sliced(modules))
+        if host is None:  # merged, S3 (or an unaligned tensor the loader had to copy): packed in memory
             host = HostAdapter.packed(self._sliced(modules), self.dtype)
+        host.magnitudes = self._magnitudes(modules)
         with self._host_lock:
             self._host_cache[key] = host
             while len(self._host_cache) > self._host_cache_entries:
@@ -227,8 +284,50 @@ class AdapterStore(AdapterLayout):
             out[key] = (a, b, m.scale)
         return out
 
-    def _host_of(self, index: int) -> HostAdapter:
-        return self._entries[index].host
+    def _magnitudes(self, modules: dict[Key, LoraModule]) -> dict[Key, torch.Tensor]:
+        """DoRA: this rank's magnitude vectors, as owned float32 copies (the file mapping may change)."""
+        rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
+        return {
+            key: shard_output_vector(key[1], m.magnitude.float(), self.config, rank, world).clone()
+            for key, m in modules.items()
+            if m.magnitude is not None
+        }
+
+    def _dora_scales(self, host: HostAdapter) -> dict[Key, torch.Tensor]:
+        if self._base_weights is None:
+            raise Unimplemented(
+                "DoRA adapters need the base model's weights, and this adapter store was built without them"
+            )
+        raw = torch.empty(host.nbytes, dtype=torch.uint8)
+        host.read_into(raw, None)  # A and B as the device will see them: B scaled, in the store dtype
+        modules = {}
+        for key, m in host.magnitudes.items():
+            mod = host.modules[key]
+            a, b = prepared(mod.a.view(raw), mod.b.view(raw), mod.scale, self.dtype)
+            modules[key] = (a.to(self.dtype), b.to(self.dtype), m)
+        return dora_scales(modules, self._base_weights, self.tp)
+
+    def _agree(self, spec, error: Exception | None) -> None:
+        """Raise `error`, or, with world size > 1, the failure of any other rank loading `spec`."""
+        if self.tp is not None and self.tp.world_size > 1:
+            mine = 0 if error is None else 1 + next(
+                (i for i, cls in enumerate(_AGREED_ERRORS) if isinstance(error, cls)), len(_AGREED_ERRORS) - 1
+            )
+            flag = torch.tensor([mine], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.tp.group)
+            worst = int(flag.item())
+            if error is None and worst:
+                raise _AGREED_ERRORS[worst - 1](
+                    f"adapter {list(spec.adapter_ids)} failed to load on another tensor-parallel rank (its "
+                    "log says why)"
+                )
+        if error is not None:
+            raise error
+
+
+# The kinds of failure one rank can report to the others (agreement in `load`); the last is the catch-all.
+_AGREED_ERRORS = (NotFound, InvalidArgument, Unimplemented, ResourceExhausted,
+                  FailedPrecondition, PermissionDenied, Unavailable, ShardError)  # fmt: skip
 
 
 def _identity(path) -> FileIdentity | None:
@@ -236,8 +335,3 @@ def _identity(path) -> FileIdentity | None:
         return FileIdentity.of(path)
     except OSError:  # missing: the loader names the problem
         return None
-
-
-def _as_modules(adapter: LoraAdapter) -> dict[Key, LoraModule]:
-    """A merged (float32, already scaled) adapter as loader modules (scale 1)."""
-    return {key: LoraModule(a, b, 1.0) for key, (a, b) in adapter.weights.items()}

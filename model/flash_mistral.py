@@ -268,6 +268,27 @@ class FlashMistralForCausalLM(nn.Module):
         """KV block size the attention backend needs; size the cache and block manager with it."""
         return self.attention.block_size
 
+    def projection_weight(self, layer_idx: int, target: str) -> torch.Tensor:
+        """This rank's base weight of a LoRA-targetable projection (a view; DoRA's norms read it):
+        [out_local, in_local], sliced as the layer is; lm_head (layer_idx -1): [vocab rows per rank,
+        hidden], the last rank's block ending in zero padding rows."""
+        if target == "lm_head":
+            return self.lm_head.weight
+        layer = self.model.layers[layer_idx]
+        if target in ("q_proj", "k_proj", "v_proj"):
+            qkv = layer.self_attn.qkv_proj
+            q, k, v = qkv.local_sizes()
+            start, n = {"q_proj": (0, q), "k_proj": (q, k), "v_proj": (q + k, v)}[target]
+            return qkv.weight.narrow(0, start, n)
+        if target in ("gate_proj", "up_proj"):
+            n = layer.mlp.gate_up_proj.local_sizes()[0]
+            return layer.mlp.gate_up_proj.weight.narrow(0, 0 if target == "gate_proj" else n, n)
+        if target == "o_proj":
+            return layer.self_attn.o_proj.weight
+        if target == "down_proj":
+            return layer.mlp.down_proj.weight
+        raise ValueError(f"unknown projection {target!r}")
+
     @torch.no_grad()  # not inference_mode: callers may update the returned logits in place
     def forward(
         self,

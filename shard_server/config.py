@@ -3,13 +3,13 @@
 `ShardConfig` is what `ShardEngine(config)` receives: every value already resolved (no "auto" device,
 no "checkpoint" dtype), so the engine never reads the environment or guesses. Only
 `shard_server/server/cli.py` reads os.environ (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as
-torchrun/launch set them) and builds it.
-`ServeConfig` adds what only the gRPC server needs (socket path, logging, shutdown grace).
+torchrun/launch set them); `shard_server/server/options.py` builds both configs from the command line.
+`ServeConfig` adds what only the gRPC server needs (socket path, logging, shutdown grace, health).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEVICES = ("cpu", "cuda")
@@ -17,6 +17,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 BLOCK_ALLOCATORS = ("shard", "router")
 LOG_FORMATS = ("text", "json")
+# "auto": the measured-fastest backend that can run (model/attention BACKENDS order)
+ATTENTION_BACKENDS = ("auto", "torch_cuda", "flash_attn", "reference")
+
+
+@dataclass(frozen=True)
+class GrammarConfig:
+    """Structured output (JSON schemas): bounds on what one schema may cost, caches, threads."""
+
+    max_schema_bytes: int = 64 * 1024
+    max_depth: int = 32  # nesting of objects/arrays in the schema document itself
+    compile_timeout_s: float = 5.0  # one rank only (generation/grammar.py says why)
+    cache_size: int = 512  # compiled schemas (and refusals) kept
+    compile_threads: int = 2
+    mask_threads: int = 8  # llguidance's pool that fills a step's masks in parallel
+    # llguidance limits (None: llguidance's defaults)
+    max_grammar_size: int | None = None
+    max_lexer_states: int | None = None
+    initial_lexer_fuel: int | None = None
+    step_lexer_fuel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -29,25 +48,37 @@ class ShardConfig:
     max_kv_cache_bytes: int | None = None
     adapter_root: Path | None = None  # where DownloadAdapter puts / LoadAdapter finds adapters
     adapter_memory_fraction: float = 0.1  # share of device memory the adapter store may use
+    # S3 adapters are downloaded here (one directory per adapter, least recently used deleted first
+    # beyond adapter_cache_max_bytes); None: S3 ids are refused.
+    adapter_cache_dir: Path | None = None
+    adapter_cache_max_bytes: int = 20 << 30
     # Adapters loaded at start-up (ids as LoadAdapter would name them, source LOCAL when a directory);
     # the engine picks their indices and reports them in info().preloaded_adapters.
     preloaded_adapter_ids: tuple[str, ...] = ()
     block_allocator: str = "shard"  # shard: the shard allocates KV blocks | router: requests bring them
     max_batch_size: int | None = None  # None: bounded by the KV cache only (graphs up to 256)
     cuda_graphs: bool = True  # decode replays CUDA graphs per batch bucket (CUDA only)
+    # Decode overlap: enqueue the next step's forward before this step's response leaves (no change in
+    # tokens; on a CPU it only moves work earlier, so the CLI turns it on for cuda by default).
+    overlap: bool = False
+    attention_backend: str = "auto"  # or one name of ATTENTION_BACKENDS (an error says why it cannot run)
     # Tensor parallelism (torch.distributed, env:// style rendezvous values passed explicitly).
     rank: int = 0
     world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    grammar: GrammarConfig = field(default_factory=GrammarConfig)
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _one_of("block_allocator", self.block_allocator, BLOCK_ALLOCATORS)
+        _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.max_kv_cache_bytes is not None and self.max_kv_cache_bytes <= 0:
             raise ValueError(f"max_kv_cache_bytes must be > 0, got {self.max_kv_cache_bytes}")
+        if self.adapter_cache_max_bytes <= 0:
+            raise ValueError(f"adapter_cache_max_bytes must be > 0, got {self.adapter_cache_max_bytes}")
         if not 0.0 < self.adapter_memory_fraction <= 1.0:
             raise ValueError(f"adapter_memory_fraction must be in (0, 1], got {self.adapter_memory_fraction}")
         if self.max_batch_size is not None and self.max_batch_size < 1:
@@ -67,11 +98,21 @@ class ServeConfig:
     # SIGTERM: how long the RPC in flight may take to finish before the server is torn down.
     grace_seconds: float = 30.0
     grpc_threads: int = 16  # gRPC handler threads; model work still runs on one thread
+    # Health turns UNAVAILABLE / NOT_SERVING once one engine call has run this long: above any real
+    # call (Warmup with graph capture on a 7B takes about a minute), below the 10-minute timeout of a
+    # collective whose peer rank died.
+    health_stuck_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         _one_of("log_format", self.log_format, LOG_FORMATS)
         if not self.uds_path:
             raise ValueError("uds_path must not be empty")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.health_stuck_seconds <= 0:
+            raise ValueError(f"health_stuck_seconds must be > 0, got {self.health_stuck_seconds}")
+        if self.grpc_threads < 1:
+            raise ValueError(f"grpc_threads must be >= 1, got {self.grpc_threads}")
 
     @property
     def socket_path(self) -> str:

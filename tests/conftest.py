@@ -45,3 +45,17 @@ def adapter_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def fake_s3():
+    """A real S3-compatible server (moto, IAM enforced) on 127.0.0.1 for the session; see tests/s3_fake.py."""
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
+    from s3_fake import FakeS3
+
+    server = FakeS3()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,14 +1,10 @@
-"""PEFT LoRA adapters: loading (peft_loader), merging (merge), per-batch data (batch), reference ops (ops)."""
+"""PEFT LoRA/DoRA adapters: loading (peft_loader), merging (merge), DoRA scales (dora), per-batch data
+(batch), reference ops (ops).
+
+Refusals are `model.errors` types (InvalidArgument, NotFound, Unimplemented, ...), like everywhere else.
+"""
 
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
-from model.adapters.errors import (
-    AdapterBudgetExceeded,
-    AdapterConflict,
-    AdapterError,
-    AdapterInvalid,
-    AdapterNotFound,
-    AdapterSourceUnsupported,
-)
 from model.adapters.merge import merge_adapters
 from model.adapters.peft_loader import LM_HEAD_LAYER, TARGETS, LoraAdapter, load_peft_adapter
 
@@ -17,12 +13,6 @@ __all__ = [
     "TARGETS",
     "AdapterBatchData",
     "AdapterBatchMetadata",
-    "AdapterBudgetExceeded",
-    "AdapterConflict",
-    "AdapterError",
-    "AdapterInvalid",
-    "AdapterNotFound",
-    "AdapterSourceUnsupported",
     "LoraAdapter",
     "load_peft_adapter",
     "merge_adapters",

@@ -13,15 +13,19 @@ after the all-reduce of a row-parallel layer),
 
 One shrink and one expand per call, over every member of the group (lora_ops.py: torch reference on the
 CPU, Triton on CUDA: tokens grouped by adapter so each adapter's weights are read once per step).
+DoRA members then scale their output columns: out[t, member] *= scales[slot(t)] (model/adapters/dora.py),
+one step per member with a scale stack after the group's expand, so it composes with either backend.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from model.adapters import ops as reference_ops
 from model.adapters.lora_ops import lora_ops_for
 from model.adapters.peft_loader import LM_HEAD_LAYER, ROW_PARALLEL
 from model.adapters.stacks import GROUP_OF, LORA_GROUPS, LoraGroupStack
@@ -29,6 +33,9 @@ from model.adapters.stacks import GROUP_OF, LORA_GROUPS, LoraGroupStack
 # (layer_idx, group or target name) -> LoraGroupStack (the store's device stacks), or a plain
 # (A [S, R, in_local], B [S, out_local, R]) pair for one target at full rank.
 LoraStacks = Mapping[tuple[int, str], LoraGroupStack | tuple[torch.Tensor, torch.Tensor]]
+# (layer_idx, target) -> DoRA output scales [S, out_local] float32 (ones for slots without DoRA); only
+# members that some resident DoRA adapter targets have one (per member, also inside a fused group).
+ScaleStacks = Mapping[tuple[int, str], torch.Tensor]
 
 
 @dataclass
@@ -89,8 +96,8 @@ class AdapterBatchMetadata:
 
 
 class AdapterBatchData:
-    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None, ready=None): forward's
-    adapter_data.
+    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None, scales=None, ready=None):
+    forward's adapter_data (`scales`: the store's DoRA scale stacks, if any).
 
     `stacks` is the store's current layout (AdapterStore.batch_data builds this object); it is valid until
     the store's `layout_version` changes. `tp`: anything with rank / world_size / group (model.parallel.
@@ -101,10 +108,12 @@ class AdapterBatchData:
 
     def __init__(
         self, meta: AdapterBatchMetadata, stacks: LoraStacks, is_prefill: bool, tp=None,
-        lm_head_indices: torch.Tensor | None = None, ready: Mapping[int, object] | None = None,
+        lm_head_indices: torch.Tensor | None = None, scales: ScaleStacks | None = None,
+        ready: Mapping[int, object] | None = None,
     ):  # fmt: skip
         self.meta = meta
         self.stacks = stacks
+        self.scales = scales or {}
         self.is_prefill = is_prefill
         self.ops = lora_ops_for(meta.token_slots.device)
         self.tp = tp
@@ -158,6 +167,12 @@ class AdapterBatchData:
             v = self.ops.reduced(v)
             torch.distributed.all_reduce(v, group=self.tp.group)
         self.ops.expand(out, v, stack, slices, rows)
+        if self.scales:
+            slots = self.meta.token_slots[self.lm_head_indices] if selected else self.meta.token_slots
+            for t, (b0, b1, y0) in zip(stack.targets, slices, strict=True):
+                scales = self.scales.get((layer_idx, t))
+                if scales is not None:  # base + delta of this member's columns, DoRA rows only
+                    dora_scale_op_for(out.device)(out[:, y0 : y0 + b1 - b0], scales, slots)
 
     def _stack(self, layer_idx: int, name: str) -> LoraGroupStack | None:
         """The stack serving `name` at this layer: its own entry, else its member rows of a group stack."""
@@ -179,3 +194,12 @@ class AdapterBatchData:
             row_slots = self.meta.token_slots[self.lm_head_indices] if selected else None
             self._rows[key] = self.ops.rows(self.meta, self.is_prefill, num_slots, row_slots)
         return self._rows[key]
+
+
+def dora_scale_op_for(device: torch.device):
+    """scale_rows (ops.py semantics): the Triton kernel on CUDA when importable, else the torch reference."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from model.kernels.dora import scale_rows
+
+        return scale_rows
+    return reference_ops.scale_rows

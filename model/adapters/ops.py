@@ -100,3 +100,14 @@ def sgmv(
     """SGMV: for s in segments: y[s.start:s.end] += (x[s.start:s.end] @ A[s.slot].T) @ B[s.slot].T."""
     sgmv_expand(y, sgmv_shrink(x, lora_a, seg_starts, seg_ends, seg_slots), lora_b, seg_starts, seg_ends,
                 seg_slots)  # fmt: skip
+
+
+def scale_rows(y: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor) -> None:
+    """DoRA's output scale, in place: y[t] *= scales[idx[t]] for idx[t] >= 0; rows with idx -1 untouched.
+
+    y [T, out] (a column view is fine), scales [S, out] float32 (rows of slots without DoRA are ones),
+    indices [T] int32. The product is taken in float32 and rounded once to y's dtype.
+    """
+    rows = scales.index_select(0, indices.clamp(min=0).long())  # [T, out]
+    rows = torch.where((indices >= 0).unsqueeze(1), rows, 1.0)  # base rows: scale 1
+    y.copy_(y.float() * rows)

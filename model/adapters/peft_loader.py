@@ -10,14 +10,19 @@ Output: a `LoraAdapter` on the host, float32, whose B is already multiplied by t
 (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA; per-module `rank_pattern`/`alpha_pattern`
 honoured), so that at serving time every kernel computes `y += (x @ A.T) @ B.T` with no scale argument.
 
+DoRA (`use_dora: true`): each module also has `...{module}.lora_magnitude_vector` [out] (no `.weight`
+suffix in the file), kept as `LoraModule.magnitude`; the per-output scale m / ||W + s B A||_row needs
+the base weight W and is computed by the adapter store at load (model/adapters/dora.py).
+
 The adapter store's fast path, `read_peft_adapter`, does the same validation but returns `PeftTensors`:
 A and B as views of one read-only mapping of the file (its dtype, no copy) plus each module's scale, so
 that the store can slice, cast and scale them straight into its own host buffer in a single pass
 (a 7B rank-16 adapter is 448 tensors / 84 MB: every extra full pass or allocation costs milliseconds).
 
-Refused (AdapterInvalid, the message names the problem): a pickle-only `adapter_model.bin` (never opened,
-let alone unpickled), missing files, a non-LoRA peft_type, DoRA, `modules_to_save`, LoRA biases, unknown
-target modules, layers beyond the base model, shapes that do not fit the base model, ranks outside 1..256.
+Refused (InvalidArgument, the message names the problem): a pickle-only `adapter_model.bin` (never opened,
+let alone unpickled), missing files, a non-LoRA peft_type, `modules_to_save`, LoRA biases, unknown
+target modules, layers beyond the base model, shapes that do not fit the base model, ranks outside 1..256,
+a DoRA magnitude vector without `use_dora` (or `use_dora` with a module lacking one), non-finite magnitudes.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from model.adapters.errors import AdapterInvalid, AdapterNotFound
+from model.errors import InvalidArgument, NotFound
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 # Row-parallel layers shard their input dim, so under TP their LoRA A is sliced on `in` and the shrink
@@ -45,7 +50,6 @@ PICKLE_FILE = "adapter_model.bin"
 
 # adapter_config.json fields that change the math in ways this shard does not implement.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (use_dora=true) is not supported: only plain LoRA adapters can be served",
     "modules_to_save": "modules_to_save is not supported: the adapter replaces whole base modules",
     "lora_bias": "LoRA biases (lora_bias=true) are not supported",
     "fan_in_fan_out": "fan_in_fan_out=true (Conv1D-style transposed weights) does not apply to Mistral",
@@ -54,7 +58,9 @@ _UNSUPPORTED_FIELDS = {
     "use_qalora": "QA-LoRA (use_qalora=true) is not supported",
 }
 
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<part>lora_A|lora_B)\.weight$")
+_KEY_RE = re.compile(
+    r"^base_model\.model\.(?P<module>.+?)\.(?:(?P<part>lora_A|lora_B)\.weight|lora_magnitude_vector)$"
+)
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -118,25 +124,25 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     """adapter_config.json, checked for the features that change the math (refused by name)."""
     path = adapter_dir / CONFIG_FILE
     if not path.is_file():
-        raise AdapterInvalid(f"{adapter_dir}: missing {CONFIG_FILE} (not a PEFT adapter directory)")
+        raise InvalidArgument(f"{adapter_dir}: missing {CONFIG_FILE} (not a PEFT adapter directory)")
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise AdapterInvalid(f"{path}: unreadable JSON: {e}") from e
+        raise InvalidArgument(f"{path}: unreadable JSON: {e}") from e
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterInvalid(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        raise InvalidArgument(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key, why in _UNSUPPORTED_FIELDS.items():
         if cfg.get(key):
-            raise AdapterInvalid(f"{path}: {why}")
+            raise InvalidArgument(f"{path}: {why}")
     ranks = [cfg.get("r")] + list((cfg.get("rank_pattern") or {}).values())
     for r in ranks:
         if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
-            raise AdapterInvalid(f"{path}: rank r={r!r} is out of range 1..{MAX_RANK}")
+            raise InvalidArgument(f"{path}: rank r={r!r} is out of range 1..{MAX_RANK}")
     targets = cfg.get("target_modules")
     if isinstance(targets, list):  # a string is a regex; then the tensor keys are checked instead
         unknown = sorted({t.split(".")[-1] for t in targets} - set(TARGETS))
         if unknown:
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{path}: unknown target module(s) {unknown}; supported: {', '.join(TARGETS)}"
             )
     return cfg
@@ -149,6 +155,7 @@ class LoraModule:
     a: torch.Tensor  # [r, in], the file's dtype; a view of the file mapping (read-only use)
     b: torch.Tensor  # [out, r], ditto, unscaled
     scale: float
+    magnitude: torch.Tensor | None = None  # DoRA: [out], ditto; None for plain LoRA
 
 
 @dataclass
@@ -212,7 +219,7 @@ def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name!r}: data offsets {[begin, end]} outside the {data_len}-byte data")
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
-            if name.endswith((".lora_A.weight", ".lora_B.weight")):
+            if name.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")):
                 raise ValueError(
                     f"{name!r} has dtype {dtype_name}; LoRA weights must be one of {list(_DTYPES)}"
                 )
@@ -232,43 +239,41 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         if (adapter_dir / PICKLE_FILE).exists():
             # Unpickling runs arbitrary code from whoever published the adapter: never open it.
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{adapter_dir}: only a pickle file {PICKLE_FILE} is present; pickle-only adapters are "
                 f"refused (never unpickled) - convert it to {WEIGHTS_FILE}"
             )
-        raise AdapterInvalid(f"{adapter_dir}: missing {WEIGHTS_FILE}")
+        raise InvalidArgument(f"{adapter_dir}: missing {WEIGHTS_FILE}")
     try:
         return _map_safetensors(path)
     except (OSError, ValueError, RuntimeError) as e:
-        raise AdapterInvalid(f"{path}: unreadable safetensors file: {e}") from e
+        raise InvalidArgument(f"{path}: unreadable safetensors file: {e}") from e
 
 
 def _parse_key(key: str, num_layers: int, where: Path) -> tuple[int, str, str] | None:
-    """-> (layer_idx, target, 'lora_A'|'lora_B'), None for keys to skip; raises on unsupported keys."""
+    """-> (layer_idx, target, 'lora_A'|'lora_B'|'magnitude'), None for keys to skip; raises on others."""
     m = _KEY_RE.match(key)
     if m is None:
         # peft saves the unchanged base weight of an lm_head/embedding target (save_embedding_layers).
         if key.endswith(".base_layer.weight"):
             return None
-        if "lora_magnitude_vector" in key:
-            raise AdapterInvalid(f"{where}: DoRA magnitude vector {key!r} is not supported")
         if "modules_to_save" in key:
-            raise AdapterInvalid(f"{where}: modules_to_save weight {key!r} is not supported")
-        raise AdapterInvalid(f"{where}: unsupported tensor {key!r} (not a LoRA A/B weight)")
-    module, part = m.group("module"), m.group("part")
+            raise InvalidArgument(f"{where}: modules_to_save weight {key!r} is not supported")
+        raise InvalidArgument(f"{where}: unsupported tensor {key!r} (not a LoRA A/B weight)")
+    module, part = m.group("module"), m.group("part") or "magnitude"
     target = module.split(".")[-1]
     if target not in TARGETS:
-        raise AdapterInvalid(
+        raise InvalidArgument(
             f"{where}: unknown target module {target!r} in {key!r}; supported: {', '.join(TARGETS)}"
         )
     if target == "lm_head":
         return LM_HEAD_LAYER, target, part
     lm = _LAYER_RE.search("." + module + ".")
     if lm is None:
-        raise AdapterInvalid(f"{where}: cannot find the layer index in {key!r}")
+        raise InvalidArgument(f"{where}: cannot find the layer index in {key!r}")
     layer = int(lm.group(1))
     if layer >= num_layers:
-        raise AdapterInvalid(f"{where}: {key!r} targets layer {layer} but the base model has {num_layers}")
+        raise InvalidArgument(f"{where}: {key!r} targets layer {layer} but the base model has {num_layers}")
     return layer, target, part
 
 
@@ -281,7 +286,7 @@ def read_peft_adapter(adapter_dir: str | Path, config, name: str | None = None) 
     """Read and validate one PEFT LoRA adapter; tensors stay views of the file, scales stay separate."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
-        raise AdapterNotFound(f"adapter directory {adapter_dir} does not exist")
+        raise NotFound(f"adapter directory {adapter_dir} does not exist")
     cfg = read_adapter_config(adapter_dir)
     tensors = _read_tensors(adapter_dir)
     return validate_lora_tensors(tensors, cfg, config, adapter_dir / WEIGHTS_FILE, name or str(adapter_dir))
@@ -301,32 +306,59 @@ def validate_lora_tensors(
 
     alpha, r_default = cfg.get("lora_alpha", cfg["r"]), cfg["r"]
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    dora = bool(cfg.get("use_dora"))
     out = PeftTensors(name=name)
     for (layer, target), ab in sorted(parts.items()):
+        magnitude = _magnitude(ab.pop("magnitude", None), dora, layer, target, shapes, where)
         if set(ab) != {"lora_A", "lora_B"}:
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{where}: layer {layer} {target} has only {sorted(ab)}; needs lora_A and lora_B"
             )
         (ka, a), (kb, b) = ab["lora_A"], ab["lora_B"]
         fan_in, fan_out = shapes.shapes[target]
         r = a.shape[0] if a.dim() else 0
         if a.dim() != 2 or b.dim() != 2 or not 1 <= r <= MAX_RANK:
-            raise AdapterInvalid(f"{where}: {ka!r} has shape {tuple(a.shape)}; rank must be in 1..{MAX_RANK}")
+            raise InvalidArgument(
+                f"{where}: {ka!r} has shape {tuple(a.shape)}; rank must be in 1..{MAX_RANK}"
+            )
         if tuple(a.shape) != (r, fan_in):
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{where}: shape mismatch for {ka!r}: got {tuple(a.shape)}, base model needs ({r}, {fan_in})"
             )
         if tuple(b.shape) != (fan_out, r):
-            raise AdapterInvalid(
+            raise InvalidArgument(
                 f"{where}: shape mismatch for {kb!r}: got {tuple(b.shape)}, base model needs ({fan_out}, {r})"
             )
         module = ka[len("base_model.model.") : -len(".lora_A.weight")]
         r_cfg = _pattern_value(rank_pattern, module, r_default)
         if r != r_cfg:
-            raise AdapterInvalid(f"{where}: {ka!r} has rank {r} but adapter_config.json says r={r_cfg}")
+            raise InvalidArgument(f"{where}: {ka!r} has rank {r} but adapter_config.json says r={r_cfg}")
         a_mod = _pattern_value(alpha_pattern, module, alpha)
         scale = a_mod / math.sqrt(r) if cfg.get("use_rslora") else a_mod / r
-        out.modules[(layer, target)] = LoraModule(a, b, scale)
+        out.modules[(layer, target)] = LoraModule(a, b, scale, magnitude)
     if not out.modules:
-        raise AdapterInvalid(f"{where}: no LoRA weights found")
+        raise InvalidArgument(f"{where}: no LoRA weights found")
     return out
+
+
+def _magnitude(entry, dora: bool, layer: int, target: str, shapes: TargetShapes, where: Path):
+    """The DoRA magnitude vector of one module [out] (None for plain LoRA), checked."""
+    if entry is None:
+        if dora:
+            raise InvalidArgument(
+                f"{where}: use_dora is set but layer {layer} {target} has no lora_magnitude_vector"
+            )
+        return None
+    key, m = entry
+    if not dora:
+        raise InvalidArgument(
+            f"{where}: DoRA magnitude vector {key!r} present but adapter_config.json does not set use_dora"
+        )
+    fan_out = shapes.shapes[target][1]
+    if tuple(m.shape) != (fan_out,):
+        raise InvalidArgument(
+            f"{where}: shape mismatch for {key!r}: got {tuple(m.shape)}, needs ({fan_out},)"
+        )
+    if not torch.isfinite(m).all():
+        raise InvalidArgument(f"{where}: {key!r} has non-finite values")
+    return m

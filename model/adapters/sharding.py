@@ -1,4 +1,4 @@
-"""Tensor-parallel slicing of one module's LoRA weights (issue 7), applied once at upload time.
+"""Tensor-parallel slicing of one module's LoRA weights, applied once at upload time.
 
 Column-parallel targets (q/k/v/gate/up) shard their output dim, so each rank keeps the full
 A [r, in] and the rows of B [out, r] of its own output columns:  out_local = x @ A.T @ B_local.T.
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from model.adapters.errors import AdapterInvalid
 from model.adapters.peft_loader import ROW_PARALLEL
+from model.errors import InvalidArgument
 
 
 def _even_chunk(n: int, rank: int, world: int, what: str) -> slice:
     if n % world:
-        raise AdapterInvalid(f"{what} size {n} is not divisible by the tensor-parallel world size {world}")
+        raise InvalidArgument(f"{what} size {n} is not divisible by the tensor-parallel world size {world}")
     size = n // world
     return slice(rank * size, (rank + 1) * size)
 
@@ -49,11 +49,21 @@ def shard_lora(
         return a, b
     if target in ROW_PARALLEL:
         return a[:, _even_chunk(a.shape[1], rank, world_size, f"{target} input")], b
+    return a, b[_output_rows(target, b.shape[0], config, rank, world_size)]
+
+
+def shard_output_vector(target: str, v: torch.Tensor, config, rank: int, world_size: int) -> torch.Tensor:
+    """A per-output-feature vector [out] (DoRA's magnitude) -> this rank's part: B's rows of `shard_lora`
+    for column-parallel targets, the whole vector for row-parallel ones and lm_head (full outputs)."""
+    if world_size == 1 or target == "lm_head" or target in ROW_PARALLEL:
+        return v
+    return v[_output_rows(target, v.shape[0], config, rank, world_size)]
+
+
+def _output_rows(target: str, n_out: int, config, rank: int, world: int) -> slice:
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if target == "q_proj":
-        rows = _head_rows(config.num_attention_heads, d, rank, world_size)
-    elif target in ("k_proj", "v_proj"):
-        rows = _head_rows(config.num_key_value_heads, d, rank, world_size)
-    else:  # gate_proj, up_proj
-        rows = _even_chunk(b.shape[0], rank, world_size, f"{target} output")
-    return a, b[rows]
+        return _head_rows(config.num_attention_heads, d, rank, world)
+    if target in ("k_proj", "v_proj"):
+        return _head_rows(config.num_key_value_heads, d, rank, world)
+    return _even_chunk(n_out, rank, world, f"{target} output")  # gate_proj, up_proj

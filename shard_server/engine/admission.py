@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from shard_server.engine.router_blocks import check_router_blocks
-from shard_server.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from shard_server.generation.grammar import CompiledSchema, SchemaCompiler
 from shard_server.generation.sampling import validate_sampling_params
 from shard_server.generation.stopping import GenerationTracker
 from shard_server.types import BatchSpec, ImageChunk, RequestSpec, StoppingParams, TextChunk
@@ -26,6 +27,7 @@ class Limits:
     num_blocks: int = 0  # KV cache blocks (router-allocation mode checks block ids against it)
     block_size: int = 16
     chunking: bool = False  # continuing chunks is possible (Warmup told the prefill token budget)
+    grammars: SchemaCompiler | None = None  # compiles `schema` (None: structured output unavailable)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Admitted:
     spec: RequestSpec
     ids: tuple[int, ...]  # the prompt after tokenization and truncation
     first_chunk: int  # prompt tokens its first prefill computes (from cache_len on)
+    grammar: CompiledSchema | None = None  # parameters.schema, compiled
 
     @property
     def router_blocks(self) -> bool:
@@ -72,7 +75,23 @@ def admit(r: RequestSpec, limits: Limits, *, warmup: bool, generation: bool = Tr
     # Warmup requests come without blocks even in router-allocation mode: the shard allocates them.
     if limits.router_blocks and generation and not (warmup and not r.blocks):
         check_router_blocks(r, len(ids), limits.num_blocks, limits.block_size, where)
-    return Admitted(r, tuple(ids), _first_chunk(r, len(ids), limits, where) if generation else len(ids))
+    first = _first_chunk(r, len(ids), limits, where) if generation else len(ids)
+    grammar = compile_schema(r, limits.grammars) if generation else None
+    return Admitted(r, tuple(ids), first, grammar)
+
+
+def compile_schema(r: RequestSpec, grammars: SchemaCompiler | None) -> CompiledSchema | None:
+    """parameters.schema -> its compiled grammar (cached), None without a schema."""
+    if r.sampling.schema is None:
+        return None
+    if grammars is None:
+        raise Unimplemented(f"request {r.id}: parameters.schema: structured output is not set up here")
+    try:
+        return grammars.compile(r.sampling.schema)
+    except NotImplementedError as e:
+        raise Unimplemented(f"request {r.id}: parameters.{e}") from None
+    except ValueError as e:
+        raise InvalidArgument(f"request {r.id}: parameters.{e}") from None
 
 
 def _first_chunk(r: RequestSpec, prompt_len: int, limits: Limits, where: str) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shard_server.generation.grammar_masks import RequestGrammar
 from shard_server.generation.sampling import NextTokenChooser
 from shard_server.generation.stopping import GenerationTracker
 from shard_server.types import CachedBatchInfo, SamplingParams
@@ -45,6 +46,7 @@ class RequestState:
     own_blocks: bool = True  # the shard's BlockManager holds them (False: the router's blocks)
     # Prompt logprobs gathered chunk by chunk (prefill_logprobs only), reported with the first token.
     prompt_logprobs: list[float] | None = None
+    grammar: RequestGrammar | None = None  # the JSON schema's matcher; advances on emitted tokens only
 
     @property
     def table_len(self) -> int:
@@ -80,8 +82,10 @@ class Batch:
         positions: torch.Tensor,  # [B] int64: its position (= tokens already in the cache)
         block_tables: torch.Tensor,  # [B, max_blocks] int32
         pending: list[PendingPrefill] | None = None,
+        steps_ahead: int = 0,  # a lookahead's rows are one step past their requests' `length`
     ):
         self.id = batch_id
+        self.steps_ahead = steps_ahead
         self.requests = requests
         self.chooser = chooser
         self.input_ids = input_ids
@@ -123,7 +127,7 @@ class Batch:
     @property
     def max_len(self) -> int:
         """Longest KV length after the next decode step (host ints: no device sync)."""
-        return max(r.length for r in self.requests) + 1
+        return max(r.length for r in self.requests) + 1 + self.steps_ahead
 
     def info(self) -> CachedBatchInfo:
         return CachedBatchInfo(

@@ -11,6 +11,7 @@ import torch
 
 from cache.adapter_sources import AdapterSourceConfig, AdapterSources
 from cache.adapter_store import AdapterStore
+from cache.s3_source import S3CacheConfig
 from model.config import MistralConfig
 from model.parallel import TPGroup
 from shard_server.config import ShardConfig
@@ -64,17 +65,22 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def build_adapter_store(
-    config: ShardConfig, model_config: MistralConfig, device: torch.device, dtype: torch.dtype, tp: TPGroup
+    config: ShardConfig, model_config: MistralConfig, device: torch.device, dtype: torch.dtype, tp: TPGroup,
+    base_weights=None,
 ) -> AdapterStore:
+    """`base_weights`: the model's `projection_weight` (DoRA adapters need the base weights)."""
     budget = int(config.adapter_memory_fraction * device_memory_bytes(device))
     preloaded = [
         (i + 1, AdapterSpec(adapter_ids=(a,), source="local" if Path(a).is_dir() else "hub"))
         for i, a in enumerate(config.preloaded_adapter_ids)
     ]
-    sources = AdapterSources(AdapterSourceConfig(adapter_root=config.adapter_root))
+    s3 = None
+    if config.adapter_cache_dir is not None:
+        s3 = S3CacheConfig(cache_dir=config.adapter_cache_dir, max_bytes=config.adapter_cache_max_bytes)
+    sources = AdapterSources(AdapterSourceConfig(adapter_root=config.adapter_root, s3=s3))
     # min_slots: the first adapter lays out 8 slots (when the budget allows), so the next seven loads
     # neither re-lay out the stacks nor drop the captured decode graphs.
     return AdapterStore(
         model_config, device, dtype, budget_bytes=budget, tp=tp, sources=sources, preloaded=preloaded,
-        min_slots=8,
+        min_slots=8, base_weights=base_weights,
     )

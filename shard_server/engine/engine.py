@@ -2,23 +2,26 @@
 
 Every method runs on the server's one model thread, except `download_adapter`, which runs on the I/O
 thread: it reads files outside any lock and touches only the adapter store's host cache, under its
-lock. Errors meant for the router are `shard_server.errors.*`; exceptions of model/ and cache/ are
-translated here. A failed call leaves every cached batch as it was and leaks no
-KV block.
+lock, and `prepare_grammars`, which runs on the servicer's handler threads: it only compiles schemas
+into the thread-safe `SchemaCompiler` cache, so the model thread keeps decoding meanwhile.
+Errors meant for the router are `model.errors.*`, raised here or by model/ and cache/ alike; only
+out-of-blocks and device out-of-memory are translated here. A failed call leaves every cached batch as
+it was and leaks no KV block.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from cache.adapter_store import AdapterStore
 from cache.block_manager import BlockManager, OutOfBlocks
-from model.adapters.errors import AdapterError
+from model.attention import select_attention_backend
 from model.config import MistralConfig
+from model.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.config import ShardConfig
 from shard_server.engine import admission, prefilling
@@ -31,9 +34,10 @@ from shard_server.engine.bootstrap import (
 )
 from shard_server.engine.kv_calibration import KVScaleKeeper
 from shard_server.engine.kv_sizing import KVSizing
+from shard_server.engine.lookahead import Lookahead, logits_for, look_ahead
 from shard_server.engine.outputs import emit_step
-from shard_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ShardError
 from shard_server.executor.runner import ModelRunner
+from shard_server.generation.grammar import SchemaCompiler
 from shard_server.generation.sampling import HostSample
 from shard_server.types import AdapterSpec, BatchSpec, CachedBatchInfo, GenerationOut, ShardInfo, StepResult
 
@@ -48,14 +52,16 @@ class ShardEngine:
         self.tp = init_tensor_parallel(config, self.device)
         self.model_config = MistralConfig.from_pretrained(config.model_dir)
         self.tokenizer, self.eos_ids, self.special_ids = load_tokenizer(config.model_dir, self.model_config)
+        prefer = None if config.attention_backend == "auto" else config.attention_backend
         self.model = FlashMistralForCausalLM.from_pretrained(
-            config.model_dir, dtype=self.dtype, device=self.device, tp=self.tp
-        )
+            config.model_dir, dtype=self.dtype, device=self.device, tp=self.tp,
+            attention=select_attention_backend(self.device, self.dtype, prefer=prefer),
+        )  # fmt: skip
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
         self.kv_scales = KVScaleKeeper(self.model, self.kv_dtype, config.model_dir)
         self.sizing = KVSizing(self.model, self.kv_dtype, config.max_kv_cache_bytes)
         self.adapters: AdapterStore = build_adapter_store(
-            config, self.model_config, self.device, self.dtype, self.tp
+            config, self.model_config, self.device, self.dtype, self.tp, self.model.projection_weight
         )
         num_blocks = self.sizing.initial_blocks()
         self.runner = ModelRunner(self.model, self.kv_scales.new_cache(num_blocks), self.adapters)
@@ -67,7 +73,19 @@ class ShardEngine:
             from shard_server.executor.graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
+        self.grammars = SchemaCompiler(
+            self.tokenizer,
+            self.model_config.vocab_size,
+            self.eos_ids,
+            config.grammar,
+            deterministic_only=self.tp.world_size > 1,
+            pin_memory=self.device.type == "cuda",
+        )
         self.batches: dict[int, Batch] = {}
+        # Decode overlap (lookahead.py): each cached batch's next step, already enqueued.
+        self.overlap = config.overlap
+        self.lookaheads: dict[int, Lookahead] = {}
+        self.lookahead_rows_used = 0  # rows whose logits came precomputed (tests, metrics)
         self._next_seq_id = 0
         log.info(
             "shard ready: %s on %s (%s), KV cache %d blocks x %d tokens (%s), rank %d/%d",
@@ -137,26 +155,30 @@ class ShardEngine:
         if missing:
             raise NotFound(f"batch {missing[0]} is not a cached batch")
         originals = [self.batches.pop(b) for b in batch_ids]
+        found = [la for la in (self.lookaheads.pop(b, None) for b in batch_ids) if la is not None]
         try:  # compute everything before changing anything
             batch = Batch.concatenate(originals)
-            out = host = chunks = None
+            out = host = chunks = ahead = None
             if len(batch):
-                logits = self.runner.decode(batch)  # [B, V]
+                logits, used = logits_for(batch, found, self.runner.decode)  # [B, V]
                 out = batch.chooser.choose(logits)
-                host = out.to_host()  # the step's one device -> host sync
+                to_host = out.start_to_host()  # enqueued before the lookahead: its wait excludes it
+                if self.overlap:  # the next step's forward runs while the host finishes this one
+                    ahead = look_ahead(batch, out.next_ids, self.runner.decode)
+                host = to_host()  # the step's one device -> host sync
             if batch.pending:
                 budget = self._chunk_budget() - len(batch)
                 plan = prefilling.plan_chunks(batch.pending, budget)
-                with adapter_errors():
-                    chunks = prefilling.compute(self, list(zip(batch.pending, plan, strict=True)))
+                chunks = prefilling.compute(self, list(zip(batch.pending, plan, strict=True)))
         except BaseException:
             for b in originals:  # nothing was mutated yet: the router may retry or clear them
                 self.batches[b.id] = b
+            self._restore_lookaheads(originals, found)
             raise
         generations: list[GenerationOut] = []
         rows = None
         if out is not None:
-            batch.chooser.update(out.next_ids)
+            batch.chooser.update(out.next_ids, host.next_ids)
             batch.advance(out.next_ids)
             generations, rows = self.emit(batch, host, first_token=False)
         pending: list[PendingPrefill] = []
@@ -168,7 +190,21 @@ class ShardEngine:
         remaining = self._join(batch.id, [rows], pending)
         if remaining is not None:
             self.batches[remaining.id] = remaining
+            if ahead is not None:
+                self.lookaheads[remaining.id] = ahead
+        if out is not None:
+            self.lookahead_rows_used += used
         return StepResult(tuple(generations), None if remaining is None else remaining.info())
+
+    def prepare_grammars(self, spec: BatchSpec) -> None:
+        """Compile the batch's schemas into the cache (any thread): bad ones fail here, before the batch
+        waits for the model thread, and the model thread's admission then finds them compiled."""
+        schemas = {r.sampling.schema for r in spec.requests if r.sampling.schema is not None}
+        with contextlib.suppress(NotImplementedError):  # no llguidance: compile_schema says so
+            for s in schemas:
+                self.grammars.start(s)  # every compile thread busy at once
+        for r in spec.requests:
+            admission.compile_schema(r, self.grammars)
 
     def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> CachedBatchInfo:
         batch = self._get(batch_id)
@@ -182,6 +218,7 @@ class ShardEngine:
                 self._release(r)
         if not keep and not pending:
             del self.batches[batch_id]
+            self.lookaheads.pop(batch_id, None)
             return CachedBatchInfo(batch_id, (), 0, 0)
         self.batches[batch_id] = self._replan(batch.select(keep, pending))
         return self.batches[batch_id].info()
@@ -189,6 +226,7 @@ class ShardEngine:
     def clear_cache(self, batch_id: int | None = None) -> None:
         ids = list(self.batches) if batch_id is None else [self._get(batch_id).id]
         for b in ids:
+            self.lookaheads.pop(b, None)
             for r in self.batches.pop(b).all_requests:
                 self._release(r)
 
@@ -203,7 +241,8 @@ class ShardEngine:
     def warmup(
         self, spec: BatchSpec, max_input_length: int, max_prefill_tokens: int, max_new_tokens: int
     ) -> int:
-        """Run the router's worst-case batch (prefill + one decode), then size the KV cache."""
+        """Run the router's worst-case batch (prefill + one decode), size the KV cache, then capture
+        the decode CUDA graphs for requests of up to max_input_length + max_new_tokens tokens."""
         if self.batches:
             raise FailedPrecondition(f"Warmup with {len(self.batches)} cached batches: ClearCache first")
         admitted = admission.admit_batch(spec, self._limits(), warmup=True) if spec.requests else []
@@ -231,20 +270,20 @@ class ShardEngine:
         self._resize_cache(num_blocks)
         usable = self.blocks.num_usable * self.model.block_size
         log.info("warmup: KV cache sized to %d blocks = %d tokens (%s)", num_blocks, usable, self.kv_dtype)
+        self.runner.capture_graphs(max_input_length + max_new_tokens)  # against the final cache
         return usable
 
     # ---- adapters --------------------------------------------------------------------------------------
 
     def download_adapter(self, spec: AdapterSpec) -> float:
         """File I/O only (runs beside the model thread): fetch and validate, -> device bytes / budget."""
-        with adapter_errors():
-            return self.adapters.download(spec)
+        return self.adapters.download(spec)
 
     def load_adapter(self, index: int, spec: AdapterSpec) -> None:
         if index == 0:
             raise FailedPrecondition("adapter_index 0 is the base model; load adapters at index >= 1")
-        with adapter_errors():
-            self.adapters.load(index, spec)
+        self.adapters.load(index, spec)
+        self.runner.refresh_lora_graphs()  # here, if the stacks moved: never inside a Decode
 
     def offload_adapter(self, index: int, spec: AdapterSpec) -> bool:
         if not self.adapters.is_loaded(index):
@@ -252,8 +291,9 @@ class ShardEngine:
         users = [b.id for b in self.batches.values() if index in {r.adapter_index for r in b.all_requests}]
         if users:
             raise FailedPrecondition(f"adapter index {index} is in use by cached batches {users}")
-        with adapter_errors():
-            return self.adapters.offload(index)
+        offloaded = self.adapters.offload(index)
+        self.runner.refresh_lora_graphs()
+        return offloaded
 
     # ---- internals -------------------------------------------------------------------------------------
 
@@ -290,6 +330,7 @@ class ShardEngine:
             num_blocks=self.runner.kv_cache.num_blocks,
             block_size=self.model.block_size,
             chunking=self.max_prefill_tokens is not None,
+            grammars=self.grammars,
         )
 
     def _check_adapters(self, indices: Sequence[int]) -> None:
@@ -316,8 +357,7 @@ class ShardEngine:
             if old:
                 budget = self._chunk_budget() - sum(n for _, n in items)
                 items += list(zip(old, prefilling.plan_chunks(old, budget), strict=True))
-            with adapter_errors():
-                computed = prefilling.compute(self, items)
+            computed = prefilling.compute(self, items)
         except BaseException as e:
             for p in started:
                 self._release(p.request)
@@ -329,6 +369,14 @@ class ShardEngine:
             return generations, self._join(batch_id, [rows], _in_order(started, pending))
         keep = _in_order(cached.pending, pending) + _in_order(started, pending)  # oldest first
         return generations, self._join(cached.id, [cached.rows_view(), rows], keep)
+
+    def _restore_lookaheads(self, originals: list[Batch], found: list[Lookahead]) -> None:
+        """After a failed Decode: give each batch back the precomputed step whose rows it holds."""
+        for b in originals:
+            mine = {id(r) for r in b.requests}
+            for la in found:
+                if la.requests and id(la.requests[0]) in mine:
+                    self.lookaheads[b.id] = la
 
     def _join(self, batch_id: int, parts: list[Batch | None], pending: list[PendingPrefill]) -> Batch | None:
         """One batch of the rows of `parts` and the pending prefills (None when nothing is live)."""
@@ -372,6 +420,7 @@ class ShardEngine:
         )
 
     def _resize_cache(self, num_blocks: int) -> None:
+        self.lookaheads.clear()  # computed against the old cache
         self.runner.kv_cache = None  # drop the old tensors before allocating the new ones
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -389,14 +438,3 @@ def _in_order(order: Sequence[PendingPrefill], keep: Sequence[PendingPrefill]) -
     """The members of `keep` in the order of `order` (by identity)."""
     ids = {id(p) for p in keep}
     return [p for p in order if id(p) in ids]
-
-
-@contextlib.contextmanager
-def adapter_errors() -> Iterator[None]:
-    """model.adapters errors name their gRPC code; re-raise them as the matching ShardError."""
-    try:
-        yield
-    except AdapterError as e:
-        err = ShardError(str(e))
-        err.code = e.code
-        raise err from e

@@ -70,8 +70,7 @@ class KVScaleKeeper:
                 for p in group:
                     table = list(range(next_block, next_block + -(-len(p) // bs)))
                     next_block += len(table)
-                    slots = [table[q // bs] * bs + q % bs for q in range(len(p))]
-                    seqs.append(PrefillSeq(list(p), 0, slots, table, adapter_index=0))
+                    seqs.append(PrefillSeq(list(p), block_table=table, adapter_index=0))
                 runner.prefill(seqs)
             k_amax, v_amax = layer_amax(scratch)
         finally:

@@ -23,21 +23,22 @@ from typing import Any, Protocol
 
 import torch
 
+from model.forward_batch import pad_block_tables
 from shard_server.engine import admission
 from shard_server.engine.batch import Batch, PendingPrefill, RequestState, grouped_order
 from shard_server.engine.outputs import chunk_prompt_logprobs
-from shard_server.executor.runner import PrefillOutput, PrefillSeq, pad_block_tables
+from shard_server.executor.runner import ModelRunner, PrefillOutput, PrefillSeq
+from shard_server.generation.grammar_masks import GrammarRows
 from shard_server.generation.sampling import HostSample, NextTokenChooser, SampleOutput
 
 
 class PrefillHost(Protocol):
     """What a prefill step needs of the engine (ShardEngine provides it; no import back to it)."""
 
-    model: Any  # .block_size
     model_config: Any  # .vocab_size
     adapters: Any  # AdapterStore
     blocks: Any  # BlockManager or the router-allocation bookkeeping
-    runner: Any  # ModelRunner
+    runner: ModelRunner  # builds and runs the step's ForwardBatch; .block_size
     tokenizer: Any
     eos_ids: Any
     special_ids: Any
@@ -83,7 +84,7 @@ def start_request(engine: PrefillHost, a: admission.Admitted, *, warmup: bool) -
     # single decode step, so it needs blocks for one position past the prompt, not the whole budget.
     decode_positions = min(max_new - 1, 1) if warmup else max_new - 1
     if a.router_blocks:
-        bs = engine.model.block_size
+        bs = engine.runner.block_size
         table = list(a.spec.blocks[: -(-(len(prompt) + decode_positions) // bs)])
         cached, own = a.spec.cache_len, False
     else:
@@ -116,6 +117,7 @@ def start_request(engine: PrefillHost, a: admission.Admitted, *, warmup: bool) -
         own_blocks=own,
         # Tokens 0..cached have no computed logits (the first token never has one).
         prompt_logprobs=[float("nan")] * (cached + 1) if a.spec.prefill_logprobs else None,
+        grammar=a.grammar.start() if a.grammar is not None else None,
     )
     # A shard prefix-cache hit may shorten the prompt's rest below the asked chunk: never past the end.
     first = min(a.first_chunk, len(prompt) - cached) if own else a.first_chunk
@@ -126,22 +128,16 @@ def compute(engine: PrefillHost, items: list[tuple[PendingPrefill, int]]) -> Pre
     """Forward the chunks (grouped by adapter for few LoRA segments) and choose finishing first tokens."""
     order = grouped_order([p.request.adapter_index for p, _ in items])
     items = [items[i] for i in order]
-    bs = engine.model.block_size
-    seqs = []
-    for p, n in items:
-        r = p.request
-        start, end = r.length, r.length + n
-        seqs.append(
-            PrefillSeq(
-                ids=r.prompt_ids[:end],
-                cached=start,
-                # A window ring repeats blocks in the table; the runner writes only the last W rows.
-                slots=[r.block_table[q // bs] * bs + q % bs for q in range(start, end)],
-                block_table=r.block_table,
-                adapter_index=r.adapter_index,
-                all_logits=r.prompt_logprobs is not None,
-            )
+    seqs = [
+        PrefillSeq(
+            ids=p.request.prompt_ids[: p.request.length + n],
+            cached=p.request.length,
+            block_table=p.request.block_table,  # a window ring repeats its blocks here
+            all_logits=p.request.prompt_logprobs is not None,
+            adapter_index=p.request.adapter_index,
         )
+        for p, n in items
+    ]
     out = engine.runner.prefill(seqs)
     chunk_lps: list[list[float] | None] = [
         None if lg is None else chunk_prompt_logprobs(lg, p.request.prompt_ids, p.request.length)
@@ -154,6 +150,7 @@ def compute(engine: PrefillHost, items: list[tuple[PendingPrefill, int]]) -> Pre
         chooser = NextTokenChooser.from_params(
             [r.sampling for r in reqs], [r.prompt_ids for r in reqs], engine.model_config.vocab_size,
             engine.device,
+            grammar=GrammarRows.of([r.grammar for r in reqs]),
         )
         idx = torch.tensor(finishing, dtype=torch.int64, device=engine.device)
         sample = chooser.choose(out.last_logits.index_select(0, idx))
@@ -177,7 +174,7 @@ def commit(engine: PrefillHost, batch_id: int, c: PrefillCompute) -> tuple[list,
     if not c.finishing:
         return [], None, still
     requests = [c.items[i][0].request for i in c.finishing]
-    c.chooser.update(c.sample.next_ids)
+    c.chooser.update(c.sample.next_ids, c.host.next_ids)
     batch = Batch(
         batch_id,
         requests,

@@ -17,7 +17,7 @@ Block 0 is the shard's (Health, padding rows of decode graphs): never a request'
 
 from __future__ import annotations
 
-from shard_server.errors import InvalidArgument
+from model.errors import InvalidArgument
 from shard_server.types import RequestSpec
 
 

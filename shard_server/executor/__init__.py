@@ -1,2 +1,2 @@
-"""Running the model: the builder of forward inputs, the runner that calls the forward, and the decode
-CUDA graphs."""
+"""Running the model: the runner that turns engine batches into ForwardBatches (model/forward_batch.py)
+and runs them, and the decode CUDA graphs."""

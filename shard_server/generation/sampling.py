@@ -6,9 +6,12 @@ the caller moves them to the host once (`SampleOutput.to_host`) and then calls `
 
 Choices (see logits_process.py for the per-processor pseudo-code):
 
-- Order: repetition penalty -> frequency/presence penalties -> watermark -> temperature -> top-k
+- Order: repetition penalty -> frequency/presence penalties -> watermark -> grammar mask (rows with
+  a JSON schema: -inf where the grammar refuses, see grammar_masks.py) -> temperature -> top-k
   -> top-p -> typical-p -> argmax (greedy rows) or Gumbel-max (sampled rows), as transformers
-  chains its processors and warpers.
+  chains its processors and warpers. The mask after the penalties and watermark changes nothing they
+  compute (-inf stays -inf under all three) and comes before every warper, so the warpers see only
+  the tokens the grammar allows.
 - Greedy: `do_sample=False` (or temperature 0) takes the argmax of the logits after penalties and
   watermark; temperature, top-k, top-p and typical-p are ignored for that request.
 - Penalties: repetition penalty over prompt + generated tokens (transformers); frequency and presence
@@ -24,20 +27,19 @@ Choices (see logits_process.py for the per-processor pseudo-code):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from shard_server.generation import logits_process as lp
+from shard_server.generation.grammar_masks import GrammarRows
 from shard_server.types import SamplingParams
 
 
 def validate_sampling_params(p: SamplingParams) -> None:
-    """Raise ValueError naming the bad field; NotImplementedError for `schema` (not built yet)."""
-    if p.schema is not None:
-        raise NotImplementedError("schema (constrained JSON generation) is not supported by this shard")
+    """Raise ValueError naming the bad field (`schema` is checked when it is compiled)."""
 
     def bad(name: str, value: object, rule: str) -> ValueError:
         return ValueError(f"{name} must be {rule}, got {value!r}")
@@ -89,10 +91,32 @@ class SampleOutput:
 
     def to_host(self) -> HostSample:
         """ONE device->host transfer: everything packed into a float64 tensor (ids < 2**53 exact)."""
+        return self.start_to_host()()
+
+    def start_to_host(self) -> Callable[[], HostSample]:
+        """Enqueue the packed copy now; the returned call waits for that copy alone and parses it.
+
+        Work enqueued on the stream after this call (the next step's forward, with the decode overlap)
+        does not delay the result: the wait is on an event recorded right after the copy.
+        """
         parts = [self.next_ids.to(torch.float64)[:, None], self.logprobs.to(torch.float64)[:, None]]
         if self.alt_ids is not None and self.alt_logprobs is not None:
             parts += [self.alt_ids.to(torch.float64), self.alt_logprobs.to(torch.float64)]
-        rows = torch.cat(parts, dim=1).cpu().tolist()
+        packed = torch.cat(parts, dim=1)
+        done = None
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = packed
+        return lambda: self._parse(host, done)
+
+    def _parse(self, host: torch.Tensor, done) -> HostSample:
+        if done is not None:
+            done.synchronize()
+        rows = host.tolist()
         k_max = self.alt_ids.shape[1] if self.alt_ids is not None else 0
         ids = [int(r[0]) for r in rows]
         logprobs = [r[1] for r in rows]
@@ -167,6 +191,7 @@ class NextTokenChooser:
     counts: torch.Tensor | None
     seen: torch.Tensor | None
     watermark_config: WatermarkConfig = field(default_factory=WatermarkConfig)
+    grammar: GrammarRows | None = None  # the rows with a JSON schema; None: no row has one
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -178,6 +203,7 @@ class NextTokenChooser:
         vocab_size: int,
         device: torch.device | str = "cpu",
         watermark_config: WatermarkConfig | None = None,
+        grammar: GrammarRows | None = None,
     ) -> NextTokenChooser:
         """Validate every request's parameters and build the device state (one upload per field)."""
         if len(params) != len(prompt_ids):
@@ -224,6 +250,7 @@ class NextTokenChooser:
             counts=counts,
             seen=seen,
             watermark_config=watermark_config or WatermarkConfig(),
+            grammar=grammar,
         )
 
     def __len__(self) -> int:
@@ -249,6 +276,8 @@ class NextTokenChooser:
             wm = self.watermark_config
             green = lp.green_mask(self.prev_ids, self.vocab_size, wm.gamma, wm.key)
             x = x + wm.delta * (green & self.watermark[:, None]).to(x.dtype)
+        if self.grammar is not None:
+            x = self.grammar.apply(x)
         if not flags.any_sampled:
             return x
         y = x / self.temperature[:, None]
@@ -279,8 +308,11 @@ class NextTokenChooser:
             out.alt_k = tuple(min(p.return_k_alternatives, k) for p in self.params)
         return out
 
-    def update(self, next_ids: torch.Tensor) -> None:
-        """Record the chosen tokens [B] (device): step += 1, counts/seen/prev_ids updated in place."""
+    def update(self, next_ids: torch.Tensor, host_ids: Sequence[int] | None = None) -> None:
+        """Record the chosen tokens [B] (device): step += 1, counts/seen/prev_ids updated in place;
+        grammars advance on the same tokens as host ints (`host_ids`, read back here if not given)."""
+        if self.grammar is not None:
+            self.grammar.consume(next_ids.tolist() if host_ids is None else host_ids)
         ids = next_ids.to(device=self.step.device, dtype=torch.int64)
         rows = torch.arange(len(self), device=ids.device)
         if self.counts is not None:
@@ -330,6 +362,7 @@ class NextTokenChooser:
             counts=counts,
             seen=seen,
             watermark_config=self.watermark_config,
+            grammar=self.grammar.filter(indices) if self.grammar is not None else None,
             **fields,
         )
 
@@ -361,6 +394,7 @@ class NextTokenChooser:
             counts=cat_state("counts", torch.int32),
             seen=cat_state("seen", torch.bool),
             watermark_config=first.watermark_config,
+            grammar=GrammarRows.concatenate([(c.grammar, len(c)) for c in choosers]),
             **fields,
         )
 

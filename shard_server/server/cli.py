@@ -1,13 +1,13 @@
 """Command line: `shard-server serve | launch | make-tiny-model | make-tiny-adapter`.
 
 This is the one module that reads the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as
-torchrun and `launch` set them); everything below it receives a typed ShardConfig.
+torchrun and `launch` set them); everything below it receives a typed ShardConfig. The options of
+`serve` (and so of `launch`, which passes them on to every rank) are defined once, in `options.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -15,17 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-from shard_server.config import (
-    BLOCK_ALLOCATORS,
-    DEVICES,
-    DTYPES,
-    KV_CACHE_DTYPES,
-    LOG_FORMATS,
-    ServeConfig,
-    ShardConfig,
-)
+from shard_server.server.options import add_options, serve_config, to_argv
 from shard_server.tools.tiny_model import TinyModelSpec, make_tiny_adapter, make_tiny_model
 
 
@@ -53,63 +44,19 @@ def _add_tiny_adapter(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated target modules")
     p.add_argument("--rslora", action="store_true")
+    p.add_argument("--dora", action="store_true", help="a DoRA adapter (use_dora, magnitude vectors)")
     p.add_argument("--seed", type=int, default=1)
-
-
-def _add_serve_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `serve` and `launch` (which passes them on to every child)."""
-    p.add_argument(
-        "model_dir", metavar="MODEL_DIR", help="Hugging Face Mistral directory (config.json, safetensors)"
-    )
-    p.add_argument("--uds-path", required=True, help="socket path prefix; rank r listens on PATH-r")
-    p.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available, else cpu")
-    p.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="default: the checkpoint's on cuda, float32 on cpu"
-    )
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
-    p.add_argument(
-        "--max-kv-cache-bytes",
-        type=int,
-        default=None,
-        help="KV cache size after Warmup (CPU: required bound)",
-    )
-    p.add_argument("--adapter-root", default=None, help="directory for downloaded / local adapters")
-    p.add_argument("--adapter-memory-fraction", type=float, default=0.1)
-    p.add_argument("--preloaded-adapter-ids", nargs="*", default=[], metavar="ID")
-    p.add_argument(
-        "--block-allocator",
-        choices=BLOCK_ALLOCATORS,
-        default="shard",
-        help="shard: the shard allocates KV blocks; router: requests bring blocks and slots",
-    )
-    p.add_argument("--max-batch-size", type=int, default=None)
-    p.add_argument(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="decode replays CUDA graphs per batch bucket (CUDA only)",
-    )
-    p.add_argument("--log-format", choices=LOG_FORMATS, default="text")
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-    )
-    p.add_argument(
-        "--grace-seconds", type=float, default=30.0, help="SIGTERM: time the RPC in flight may take"
-    )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one shard (rank from RANK/WORLD_SIZE) on a unix socket")
-    _add_serve_options(p)
+    add_options(p)
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("launch", help="start N `serve` processes (one per device) and supervise them")
     p.add_argument("--num-shard", type=int, required=True, metavar="N")
-    _add_serve_options(p)
+    add_options(p)  # every serve option, passed on to each rank
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,97 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _checkpoint_dtype(model_dir: Path) -> str:
-    """The dtype config.json names (transformers 5: `dtype`, older: `torch_dtype`); bfloat16 if none."""
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return "bfloat16"  # the engine reports the unreadable directory itself
-    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16").removeprefix("torch.")
-    return name if name in DTYPES else "bfloat16"
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def shard_config_from_args(args: argparse.Namespace, env: dict[str, str]) -> ShardConfig:
-    model_dir = Path(args.model_dir)
-    device = args.device or _default_device()
-    dtype = args.dtype or (_checkpoint_dtype(model_dir) if device == "cuda" else "float32")
-    port = env.get("MASTER_PORT")
-    return ShardConfig(
-        model_dir=model_dir,
-        device=device,
-        dtype=dtype,
-        kv_cache_dtype=args.kv_cache_dtype,
-        max_kv_cache_bytes=args.max_kv_cache_bytes,
-        adapter_root=Path(args.adapter_root) if args.adapter_root else None,
-        adapter_memory_fraction=args.adapter_memory_fraction,
-        preloaded_adapter_ids=tuple(args.preloaded_adapter_ids),
-        block_allocator=args.block_allocator,
-        max_batch_size=args.max_batch_size,
-        cuda_graphs=args.cuda_graphs,
-        rank=int(env.get("RANK", "0")),
-        world_size=int(env.get("WORLD_SIZE", "1")),
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=int(port) if port else None,
-    )
-
-
-def serve_argv(args: argparse.Namespace) -> list[str]:
-    """The `serve` command line equivalent to parsed serve options (what `launch` gives each child)."""
-    argv = [
-        "serve",
-        args.model_dir,
-        "--uds-path",
-        args.uds_path,
-        "--kv-cache-dtype",
-        args.kv_cache_dtype,
-        "--adapter-memory-fraction",
-        repr(args.adapter_memory_fraction),
-        "--block-allocator",
-        args.block_allocator,
-        "--log-format",
-        args.log_format,
-        "--log-level",
-        args.log_level,
-        "--grace-seconds",
-        repr(args.grace_seconds),
-    ]
-    for flag, value in (
-        ("--device", args.device),
-        ("--dtype", args.dtype),
-        ("--adapter-root", args.adapter_root),
-        ("--max-kv-cache-bytes", args.max_kv_cache_bytes),
-        ("--max-batch-size", args.max_batch_size),
-    ):
-        if value is not None:
-            argv += [flag, str(value)]
-    if not args.cuda_graphs:
-        argv.append("--no-cuda-graphs")
-    if args.preloaded_adapter_ids:
-        argv += ["--preloaded-adapter-ids", *args.preloaded_adapter_ids]
-    return argv
-
-
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        shard = shard_config_from_args(args, dict(os.environ))
-        config = ServeConfig(
-            shard=shard,
-            uds_path=args.uds_path,
-            log_format=args.log_format,
-            log_level=args.log_level,
-            grace_seconds=args.grace_seconds,
-        )
+        config = serve_config(args, dict(os.environ))
     except ValueError as e:
         parser.error(str(e))
     from shard_server.server.grpc_server import serve
 
     return serve(config)
+
+
+def serve_argv(args: argparse.Namespace) -> list[str]:
+    """The `serve` command line of each rank: the launcher's own serve options, as parsed."""
+    return ["serve", *to_argv(args)]
 
 
 def _launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -362,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             alpha=args.alpha,
             target_modules=tuple(t for t in args.targets.split(",") if t),
             use_rslora=args.rslora,
+            use_dora=args.dora,
             seed=args.seed,
         )
         print(out)

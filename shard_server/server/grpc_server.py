@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shard_server.config import ServeConfig
 from shard_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
-from shard_server.server.service import EngineWorkers, LoraxServiceServicer
+from shard_server.server.health import ShardHealth
+from shard_server.server.service import LoraxServiceServicer
+from shard_server.server.workers import EngineWorkers
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def remove_stale_socket(path: str) -> None:
 class BuiltServer:
     server: grpc.Server  # bound, not started
     address: str  # unix://{uds_path}-{rank}
-    health: health.HealthServicer  # grpc.health.v1 status, SERVING once built
+    health: ShardHealth  # LoRAX Health and grpc.health.v1, SERVING once built
     workers: EngineWorkers  # the model thread (and adapter I/O thread)
 
 
@@ -85,12 +87,21 @@ def create_server(
     *,
     workers: EngineWorkers | None = None,
     grpc_threads: int = 16,
+    health_stuck_seconds: float = ServeConfig.health_stuck_seconds,
 ) -> tuple[grpc.Server, str]:
     """A bound, not yet started server for a ready engine. Returns (server, "unix://{uds_path}-{rank}").
 
     `workers` owns the model thread; pass the one the engine was built on (see `serve`).
     """
-    built = build_server(engine, uds_path, rank, world_size, workers=workers, grpc_threads=grpc_threads)
+    built = build_server(
+        engine,
+        uds_path,
+        rank,
+        world_size,
+        workers=workers,
+        grpc_threads=grpc_threads,
+        health_stuck_seconds=health_stuck_seconds,
+    )
     return built.server, built.address
 
 
@@ -102,25 +113,21 @@ def build_server(
     *,
     workers: EngineWorkers | None = None,
     grpc_threads: int = 16,
+    health_stuck_seconds: float = ServeConfig.health_stuck_seconds,
 ) -> BuiltServer:
     path = socket_path(uds_path, rank)
     remove_stale_socket(path)
     workers = workers or EngineWorkers()
-    health_servicer = health.HealthServicer()
-
-    def on_health(ok: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        health_servicer.set("", status)
-        health_servicer.set(SERVICE_NAME, status)
-
-    servicer = LoraxServiceServicer(engine, service_urls(uds_path, world_size), workers, on_health)
+    # SERVING from here on: the engine is built and the socket about to be bound.
+    shard_health = ShardHealth(workers, engine.health, health_stuck_seconds, (SERVICE_NAME,))
+    servicer = LoraxServiceServicer(engine, service_urls(uds_path, world_size), workers, shard_health)
     # Handler threads only convert messages and wait on the model thread; several of them keep Health,
     # Info and ServiceDiscovery answering while one waits on a long Decode.
     server = grpc.server(
         ThreadPoolExecutor(max_workers=grpc_threads, thread_name_prefix="grpc"), options=SERVER_OPTIONS
     )
     generate_pb2_grpc.add_LoraxServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(shard_health.servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"unix://{path}"
     # gRPC binds the socket in add_insecure_port: a umask there makes it 0600 from birth (no window in
@@ -131,8 +138,7 @@ def build_server(
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    on_health(True)  # the engine is built and the socket bound: ready once started
-    return BuiltServer(server, address, health_servicer, workers)
+    return BuiltServer(server, address, shard_health, workers)
 
 
 # ---------------------------------------------------------------- logging
@@ -215,6 +221,7 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
             shard.world_size,
             workers=workers,
             grpc_threads=config.grpc_threads,
+            health_stuck_seconds=config.health_stuck_seconds,
         )
     except Exception:
         log.exception("shard rank %d failed to start", shard.rank)

@@ -2,10 +2,11 @@
 
 Only wire-level shape is checked here (a Decode without batches, an input chunk with neither text nor
 image, an enum value outside the protocol); everything semantic is the engine's. Every engine call runs
-on one dedicated model thread (`EngineWorkers.model`), so gRPC handler threads stay free for Health,
-Info and ServiceDiscovery, and DownloadAdapter's file I/O runs on a second thread (`EngineWorkers.io`).
-No exception ever leaves a handler: ShardError -> its status code, anything else -> INTERNAL (logged with
-its traceback); the server keeps serving either way.
+on one dedicated model thread (`EngineWorkers.model`); DownloadAdapter's file I/O runs on a second thread
+(`EngineWorkers.io`). Info and ServiceDiscovery answer from the handler thread; Health answers from the
+model thread's heartbeat and never queues behind a long Prefill or Decode (`health.ShardHealth`).
+No exception ever leaves a handler: a model.errors.ShardError -> its status (`GRPC_STATUS`), anything
+else -> INTERNAL (logged with its traceback); the server keeps serving either way.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
 
-from shard_server.errors import InvalidArgument, ShardError, Unimplemented
+from model.errors import InvalidArgument, ShardError, Status, Unimplemented
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
+from shard_server.server.health import ShardHealth
+from shard_server.server.workers import EngineWorkers
 from shard_server.types import (
     AdapterSpec,
     BatchSpec,
@@ -235,47 +237,16 @@ def step_to_pb(result: StepResult, response_type: type[T]) -> T:
     return resp
 
 
-# ---------------------------------------------------------------- threads and error mapping
+# ---------------------------------------------------------------- error mapping
 
 
-class EngineWorkers:
-    """The one model thread every engine call runs on, plus one I/O thread for adapter downloads.
-
-    Engine state (cached batches, KV blocks, CUDA streams, thread-local torch settings such as the current
-    CUDA device) is only ever touched from `model`, so the engine needs no locks. `io` runs only
-    `engine.download_adapter`, which must therefore not touch engine state shared with the model thread
-    (it fetches files to disk and measures them).
-    """
-
-    def __init__(self) -> None:
-        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-model")
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-adapter-io")
-
-    def model(self, fn: Callable[..., T], *args: Any) -> T:
-        return self._model.submit(fn, *args).result()
-
-    def io(self, fn: Callable[..., T], *args: Any) -> T:
-        return self._io.submit(fn, *args).result()
-
-    def close(self) -> None:
-        self._io.shutdown(wait=True, cancel_futures=True)
-        self._model.shutdown(wait=True, cancel_futures=True)
-
-
-class DeviceUnavailable(ShardError):
-    code = "UNAVAILABLE"
+# Our status enum -> gRPC's, member by member (the one place that knows both).
+GRPC_STATUS = {status: grpc.StatusCode[status.name] for status in Status}
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
     # torch.OutOfMemoryError (a RuntimeError) is matched by name: this layer does not import torch.
     return isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
-
-
-def _status_of(e: ShardError) -> grpc.StatusCode:
-    try:
-        return grpc.StatusCode[e.code]
-    except KeyError:
-        return grpc.StatusCode.INTERNAL
 
 
 def rpc(method: Callable[..., T]) -> Callable[..., T]:
@@ -288,7 +259,7 @@ def rpc(method: Callable[..., T]) -> Callable[..., T]:
         try:
             return method(self, request, context)
         except ShardError as e:
-            code, message = _status_of(e), str(e) or type(e).__name__
+            code, message = GRPC_STATUS[e.status], str(e) or type(e).__name__
             log.info("%s -> %s: %s", name, code.name, message)
         except Exception as e:  # noqa: BLE001 - the server must survive any bug in one request
             if _is_out_of_memory(e):
@@ -309,16 +280,12 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
     """generate.v1.LoraxService over a ShardEngine (see docs/INTERNALS.md, Engine API)."""
 
     def __init__(
-        self,
-        engine: Any,
-        service_urls: Iterable[str],
-        workers: EngineWorkers,
-        on_health: Callable[[bool], None] | None = None,
+        self, engine: Any, service_urls: Iterable[str], workers: EngineWorkers, health: ShardHealth
     ) -> None:
         self._engine = engine
         self._urls = tuple(service_urls)
         self._workers = workers
-        self._on_health = on_health
+        self._health = health
         # Info is static facts: read once (on the model thread) so Info never waits behind a Decode.
         self._info: ShardInfo = workers.model(engine.info)
         self._info_pb = info_to_pb(self._info)
@@ -333,17 +300,7 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
 
     @rpc
     def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
-        try:
-            self._workers.model(self._engine.health)
-        except Exception as e:
-            if self._on_health is not None:
-                self._on_health(False)
-            if isinstance(e, ShardError):
-                raise
-            # A device that cannot run work is not a bug of the request: UNAVAILABLE, not INTERNAL.
-            raise DeviceUnavailable(f"Health: device cannot run work: {type(e).__name__}: {e}") from e
-        if self._on_health is not None:
-            self._on_health(True)
+        self._health.check()  # never queues behind the model thread (health.py)
         return pb.HealthResponse()
 
     @rpc
@@ -373,6 +330,8 @@ class LoraxServiceServicer(generate_pb2_grpc.LoraxServiceServicer):
     def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         batch = batch_from_pb(request.batch, "Prefill")
         cached_id = request.cached_batch.id if request.HasField("cached_batch") else None
+        # JSON schemas compile here, on this handler thread, while the model thread decodes on.
+        self._engine.prepare_grammars(batch)
         result = self._workers.model(self._engine.prefill, batch, cached_id)
         return step_to_pb(result, pb.PrefillResponse)
 

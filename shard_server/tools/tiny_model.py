@@ -7,7 +7,6 @@ trained with `tokenizers` on `shard_server/data/corpus.txt`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,10 +110,14 @@ def make_tiny_adapter(
     alpha: float | None = None,
     target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
     use_rslora: bool = False,
+    use_dora: bool = False,
     seed: int = 1,
     init_std: float = 0.1,
 ) -> Path:
-    """A real PEFT LoRA adapter (peft's own save_pretrained) with seeded non-zero A and B."""
+    """A real PEFT LoRA adapter (peft's own save_pretrained) with seeded non-zero A and B.
+
+    use_dora: a DoRA adapter; its magnitude vectors (PEFT initialises them to ||W|| per output feature)
+    are scaled by seeded factors in [0.5, 1.5] so that the DoRA scale is far from 1 and differs per row."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
@@ -127,6 +130,7 @@ def make_tiny_adapter(
         lora_dropout=0.0,
         bias="none",
         use_rslora=use_rslora,
+        use_dora=use_dora,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(base, cfg)
@@ -135,10 +139,8 @@ def make_tiny_adapter(
         for name, p in peft_model.named_parameters():
             if "lora_A" in name or "lora_B" in name:  # B starts at zero in peft: make it matter
                 p.copy_(torch.randn(p.shape, generator=gen) * init_std)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(0.5 + torch.rand(p.shape, generator=gen))
     out = Path(out_dir)
     peft_model.save_pretrained(out, safe_serialization=True)
     return out
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

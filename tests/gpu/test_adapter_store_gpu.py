@@ -65,7 +65,7 @@ def test_rotation_through_fewer_device_slots_equals_the_cpu_store(tmp_path):
     cpu = AdapterStore(CONFIG, "cpu", torch.float32)
     probe = AdapterStore(CONFIG, "cuda", torch.float32)
     probe.load(1, specs[1])  # rank 16 on all seven targets
-    slot_bytes = probe._adapter_device_bytes(probe._host_of(1))
+    slot_bytes = probe.layout.adapter_device_bytes(probe._entries[1].host)
     gpu = AdapterStore(CONFIG, "cuda", torch.float32, budget_bytes=12 * slot_bytes)  # ~3 slots at R=64
     for i, spec in enumerate(specs, start=1):
         cpu.load(i, spec)
@@ -91,6 +91,6 @@ def test_load_to_usable_is_timed_to_the_upload_stream(tmp_path):
         gpu.load(i, spec)
         times.append(time.perf_counter() - t0)
         cpu.load(i, spec)
-        assert gpu._uploader.stream.query()  # nothing left in flight
+        assert gpu.layout._uploader.stream.query()  # nothing left in flight
     assert gpu.layout_version == 1  # one layout of 8 slots for all three
     print(f"tiny LoadAdapter ms: {[round(t * 1e3, 2) for t in times]}")

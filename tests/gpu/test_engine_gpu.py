@@ -1,6 +1,9 @@
-"""The engine on a GPU: CUDA-graph decode (LoRA inside the graph) equals eager decode, bf16."""
+"""The engine on a GPU: CUDA-graph decode (LoRA inside the graph) equals eager decode, bf16; graphs are
+captured at Warmup (and after an adapter re-layout, in LoadAdapter), never inside a Decode."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -20,15 +23,37 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _graph_equals_eager_each_step(engine: ShardEngine, batch_id: int, steps: int) -> None:
-    """Before each of `steps` decode steps: the graph replay's logits equal the eager step's."""
+    """Before each of `steps` decode steps: the graph replay's logits equal the eager step's; then the
+    engine's Decode replays a graph and captures none."""
+    graphs = engine.runner.graphs
     for _ in range(steps):
         batch = engine.batches[batch_id]
         slots = engine.adapters.request_slots(batch.adapter_indices)
-        graph_logits = engine.runner.graphs.run(batch, slots).clone()
+        graph_logits = graphs.run(batch, slots)
+        assert graph_logits is not None, "Warmup captured no graph for this step"
+        graph_logits = graph_logits.clone()
         eager_logits = engine.runner.decode_eager(batch, slots)
         assert torch.isfinite(graph_logits).all()
         assert _rel(graph_logits, eager_logits) < 2e-2
+        captured, replayed = graphs.captured, graphs.replayed
         engine.decode([batch_id])
+        assert graphs.captured == captured and graphs.replayed == replayed + 1
+
+
+def _engine(model_dir, **kw) -> ShardEngine:
+    # A bounded KV cache: Warmup would otherwise give one engine nearly all free memory.
+    return ShardEngine(
+        ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", max_kv_cache_bytes=64 << 20, **kw)
+    )
+
+
+def _warmup(engine: ShardEngine, max_input_length: int = 128, max_new_tokens: int = 32) -> None:
+    warm = BatchSpec(id=0, requests=_requests(4, [0], max_new=4))
+    assert engine.warmup(warm, max_input_length, max_prefill_tokens=512, max_new_tokens=max_new_tokens) > 0
+
+
+def _spec(path) -> AdapterSpec:
+    return AdapterSpec(adapter_ids=(str(path),), source="local")
 
 
 def _requests(n: int, adapters: list[int], max_new: int = 24) -> tuple[RequestSpec, ...]:
@@ -57,14 +82,18 @@ def gpu_model(tiny_model_factory, adapter_factory):
 @pytest.mark.parametrize("batch_size", [1, 5, 33])
 def test_graph_decode_equals_eager_with_mixed_adapters(gpu_model, batch_size):
     model_dir, adapters = gpu_model
-    cfg = ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16")
-    engine = ShardEngine(cfg)
+    engine = _engine(model_dir)
     for i, path in enumerate(adapters, start=1):
-        engine.load_adapter(i, AdapterSpec(adapter_ids=(str(path),), source="local"))
-    assert engine.runner.graphs is not None
+        engine.load_adapter(i, _spec(path))
+    assert engine.runner.graphs is not None and engine.runner.graphs.captured == 0
+    _warmup(engine)
+    graphs = engine.runner.graphs
+    # Every batch bucket, with and without LoRA, at context bucket 256 (requests up to 128 + 32 tokens).
+    assert set(graphs.graphs) == {(b, 256, lora) for b in graphs.buckets for lora in (False, True)}
+    assert graphs.captured == len(graphs.graphs)
     engine.prefill(BatchSpec(id=1, requests=_requests(batch_size, [0, 1, 2])))
     _graph_equals_eager_each_step(engine, 1, steps=12)
-    assert 1 in engine.batches and len(engine.runner.graphs.graphs) >= 1
+    assert 1 in engine.batches
     engine.clear_cache()
     assert engine.free_blocks() == engine.usable_blocks()
 
@@ -73,10 +102,9 @@ def test_graph_and_eager_engines_generate_the_same_tokens(gpu_model):
     model_dir, adapters = gpu_model
     outputs = []
     for graphs in (True, False):
-        engine = ShardEngine(
-            ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", cuda_graphs=graphs)
-        )
-        engine.load_adapter(1, AdapterSpec(adapter_ids=(str(adapters[0]),), source="local"))
+        engine = _engine(model_dir, cuda_graphs=graphs)
+        engine.load_adapter(1, _spec(adapters[0]))
+        _warmup(engine)
         result = engine.prefill(BatchSpec(id=3, requests=_requests(6, [0, 1], max_new=16)))
         tokens: dict[int, list[int]] = {}
         while True:
@@ -86,22 +114,102 @@ def test_graph_and_eager_engines_generate_the_same_tokens(gpu_model):
                 break
             result = engine.decode([result.batch.id])
         outputs.append(tokens)
+        if graphs:
+            assert engine.runner.graphs.replayed >= 15
+            assert engine.runner.graphs.captured == len(engine.runner.graphs.graphs)
+        del engine
     same = sum(a == b for a, b in zip(outputs[0].values(), outputs[1].values(), strict=True))
     assert same >= 5, outputs  # bf16 near-ties may flip one request; most must agree exactly
 
 
 def test_warmup_then_graph_decode_with_triton_kernels(tiny_model_factory):
-    """head_dim 64 takes every Triton path (paged decode, rope + KV write, norms); Warmup replaces the KV
-    cache, after which graphs captured against the old cache must never replay."""
+    """head_dim 64 takes every Triton path (paged decode, rope + KV write, norms). Before Warmup a decode
+    runs eagerly and captures nothing; Warmup replaces the KV cache and captures against the new one."""
     model_dir = tiny_model_factory(layers=2, hidden=256, heads=4, kv_heads=2, vocab=512, init_std=0.02)
-    engine = ShardEngine(ShardConfig(model_dir=model_dir, device="cuda", dtype="bfloat16"))
+    engine = _engine(model_dir)
     engine.prefill(BatchSpec(id=7, requests=_requests(3, [0], max_new=8)))
-    engine.decode([7])  # captures a graph against the start-up cache
+    engine.decode([7])
+    assert engine.runner.graphs.captured == 0 and engine.runner.graphs.replayed == 0
     engine.clear_cache()
-    warm = BatchSpec(id=0, requests=_requests(4, [0], max_new=4))
-    assert engine.warmup(warm, max_input_length=16, max_prefill_tokens=64, max_new_tokens=4) > 0
+    _warmup(engine, max_input_length=16, max_new_tokens=4)
     engine.prefill(BatchSpec(id=1, requests=_requests(9, [0], max_new=20)))
     _graph_equals_eager_each_step(engine, 1, steps=8)
     torch.cuda.synchronize()
     engine.clear_cache()
+    assert engine.free_blocks() == engine.usable_blocks()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_overlap_on_and_off_give_the_same_tokens_with_graphs(gpu_model, seed):
+    """The randomised router (tests/random_router.py) against CUDA-graph engines, overlap on and off."""
+    from random_router import run_schedule
+
+    model_dir, adapters = gpu_model
+    results, used = [], []
+    for overlap in (False, True):
+        # Engines of earlier tests (reference cycles through their graphs) may still hold the memory a
+        # CUDA Warmup hands out, and Warmup gives each engine nearly all that is free: collect, bound.
+        engine = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        cfg = ShardConfig(
+            model_dir=model_dir, device="cuda", dtype="bfloat16", overlap=overlap, max_kv_cache_bytes=1 << 26
+        )
+        engine = ShardEngine(cfg)
+        warm = RequestSpec(id=0, input_ids=(1, 5, 6, 7), stopping=StoppingParams(max_new_tokens=2))
+        engine.warmup(BatchSpec(id=0, requests=(warm,)), 32, 40, 8)
+        for i, path in enumerate(adapters, start=1):
+            engine.load_adapter(i, AdapterSpec(adapter_ids=(str(path),), source="local"))
+        results.append(run_schedule(engine, seed, len(adapters)))
+        used.append(engine.lookahead_rows_used)
+    assert used[0] == 0 and used[1] > 0
+    want, got = results
+    assert got.keys() == want.keys()
+    for rid in want:
+        assert got[rid]["ids"] == want[rid]["ids"], f"request {rid}"
+        assert got[rid]["finish"] == want[rid]["finish"], f"request {rid}"
+
+
+def test_decode_past_warmup_contexts_runs_eagerly_without_capturing(gpu_model):
+    model_dir, _ = gpu_model
+    engine = _engine(model_dir)
+    _warmup(engine, max_input_length=16, max_new_tokens=4)  # context bucket 256 only
+    graphs = engine.runner.graphs
+    captured = graphs.captured
+    long = RequestSpec(
+        id=1,
+        input_ids=tuple(3 + j % 400 for j in range(300)),
+        adapter_index=0,
+        sampling=SamplingParams(),
+        stopping=StoppingParams(max_new_tokens=4, ignore_eos_token=True),
+    )
+    engine.prefill(BatchSpec(id=1, requests=(long,)))
+    batch = engine.batches[1]
+    assert graphs.run(batch, engine.adapters.request_slots(batch.adapter_indices)) is None
+    engine.decode([1])
+    assert graphs.captured == captured and graphs.replayed == 0
+    engine.clear_cache()
+
+
+def test_adapter_relayout_recaptures_lora_graphs_in_load_adapter(gpu_model):
+    """Stacks re-laid out by LoadAdapter: the LoRA graphs are recaptured there (base graphs stay), and
+    the Decodes after it replay graphs equal to eager steps, capturing nothing."""
+    model_dir, adapters = gpu_model
+    engine = _engine(model_dir)
+    engine.load_adapter(1, _spec(adapters[0]))  # rank 8, attention targets
+    _warmup(engine)
+    graphs = engine.runner.graphs
+    base = {k: g for k, g in graphs.graphs.items() if not k[2]}
+    lora = {k: g for k, g in graphs.graphs.items() if k[2]}
+    layout = engine.adapters.layout_version
+    engine.load_adapter(2, _spec(adapters[1]))  # rank 16, MLP targets: new stacks
+    assert engine.adapters.layout_version != layout
+    assert all(graphs.graphs[k] is g for k, g in base.items())
+    assert set(lora) <= set(graphs.graphs) and all(graphs.graphs[k] is not g for k, g in lora.items())
+    engine.prefill(BatchSpec(id=1, requests=_requests(5, [0, 1, 2])))
+    _graph_equals_eager_each_step(engine, 1, steps=6)
+    engine.clear_cache()
+    for i, path in ((1, adapters[0]), (2, adapters[1])):
+        engine.offload_adapter(i, _spec(path))
+    assert not any(k[2] for k in graphs.graphs)  # the store is empty: LoRA graphs dropped, none captured
     assert engine.free_blocks() == engine.usable_blocks()

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from mistral_harness import PagedRunner, hf_logits, random_prompts  # noqa: E402
 
 from cache.kv_cache import KVCache
+from model.forward_batch import ForwardBatch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -150,67 +151,58 @@ def test_chunked_prefill_bf16(pair, backend, window):
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_is_sync_free_and_cuda_graph_capturable(pair, backend, window):
-    from model.attention import Seqlen
-
     ours, hf = pair(backend, sliding_window=window, heads=4, kv_heads=2, head_dim=64)
     runner = new_runner(ours, num_blocks=32 if ours.block_size < 256 else 8, seed=9)
     runner.prefill(random_prompts([9, 20, 3], VOCAB, seed=10))
 
-    step_args = runner.decode_args([11, 12, 13], pad_rows=1)  # host->device copies happen here
+    step = runner.decode_batch([11, 12, 13], pad_rows=1)  # host->device copies happen here
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        logits, _ = ours(**step_args)
+        logits = step.run(ours, runner.kv_cache)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for b, seq in enumerate(runner.seqs):
         assert rel_err(logits[b : b + 1], hf_logits(hf, seq)[-1:]) <= RTOL
 
-    # A bucket of 4 rows (3 sequences + 1 padding row with slot -1), block tables 4 blocks wide.
+    # A bucket of 4 rows (3 sequences + 1 padding row: position 0 of reserved block 0), block tables
+    # 4 blocks wide: the shard's graphs build the step from static buffers exactly like this.
     bs, width, rows = ours.block_size, 4, 4
     dev = torch.device("cuda")
-    static = dict(
-        input_ids=torch.zeros(rows, dtype=torch.int64, device=dev),
-        position_ids=torch.zeros(rows, dtype=torch.int64, device=dev),
-        block_tables=torch.zeros(rows, width, dtype=torch.int32, device=dev),
-        slots=torch.full((rows,), -1, dtype=torch.int64, device=dev),
-    )
-    lengths = torch.zeros(rows, dtype=torch.int32, device=dev)
-    args = dict(
-        cu_seqlen_prefill=None,
-        kv_cache=runner.kv_cache,
-        seqlen=Seqlen(input_lengths=lengths),
-        max_s=width * bs,
-        adapter_data=None,
-        **static,
-    )
+    ids = torch.zeros(rows, dtype=torch.int64, device=dev)
+    positions = torch.zeros(rows, dtype=torch.int64, device=dev)
+    tables = torch.zeros(rows, width, dtype=torch.int32, device=dev)
+
+    def static_step():
+        return ForwardBatch.decode(ids, positions, tables, block_size=bs, max_s=width * bs).run(
+            ours, runner.kv_cache
+        )
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            ours(**args)  # slots all -1: the warm-up writes nothing
+            static_step()  # every row padding: the warm-up writes into block 0 only
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, _ = ours(**args)
+        out = static_step()
 
     g = random.Random(11)
     for _ in range(10):
         tokens = [g.randrange(3, VOCAB) for _ in runner.seqs]
-        ids, pos, slots, lens, tables = [], [], [], [], []
+        pos, table_rows = [], []
         for i, tok in enumerate(tokens):
             p = runner.cached[i]
             runner._ensure_blocks(i, p + 1)
             runner.seqs[i].append(tok)
             runner.cached[i] = p + 1
-            ids.append(tok), pos.append(p), slots.append(runner._slot(i, p)), lens.append(p + 1)
-            tables.append((runner._table(i) + [0] * width)[:width])
+            pos.append(p)
+            table_rows.append((runner._table(i) + [0] * width)[:width])
         pad = rows - len(tokens)
-        static["input_ids"].copy_(torch.tensor(ids + [0] * pad))
-        static["position_ids"].copy_(torch.tensor(pos + [0] * pad))
-        static["slots"].copy_(torch.tensor(slots + [-1] * pad))
-        static["block_tables"].copy_(torch.tensor(tables + [[0] * width] * pad, dtype=torch.int32))
-        lengths.copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32))
+        ids.copy_(torch.tensor(tokens + [0] * pad))
+        positions.copy_(torch.tensor(pos + [0] * pad))
+        tables.copy_(torch.tensor(table_rows + [[0] * width] * pad, dtype=torch.int32))
         graph.replay()
         for b, seq in enumerate(runner.seqs):
             err = rel_err(out[b : b + 1], hf_logits(hf, seq)[-1:])

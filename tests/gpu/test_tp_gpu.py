@@ -1,10 +1,12 @@
 """Tensor parallelism on 2 GPUs over NCCL, bf16: world size 2 equals world size 1 (relative error <= 2e-2).
 
 The tiny model (head_dim 64, so the Triton paged decode runs) with a mixed batch of the base model and
-two PEFT adapters (ranks 3 and 5: column and row-parallel targets, MLP, lm_head) served by the Triton
-LoRA ops; ragged prefill then decode steps. Shapes: KV heads split (8/2) and replicated (8/1). World size
-1 runs in this process on cuda:0; the two ranks are spawned (CUDA cannot be used in a forked child) and
-rendezvous through `bootstrap.init_tensor_parallel` (NCCL, tcp://127.0.0.1:<free port>), as `launch` does.
+three PEFT adapters (ranks 3 and 5: column and row-parallel targets, MLP, lm_head; and a DoRA adapter
+on every projection and lm_head, whose row-parallel and lm_head norms are all-reduced over NCCL) served by
+the Triton LoRA and DoRA ops; ragged prefill then decode steps. Shapes: KV heads split (8/2) and
+replicated (8/1). World size 1 runs in this process on cuda:0; the two ranks are spawned (CUDA cannot
+be used in a forked child) and rendezvous through `bootstrap.init_tensor_parallel` (NCCL,
+tcp://127.0.0.1:<free port>), as `launch` does.
 A second test captures a world-2 decode step in a CUDA graph (NCCL all-reduces inside) and checks the
 replay equals the eager step: bench/tp.py times exactly such replays.
 
@@ -42,8 +44,9 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 ADAPTERS = {
     1: dict(rank=3, target_modules=ALL, seed=51),
     2: dict(rank=5, target_modules=("k_proj", "o_proj", "up_proj", "down_proj", "lm_head"), seed=52),
+    3: dict(rank=4, target_modules=ALL + ("lm_head",), use_dora=True, seed=53),
 }
-REQUEST_ADAPTERS = [1, 0, 2, 1]
+REQUEST_ADAPTERS = [1, 0, 2, 3]
 PROMPTS = random_prompts([13, 5, 22, 8], VOCAB, seed=2)
 DECODE = [[30 + i, 60 + i, 90 + i, 120 + i] for i in range(6)]
 SHAPES = {
@@ -64,7 +67,8 @@ def _model_and_store(tp, model_dir: str, adapter_dirs: dict[int, str]):
 
     dev = torch.device("cuda", torch.cuda.current_device())
     model = FlashMistralForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device=dev, tp=tp)
-    store = AdapterStore(model.config, device=dev, dtype=torch.bfloat16, tp=tp)
+    store = AdapterStore(model.config, device=dev, dtype=torch.bfloat16, tp=tp,
+                         base_weights=model.projection_weight)  # fmt: skip
     for i, d in adapter_dirs.items():
         store.load(i, _spec(d))
     return model, store
@@ -94,16 +98,16 @@ def _graph_replay(tp, model_dir: str, adapter_dirs: dict[int, str]) -> dict:
     data = store.batch_data(REQUEST_ADAPTERS, [len(p) for p in PROMPTS], is_prefill=True)
     runner.prefill(PROMPTS, adapter_data=data)
     data = store.batch_data(REQUEST_ADAPTERS, [1] * len(PROMPTS), False)
-    args = runner.decode_args(DECODE[0], adapter_data=data)
-    eager = model(**args)[0].float().cpu()
+    step = runner.decode_batch(DECODE[0], adapter_data=data)
+    eager = step.run(model, runner.kv_cache).float().cpu()
     stream = torch.cuda.Stream()  # warm-up off the capture stream, as test_model_gpu.py does
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        model(**args)
+        step.run(model, runner.kv_cache)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_logits, _ = model(**args)
+        static_logits = step.run(model, runner.kv_cache)
     static_logits.zero_()
     graph.replay()
     torch.cuda.synchronize()

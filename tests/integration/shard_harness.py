@@ -108,8 +108,10 @@ def start_shard(
     num_shard: int = 1,
     wait: bool = True,
     uds_path: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> ShardProcess:
-    """Start `python -m shard_server serve MODEL_DIR --uds-path ... --device cpu ARGS` (or launch)."""
+    """Start `python -m shard_server serve MODEL_DIR --uds-path ... --device cpu ARGS` (or launch);
+    `env`: variables added to this process's environment for it."""
     tmp_dir = None if uds_path else Path(tempfile.mkdtemp(prefix="shard-", dir="/tmp"))
     uds = uds_path or str(tmp_dir / "s")
     # One log per process, even when two processes are pointed at the same socket path.
@@ -121,7 +123,8 @@ def start_shard(
         cmd += ["--num-shard", str(num_shard)]
     cmd += [str(model_dir), "--uds-path", uds, "--device", "cpu", *args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=None if env is None else {**os.environ, **env})  # fmt: skip
     sp = ShardProcess(proc, uds, log_path, tmp_dir)
     if wait:
         try:

@@ -1,4 +1,4 @@
-"""Every error of the issue's list: the right status code, and the shard serves on with another cached
+"""Every error a router can cause: the right status code, and the shard serves on with another cached
 batch intact (a greedy "bystander" batch decodes between the errors and must end up with exactly the
 tokens of an undisturbed run). Also: no KV block leaks, and after ClearCache every block is free."""
 
@@ -61,7 +61,11 @@ BAD_PREFILLS = {
         request(7, chunks=(TextChunk("hello"), ImageChunk(tiny_png(), "image/png")), text="hello"),
         INVALID,
     ),
-    "schema set": (request(8, ids(5), schema='{"type": "object"}'), UNIMPLEMENTED),
+    "schema not JSON": (request(8, ids(5), schema='{"type": '), INVALID),
+    "schema not a schema": (request(8, ids(5), schema="[1]"), INVALID),
+    "schema with an unsupported keyword": (request(8, ids(5), schema='{"not": {"type": "null"}}'), INVALID),
+    "schema too large": (request(8, ids(5), schema='{"enum": [' + '"xxxxxxxx", ' * 7000 + '"x"]}'), INVALID),
+    "schema nested too deep": (request(8, ids(5), schema='{"items": ' * 40 + "{}" + "}" * 40), INVALID),
     "adapter index not loaded": (request(9, ids(5), adapter_index=7), NOT_FOUND),
 }
 

@@ -17,7 +17,7 @@ import pytest
 from shard_server.config import ShardConfig
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.server.grpc_server import build_server
-from shard_server.server.service import EngineWorkers
+from shard_server.server.workers import EngineWorkers
 from shard_server.testing.fake_router import FakeRouter, RouterLimits
 from shard_server.testing.wire import request_to_pb
 from shard_server.types import AdapterSpec, RequestSpec, SamplingParams, StoppingParams

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.attention import Seqlen
+from model.forward_batch import ForwardBatch, PrefillSeq, pad_block_tables
 
 # (heads, kv_heads, head_dim): GQA ratios 1, 2 and 4; head_dim != hidden/heads (64/4 = 16) in two.
 SHAPES = {
@@ -35,7 +35,10 @@ def hf_logits(hf, ids: list[int]) -> torch.Tensor:
 
 @dataclass
 class PagedRunner:
-    """Holds sequences' token lists and block lists; builds forward() arguments for prefill/decode."""
+    """Holds sequences' token lists and block lists; runs prefill/decode steps as ForwardBatches.
+
+    Block 0 is reserved, as in the shard's cache: a padding row of a CUDA-graph bucket writes there.
+    """
 
     model: object
     kv_cache: object
@@ -46,7 +49,7 @@ class PagedRunner:
     blocks: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self):
-        self.pool = list(range(self.kv_cache.num_blocks))
+        self.pool = list(range(1, self.kv_cache.num_blocks))
         random.Random(self.seed).shuffle(self.pool)
         self.bs = self.kv_cache.block_size
         self.window = self.model.config.sliding_window
@@ -65,14 +68,10 @@ class PagedRunner:
         n = -(-self.cached[i] // self.bs)
         return [self.blocks[i][j % len(self.blocks[i])] for j in range(n)]
 
-    def _block_tables(self, idx: list[int]) -> torch.Tensor:
-        tables = [self._table(i) for i in idx]
-        width = max(map(len, tables))
-        rows = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
-
-    def prefill(self, chunks: list[list[int]], seq_ids: list[int] | None = None, last_only=False, **kw):
-        """Append `chunks[b]` to sequence seq_ids[b] (new sequences when seq_ids is None)."""
+    def prefill(self, chunks: list[list[int]], seq_ids: list[int] | None = None, last_only=False,
+                adapter_data=None, skip_lm_head=False):  # fmt: skip
+        """Append `chunks[b]` to sequence seq_ids[b] (new sequences when seq_ids is None).
+        -> (logits of every new token, or of each sequence's last one with last_only; cu offsets)."""
         if seq_ids is None:
             seq_ids = []
             for _ in chunks:
@@ -80,76 +79,42 @@ class PagedRunner:
                 self.cached.append(0)
                 self.blocks.append([])
                 seq_ids.append(len(self.seqs) - 1)
-        ids, pos, slots, keep, cu, last = [], [], [], [], [0], []
+        seqs, cu = [], [0]
         for i, chunk in zip(seq_ids, chunks, strict=True):
             start = self.cached[i]
-            total = start + len(chunk)
-            self._ensure_blocks(i, total)
-            for j, tok in enumerate(chunk):
-                p = start + j
-                if self.window is None or p >= total - self.window:
-                    keep.append(len(ids))
-                ids.append(tok)
-                pos.append(p)
-                slots.append(self._slot(i, p))
-            cu.append(len(ids))
-            last.append(len(ids) - 1)
+            self._ensure_blocks(i, start + len(chunk))
             self.seqs[i].extend(chunk)
-            self.cached[i] = total
-        before = [self.cached[i] - len(c) for i, c in zip(seq_ids, chunks, strict=True)]
-        seqlen = Seqlen.from_lengths([len(c) for c in chunks], before, self.device)
-        t = lambda x, dt: torch.tensor(x, dtype=dt, device=self.device)  # noqa: E731
-        logits, _ = self.model(
-            input_ids=t(ids, torch.int64),
-            position_ids=t(pos, torch.int64),
-            cu_seqlen_prefill=t(cu, torch.int32),
-            kv_cache=self.kv_cache,
-            block_tables=self._block_tables(seq_ids),
-            slots=t(slots, torch.int64),
-            seqlen=seqlen,
-            max_s=seqlen.max_k,
-            adapter_data=kw.pop("adapter_data", None),
-            prefill_cache_indices=t(keep, torch.int64) if self.window is not None else None,
-            lm_head_indices=t(last, torch.int64) if last_only else None,
-            **kw,
-        )
-        return logits, cu
+            self.cached[i] = start + len(chunk)
+            seqs.append(PrefillSeq(list(self.seqs[i]), start, self._table(i), all_logits=not last_only))
+            cu.append(cu[-1] + len(chunk))
+        fb = ForwardBatch.prefill(
+            seqs, device=self.device, block_size=self.bs, window=self.window, adapter_data=adapter_data,
+            skip_lm_head=skip_lm_head,
+        )  # fmt: skip
+        return fb.run(self.model, self.kv_cache), cu
 
-    def decode(self, tokens: list[int], seq_ids: list[int] | None = None, pad_rows: int = 0, **kw):
-        """One token for each sequence; `pad_rows` extra rows with slot -1 (CUDA-graph bucket padding)."""
-        logits, _ = self.model(**self.decode_args(tokens, seq_ids, pad_rows, **kw))
-        return logits
+    def decode(self, tokens: list[int], seq_ids: list[int] | None = None, pad_rows: int = 0,
+               adapter_data=None):  # fmt: skip
+        """One token for each sequence; `pad_rows` extra rows padded as a CUDA-graph bucket pads."""
+        return self.decode_batch(tokens, seq_ids, pad_rows, adapter_data).run(self.model, self.kv_cache)
 
-    def decode_args(self, tokens: list[int], seq_ids: list[int] | None = None, pad_rows: int = 0, **kw):
-        """forward() keyword arguments of one decode step (device tensors built here, not in forward)."""
+    def decode_batch(self, tokens: list[int], seq_ids: list[int] | None = None, pad_rows: int = 0,
+                     adapter_data=None) -> ForwardBatch:  # fmt: skip
+        """The ForwardBatch of one decode step (host->device copies happen here, not in forward)."""
         seq_ids = list(range(len(self.seqs))) if seq_ids is None else seq_ids
-        pos, slots, lengths = [], [], []
+        pos = []
         for i, tok in zip(seq_ids, tokens, strict=True):
             p = self.cached[i]
             self._ensure_blocks(i, p + 1)
             pos.append(p)
-            slots.append(self._slot(i, p))
-            lengths.append(p + 1)
             self.seqs[i].append(tok)
             self.cached[i] = p + 1
-        bt = self._block_tables(seq_ids)
-        if pad_rows:
-            tokens = tokens + [0] * pad_rows
-            pos, slots, lengths = pos + [0] * pad_rows, slots + [-1] * pad_rows, lengths + [0] * pad_rows
-            bt = torch.cat([bt, torch.zeros(pad_rows, bt.shape[1], dtype=bt.dtype, device=bt.device)])
-        t = lambda x, dt: torch.tensor(x, dtype=dt, device=self.device)  # noqa: E731
-        return dict(
-            input_ids=t(tokens, torch.int64),
-            position_ids=t(pos, torch.int64),
-            cu_seqlen_prefill=None,
-            kv_cache=self.kv_cache,
-            block_tables=bt,
-            slots=t(slots, torch.int64),
-            seqlen=Seqlen(input_lengths=t(lengths, torch.int32)),
-            max_s=max(lengths),
-            adapter_data=kw.pop("adapter_data", None),
-            **kw,
-        )
+        tables = [self._table(i) for i in seq_ids] + [[]] * pad_rows  # padding: position 0 of block 0
+        t = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
+        return ForwardBatch.decode(
+            t(tokens + [0] * pad_rows), t(pos + [0] * pad_rows), pad_block_tables(tables, self.device),
+            block_size=self.bs, max_s=max(pos) + 1, adapter_data=adapter_data,
+        )  # fmt: skip
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:

@@ -9,6 +9,7 @@ import torch
 from mistral_harness import SHAPES, PagedRunner, hf_logits, random_prompts
 
 from cache.kv_cache import KVCache
+from model.forward_batch import ForwardBatch, PrefillSeq
 
 ATOL = 1e-4
 VOCAB = 512
@@ -120,33 +121,30 @@ def test_lm_head_indices_and_skip_lm_head(model_pair):
 def test_prefill_without_cache_for_embeddings(model_pair):
     """kv_cache=None in prefill (embedding requests): same logits, nothing written anywhere."""
     ours, hf, _ = model_pair(heads=4, kv_heads=2)
-    from model.attention import Seqlen
-
     prompt = random_prompts([11], VOCAB, seed=10)[0]
-    seqlen = Seqlen.from_lengths([11])
-    logits, _ = ours(
-        input_ids=torch.tensor(prompt),
-        position_ids=torch.arange(11),
-        cu_seqlen_prefill=seqlen.cu_seqlen_q,
-        kv_cache=None,
-        block_tables=None,
-        slots=None,
-        seqlen=seqlen,
-        max_s=11,
-        adapter_data=None,
-    )
-    torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=ATOL, rtol=0)
+    fb = ForwardBatch.prefill([PrefillSeq(prompt, all_logits=True)], device="cpu")
+    assert fb.slots is None and fb.block_tables is None and fb.lm_head_indices is None
+    torch.testing.assert_close(fb.run(ours, None), hf_logits(hf, prompt), atol=ATOL, rtol=0)
+    hidden = ForwardBatch.embed([prompt, prompt[:4]], device="cpu").run(ours, None)
+    assert hidden.shape == (2, ours.config.hidden_size)
 
 
-def test_padding_rows_with_slot_minus_one_write_nothing(model_pair):
+@pytest.mark.parametrize("slot_minus_one", [True, False])
+def test_padding_rows_write_nothing_outside_reserved_block_0(model_pair, slot_minus_one):
+    """A CUDA-graph bucket's padding rows (position 0, table of zeros) write only into reserved block 0;
+    with slot -1 (the model's "write nothing") not even there."""
     ours, _, _ = model_pair(heads=4, kv_heads=2)
     cache = KVCache.for_model(ours, num_blocks=8)
     runner = PagedRunner(ours, cache)
     runner.prefill(random_prompts([5, 7], VOCAB, seed=11))
     before = [(layer.k_slots.clone(), layer.v_slots.clone()) for layer in cache]
-    runner.decode([10, 11], pad_rows=3)
+    fb = runner.decode_batch([10, 11], pad_rows=3)
+    if slot_minus_one:
+        fb.slots[2:] = -1
+    fb.run(ours, cache)
     written = {runner._slot(i, runner.cached[i] - 1) for i in range(2)}
-    untouched = [s for s in range(cache.num_blocks * cache.block_size) if s not in written]
+    reserved = set() if slot_minus_one else set(range(cache.block_size))
+    untouched = [s for s in range(cache.num_blocks * cache.block_size) if s not in written | reserved]
     for layer, (k0, v0) in zip(cache, before, strict=False):
         assert torch.equal(layer.k_slots[untouched], k0[untouched])
         assert torch.equal(layer.v_slots[untouched], v0[untouched])

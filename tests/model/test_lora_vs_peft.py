@@ -16,7 +16,7 @@ from mistral_harness import PagedRunner, hf_logits, random_prompts
 
 from cache.adapter_store import AdapterStore
 from cache.kv_cache import KVCache
-from model.adapters.errors import AdapterNotFound
+from model.errors import NotFound
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.types import AdapterSpec
 
@@ -79,7 +79,7 @@ def test_mixed_adapter_batch_prefill_and_16_decode_steps_equal_peft(setup):
 
     # Offload: requests for that index are refused; after a reload it serves the same logits again.
     store.offload(3)
-    with pytest.raises(AdapterNotFound, match="adapter index 3 is not loaded"):
+    with pytest.raises(NotFound, match="adapter index 3 is not loaded"):
         store.batch_data(REQUEST_ADAPTERS, [1] * len(REQUEST_ADAPTERS), is_prefill=False)
     store.load(3, _spec(dirs[3]))
     tokens = [g.randrange(3, VOCAB) for _ in runner.seqs]

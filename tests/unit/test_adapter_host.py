@@ -14,8 +14,8 @@ from bench import common
 from bench.adapter_load import model_config
 from cache.adapter_host import HostAdapter
 from cache.adapter_store import AdapterStore
-from model.adapters.errors import AdapterConflict
 from model.adapters.peft_loader import load_peft_adapter, read_peft_adapter
+from model.errors import FailedPrecondition, Status
 from shard_server.types import AdapterSpec
 
 SHAPE = common.TINY
@@ -49,7 +49,7 @@ def test_many_registered_adapters_few_slots_bytes_read_from_files(tmp_path):
         store.load(i, _spec(p))
     assert len(store.resident_indices()) == 3
     for i in range(1, 25):  # host memory: a module table per adapter, no tensor bytes
-        host = store._host_of(i)
+        host = store._entries[i].host
         assert host.memory is None and host.file is not None and len(host.modules) == 2 * 7
     gen = torch.Generator().manual_seed(0)
     version = store.layout_version
@@ -66,9 +66,9 @@ def test_a_file_changed_under_a_registered_adapter_is_refused_until_reloaded(tmp
     store.load(2, _spec(b))  # evicts 1 (one slot)
     weights = a / "adapter_model.safetensors"
     os.replace(c / "adapter_model.safetensors", weights)  # another adapter's bytes, same shapes
-    with pytest.raises(AdapterConflict, match="changed since it was loaded") as e:
+    with pytest.raises(FailedPrecondition, match="changed since it was loaded") as e:
         store.batch_data([1], [1], is_prefill=True)
-    assert e.value.code == "FAILED_PRECONDITION"
+    assert e.value.status == Status.FAILED_PRECONDITION
     store.offload(1)
     store.load(1, _spec(a))
     _check_q(store, 1, a, torch.Generator().manual_seed(1))  # now serving the new file

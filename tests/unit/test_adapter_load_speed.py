@@ -1,4 +1,4 @@
-"""The fast adapter load path computes what the previous one did: device stacks bit-identical to the float32
+"""The fast adapter load path computes what the naive one does: device stacks bit-identical to the float32
 fold-then-cast path (every dtype pair, TP slices, non power-of-two scales), stacks identical after growth
 with device-to-device carry-over, padding zeroed when a slot is reused, corrupt files refused, and
 bench/adapter_load.py runs. Functional only: no timing is asserted."""
@@ -13,10 +13,11 @@ import torch
 from bench import common
 from bench.adapter_load import main as bench_main
 from bench.adapter_load import model_config
+from cache.adapter_layout import AdapterLayout
 from cache.adapter_store import AdapterStore
-from model.adapters.errors import AdapterInvalid
 from model.adapters.peft_loader import load_peft_adapter, read_peft_adapter
 from model.adapters.sharding import shard_lora
+from model.errors import InvalidArgument
 from shard_server.types import AdapterSpec
 
 SHAPE = common.TINY
@@ -38,8 +39,8 @@ def local(path: Path) -> AdapterSpec:
     return AdapterSpec(adapter_ids=(str(path),), source="local")
 
 
-def previous_host_layout(path: Path, dtype: torch.dtype, rank: int, world: int) -> dict:
-    """The previous path: float32 with B * scale, then TP slice, then cast."""
+def naive_host_layout(path: Path, dtype: torch.dtype, rank: int, world: int) -> dict:
+    """The naive path: float32 with B * scale, then TP slice, then cast."""
     out = {}
     for (layer, target), (a, b) in load_peft_adapter(path, CONFIG).weights.items():
         a, b = shard_lora(target, a, b, CONFIG, rank, world)
@@ -54,10 +55,14 @@ def test_stacks_are_bit_identical_to_the_float32_path(tmp_path, file_dtype, stor
     path = adapter(tmp_path / "a", rank=5, dtype=file_dtype, alpha=7)  # scale 7/5
     tp = None if world == 1 else SimpleNamespace(rank=tp_rank, world_size=world, group=None)
     store = AdapterStore(CONFIG, "cpu", store_dtype, tp=tp)
-    store.load(1, local(path))
-    want = previous_host_layout(path, store_dtype, tp_rank, world)
-    slot, seen = store._slot_of[1], set()
-    for (layer, _), stack in store._stacks.items():
+    # This rank's host copy into a layout of its own (store.load would all-reduce under TP; the other
+    # rank is not here).
+    host = store._host_weights(local(path))
+    layout = AdapterLayout(lambda _: host, "cpu", store_dtype, None, max_slots=4)
+    layout.ensure_resident([1])
+    want = naive_host_layout(path, store_dtype, tp_rank, world)
+    slot, seen = layout._slot_of[1], set()
+    for (layer, _), stack in layout._stacks.items():
         for target in stack.targets:
             m, (a, b) = stack.member(target), want[(layer, target)]
             assert m.a.dtype == m.b.dtype == store_dtype
@@ -65,7 +70,6 @@ def test_stacks_are_bit_identical_to_the_float32_path(tmp_path, file_dtype, stor
             seen.add((layer, target))
     assert seen == want.keys()
     # host memory keeps the module table only: the bytes stay in the file and are read again on upload
-    host = store._host_of(1)
     assert host.file is not None and host.memory is None
     assert host.file.path == path / "adapter_model.safetensors"
 
@@ -73,12 +77,12 @@ def test_stacks_are_bit_identical_to_the_float32_path(tmp_path, file_dtype, stor
 def expected_stacks(store: AdapterStore, paths: dict[int, Path]) -> None:
     """Every slot of every group stack holds exactly its adapter (zero-padded), free and skipped parts
     zero, and its rank per group is the adapter's largest rank over the group's members (0: none)."""
-    by_slot = {slot: paths[i] for i, slot in store._slot_of.items()}
-    for slot in range(store._cap):
+    by_slot = {slot: paths[i] for i, slot in store.layout._slot_of.items()}
+    for slot in range(store.layout._cap):
         if slot not in by_slot:
             continue  # a free slot is never indexed
-        want = previous_host_layout(by_slot[slot], store.dtype, 0, 1)
-        for (layer, group), stack in store._stacks.items():
+        want = naive_host_layout(by_slot[slot], store.dtype, 0, 1)
+        for (layer, group), stack in store.layout._stacks.items():
             top = 0
             for target in stack.targets:
                 member = stack.member(target)
@@ -105,7 +109,7 @@ def test_growth_carries_resident_slots_and_bumps_layout_version(tmp_path):
         versions.append(store.layout_version - version)
         expected_stacks(store, paths)
     assert versions == [1, 1, 1, 1, 1, 0]  # reallocated stacks always bump the version; a free slot does not
-    assert store._cap == 8 and list(store.resident_indices()) == list(range(1, 7))
+    assert store.layout._cap == 8 and list(store.resident_indices()) == list(range(1, 7))
 
 
 def test_reused_slot_is_cleared_and_tight_budget_reuploads_from_host(tmp_path):
@@ -114,7 +118,7 @@ def test_reused_slot_is_cleared_and_tight_budget_reuploads_from_host(tmp_path):
     third = adapter(tmp_path / "third", rank=4, seed=3)
     probe = AdapterStore(CONFIG, "cpu", torch.float32)
     host = probe._host_weights(local(big))
-    one_slot = probe._adapter_device_bytes(host)  # rank 8: bucket 8
+    one_slot = probe.layout.adapter_device_bytes(host)  # rank 8: one slot at bucket 8
     # Two slots fit the budget, but two slots plus one old slot do not: growth re-uploads from the host.
     store = AdapterStore(CONFIG, "cpu", torch.float32, budget_bytes=2 * one_slot)
     store.load(1, local(big))
@@ -125,7 +129,8 @@ def test_reused_slot_is_cleared_and_tight_budget_reuploads_from_host(tmp_path):
     expected_stacks(store, {2: small, 3: third})
     store.load(4, local(big))  # evicts the least recently used resident into its slot
     assert store.device_bytes() <= 2 * one_slot
-    expected_stacks(store, {i: p for i, p in {2: small, 3: third, 4: big}.items() if i in store._slot_of})
+    resident = set(store.resident_indices())
+    expected_stacks(store, {i: p for i, p in {2: small, 3: third, 4: big}.items() if i in resident})
     assert all(store.is_loaded(i) for i in (2, 3, 4))
 
 
@@ -137,7 +142,7 @@ def test_integer_lora_weights_are_refused(tmp_path):
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[key] = tensors[key].to(torch.int8)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    with pytest.raises(AdapterInvalid, match=r"unreadable safetensors file: .*lora_A.weight' has dtype I8"):
+    with pytest.raises(InvalidArgument, match=r"unreadable safetensors file: .*lora_A.weight' has dtype I8"):
         read_peft_adapter(path, CONFIG)
 
 
@@ -152,7 +157,7 @@ HEADER = b'{"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'  # 16
 def test_corrupt_files_are_refused(tmp_path, payload):
     path = adapter(tmp_path / "a", rank=2)
     (path / "adapter_model.safetensors").write_bytes(payload)
-    with pytest.raises(AdapterInvalid, match="unreadable safetensors file"):
+    with pytest.raises(InvalidArgument, match="unreadable safetensors file"):
         read_peft_adapter(path, CONFIG)
 
 
@@ -162,4 +167,4 @@ def test_bench_runs_on_the_tiny_shape(tmp_path, capsys):
     assert set(out["stages_ms"]) >= {"read", "validate", "stage", "transfer", "relayout", "sum"}
     assert len(out["e2e_ms"]) == 3 and "reference_ms" in out
     assert json.loads((tmp_path / "r.json").read_text())["shape"] == "tiny"
-    assert "previous load path" in capsys.readouterr().out
+    assert "naive load path" in capsys.readouterr().out

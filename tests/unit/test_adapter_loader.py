@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.adapters.errors import AdapterInvalid, AdapterNotFound
 from model.adapters.peft_loader import load_peft_adapter
+from model.errors import InvalidArgument, NotFound
 
 
 def base_config(model_dir: Path) -> SimpleNamespace:
@@ -96,14 +96,33 @@ def test_refuses_pickle_only_adapter_without_unpickling(bad_copy, tmp_path, monk
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr(pickle, "load", forbidden)
     monkeypatch.setattr(pickle, "loads", forbidden)
-    with pytest.raises(AdapterInvalid, match=r"only a pickle file adapter_model\.bin.*never unpickled"):
+    with pytest.raises(InvalidArgument, match=r"only a pickle file adapter_model\.bin.*never unpickled"):
         load_peft_adapter(bad_copy, SimpleNamespace())
     assert not sentinel.exists()
 
 
-def test_refuses_dora(bad_copy, tiny_model_dir):
+def test_refuses_use_dora_without_magnitude_vectors(bad_copy, tiny_model_dir):
     _edit_config(bad_copy, use_dora=True)
-    with pytest.raises(AdapterInvalid, match="DoRA"):
+    with pytest.raises(InvalidArgument, match="use_dora is set but layer 0 q_proj has no lora_magnitude"):
+        load_peft_adapter(bad_copy, base_config(tiny_model_dir))
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [(torch.ones(63), r"shape mismatch .*lora_magnitude_vector.*got \(63,\), needs \(64,\)"),
+     (torch.tensor([1.0] * 63 + [float("inf")]), "lora_magnitude_vector' has non-finite values")],
+)  # fmt: skip
+def test_refuses_bad_dora_magnitude_vectors(bad_copy, tiny_model_dir, value, message):
+    def add(t):
+        for k in [k for k in t if k.endswith("lora_A.weight")]:
+            out = 32 if ".v_proj." in k else 64  # tiny model: 4 query heads x 16, 2 KV heads x 16
+            t[k.replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(out)
+        t["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = value
+        return t
+
+    _edit_config(bad_copy, use_dora=True)
+    _edit_tensors(bad_copy, add)
+    with pytest.raises(InvalidArgument, match=message):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
@@ -113,19 +132,19 @@ def test_refuses_dora_magnitude_tensor_even_if_config_hides_it(bad_copy, tiny_mo
         return t
 
     _edit_tensors(bad_copy, add)
-    with pytest.raises(AdapterInvalid, match="DoRA magnitude vector"):
+    with pytest.raises(InvalidArgument, match="DoRA magnitude vector .* does not set use_dora"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
 def test_refuses_modules_to_save(bad_copy, tiny_model_dir):
     _edit_config(bad_copy, modules_to_save=["lm_head"])
-    with pytest.raises(AdapterInvalid, match="modules_to_save is not supported"):
+    with pytest.raises(InvalidArgument, match="modules_to_save is not supported"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
 def test_refuses_unknown_target_module_in_config(bad_copy, tiny_model_dir):
     _edit_config(bad_copy, target_modules=["q_proj", "embed_tokens"])
-    with pytest.raises(AdapterInvalid, match=r"unknown target module\(s\) \['embed_tokens'\]"):
+    with pytest.raises(InvalidArgument, match=r"unknown target module\(s\) \['embed_tokens'\]"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
@@ -136,7 +155,7 @@ def test_refuses_unknown_target_module_in_tensors(bad_copy, tiny_model_dir):
         return {k.replace("v_proj", "rotary_proj"): v for k, v in t.items()}
 
     _edit_tensors(bad_copy, rename)
-    with pytest.raises(AdapterInvalid, match="unknown target module 'rotary_proj'"):
+    with pytest.raises(InvalidArgument, match="unknown target module 'rotary_proj'"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
@@ -149,27 +168,27 @@ def test_refuses_shape_mismatch(bad_copy, tiny_model_dir):
 
     _edit_tensors(bad_copy, widen)
     with pytest.raises(
-        AdapterInvalid, match=r"shape mismatch for .*v_proj\.lora_B.*got \(48, 3\).*\(32, 3\)"
+        InvalidArgument, match=r"shape mismatch for .*v_proj\.lora_B.*got \(48, 3\).*\(32, 3\)"
     ):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
 def test_refuses_a_layer_beyond_the_base_model(bad_copy, tiny_model_dir):
     _edit_tensors(bad_copy, lambda t: {k.replace("layers.1.", "layers.7."): v for k, v in t.items()})
-    with pytest.raises(AdapterInvalid, match="targets layer 7 but the base model has 2"):
+    with pytest.raises(InvalidArgument, match="targets layer 7 but the base model has 2"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
 @pytest.mark.parametrize("r", [0, 257, "8"])
 def test_refuses_rank_out_of_range(bad_copy, tiny_model_dir, r):
     _edit_config(bad_copy, r=r)
-    with pytest.raises(AdapterInvalid, match=r"rank r=.* is out of range 1\.\.256"):
+    with pytest.raises(InvalidArgument, match=r"rank r=.* is out of range 1\.\.256"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
 def test_refuses_rank_that_disagrees_with_config(bad_copy, tiny_model_dir):
     _edit_config(bad_copy, r=4)
-    with pytest.raises(AdapterInvalid, match="has rank 3 but adapter_config.json says r=4"):
+    with pytest.raises(InvalidArgument, match="has rank 3 but adapter_config.json says r=4"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
@@ -177,25 +196,25 @@ def test_refuses_half_a_pair_and_non_lora_types(bad_copy, tiny_model_dir):
     _edit_tensors(
         bad_copy, lambda t: {k: v for k, v in t.items() if "layers.0.self_attn.q_proj.lora_B" not in k}
     )
-    with pytest.raises(AdapterInvalid, match=r"layer 0 q_proj has only \['lora_A'\]"):
+    with pytest.raises(InvalidArgument, match=r"layer 0 q_proj has only \['lora_A'\]"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
     _edit_config(bad_copy, peft_type="IA3")
-    with pytest.raises(AdapterInvalid, match="peft_type 'IA3' is not LORA"):
+    with pytest.raises(InvalidArgument, match="peft_type 'IA3' is not LORA"):
         load_peft_adapter(bad_copy, base_config(tiny_model_dir))
 
 
 def test_refuses_missing_and_corrupt_files(bad_copy, tiny_model_dir, tmp_path):
     cfg = base_config(tiny_model_dir)
-    with pytest.raises(AdapterNotFound, match="does not exist"):
+    with pytest.raises(NotFound, match="does not exist"):
         load_peft_adapter(tmp_path / "nowhere", cfg)
     (bad_copy / "adapter_model.safetensors").write_bytes(b"\x00not a safetensors file")
-    with pytest.raises(AdapterInvalid, match="unreadable safetensors file"):
+    with pytest.raises(InvalidArgument, match="unreadable safetensors file"):
         load_peft_adapter(bad_copy, cfg)
     (bad_copy / "adapter_model.safetensors").unlink()
-    with pytest.raises(AdapterInvalid, match="missing adapter_model.safetensors"):
+    with pytest.raises(InvalidArgument, match="missing adapter_model.safetensors"):
         load_peft_adapter(bad_copy, cfg)
     (bad_copy / "adapter_config.json").unlink()
-    with pytest.raises(AdapterInvalid, match="missing adapter_config.json"):
+    with pytest.raises(InvalidArgument, match="missing adapter_config.json"):
         load_peft_adapter(bad_copy, cfg)
 
 

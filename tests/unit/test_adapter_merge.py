@@ -1,11 +1,15 @@
-"""LINEAR merge is exact (sum of weighted deltas); TIES/DARE are refused by name."""
+"""LINEAR merge is exact (sum of weighted deltas); merge parameters are checked before any file is read.
+
+TIES/DARE against PEFT: tests/model/test_merge_vs_peft.py."""
+
+import math
 
 import pytest
 import torch
 
-from model.adapters.errors import AdapterInvalid, AdapterSourceUnsupported
-from model.adapters.merge import merge_adapters
-from model.adapters.peft_loader import LoraAdapter
+from model.adapters.merge import check_merge, merge_adapters, merge_modules, merge_seed
+from model.adapters.peft_loader import LoraAdapter, LoraModule
+from model.errors import InvalidArgument, Status
 
 
 def _adapter(name, ranks_by_key, seed, fan_in=16, fan_out=12):
@@ -35,17 +39,49 @@ def test_linear_merge_defaults_to_uniform_weights():
     torch.testing.assert_close(m.delta(0, "v_proj"), 0.5 * (a1.delta(0, "v_proj") + a2.delta(0, "v_proj")))
 
 
-@pytest.mark.parametrize("strategy", ["ties", "dare_linear", "dare_ties"])
-def test_ties_and_dare_are_refused_as_unimplemented(strategy):
-    a = _adapter("a", {(0, "q_proj"): 2}, 1)
-    with pytest.raises(AdapterSourceUnsupported, match=f"merge strategy '{strategy}' is not supported"):
-        merge_adapters([a, a], [0.5, 0.5], strategy)
-    assert AdapterSourceUnsupported.code == "UNIMPLEMENTED"
+REFUSED = [  # (n adapters, weights, strategy, density, sign method) -> message
+    ((2, (0.5, math.nan), "linear", 0.0, "total"), "weights must be finite"),
+    ((2, (0.5, math.inf), "ties", 0.5, "total"), "weights must be finite"),
+    ((2, (0.5, 0.5), "ties", 0.0, "total"), r"density must be in \(0, 1\] for TIES; got 0.0"),
+    ((2, (0.5, 0.5), "dare_linear", 1.5, "total"), r"density must be in \(0, 1\] for DARE_LINEAR; got 1.5"),
+    ((2, (0.5, 0.5), "dare_ties", -0.1, "total"), r"density must be in \(0, 1\]"),
+    ((2, (0.5, 0.5), "dare_ties", math.nan, "total"), r"density must be in \(0, 1\]"),
+    ((1, (1.0,), "ties", 0.5, "total"), "TIES merge needs at least two adapters; got one"),
+    ((1, (), "dare_ties", 0.5, "frequency"), "DARE_TIES merge needs at least two adapters"),
+    ((2, (0.5, 0.5), "svd", 0.5, "total"), "merge strategy 'svd' is unknown"),
+    ((2, (0.5, 0.5), "ties", 0.5, "median"), "majority_sign_method 'median' is unknown"),
+]
+
+
+@pytest.mark.parametrize("args,message", REFUSED, ids=[m for _, m in REFUSED])
+def test_bad_merge_parameters_are_invalid_argument(args, message):
+    with pytest.raises(InvalidArgument, match=message):
+        check_merge(*args)
+    assert InvalidArgument.status == Status.INVALID_ARGUMENT
+
+
+def test_ties_keeps_the_elected_sign_and_averages_the_agreeing_values():
+    """A hand-worked example of merge_utils.ties on rank-1 factors (no pruning at density 1)."""
+    key = (0, "q_proj")
+    a1 = {key: LoraModule(torch.tensor([[1.0, -2.0, 0.5]]), torch.tensor([[1.0], [1.0]]), 4.0)}
+    a2 = {key: LoraModule(torch.tensor([[-3.0, -1.0, 0.5]]), torch.tensor([[1.0], [-1.0]]), 1.0)}
+    m = merge_modules([a1, a2], check_merge(2, (1.0, 1.0), "ties", 1.0, "total"))[key]
+    # wA = (2, 1): column 0 sums to -2 -> only a2's -3 agrees: -3; column 1: both negative: (-4 - 1) / 2
+    torch.testing.assert_close(m.a, torch.tensor([[-3.0, -2.5, 0.75]]))
+    torch.testing.assert_close(m.b, torch.tensor([[1.5], [2.0]]))  # row 1: sum 0 elects +, a1 only
+
+
+def test_dare_seed_is_a_function_of_the_whole_request():
+    p = check_merge(2, (0.5, 0.5), "dare_ties", 0.5, "total")
+    assert merge_seed(["a", "b"], p) == merge_seed(["a", "b"], p)
+    others = [merge_seed(["b", "a"], p), merge_seed(["a", "b"], check_merge(2, (0.5, 0.5), "dare_ties", 0.6)),
+              merge_seed(["a", "b"], check_merge(2, (0.5, 0.5), "dare_linear", 0.5))]  # fmt: skip
+    assert merge_seed(["a", "b"], p) not in others
 
 
 def test_merge_refusals_name_the_problem():
     a = _adapter("a", {(0, "q_proj"): 200}, 1)
-    with pytest.raises(AdapterInvalid, match="2 adapters but 1 weights"):
+    with pytest.raises(InvalidArgument, match="2 adapters but 1 weights"):
         merge_adapters([a, a], [1.0])
-    with pytest.raises(AdapterInvalid, match=r"layer 0 q_proj has rank 400 > 256"):
+    with pytest.raises(InvalidArgument, match=r"layer 0 q_proj has rank 400 > 256"):
         merge_adapters([a, a], [0.5, 0.5])

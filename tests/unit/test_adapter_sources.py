@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from cache.adapter_sources import AdapterSourceConfig, AdapterSources
-from model.adapters.errors import AdapterInvalid, AdapterNotFound, AdapterSourceUnsupported
 from model.adapters.peft_loader import load_peft_adapter
+from model.errors import InvalidArgument, NotFound, Status, Unimplemented
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def root(tmp_path):
 def test_local_without_root_takes_any_existing_directory(root, tmp_path):
     src = AdapterSources()
     assert src.resolve(str(tmp_path / "outside"), "local") == (tmp_path / "outside").resolve()
-    with pytest.raises(AdapterNotFound, match="LOCAL adapter directory .* does not exist"):
+    with pytest.raises(NotFound, match="LOCAL adapter directory .* does not exist"):
         src.resolve(str(tmp_path / "missing"), "local")
 
 
@@ -36,20 +36,20 @@ def test_local_root_confines_ids_resolving_symlinks_and_dotdot(root, tmp_path):
     assert src.resolve("team/../team/good", "local") == (root / "team" / "good").resolve()
     assert src.resolve(str(root / "team" / "good"), "local") == (root / "team" / "good").resolve()
     for bad in ("../outside", "team/../../outside", "escape", str(tmp_path / "outside"), "/etc"):
-        with pytest.raises(AdapterInvalid, match="outside the adapter root"):
+        with pytest.raises(InvalidArgument, match="outside the adapter root"):
             src.resolve(bad, "local")
-    with pytest.raises(AdapterNotFound, match="does not exist"):
+    with pytest.raises(NotFound, match="does not exist"):
         src.resolve("team/missing", "local")
 
 
-def test_s3_and_pbase_are_unsupported_with_a_clear_message():
+def test_pbase_is_unsupported_saying_why_and_s3_needs_a_cache_directory():
     src = AdapterSources()
-    with pytest.raises(AdapterSourceUnsupported, match="PBASE .*not supported") as e:
+    with pytest.raises(Unimplemented, match="PBASE is not supported.*Predibase's") as e:
         src.resolve("org/x", "pbase")
-    assert e.value.code == "UNIMPLEMENTED"
-    with pytest.raises(AdapterSourceUnsupported, match="S3 is not supported"):
-        src.resolve("bucket/x", "s3")
-    with pytest.raises(AdapterInvalid, match="unknown adapter source 'ftp'"):
+    assert e.value.status == Status.UNIMPLEMENTED
+    with pytest.raises(Unimplemented, match="no adapter cache directory.*--adapter-cache-dir"):
+        src.resolve("s3://bucket/x", "s3")
+    with pytest.raises(InvalidArgument, match="unknown adapter source 'ftp'"):
         src.resolve("x", "ftp")
 
 
@@ -83,9 +83,9 @@ def test_hub_offline_reads_the_standard_cache_layout(tmp_path, tiny_model_dir, a
     assert src.resolve("acme/tiny-lora@main", "hub") == snap
     loaded = load_peft_adapter(path, base_config(tiny_model_dir))
     assert loaded.rank == 3
-    with pytest.raises(AdapterNotFound, match=r"'acme/other' not found in the local hub cache \(offline\)"):
+    with pytest.raises(NotFound, match=r"'acme/other' not found in the local hub cache \(offline\)"):
         src.resolve("acme/other", "hub")
-    with pytest.raises(AdapterInvalid, match="not a valid repository id"):
+    with pytest.raises(InvalidArgument, match="not a valid repository id"):
         src.resolve("a//b..", "hub")
 
 
@@ -100,5 +100,5 @@ def test_hub_honours_huggingface_hub_offline_mode(tmp_path, tiny_model_dir, adap
     src = AdapterSources(AdapterSourceConfig(hub_cache_dir=cache))  # hub_offline not set by us
     assert src.resolve("acme/tiny-lora", "hub") == snap
     shutil.rmtree(cache)
-    with pytest.raises(AdapterNotFound, match="'acme/tiny-lora'"):
+    with pytest.raises(NotFound, match="'acme/tiny-lora'"):
         src.resolve("acme/tiny-lora", "hub")

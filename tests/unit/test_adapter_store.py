@@ -11,13 +11,15 @@ from safetensors.torch import load_file, save_file
 from cache.adapter_sources import AdapterSourceConfig, AdapterSources
 from cache.adapter_store import AdapterStore, rank_bucket
 from model.adapters.batch import AdapterBatchMetadata
-from model.adapters.errors import (
-    AdapterBudgetExceeded,
-    AdapterConflict,
-    AdapterNotFound,
-    AdapterSourceUnsupported,
-)
 from model.adapters.peft_loader import load_peft_adapter
+from model.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Status,
+    Unimplemented,
+)
 from shard_server.types import AdapterSpec
 
 
@@ -85,10 +87,10 @@ def test_load_serve_offload_conflict_and_generation(tiny_model_dir, peft_dir, tm
     g1 = store.generation(1)
     assert store.is_loaded(1) and store.loaded_spec(1) == local(peft_dir) and store.generation(0) == 0
     with pytest.raises(
-        AdapterConflict, match=r"adapter index 1 already holds .*offload it before loading"
+        FailedPrecondition, match=r"adapter index 1 already holds .*offload it before loading"
     ) as e:
         store.load(1, local(other))
-    assert e.value.code == "FAILED_PRECONDITION"
+    assert e.value.status == Status.FAILED_PRECONDITION
     store.load(2, local(other))
     gen = torch.Generator().manual_seed(0)
     reqs = [(1, 3, [(peft_dir, 1.0)]), (0, 2, []), (2, 4, [(other, 1.0)]), (1, 1, [(peft_dir, 1.0)])]
@@ -96,9 +98,9 @@ def test_load_serve_offload_conflict_and_generation(tiny_model_dir, peft_dir, tm
     check_batch(store, config, [(r[0], 1, r[2]) for r in reqs], False, gen)
 
     assert store.offload(1) is True and store.offload(1) is False
-    with pytest.raises(AdapterNotFound, match="adapter index 1 is not loaded") as e:
+    with pytest.raises(NotFound, match="adapter index 1 is not loaded") as e:
         store.batch_data([0, 1], [1, 1], False)
-    assert e.value.code == "NOT_FOUND"
+    assert e.value.status == Status.NOT_FOUND
     store.load(1, local(peft_dir))
     assert store.generation(1) > g1  # a reload is a new identity (prefix caching)
     check_batch(store, config, reqs, True, gen)
@@ -132,10 +134,10 @@ def test_more_adapters_than_the_budget_holds_all_serve_and_bytes_stay_under(
     assert store.layout_version == version  # evictions reuse slots: no re-layout, CUDA graphs stay valid
     # four distinct adapters in one batch cannot fit three slots' worth of bytes
     with pytest.raises(
-        AdapterBudgetExceeded, match=r"adapters \[1, 2, 3, 4\] need .* the adapter budget is"
+        ResourceExhausted, match=r"adapters \[1, 2, 3, 4\] need .* the adapter budget is"
     ) as e:
         store.batch_data([1, 2, 3, 4], [1, 1, 1, 1], False)
-    assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert e.value.status == Status.RESOURCE_EXHAUSTED
     check_batch(store, config, [(5, 2, [(paths[4], 1.0)])], False, gen)  # still serving afterwards
     assert store.device_bytes() <= budget
 
@@ -151,7 +153,7 @@ def test_rank_bucket_growth_and_a_too_large_adapter(tiny_model_dir, peft_dir, tm
     assert store.layout_version > version  # stacks re-laid out at bucket 16
     check_batch(store, config, [(2, 2, [(big, 1.0)]), (1, 2, [(peft_dir, 1.0)])], True, torch.Generator())
     huge = synth(peft_dir, tmp_path / "huge", rank=200, seed=4)
-    with pytest.raises(AdapterBudgetExceeded, match=r"adapters \[3\] need 458752 device bytes"):
+    with pytest.raises(ResourceExhausted, match=r"adapters \[3\] need 458752 device bytes"):
         store.load(3, local(huge))
     assert not store.is_loaded(3) and store.is_loaded(1) and store.device_bytes() <= 60_000
 
@@ -174,11 +176,12 @@ def test_merged_adapter_and_refused_sources(tiny_model_dir, peft_dir, tmp_path):
         (0, 2, [(other, 1.0)]),
     ]  # index 0 serves the start-up one
     check_batch(store, config, reqs, True, gen)
-    with pytest.raises(AdapterSourceUnsupported, match="merge strategy 'ties' is not supported"):
-        store.load(4, local(peft_dir, other, weights=(0.5, 0.5), merge_strategy="ties"))
-    with pytest.raises(AdapterSourceUnsupported, match="PBASE"):
+    with pytest.raises(InvalidArgument, match=r"density must be in \(0, 1\] for TIES; got 0.0"):
+        store.load(4, local(peft_dir, other, weights=(0.5, 0.5), merge_strategy="ties"))  # no density
+    assert not store.is_loaded(4)
+    with pytest.raises(Unimplemented, match="PBASE"):
         store.load(5, AdapterSpec(adapter_ids=("org/x",), source="pbase"))
-    with pytest.raises(AdapterNotFound, match="does not exist"):
+    with pytest.raises(NotFound, match="does not exist"):
         store.download(local(tmp_path / "nope"))
 
 

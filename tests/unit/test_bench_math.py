@@ -58,3 +58,20 @@ def test_written_adapter_is_accepted_by_the_shard_loader(tmp_path):
     assert len(adapter.weights) == TINY.layers * 7
     n = sum(a.numel() + b.numel() for a, b in adapter.weights.values())
     assert n == TINY.adapter_params(8)
+
+
+def test_plot_draws_a_png_from_a_result_file(tmp_path):
+    """bench/plot.py on a committed H100 result: a real PNG of a plausible size comes out."""
+    pytest.importorskip("matplotlib")
+    import shutil
+    from pathlib import Path
+
+    from bench.plot import plot
+
+    src = Path(__file__).resolve().parents[2] / "bench/results/h100-80gb-hbm3-2026-11-27.json"
+    result = tmp_path / "r.json"
+    shutil.copy(src, result)
+    out = plot(result)
+    assert out == tmp_path / "r.png"
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

@@ -12,9 +12,9 @@ from dataclasses import replace
 
 import pytest
 
+from model.errors import FailedPrecondition, InvalidArgument
 from shard_server.config import ShardConfig
 from shard_server.engine.engine import ShardEngine
-from shard_server.errors import FailedPrecondition, InvalidArgument
 from shard_server.types import BatchSpec, RequestSpec, SamplingParams, StoppingParams
 
 MAX_PREFILL = 24  # Warmup's max_prefill_tokens: the chunk budget of later steps

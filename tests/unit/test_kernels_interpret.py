@@ -121,8 +121,8 @@ def interpreted(names):
 
 @pytest.fixture(scope="module")
 def kernels():
-    """name -> interpreted module (paged_attention, rmsnorm, rotary; LoRA: test_lora_kernels_interpret.py)."""
-    with interpreted(("paged_attention", "rmsnorm", "rotary")) as mods:
+    """name -> interpreted module (paged_attention, rmsnorm, rotary, dora; LoRA: its own test file)."""
+    with interpreted(("paged_attention", "rmsnorm", "rotary", "dora")) as mods:
         yield mods
 
 
@@ -202,6 +202,23 @@ def test_choose_num_splits(kernels):
     assert pa.choose_num_splits(64, 8, 4096, None, 132) == 1  # 512 programs already fill the chip
     assert pa.choose_num_splits(1, 8, 100, None, 132) == 1  # too short to pay for a merge
     assert pa.choose_num_splits(1, 8, 32768, 4096, 132) == 16  # the window bounds the work
+
+
+# ----------------------------------------------------------------------------------------------- DoRA
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dora_scale_rows_interpret(kernels, dtype):
+    dora = kernels["dora"]
+    gen = torch.Generator().manual_seed(5)
+    scales = 0.5 + torch.rand(3, 80, generator=gen)  # [S, out] float32
+    idx = torch.tensor([2, -1, 0, 0, -1, 1, 2], dtype=torch.int32)
+    y0 = torch.randn(7, 96, generator=gen).to(dtype)[:, 8:-8]  # a strided column view [T, 80]
+    y, y_ref = y0.clone(), y0.clone()
+    dora.scale_rows(y, scales, idx, block_n=32)
+    dora.scale_rows_ref(y_ref, scales, idx)
+    assert torch.equal(y, y_ref)  # one float32 product, one rounding: bit-identical
+    assert torch.equal(y[idx < 0], y0[idx < 0]) and not torch.equal(y[idx >= 0], y0[idx >= 0])
 
 
 # ------------------------------------------------------------------------------------ RMSNorm, rotary

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shard_server import errors
+from model import errors
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
 from shard_server.server.grpc_server import create_server
@@ -246,6 +246,8 @@ DECODE = pb.DecodeRequest(batches=[pb.CachedBatch(id=5, request_ids=[1])])
         (errors.NotFound("batch 5 not found"), grpc.StatusCode.NOT_FOUND),
         (errors.ResourceExhausted("lower --max-kv-cache-bytes"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (errors.FailedPrecondition("busy"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.PermissionDenied("outside the adapter root"), grpc.StatusCode.PERMISSION_DENIED),
+        (errors.Unavailable("device lost"), grpc.StatusCode.UNAVAILABLE),
         (KeyError("oops"), grpc.StatusCode.INTERNAL),
         (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ],
@@ -260,6 +262,14 @@ def test_errors_become_status_codes_and_the_server_serves_on(served, exc, code):
         assert "KeyError" in e.value.details()
     engine.raise_on_decode = None
     assert stub.Decode(DECODE, timeout=10).batch.id == 5
+
+
+def test_every_status_has_the_grpc_code_of_its_name():
+    from shard_server.server.service import GRPC_STATUS
+
+    assert all(GRPC_STATUS[s].name == s.name for s in errors.Status)
+    classes = errors.ShardError.__subclasses__()
+    assert len({c.status for c in classes}) == len(classes)  # one class per status, no synonyms
 
 
 def test_wire_shape_and_classify(served):
@@ -293,45 +303,3 @@ def test_engine_runs_on_one_thread_and_slow_calls_stall_nothing(served):
     stub.Health(pb.HealthRequest(), timeout=10)
     assert len(engine.threads) == 1 and next(iter(engine.threads)).startswith("shard-model")
 
-
-# ---------------------------------------------------------------- command line -> ShardConfig
-
-
-def test_serve_options_map_to_shard_config_and_survive_launch(tmp_path):
-    from shard_server.server.cli import build_parser, serve_argv, shard_config_from_args
-
-    (tmp_path / "config.json").write_text('{"dtype": "bfloat16"}')
-    parser = build_parser()
-    launch = parser.parse_args(
-        [
-            "launch",
-            "--num-shard",
-            "2",
-            str(tmp_path),
-            "--uds-path",
-            "/tmp/x",
-            "--device",
-            "cuda",
-            "--no-cuda-graphs",
-            "--max-kv-cache-bytes",
-            "4096",
-            "--preloaded-adapter-ids",
-            "a",
-            "b",
-            "--block-allocator",
-            "router",
-            "--log-format",
-            "json",
-        ]
-    )
-    child = parser.parse_args(serve_argv(launch))  # what each rank's `serve` receives
-    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
-    cfg = shard_config_from_args(child, env)
-    assert cfg.dtype == "bfloat16"  # the checkpoint's dtype on cuda
-    assert (cfg.rank, cfg.world_size, cfg.master_port) == (1, 2, 29555)
-    assert (cfg.cuda_graphs, cfg.max_kv_cache_bytes, cfg.block_allocator) == (False, 4096, "router")
-    assert cfg.preloaded_adapter_ids == ("a", "b") and child.log_format == "json"
-    cpu = shard_config_from_args(
-        parser.parse_args(["serve", str(tmp_path), "--uds-path", "/x", "--device", "cpu"]), {}
-    )
-    assert (cpu.dtype, cpu.rank, cpu.world_size, cpu.cuda_graphs) == ("float32", 0, 1, True)
