@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
 DEMO_DIR ?= .demo
 
-.PHONY: install proto test test-gpu run bench bench-cpu lint clean
+.PHONY: install proto test test-gpu fuzz run bench bench-cpu lint clean
 
 install:
 	@# The CPU build of torch from this machine's disk, unless some torch is already there (GPU machine).
@@ -18,6 +18,12 @@ proto:
 
 test:
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The fuzz suite of `make test` (1,500 derandomized examples) at length: 100,000 fresh random ones.
+FUZZ_EXAMPLES ?= 100000
+fuzz:
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(PYTHON) -m pytest tests/integration/test_fuzz.py -s -p no:cacheprovider \
+		-o addopts="" --timeout 0 $(PYTEST_ARGS)
 
 # On the GPU machine: the tests marked gpu (and nothing else needs a GPU).
 test-gpu:

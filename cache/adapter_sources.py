@@ -6,7 +6,9 @@
 
 LOCAL: `adapter_id` is a directory. With `adapter_root` set, ids are confined to it: a relative id is taken
 under the root, and the fully resolved path (symlinks and `..` resolved) must stay inside the resolved
-root, else InvalidArgument. HUB: `org/name` or `org/name@revision`, fetched by huggingface_hub into its
+root, else InvalidArgument; so must the resolved adapter files (a file symlink out of the root is refused
+as a directory symlink is). Ids with a NUL byte, over-long ones and symlink loops are InvalidArgument.
+HUB: `org/name` or `org/name@revision`, fetched by huggingface_hub into its
 standard cache (`models--org--name/snapshots/<commit>/`, `refs/<revision>`); only the two PEFT files are
 fetched. S3: `s3://bucket/prefix` into a size-bounded local cache (cache/s3_source.py), then read like
 LOCAL. PBASE (Predibase's hosted registry) needs a proprietary service: UNIMPLEMENTED.
@@ -21,9 +23,24 @@ from pathlib import Path
 
 from cache.s3_source import S3Adapters, S3CacheConfig
 from model.adapters.peft_loader import CONFIG_FILE, WEIGHTS_FILE
-from model.errors import InvalidArgument, NotFound, Unimplemented
+from model.errors import InvalidArgument, NotFound, Unimplemented, shown
 
 SOURCES = ("hub", "s3", "local", "pbase")
+MAX_ID_CHARS = 4096  # PATH_MAX; no legitimate adapter id or path is longer
+MAX_NAME_BYTES = 255  # NAME_MAX of one path component
+
+
+def _check_local_id(adapter_id: str) -> None:
+    if not adapter_id:
+        raise InvalidArgument("empty LOCAL adapter id")
+    if "\x00" in adapter_id:
+        raise InvalidArgument(f"LOCAL adapter id {shown(adapter_id)} contains a NUL byte")
+    if len(adapter_id) > MAX_ID_CHARS:
+        raise InvalidArgument(f"LOCAL adapter id of {len(adapter_id)} characters; at most {MAX_ID_CHARS}")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in adapter_id.split("/")):
+        raise InvalidArgument(
+            f"LOCAL adapter id {shown(adapter_id)} has a path component longer than {MAX_NAME_BYTES} bytes"
+        )
 
 
 @dataclass(frozen=True)
@@ -40,7 +57,7 @@ class AdapterSources:
         self._s3 = S3Adapters(self.config.s3) if self.config.s3 is not None else None
 
     def resolve(self, adapter_id: str, source: str = "hub", api_token: str | None = None) -> Path:
-        """-> directory with adapter_config.json (+ adapter_model.safetensors). Raises Adapter* errors."""
+        """-> directory with adapter_config.json (+ adapter_model.safetensors). Raises model.errors types."""
         source = source.lower()
         if source == "local":
             return self._local(adapter_id)
@@ -62,24 +79,38 @@ class AdapterSources:
         raise InvalidArgument(f"unknown adapter source {source!r}; known: {', '.join(SOURCES)}")
 
     def _local(self, adapter_id: str) -> Path:
-        if not adapter_id:
-            raise InvalidArgument("empty LOCAL adapter id")
+        _check_local_id(adapter_id)
         root = self.config.adapter_root
         path = Path(adapter_id)
-        if root is not None:
-            root_resolved = Path(root).resolve()
-            # Resolve first, then compare: a symlink or `..` inside the id must not escape the root.
-            resolved = (root_resolved / path).resolve()
-            if not resolved.is_relative_to(root_resolved):
-                raise InvalidArgument(
-                    f"LOCAL adapter id {adapter_id!r} resolves to {resolved}, outside the adapter root "
-                    f"{root_resolved}"
-                )
-            path = resolved
-        else:
-            path = path.resolve()
-        if not path.is_dir():
-            raise NotFound(f"LOCAL adapter directory {path} does not exist")
+        try:
+            if root is not None:
+                root_resolved = Path(root).resolve()
+                # Resolve first, then compare: a symlink or `..` inside the id must not escape the root.
+                resolved = (root_resolved / path).resolve()
+                if not resolved.is_relative_to(root_resolved):
+                    raise InvalidArgument(
+                        f"LOCAL adapter id {shown(adapter_id)} resolves to {shown(str(resolved))}, "
+                        f"outside the adapter root {root_resolved}"
+                    )
+                path = resolved
+                # The files too: a link inside the root to a file outside it would be read otherwise.
+                for name in (CONFIG_FILE, WEIGHTS_FILE):
+                    target = (path / name).resolve()
+                    if not target.is_relative_to(root_resolved):
+                        raise InvalidArgument(
+                            f"LOCAL adapter {shown(adapter_id)}: {name} links to {shown(str(target))}, "
+                            f"outside the adapter root {root_resolved}"
+                        )
+            else:
+                path = path.resolve()
+            is_dir = path.is_dir()
+        except (OSError, RuntimeError) as e:  # a symlink loop, a name the file system refuses
+            raise InvalidArgument(
+                f"LOCAL adapter id {shown(adapter_id)} cannot be resolved: {type(e).__name__}: "
+                f"{shown(getattr(e, 'strerror', None) or str(e), 120)}"
+            ) from None
+        if not is_dir:
+            raise NotFound(f"LOCAL adapter directory {shown(str(path))} does not exist")
         return path
 
     def _hub(self, adapter_id: str, api_token: str | None) -> Path:

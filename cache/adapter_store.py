@@ -6,7 +6,8 @@ Public API (called by the engine from its one model thread; not thread-safe):
                          sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...], min_slots=1,
                          base_weights=model.projection_weight)   # DoRA's norms read the base weights
     store.download(spec) -> float        # fetch + validate; device bytes of the adapter / budget
-    store.load(index, spec) -> None      # register under index and make it device-resident
+    store.prepare(spec) -> HostAdapter   # fetch + validate + pack on the host (any thread)
+    store.load(index, spec, host=None)   # register under index and make it device-resident
     store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
     store.is_loaded(index) / loaded_spec(index) / generation(index)   # generation: bumps on every load
     store.batch_data(adapter_indices, tokens, is_prefill, lm_head_indices=None) -> AdapterBatchData
@@ -117,8 +118,14 @@ class AdapterStore:
             return 0.0
         return self.layout.adapter_device_bytes(weights) / self.budget_bytes
 
-    def load(self, index: int, spec) -> None:
-        """Register `spec` under `index` and make it device-resident. Same spec again: a no-op."""
+    def prepare(self, spec) -> HostAdapter:
+        """Read, validate and pack `spec`'s files into its host copy (no device work, no registry change):
+        the file work of a load, for the server's I/O thread; pass the result to `load(..., host=)`."""
+        return self._host_weights(spec)
+
+    def load(self, index: int, spec, host: HostAdapter | None = None) -> None:
+        """Register `spec` under `index` and make it device-resident. Same spec again: a no-op.
+        `host`: the result of `prepare(spec)`, so that no file is read here."""
         entry = self._entries.get(index)
         if entry is not None:
             if _spec_key(entry.spec) == _spec_key(spec):
@@ -127,9 +134,10 @@ class AdapterStore:
                 f"adapter index {index} already holds {list(entry.spec.adapter_ids)}; offload it before "
                 f"loading {list(spec.adapter_ids)}"
             )
-        host, error = None, None
+        error = None
         try:
-            host = self._host_weights(spec)
+            if host is None:
+                host = self._host_weights(spec)
         except Exception as e:  # every rank must reach the agreement below
             error = e
         self._agree(spec, error)
@@ -263,11 +271,13 @@ class AdapterStore:
             modules = merge_modules([f.modules for f in files], merge, merge_seed(spec.adapter_ids, merge))
         else:
             modules = files[0].modules
+        sliced = self._sliced(modules)
+        _check_finite(sliced, self.dtype)  # reads every byte once (page cache), off the model thread
         host = None
         if before is not None and _identity(before.path) == before:  # not replaced while we read it
-            host = HostAdapter.from_file(before, self._sliced(modules))
+            host = HostAdapter.from_file(before, sliced)
         if host is None:  # merged, S3 (or an unaligned tensor the loader had to copy): packed in memory
-            host = HostAdapter.packed(self._sliced(modules), self.dtype)
+            host = HostAdapter.packed(sliced, self.dtype)
         host.magnitudes = self._magnitudes(modules)
         with self._host_lock:
             self._host_cache[key] = host
@@ -335,3 +345,30 @@ def _identity(path) -> FileIdentity | None:
         return FileIdentity.of(path)
     except OSError:  # missing: the loader names the problem
         return None
+
+
+def _check_finite(sliced: dict[Key, tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype) -> None:
+    """Refuse NaN/Inf anywhere in what would be served: from the file, the config's alpha, a merge
+    weight, or a scale or cast that overflows the store dtype. One read of every tensor (min and max,
+    no copy); a value survives the cast and B * scale iff its magnitude times the scale is at most the
+    store dtype's largest finite value."""
+    limit = torch.finfo(dtype).max
+    bounds = []
+    for a, b, scale in sliced.values():
+        for t, s in ((a, 1.0), (b, abs(scale))):
+            if t.numel():
+                lo, hi = torch.aminmax(t)
+                bounds.append(torch.maximum(-lo, hi).double() * s)
+    if not bounds:
+        return
+    ok = torch.stack(bounds) <= limit  # NaN compares false
+    if bool(ok.all()):
+        return
+    i, k = int((~ok).nonzero()[0]), 0
+    for key, (a, b, _) in sliced.items():
+        k += bool(a.numel()) + bool(b.numel())
+        if k > i:
+            raise InvalidArgument(
+                f"adapter has non-finite values (NaN or Inf) in layer {key[0]} {key[1]} after scaling and "
+                f"casting to {dtype}: check its weights, lora_alpha and merge weights"
+            )

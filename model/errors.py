@@ -21,7 +21,17 @@ class Status(enum.Enum):
     UNIMPLEMENTED = enum.auto()
     PERMISSION_DENIED = enum.auto()
     UNAVAILABLE = enum.auto()
+    CANCELLED = enum.auto()
     INTERNAL = enum.auto()
+
+
+def shown(value: object, limit: int = 200) -> str:
+    """repr(value), cut to `limit` characters: messages name untrusted values without echoing megabytes
+    (a gRPC status message travels in a header, which has a size limit)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 30]}... ({len(text)} characters)"
 
 
 class ShardError(Exception):
@@ -72,3 +82,9 @@ class Unavailable(ShardError):
     reach); the router may retry."""
 
     status = Status.UNAVAILABLE
+
+
+class Cancelled(ShardError):
+    """The caller is gone (deadline passed or RPC cancelled): nothing was committed."""
+
+    status = Status.CANCELLED

@@ -309,8 +309,10 @@ class FlashMistralForCausalLM(nn.Module):
         is_prefill = cu_seqlen_prefill is not None
         window = self.config.sliding_window
         if not is_prefill and window is not None:
-            # Decode reads at most the last W keys; input_lengths stay true lengths (absolute positions).
-            max_s = min(max_s, window)
+            # Decode reads at most the last W keys of each of its Q query tokens per sequence (Q > 1 in a
+            # speculative verify step); input_lengths stay true lengths (absolute positions).
+            q_len = input_ids.shape[0] // max(seqlen.input_lengths.shape[0], 1)
+            max_s = min(max_s, window + q_len - 1)
         if prefill_cache_indices is not None and slots is not None:
             slots = slots[prefill_cache_indices]  # slots cover every token; only these get cached
         step = StepInputs(

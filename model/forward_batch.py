@@ -8,6 +8,8 @@ of its constructors and run by `ForwardBatch.run`, the only caller of `forward`:
                                       input built on the host and uploaded once
     ForwardBatch.decode(ids, pos, tables, ...)   one token per sequence from device tensors (a cached
                                       batch's, or a CUDA graph's static buffers); nothing syncs
+    ForwardBatch.verify(tokens, pos, tables, ...)   Q tokens per sequence (speculative decoding's
+                                      verify step), the decode path with Q queries; nothing syncs
     ForwardBatch.embed(prompts, ...)  prefill without a KV cache, the last token's final hidden state
 
 Each fact is held once. A slot is derived from the block table, never passed beside it:
@@ -165,9 +167,58 @@ class ForwardBatch:
         )
 
     @classmethod
-    def embed(cls, prompts: Sequence[Sequence[int]], *, device: torch.device | str) -> ForwardBatch:
+    def verify(
+        cls,
+        tokens: torch.Tensor,  # [B, Q] int64: each sequence's next input token, then its drafts
+        positions: torch.Tensor,  # [B] int64: each sequence's first new position (= tokens cached)
+        block_tables: torch.Tensor,  # [B, max_blocks] int32, wide enough for positions + Q - 1
+        n_valid: torch.Tensor | None = None,  # [B] int64: tokens of each row to cache (None: all Q)
+        *,
+        block_size: int,
+        max_s: int,  # python int >= every KV length after the step (a CUDA graph's context bucket)
+        adapter_data: object | None = None,
+        skip_lm_head: bool = False,
+    ) -> ForwardBatch:
+        """Q tokens per sequence (a speculative verify step): a decode forward with Q query tokens,
+        the sequence's next Q positions, K/V written before attention, each query causal. Tokens past a
+        row's `n_valid` are padding: slot -1 (write nothing), read by no valid query. Device ops only
+        (capturable); padding positions past the table read its last column (clamped)."""
+        q_len = tokens.shape[1]
+        offsets = torch.arange(q_len, device=positions.device)
+        pos = positions[:, None] + offsets  # [B, Q]
+        column = (pos // block_size).clamp(max=block_tables.shape[1] - 1)
+        slots = block_tables.gather(1, column).to(torch.int64) * block_size + pos % block_size
+        if n_valid is not None:
+            slots = torch.where(offsets[None, :] < n_valid[:, None], slots, -1)
+        seqlen = Seqlen(
+            input_lengths=(positions + q_len).to(torch.int32),
+            cache_lengths=positions.to(torch.int32),
+            max_q=q_len,
+            max_k=max_s,
+        )
+        return cls(
+            input_ids=tokens.reshape(-1),
+            position_ids=pos.reshape(-1),
+            seqlen=seqlen,
+            is_prefill=False,
+            block_tables=block_tables,
+            slots=slots.reshape(-1),
+            adapter_data=adapter_data,
+            skip_lm_head=skip_lm_head,
+        )
+
+    @classmethod
+    def embed(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        *,
+        device: torch.device | str,
+        adapter_data: object | None = None,
+    ) -> ForwardBatch:
         """Final hidden state of each prompt's last token; no KV cache is read or written."""
-        return cls.prefill([PrefillSeq(p) for p in prompts], device=device, skip_lm_head=True)
+        return cls.prefill(
+            [PrefillSeq(p) for p in prompts], device=device, adapter_data=adapter_data, skip_lm_head=True
+        )
 
 
 def pad_block_tables(tables: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:

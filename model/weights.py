@@ -8,6 +8,8 @@ rank's share (nano-vllm style), so loading knows nothing about tensor parallelis
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +17,9 @@ from safetensors import safe_open
 from torch import nn
 
 from model.layers.linear import WeightShapeError, default_weight_loader
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_SECONDS = 5.0  # a progress line at most this often while loading (and at the end)
 
 # fused parameter -> ((checkpoint module name, shard id), ...), in the fused layout's order.
 PACKED_MODULES: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
@@ -63,6 +68,12 @@ class Weights:
     def names(self) -> list[str]:
         return list(self._file_of)
 
+    def file_of(self, name: str) -> Path | None:
+        return self._file_of.get(name)
+
+    def total_bytes(self) -> int:
+        return sum(path.stat().st_size for path in set(self._file_of.values()))
+
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
@@ -102,11 +113,50 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
     Errors name the checkpoint tensor: missing ones, and ones whose shape does not fit.
     """
     params = dict(model.named_parameters())
-    for pname, cname, shard in checkpoint_sources(model, model.config.tie_word_embeddings):
+    sources = checkpoint_sources(model, model.config.tie_word_embeddings)
+    progress = _Progress(weights, len(sources))
+    for pname, cname, shard in sources:
         tensor = weights.get(cname)
+        progress.tensor(cname, tensor.nbytes)
         param = params[pname]
         loader = getattr(param, "weight_loader", default_weight_loader)
         try:
             loader(param, tensor) if shard is None else loader(param, tensor, shard)
         except WeightShapeError as e:
             raise WeightsError(f"checkpoint tensor '{cname}' does not fit {pname}: {e}") from e
+    progress.done()
+
+
+class _Progress:
+    """Log lines while a checkpoint loads: files and tensors done, bytes read and the read rate."""
+
+    def __init__(self, weights: Weights, num_tensors: int):
+        self.weights, self.num_tensors = weights, num_tensors
+        self.files: set[Path] = set()
+        self.num_files = len({weights.file_of(n) for n in weights.names()})
+        self.total = weights.total_bytes()
+        self.bytes = self.tensors = 0
+        self.start = self.last = time.monotonic()
+        log.info(
+            "loading weights: %d files, %.1f MB, %d tensors", self.num_files, self.total / 1e6, num_tensors
+        )
+
+    def tensor(self, name: str, nbytes: int) -> None:
+        self.files.add(self.weights.file_of(name))
+        self.bytes += nbytes
+        self.tensors += 1
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_SECONDS:
+            self.last = now
+            self._line("loading weights")
+
+    def done(self) -> None:
+        self._line("loaded weights")
+
+    def _line(self, what: str) -> None:
+        seconds = max(time.monotonic() - self.start, 1e-9)
+        log.info(
+            "%s: file %d/%d, tensor %d/%d, %.1f/%.1f MB in %.1f s (%.1f MB/s)", what, len(self.files),
+            self.num_files, self.tensors, self.num_tensors, self.bytes / 1e6, self.total / 1e6, seconds,
+            self.bytes / 1e6 / seconds,
+        )  # fmt: skip

@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 BLOCK_ALLOCATORS = ("shard", "router")
 LOG_FORMATS = ("text", "json")
+MAX_SPECULATIVE_TOKENS = 16  # also bounded by the KV block size with a sliding window (engine)
 # "auto": the measured-fastest backend that can run (model/attention BACKENDS order)
 ATTENTION_BACKENDS = ("auto", "torch_cuda", "flash_attn", "reference")
 
@@ -58,6 +59,9 @@ class ShardConfig:
     block_allocator: str = "shard"  # shard: the shard allocates KV blocks | router: requests bring them
     max_batch_size: int | None = None  # None: bounded by the KV cache only (graphs up to 256)
     cuda_graphs: bool = True  # decode replays CUDA graphs per batch bucket (CUDA only)
+    # Speculative decoding: draft tokens verified per decode step (n-gram lookup, or Medusa heads where
+    # present); 0 = off. Reported as Info.speculate.
+    speculative_tokens: int = 0
     # Decode overlap: enqueue the next step's forward before this step's response leaves (no change in
     # tokens; on a CPU it only moves work earlier, so the CLI turns it on for cuda by default).
     overlap: bool = False
@@ -83,6 +87,10 @@ class ShardConfig:
             raise ValueError(f"adapter_memory_fraction must be in (0, 1], got {self.adapter_memory_fraction}")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(
+                f"speculative_tokens must be in 0..{MAX_SPECULATIVE_TOKENS}, got {self.speculative_tokens}"
+            )
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank={self.rank} world_size={self.world_size}"
@@ -98,6 +106,12 @@ class ServeConfig:
     # SIGTERM: how long the RPC in flight may take to finish before the server is torn down.
     grace_seconds: float = 30.0
     grpc_threads: int = 16  # gRPC handler threads; model work still runs on one thread
+    # Prometheus /metrics over HTTP (None: off); rank r listens on metrics_port + r (0: any free port).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    # OpenTelemetry spans over OTLP/gRPC to this receiver (None: off).
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "lorax-shard"
     # Health turns UNAVAILABLE / NOT_SERVING once one engine call has run this long: above any real
     # call (Warmup with graph capture on a 7B takes about a minute), below the 10-minute timeout of a
     # collective whose peer rank died.
@@ -107,6 +121,8 @@ class ServeConfig:
         _one_of("log_format", self.log_format, LOG_FORMATS)
         if not self.uds_path:
             raise ValueError("uds_path must not be empty")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.health_stuck_seconds <= 0:

@@ -111,6 +111,7 @@ class GeneratedTextOut:
     generated_tokens: int
     finish_reason: FinishReason
     seed: int | None = None
+    skipped_tokens: int = 0  # of generated_tokens, those that came as accepted speculative drafts
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,25 @@ class GenerationOut:
     prefill_tokens: TokensOut | None = None
     prefill_tokens_length: int = 0
     generated_text: GeneratedTextOut | None = None
+    adapter_index: int = 0  # the request's (metrics label; not on the wire)
 
 
 @dataclass(frozen=True)
 class StepResult:
     generations: tuple[GenerationOut, ...]
     batch: CachedBatchInfo | None  # None once every request has finished
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counts the engine reports for metrics (`ShardEngine.stats`, read on the model thread)."""
+
+    free_blocks: int
+    usable_blocks: int
+    cached_batches: int
+    computed_prefill_tokens: int  # totals since start (prefix reuse: since the last KV cache resize)
+    reused_prefill_tokens: int
+    resident_adapters: tuple[int, ...]  # adapter indices in device memory
 
 
 @dataclass(frozen=True)
@@ -153,3 +167,4 @@ class ShardInfo:
     supports_generation: bool = True
     supports_embeddings: bool = True
     supports_classification: bool = False
+    speculate: int = 0  # draft tokens verified per decode step (0: no speculative decoding)

@@ -27,9 +27,12 @@ Signatures (the Triton kernels in model/kernels/ take the same arguments; y is u
 Shrink and expand are separate because under tensor parallelism a row-parallel layer's partial shrink
 result must be all-reduced between them (see batch.AdapterBatchData).
 
-No Python loop over tokens: BGMV contracts against every slot and masks with a one-hot of the index
-(S-fold work, but no gather of [T, out, R] weights, no host sync, and capturable in a CUDA graph);
-SGMV loops over segments, which the batch keeps few by grouping requests by adapter.
+No Python loop over tokens and no host sync (capturable in a CUDA graph): BGMV gathers each token's
+own slot (A[idx[t]], B[idx[t]]) and computes only with it. Rows never combine other slots' values, not
+even multiplied by a zero mask (0 * NaN is NaN): an adapter with non-finite weights could otherwise
+poison every row of the batch. Base rows (idx -1) gather slot 0 as a placeholder and are then *selected*
+away with torch.where, which, unlike a multiply, does not propagate the unselected value. SGMV loops
+over segments, each with its own slot, which the batch keeps few by grouping requests by adapter.
 """
 
 from __future__ import annotations
@@ -41,25 +44,26 @@ import torch
 IntSeq = Sequence[int] | torch.Tensor
 
 
-def _onehot(indices: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
-    # [T, S]; a -1 index matches no slot, so base-model tokens get exact zeros.
-    slots = torch.arange(num_slots, device=indices.device, dtype=indices.dtype)
-    return (indices.unsqueeze(1) == slots).to(dtype)
+def _own_slots(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gather index [T] int64: idx with -1 mapped to a placeholder slot 0, use [T] bool: idx >= 0)."""
+    use = indices >= 0
+    return indices.long().clamp_min(0), use
 
 
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """v[t] = x[t] @ A[idx[t]].T, zeros for idx -1.  x [T, in], lora_a [S, R, in], indices [T] -> v [T, R]."""
-    s, r, fan_in = lora_a.shape
-    t = x.shape[0]
-    all_slots = (x @ lora_a.reshape(s * r, fan_in).T).view(t, s, r)  # [T, S, R]
-    return (all_slots * _onehot(indices, s, x.dtype).unsqueeze(-1)).sum(dim=1)  # [T, R]
+    gather, use = _own_slots(indices)
+    a = lora_a.index_select(0, gather)  # [T, R, in]: each token's own adapter only
+    v = torch.bmm(a, x.unsqueeze(-1)).squeeze(-1)  # [T, R]
+    return torch.where(use.unsqueeze(1), v, torch.zeros((), dtype=v.dtype, device=v.device))
 
 
 def bgmv_expand(y: torch.Tensor, v: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor) -> None:
     """y[t] += v[t] @ B[idx[t]].T in place, nothing for idx -1.  y [T, out], v [T, R], lora_b [S, out, R]."""
-    s = lora_b.shape[0]
-    masked = v.unsqueeze(1) * _onehot(indices, s, v.dtype).unsqueeze(-1)  # [T, S, R]
-    y += torch.einsum("tsr,sor->to", masked, lora_b)
+    gather, use = _own_slots(indices)
+    b = lora_b.index_select(0, gather)  # [T, out, R]
+    delta = torch.bmm(b, v.unsqueeze(-1)).squeeze(-1)  # [T, out]
+    y += torch.where(use.unsqueeze(1), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
 
 
 def bgmv(

@@ -35,16 +35,16 @@ from pathlib import Path
 
 import torch
 
-from model.errors import InvalidArgument, NotFound
+from model.adapters.peft_config import CONFIG_FILE, MAX_RANK, pattern_value
+from model.adapters.peft_config import read_adapter_config as _read_checked_config
+from model.errors import InvalidArgument, NotFound, shown
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 # Row-parallel layers shard their input dim, so under TP their LoRA A is sliced on `in` and the shrink
 # result must be all-reduced; every other target shards its output dim (B sliced on `out`).
 ROW_PARALLEL = frozenset({"o_proj", "down_proj"})
-MAX_RANK = 256
 LM_HEAD_LAYER = -1  # layer_idx used for lm_head in add_lora and in LoraAdapter.weights keys
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 
@@ -112,38 +112,16 @@ class LoraAdapter:
         return b @ a
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    # PEFT matches rank_pattern/alpha_pattern keys as a suffix of the module name on a dot boundary.
-    for pattern, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
-            return value
-    return default
-
-
 def read_adapter_config(adapter_dir: Path) -> dict:
-    """adapter_config.json, checked for the features that change the math (refused by name)."""
+    """adapter_config.json, type-checked (peft_config), and the features that change the math refused."""
     path = adapter_dir / CONFIG_FILE
-    if not path.is_file():
-        raise InvalidArgument(f"{adapter_dir}: missing {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InvalidArgument(f"{path}: unreadable JSON: {e}") from e
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise InvalidArgument(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for key, why in _UNSUPPORTED_FIELDS.items():
-        if cfg.get(key):
-            raise InvalidArgument(f"{path}: {why}")
-    ranks = [cfg.get("r")] + list((cfg.get("rank_pattern") or {}).values())
-    for r in ranks:
-        if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
-            raise InvalidArgument(f"{path}: rank r={r!r} is out of range 1..{MAX_RANK}")
+    cfg = _read_checked_config(adapter_dir, _UNSUPPORTED_FIELDS)
     targets = cfg.get("target_modules")
     if isinstance(targets, list):  # a string is a regex; then the tensor keys are checked instead
         unknown = sorted({t.split(".")[-1] for t in targets} - set(TARGETS))
         if unknown:
             raise InvalidArgument(
-                f"{path}: unknown target module(s) {unknown}; supported: {', '.join(TARGETS)}"
+                f"{path}: unknown target module(s) {shown(unknown)}; supported: {', '.join(TARGETS)}"
             )
     return cfg
 
@@ -175,7 +153,10 @@ class PeftTensors:
 
 # safetensors dtype names of the floating types a LoRA weight can have.
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
+# A LoRA header lists 2 tensors per targeted module: ~450 entries / ~70 KB for a 7B model on every
+# target. Both bounds are checked before the JSON is parsed, so a crafted header costs no parse time.
+_MAX_HEADER = 8 << 20
+_MAX_HEADER_ENTRIES = 16384
 
 
 def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -194,9 +175,18 @@ def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if len(head) < 8:
             raise ValueError("file shorter than the 8-byte header length")
         n = int.from_bytes(head, "little")
-        if n > min(_MAX_HEADER, size - 8):
+        if n > size - 8:
             raise ValueError(f"header length {n} does not fit a {size}-byte file")
-        header = json.loads(f.read(n))
+        if n > _MAX_HEADER:
+            raise ValueError(f"header of {n} bytes; an adapter's is at most {_MAX_HEADER}")
+        raw_header = f.read(n)
+    entries = raw_header.count(b'"data_offsets"')
+    if entries > _MAX_HEADER_ENTRIES:
+        raise ValueError(f"header lists {entries} tensors; an adapter has at most {_MAX_HEADER_ENTRIES}")
+    try:
+        header = json.loads(raw_header)
+    except RecursionError:
+        raise ValueError("header JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     start, data_len = 8 + n, size - 8 - n
@@ -214,19 +204,19 @@ def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 info["data_offsets"],
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed header entry for {name!r}: {info!r}") from e
+            raise ValueError(f"malformed header entry for {shown(name)}: {shown(info)}") from e
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
-            raise ValueError(f"{name!r}: data offsets {[begin, end]} outside the {data_len}-byte data")
+            raise ValueError(f"{shown(name)}: data offsets {[begin, end]} outside the {data_len}-byte data")
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             if name.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")):
                 raise ValueError(
-                    f"{name!r} has dtype {dtype_name}; LoRA weights must be one of {list(_DTYPES)}"
+                    f"{shown(name)} has dtype {dtype_name}; LoRA weights must be one of {list(_DTYPES)}"
                 )
             continue  # e.g. a saved base layer in another dtype: never used
         numel = math.prod(shape)
         if min(shape, default=0) < 0 or numel * dtype.itemsize != end - begin:
-            raise ValueError(f"{name!r}: {end - begin} bytes do not hold {dtype_name} {shape}")
+            raise ValueError(f"{shown(name)}: {end - begin} bytes do not hold {dtype_name} {shape}")
         chunk = raw[start + begin : start + end]
         if (start + begin) % dtype.itemsize:  # the format does not promise alignment: copy that one
             chunk = chunk.clone()
@@ -258,22 +248,24 @@ def _parse_key(key: str, num_layers: int, where: Path) -> tuple[int, str, str] |
         if key.endswith(".base_layer.weight"):
             return None
         if "modules_to_save" in key:
-            raise InvalidArgument(f"{where}: modules_to_save weight {key!r} is not supported")
-        raise InvalidArgument(f"{where}: unsupported tensor {key!r} (not a LoRA A/B weight)")
+            raise InvalidArgument(f"{where}: modules_to_save weight {shown(key)} is not supported")
+        raise InvalidArgument(f"{where}: unsupported tensor {shown(key)} (not a LoRA A/B weight)")
     module, part = m.group("module"), m.group("part") or "magnitude"
     target = module.split(".")[-1]
     if target not in TARGETS:
         raise InvalidArgument(
-            f"{where}: unknown target module {target!r} in {key!r}; supported: {', '.join(TARGETS)}"
+            f"{where}: unknown target module {shown(target)} in {shown(key)}; supported: {', '.join(TARGETS)}"
         )
     if target == "lm_head":
         return LM_HEAD_LAYER, target, part
     lm = _LAYER_RE.search("." + module + ".")
     if lm is None:
-        raise InvalidArgument(f"{where}: cannot find the layer index in {key!r}")
+        raise InvalidArgument(f"{where}: cannot find the layer index in {shown(key)}")
     layer = int(lm.group(1))
     if layer >= num_layers:
-        raise InvalidArgument(f"{where}: {key!r} targets layer {layer} but the base model has {num_layers}")
+        raise InvalidArgument(
+            f"{where}: {shown(key)} targets layer {layer} but the base model has {num_layers}"
+        )
     return layer, target, part
 
 
@@ -319,21 +311,23 @@ def validate_lora_tensors(
         r = a.shape[0] if a.dim() else 0
         if a.dim() != 2 or b.dim() != 2 or not 1 <= r <= MAX_RANK:
             raise InvalidArgument(
-                f"{where}: {ka!r} has shape {tuple(a.shape)}; rank must be in 1..{MAX_RANK}"
+                f"{where}: {shown(ka)} has shape {tuple(a.shape)}; rank must be in 1..{MAX_RANK}"
             )
         if tuple(a.shape) != (r, fan_in):
             raise InvalidArgument(
-                f"{where}: shape mismatch for {ka!r}: got {tuple(a.shape)}, base model needs ({r}, {fan_in})"
+                f"{where}: shape mismatch for {shown(ka)}: got {tuple(a.shape)}, "
+                f"base model needs ({r}, {fan_in})"
             )
         if tuple(b.shape) != (fan_out, r):
             raise InvalidArgument(
-                f"{where}: shape mismatch for {kb!r}: got {tuple(b.shape)}, base model needs ({fan_out}, {r})"
+                f"{where}: shape mismatch for {shown(kb)}: got {tuple(b.shape)}, "
+                f"base model needs ({fan_out}, {r})"
             )
         module = ka[len("base_model.model.") : -len(".lora_A.weight")]
-        r_cfg = _pattern_value(rank_pattern, module, r_default)
+        r_cfg = pattern_value(rank_pattern, module, r_default)
         if r != r_cfg:
-            raise InvalidArgument(f"{where}: {ka!r} has rank {r} but adapter_config.json says r={r_cfg}")
-        a_mod = _pattern_value(alpha_pattern, module, alpha)
+            raise InvalidArgument(f"{where}: {shown(ka)} has rank {r} but adapter_config.json says r={r_cfg}")
+        a_mod = pattern_value(alpha_pattern, module, alpha)
         scale = a_mod / math.sqrt(r) if cfg.get("use_rslora") else a_mod / r
         out.modules[(layer, target)] = LoraModule(a, b, scale, magnitude)
     if not out.modules:

@@ -73,8 +73,10 @@ class AttentionBackend(ABC):
       model writes them afterwards, and with a window only the last W of them); sequences with
       `seqlen.cache_lengths > 0` also attend to their cached prefix, read through `block_tables`
       [B, max_blocks]. Causal, with transformers' left window.
-    decode: q [B, Hq, D], one new token per sequence, its K/V already written to the cache. Must be
-      CUDA-graph capturable: no host syncs, shapes depend only on python ints (`max_s`).
+    decode: q [B * Q, Hq, D], the Q newest tokens of every sequence (Q = 1: plain decode; Q > 1: a
+      speculative verify step), their K/V already written to the cache; query i of sequence b is at
+      position input_lengths[b] - Q + i and attends causally. Q = q.shape[0] // B (shapes only). Must
+      be CUDA-graph capturable: no host syncs, shapes depend only on python ints (`max_s`).
     """
 
     name: str = "abstract"

@@ -44,15 +44,18 @@ class FlashAttnBackend(AttentionBackend):
     def decode(self, q, kv, seqlen, block_tables, max_s, *, scale, window):
         if kv.k.dtype != q.dtype:
             return paged_decode(q, kv, seqlen, block_tables, max_s, scale=scale, window=window)
-        # cache_seqlens is the true length: flash-attn applies the window by absolute position itself.
+        # cache_seqlens is the true length: flash-attn applies the window by absolute position itself,
+        # and its causal mask is aligned bottom-right, so Q query tokens per sequence (a verify step)
+        # are the last Q positions.
+        num_seqs = seqlen.input_lengths.shape[0]
         out = flash_attn_with_kvcache(
-            q.unsqueeze(1),
+            q.unflatten(0, (num_seqs, q.shape[0] // num_seqs)),
             kv.k,
-            kv.v,  # q [B, 1, Hq, D]; k/v [blocks, 256, Hkv, D]
+            kv.v,  # q [B, Q, Hq, D]; k/v [blocks, 256, Hkv, D]
             cache_seqlens=seqlen.input_lengths,
             block_table=block_tables,
             softmax_scale=scale,
             causal=True,
             window_size=_window(window),
         )
-        return out.squeeze(1)  # [B, Hq, D]
+        return out.flatten(0, 1)  # [B * Q, Hq, D]

@@ -74,26 +74,29 @@ def paged_decode(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """One query per sequence against its last min(L, max_s, W) keys, read through the block table.
+    """Q query tokens per sequence (its last Q positions) against its last min(L, max_s) keys.
 
-    q [B, Hq, D] -> [B, Hq, D]. L = input_lengths (true length, including this step's token). The
-    gather width is the python int `max_s` (the caller clamps it to the window), so shapes are static
-    and nothing syncs: CUDA-graph capturable. Key j of row b is position L_b - max_s + j; positions
-    below 0 or outside the window are masked. Padding rows (L = 0, slot -1) read block 0 and are
-    fully masked: finite garbage that nobody reads.
+    q [B * Q, Hq, D] -> [B * Q, Hq, D], rows of one sequence adjacent; Q = 1 is plain decode, Q > 1 a
+    speculative verify step. L = input_lengths (true length, this step's tokens included, all of them
+    already written); query i of sequence b sits at position L_b - Q + i and sees keys up to itself
+    (causal) and within the window. The gather width is the python int `max_s` (the caller clamps it
+    to the window + Q - 1), so shapes are static and nothing syncs: CUDA-graph capturable. Key j of row b
+    is position L_b - max_s + j; positions below 0 are masked. Padding rows (L = 0, slot -1) read
+    block 0 and are fully masked: finite garbage that nobody reads.
     """
     bs = kv.block_size
     n = max(int(max_s), 1)
+    num_seqs = seqlen.input_lengths.shape[0]
+    q_len = q.shape[0] // max(num_seqs, 1)
     lengths = seqlen.input_lengths.long()[:, None]  # [B, 1]
     pos = lengths - n + torch.arange(n, device=q.device)  # [B, n] absolute key positions
-    valid = pos >= 0
-    if window is not None:
-        valid &= pos >= lengths - window
+    q_pos = lengths - q_len + torch.arange(q_len, device=q.device)  # [B, Q] absolute query positions
+    valid = window_mask(q_pos, pos, window) & (pos >= 0)[:, None, :]  # [B, Q, n]
     pos = pos.clamp(min=0)
     block = block_tables.long().gather(1, (pos // bs).clamp(max=block_tables.shape[1] - 1)).clamp(min=0)
     k, v = kv.read(block * bs + pos % bs, q.dtype)  # [B, n, Hkv, D]
-    out = attend(q[:, None], k, v, valid[:, None, :], scale)  # [B, 1, Hq, D]
-    return out[:, 0]
+    out = attend(q.unflatten(0, (num_seqs, q_len)), k, v, valid, scale)  # [B, Q, Hq, D]
+    return out.flatten(0, 1)
 
 
 class ReferenceBackend(AttentionBackend):

@@ -1,4 +1,4 @@
-"""Paged decode attention (one query token per sequence) over a block-paged K/V cache, in Triton.
+"""Paged decode attention (Q query tokens per sequence, usually 1) over a block-paged K/V cache, in Triton.
 
 Cost model, Mistral-7B decode, one layer (Hq=32, Hkv=8, D=128, bf16 K/V):
   bytes  = K+V read once: 2 * Hkv * D * 2 B = 4 KiB per cached token (fp8: 2 KiB),
@@ -19,8 +19,10 @@ Cost model, Mistral-7B decode, one layer (Hq=32, Hkv=8, D=128, bf16 K/V):
   arrive by 16-byte cp.async (8-byte for fp8), 2 programs of 4 warps per SM by registers.
 
 Design:
-  * one program per (sequence, KV head, split): the G = Hq/Hkv query heads that share the KV head are
-    the rows of one [G_PAD, D] tile, so each K/V token row is read from memory exactly once;
+  * one program per (sequence, KV head, split): the G = Hq/Hkv query heads that share the KV head, for
+    each of the sequence's Q query tokens (Q > 1: speculative verify), are the rows of one [G_PAD, D]
+    tile, so each K/V token row is read from memory exactly once (a row masks the keys past its own
+    position); Mistral-7B verify with 4 drafts: G*Q = 20 rows in a 32-row tile;
   * the KV range of a sequence is cut into BLOCK_N-token tiles aligned to absolute positions (so a tile
     maps onto whole pages or a contiguous part of one page); each token row is gathered through the
     block table, which works for any page size (16..256) with one code path;
@@ -60,19 +62,20 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sliding_w
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
     k_scale_ptr, v_scale_ptr,
-    qk_scale, v_scale_val, window, num_splits,
+    qk_scale, v_scale_val, window, num_splits, max_blocks,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_btb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, SPLIT: tl.constexpr, Q: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)  # KV head
     s = tl.program_id(2)  # split
     seq_len = tl.load(lens_ptr + b)
-    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    # The earliest key any of the Q queries sees: the first query's window start.
+    lo = tl.where(window > 0, tl.maximum(seq_len - (Q - 1) - window, 0), 0)
     first = (lo // BLOCK_N) * BLOCK_N
     n_tiles = tl.cdiv(tl.maximum(seq_len - first, 0), BLOCK_N)
     per_split = tl.cdiv(n_tiles, num_splits)
@@ -83,11 +86,16 @@ def _paged_decode_kernel(
         qk_scale = qk_scale * tl.load(k_scale_ptr).to(tl.float32)
         v_scale_val = tl.load(v_scale_ptr).to(tl.float32)
 
-    offs_g = tl.arange(0, G_PAD)
+    # Tile rows: (query token qi, head g of the group), qi-major; Q = 1 is plain decode.
+    offs_r = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
-    heads = h * G + offs_g  # query heads of this group (HF repeat_kv: head i uses KV head i // G)
-    row_ok = offs_g < G
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+    qi = offs_r // G
+    heads = h * G + offs_r % G  # query heads of this group (HF repeat_kv: head i uses KV head i // G)
+    tokens = b * Q + qi  # row of q / out
+    row_ok = offs_r < G * Q
+    row_end = seq_len - (Q - 1) + qi  # [G_PAD]: keys < row_end are visible to the row (causal)
+    row_lo = tl.where(window > 0, row_end - window, 0)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)  # [G_PAD, D]
     cdt = q.dtype
 
@@ -98,7 +106,7 @@ def _paged_decode_kernel(
     bt_row = bt_ptr + b * stride_btb
     for t in range(t_begin, t_end):
         pos = first + t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute KV positions
-        valid = (pos >= lo) & (pos < seq_len)
+        valid = (pos >= lo) & (pos < seq_len) & (pos // BLOCK_SIZE < max_blocks)
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         tok = (pos % BLOCK_SIZE).to(tl.int64)
         k_rows = blk * stride_kb + tok * stride_kt + h * stride_kh
@@ -107,7 +115,11 @@ def _paged_decode_kernel(
         v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         # fp8 -> bf16/fp16 is exact, so the dot runs at the query's precision.
         sc = tl.dot(q, tl.trans(k.to(cdt))) * qk_scale  # [G_PAD, BLOCK_N] (log2 domain)
-        sc = tl.where(valid[None, :], sc, float("-inf"))
+        if Q == 1:
+            sc = tl.where(valid[None, :], sc, float("-inf"))
+        else:
+            seen = valid[None, :] & (pos[None, :] < row_end[:, None]) & (pos[None, :] >= row_lo[:, None])
+            sc = tl.where(seen, sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
@@ -117,13 +129,13 @@ def _paged_decode_kernel(
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale_val  # [G_PAD, D]
     if SPLIT:
-        # partials [B, Hq, S, D] fp32 and [B, Hq, S]; row (b, head) holds num_splits entries
-        row = (b * (tl.num_programs(1) * G) + heads) * num_splits + s
+        # partials [B * Q, Hq, S, D] fp32 and [B * Q, Hq, S]; row (token, head) holds num_splits entries
+        row = (tokens * (tl.num_programs(1) * G) + heads) * num_splits + s
         tl.store(part_o_ptr + row[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])
         tl.store(part_m_ptr + row, m_i, mask=row_ok)
         tl.store(part_l_ptr + row, l_i, mask=row_ok)
     else:
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        tl.store(out_ptr + tokens[:, None] * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -154,14 +166,17 @@ def _num_sms(device: torch.device) -> int:
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_len, sliding_window,
             k_scale, v_scale, out, num_splits, block_n=64, num_warps=4, num_stages=2):
-    B, Hq, D = q.shape
+    T, Hq, D = q.shape
+    B = seq_lens.shape[0]
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
     assert D in (64, 128, 256) and block_size & (block_size - 1) == 0
+    assert B > 0 and T % B == 0, f"{T} query rows are not a whole number per each of {B} sequences"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
     assert block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32
     assert block_tables.stride(1) == 1 and seq_lens.stride(0) == 1
     G = Hq // Hkv
+    Q = T // B
     if out is None:
         out = torch.empty_like(q)
     if num_splits is None:
@@ -176,23 +191,23 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_
         vs = 1.0 if v_scale is None else float(v_scale)
     split = num_splits > 1
     if split:
-        part_o = torch.empty((B, Hq, num_splits, D), device=q.device, dtype=torch.float32)
-        part_m = torch.empty((B, Hq, num_splits), device=q.device, dtype=torch.float32)
+        part_o = torch.empty((T, Hq, num_splits, D), device=q.device, dtype=torch.float32)
+        part_m = torch.empty((T, Hq, num_splits), device=q.device, dtype=torch.float32)
         part_l = torch.empty_like(part_m)
     else:
         part_o = part_m = part_l = out  # unused
     _paged_decode_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_m, part_l, ks_t, vs_t,
-        softmax_scale * ks * _LOG2E, vs, int(sliding_window or 0), num_splits,
+        softmax_scale * ks * _LOG2E, vs, int(sliding_window or 0), num_splits, block_tables.shape[1],
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SCALE_FROM_PTR=scale_ptr, SPLIT=split, num_warps=num_warps, num_stages=num_stages,
+        G=G, G_PAD=max(16, triton.next_power_of_2(G * Q)), D=D, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        SCALE_FROM_PTR=scale_ptr, SPLIT=split, Q=Q, num_warps=num_warps, num_stages=num_stages,
     )
     if split:
-        _merge_splits_kernel[(B, Hq)](part_o, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
+        _merge_splits_kernel[(T, Hq)](part_o, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
                                       D=D, S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
     return out
 
@@ -201,18 +216,23 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, softmax_
                            max_seq_len: int, *, sliding_window: int | None = None, k_scale=None,
                            v_scale=None, out: torch.Tensor | None = None,
                            num_splits: int | None = None) -> torch.Tensor:
-    """Decode attention of one new query token per sequence against its paged K/V history.
+    """Decode attention of the Q newest query tokens of each sequence against its paged K/V history.
 
-    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] (bf16/fp16, or fp8 e4m3 with
+    q [B * Q, Hq, D] (rows of one sequence adjacent; Q = 1: plain decode, Q > 1: a speculative verify
+    step); k_cache, v_cache [num_blocks, block_size, Hkv, D] (bf16/fp16, or fp8 e4m3 with
     k_scale/v_scale: python floats or 1-element float32 device tensors); block_tables [B, max_blocks]
-    int32; seq_lens [B] int32 (KV length incl. the current token, already written); max_seq_len: python
-    int >= max(seq_lens) (a CUDA-graph bucket), used only to pick num_splits. Returns out [B, Hq, D].
+    int32; seq_lens [B] int32 (KV length incl. the Q new tokens, already written); max_seq_len: python
+    int >= max(seq_lens) (a CUDA-graph bucket), used only to pick num_splits. Returns out [B * Q, Hq, D].
 
-        for b, hq:
-            L = seq_lens[b]; lo = max(L - W, 0) if W else 0; hk = hq // (Hq // Hkv)
+        for b, i < Q, hq:
+            L = seq_lens[b] - (Q - 1 - i)   # query i sits at position L - 1
+            lo = max(L - W, 0) if W else 0; hk = hq // (Hq // Hkv)
             for j in lo..L-1: kj = k_cache[block_tables[b, j // bs], j % bs, hk] * k_scale (same for v)
-            p = softmax(softmax_scale * [q[b, hq] . kj for j]); out[b, hq] = sum_j p_j * vj
-        (L == 0 rows, e.g. CUDA-graph padding, give zeros.)
+            p = softmax(softmax_scale * [q[b*Q+i, hq] . kj for j]); out[b*Q+i, hq] = sum_j p_j * vj
+        (L <= 0 rows, e.g. CUDA-graph padding, give zeros; positions past the block table read nothing.)
+
+    The G = Hq / Hkv heads of all Q queries of a sequence share one tile, so a verify step reads each
+    K/V row once, as plain decode does.
     """
     return _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_len, sliding_window,
                    k_scale, v_scale, out, num_splits)
@@ -231,10 +251,14 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, soft
                                num_splits: int | None = None) -> torch.Tensor:
     """Torch reference of paged_decode_attention (float32 math, no host sync; num_splits is ignored).
     Gathers cdiv(max_seq_len, block_size) pages per sequence, so seq_lens must be <= max_seq_len."""
-    B, Hq, D = q.shape
+    T, Hq, D = q.shape
+    B = seq_lens.shape[0]
+    Q = T // B
     _, bs, Hkv, _ = k_cache.shape
     nblk = max(math.ceil(max_seq_len / bs), 1)
     tables = block_tables[:, :nblk].long()
+    if tables.shape[1] < nblk:  # past the table: block 0, masked below
+        tables = torch.nn.functional.pad(tables, (0, nblk - tables.shape[1]))
     k = _gather_pages(k_cache, tables).reshape(B, nblk * bs, Hkv, D).float()  # [B, N, Hkv, D]
     v = _gather_pages(v_cache, tables).reshape(B, nblk * bs, Hkv, D).float()
     if k_scale is not None:
@@ -242,16 +266,16 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, soft
     if v_scale is not None:
         v = v * (v_scale.float() if isinstance(v_scale, torch.Tensor) else v_scale)
     G = Hq // Hkv
-    qf = q.float().view(B, Hkv, G, D)
-    scores = torch.einsum("bhgd,bnhd->bhgn", qf, k) * softmax_scale  # [B, Hkv, G, N]
-    pos = torch.arange(nblk * bs, device=q.device)[None, :]
-    lens = seq_lens.long()[:, None]
-    keep = pos < lens
+    qf = q.float().view(B, Q, Hkv, G, D)
+    scores = torch.einsum("bqhgd,bnhd->bqhgn", qf, k) * softmax_scale  # [B, Q, Hkv, G, N]
+    pos = torch.arange(nblk * bs, device=q.device)[None, None, :]
+    lens = seq_lens.long()[:, None, None] - (Q - 1) + torch.arange(Q, device=q.device)[None, :, None]
+    keep = (pos < lens) & (pos < block_tables.shape[1] * bs)  # [B, Q, N]
     if sliding_window:
         keep &= pos >= lens - sliding_window
-    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows (L == 0) -> zeros
-    res = torch.einsum("bhgn,bnhd->bhgd", p, v).reshape(B, Hq, D).to(q.dtype)
+    scores = scores.masked_fill(~keep[:, :, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows (L <= 0) -> zeros
+    res = torch.einsum("bqhgn,bnhd->bqhgd", p, v).reshape(T, Hq, D).to(q.dtype)
     if out is None:
         return res
     out.copy_(res)

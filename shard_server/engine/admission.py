@@ -67,6 +67,10 @@ def admit(r: RequestSpec, limits: Limits, *, warmup: bool, generation: bool = Tr
         )
     if generation:
         _check_generation(r, len(ids), limits, where)
+    elif len(ids) > limits.max_positions:
+        raise InvalidArgument(
+            f"{where}: prompt of {len(ids)} tokens exceeds the model's {limits.max_positions} positions"
+        )
     if not limits.router_blocks and (r.blocks or r.slots or r.cache_len):
         raise InvalidArgument(
             f"{where}: blocks/slots/cache_len are only accepted when the shard runs with "

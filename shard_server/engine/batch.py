@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,6 +47,8 @@ class RequestState:
     own_blocks: bool = True  # the shard's BlockManager holds them (False: the router's blocks)
     # Prompt logprobs gathered chunk by chunk (prefill_logprobs only), reported with the first token.
     prompt_logprobs: list[float] | None = None
+    skipped_tokens: int = 0  # generated tokens that came as accepted speculative drafts
+    drafts: Any = None  # speculative decoding's per-request state (engine/speculation.py)
     grammar: RequestGrammar | None = None  # the JSON schema's matcher; advances on emitted tokens only
 
     @property
@@ -150,6 +153,14 @@ class Batch:
         self.positions.add_(1)
         for r in self.requests:
             r.length += 1
+
+    def advance_many(self, next_ids: torch.Tensor, counts: torch.Tensor, host_counts: Sequence[int]) -> None:
+        """After a speculative step: row b wrote counts[b] positions and feeds next_ids[b] next
+        (device [B] int64; host_counts the same counts as host ints)."""
+        self.input_ids.copy_(next_ids)
+        self.positions.add_(counts)
+        for r, n in zip(self.requests, host_counts, strict=True):
+            r.length += n
 
     def select(self, keep: Sequence[int], pending: list[PendingPrefill] | None = None) -> Batch:
         """A batch of the rows `keep` (in that order) and `pending` (default: this batch's), same id."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -21,10 +22,10 @@ from cache.adapter_store import AdapterStore
 from cache.block_manager import BlockManager, OutOfBlocks
 from model.attention import select_attention_backend
 from model.config import MistralConfig
-from model.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from model.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.config import ShardConfig
-from shard_server.engine import admission, prefilling
+from shard_server.engine import admission, prefilling, speculation
 from shard_server.engine.batch import Batch, PendingPrefill
 from shard_server.engine.bootstrap import (
     build_adapter_store,
@@ -39,7 +40,16 @@ from shard_server.engine.outputs import emit_step
 from shard_server.executor.runner import ModelRunner
 from shard_server.generation.grammar import SchemaCompiler
 from shard_server.generation.sampling import HostSample
-from shard_server.types import AdapterSpec, BatchSpec, CachedBatchInfo, GenerationOut, ShardInfo, StepResult
+from shard_server.generation.speculative import HostTokens
+from shard_server.types import (
+    AdapterSpec,
+    BatchSpec,
+    CachedBatchInfo,
+    EngineStats,
+    GenerationOut,
+    ShardInfo,
+    StepResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,12 @@ class ShardEngine:
             from shard_server.executor.graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
+            if config.speculative_tokens:
+                from shard_server.executor.verify import VerifyGraphs
+
+                self.runner.verify_graphs = VerifyGraphs(
+                    self.runner, config.speculative_tokens + 1, max_batch=config.max_batch_size or 256
+                )
         self.grammars = SchemaCompiler(
             self.tokenizer,
             self.model_config.vocab_size,
@@ -81,11 +97,13 @@ class ShardEngine:
             deterministic_only=self.tp.world_size > 1,
             pin_memory=self.device.type == "cuda",
         )
+        self.speculator = speculation.build(self) if config.speculative_tokens else None
         self.batches: dict[int, Batch] = {}
         # Decode overlap (lookahead.py): each cached batch's next step, already enqueued.
         self.overlap = config.overlap
         self.lookaheads: dict[int, Lookahead] = {}
         self.lookahead_rows_used = 0  # rows whose logits came precomputed (tests, metrics)
+        self.graph_tokens: int | None = None  # the last good Warmup's graph bound (max request tokens)
         self._next_seq_id = 0
         log.info(
             "shard ready: %s on %s (%s), KV cache %d blocks x %d tokens (%s), rank %d/%d",
@@ -110,6 +128,7 @@ class ShardEngine:
             requires_block_allocator=self.router_blocks,
             chunked_prefill=True,
             preloaded_adapters=tuple(self.adapters.preloaded_adapters()),
+            speculate=self.config.speculative_tokens,
         )
 
     def health(self) -> None:
@@ -124,42 +143,66 @@ class ShardEngine:
     def usable_blocks(self) -> int:
         return self.blocks.num_usable
 
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            free_blocks=self.blocks.num_free,
+            usable_blocks=self.blocks.num_usable,
+            cached_batches=len(self.batches),
+            computed_prefill_tokens=self.computed_prefill_tokens,
+            reused_prefill_tokens=self.blocks.num_reused_tokens,
+            resident_adapters=tuple(self.adapters.resident_indices()),
+        )
+
     # ---- batches ---------------------------------------------------------------------------------------
 
-    def prefill(self, spec: BatchSpec, cached_batch_id: int | None = None) -> StepResult:
+    def prefill(
+        self, spec: BatchSpec, cached_batch_id: int | None = None, still_wanted: StillWanted | None = None
+    ) -> StepResult:
         """New requests' (first) chunks, plus the next chunk of the cached batch's pending prefills;
-        the cached batch's decoding rows do not step here. Result: one batch (id of the cached one)."""
+        the cached batch's decoding rows do not step here. Result: one batch (id of the cached one).
+
+        `still_wanted()` is asked after the forward, before anything is committed: False (the caller's
+        deadline passed, or it cancelled) raises Cancelled and leaves the shard as before the call."""
         if cached_batch_id is not None and cached_batch_id not in self.batches:
             raise NotFound(f"cached_batch {cached_batch_id} is not a cached batch")
         if spec.id in self.batches and spec.id != cached_batch_id:
-            raise InvalidArgument(f"batch.id {spec.id} is already a cached batch")
+            raise FailedPrecondition(
+                f"batch.id {spec.id} is already a cached batch (a Prefill of it succeeded before; its "
+                "response may have been lost): ClearCache it, or use a new batch id"
+            )
         if not spec.requests:
             raise InvalidArgument("batch.requests is empty")
         admitted = admission.admit_batch(spec, self._limits(), warmup=False)
         self._check_adapters([a.spec.adapter_index for a in admitted])
         cached = None if cached_batch_id is None else self.batches[cached_batch_id]
-        generations, batch = self._prefill(spec.id, admitted, cached, warmup=False)
+        if cached is not None:
+            _check_unique_ids([cached.request_ids, [a.spec.id for a in admitted]])
+        generations, batch = self._prefill(spec.id, admitted, cached, warmup=False, still_wanted=still_wanted)
         if cached is not None:
             del self.batches[cached.id]
         if batch is not None:
             self.batches[batch.id] = batch
         return StepResult(tuple(generations), None if batch is None else batch.info())
 
-    def decode(self, batch_ids: Sequence[int]) -> StepResult:
-        """One token per decoding row; pending prefills of these batches compute their next chunk."""
+    def decode(self, batch_ids: Sequence[int], still_wanted: StillWanted | None = None) -> StepResult:
+        """One token per decoding row; pending prefills of these batches compute their next chunk.
+        `still_wanted`: as in prefill (a token the router never receives must not be consumed)."""
         if not batch_ids:
             raise InvalidArgument("batches is empty")
         if len(set(batch_ids)) != len(batch_ids):
-            raise InvalidArgument(f"batches names a batch twice: {list(batch_ids)}")
+            raise InvalidArgument(f"batches names a batch twice: {list(batch_ids)[:20]}")
         missing = [b for b in batch_ids if b not in self.batches]
         if missing:
             raise NotFound(f"batch {missing[0]} is not a cached batch")
+        _check_unique_ids([self.batches[b].request_ids for b in batch_ids])
         originals = [self.batches.pop(b) for b in batch_ids]
         found = [la for la in (self.lookaheads.pop(b, None) for b in batch_ids) if la is not None]
         try:  # compute everything before changing anything
             batch = Batch.concatenate(originals)
-            out = host = chunks = ahead = None
-            if len(batch):
+            out = host = chunks = ahead = spec = None
+            if len(batch) and self.speculator is not None:
+                spec = self.speculator.compute(batch)  # None: nothing to verify, a plain step
+            if len(batch) and spec is None:
                 logits, used = logits_for(batch, found, self.runner.decode)  # [B, V]
                 out = batch.chooser.choose(logits)
                 to_host = out.start_to_host()  # enqueued before the lookahead: its wait excludes it
@@ -170,6 +213,7 @@ class ShardEngine:
                 budget = self._chunk_budget() - len(batch)
                 plan = prefilling.plan_chunks(batch.pending, budget)
                 chunks = prefilling.compute(self, list(zip(batch.pending, plan, strict=True)))
+            _commit_or_cancel(still_wanted)
         except BaseException:
             for b in originals:  # nothing was mutated yet: the router may retry or clear them
                 self.batches[b.id] = b
@@ -177,7 +221,10 @@ class ShardEngine:
             raise
         generations: list[GenerationOut] = []
         rows = None
-        if out is not None:
+        if spec is not None:
+            self.speculator.commit(batch, spec)
+            generations, rows = self.emit(batch, spec.host, first_token=False)
+        elif out is not None:
             batch.chooser.update(out.next_ids, host.next_ids)
             batch.advance(out.next_ids)
             generations, rows = self.emit(batch, host, first_token=False)
@@ -234,7 +281,16 @@ class ShardEngine:
         if not spec.requests:
             raise InvalidArgument("batch.requests is empty")
         admitted = admission.admit_batch(spec, self._limits(), warmup=False, generation=False)
-        hidden = self.runner.embed([a.ids for a in admitted])  # [B, hidden]
+        self._check_adapters([a.spec.adapter_index for a in admitted])
+        # No KV cache bounds an Embed: bound its tokens as a Prefill's are (Warmup's budget).
+        budget = max(self.max_prefill_tokens or 0, self.model_config.max_position_embeddings)
+        tokens = sum(len(a.ids) for a in admitted)
+        if tokens > budget:
+            raise ResourceExhausted(
+                f"Embed batch of {tokens} tokens; this shard embeds at most {budget} tokens per call "
+                "(Warmup's max_prefill_tokens, or the model's positions): split the batch"
+            )
+        hidden = self.runner.embed([a.ids for a in admitted], [a.spec.adapter_index for a in admitted])
         rows = hidden.float().cpu().tolist()
         return [(a.spec.id, row) for a, row in zip(admitted, rows, strict=True) if self.emits(a.spec.id)]
 
@@ -246,18 +302,57 @@ class ShardEngine:
         if self.batches:
             raise FailedPrecondition(f"Warmup with {len(self.batches)} cached batches: ClearCache first")
         admitted = admission.admit_batch(spec, self._limits(), warmup=True) if spec.requests else []
+        previous = (self.runner.kv_cache.num_blocks, self.max_prefill_tokens)
         self.max_prefill_tokens = max_prefill_tokens if max_prefill_tokens > 0 else None
         tokens = sum(len(a.ids) + 1 for a in admitted)
-        self._resize_cache(self.sizing.blocks_for_tokens(tokens, len(admitted)))
+        try:
+            self._warmup_run(spec, admitted, tokens, max_input_length, max_prefill_tokens)
+            num_blocks = self.sizing.blocks_after_warmup(self.runner.kv_cache)
+            self._resize_cache(num_blocks)
+            self.runner.capture_graphs(max_input_length + max_new_tokens)  # against the final cache
+        except BaseException:
+            self._restore_after_failed_warmup(*previous)
+            raise
+        self.graph_tokens = max_input_length + max_new_tokens
+        usable = self.blocks.num_usable * self.model.block_size
+        log.info("warmup: KV cache sized to %d blocks = %d tokens (%s)", num_blocks, usable, self.kv_dtype)
+        return usable
+
+    def _restore_after_failed_warmup(self, num_blocks: int, max_prefill_tokens: int | None) -> None:
+        """Whatever failed, the shard serves on with the cache it had (the warmup cache is tiny), and
+        with the decode graphs of the last good Warmup captured again against that cache (replacing
+        the cache dropped every graph that pointed into the old one)."""
+        self.max_prefill_tokens = max_prefill_tokens
+        self._resize_cache(num_blocks)
+        log.warning("warmup failed: KV cache restored to %d blocks", num_blocks)
+        if self.graph_tokens is None:
+            return
+        try:
+            self.runner.capture_graphs(self.graph_tokens)
+        except Exception:  # noqa: BLE001 - decode runs eagerly without graphs; Warmup's own error wins
+            log.exception("warmup failed: decode graphs not captured again; decode runs eagerly")
+            self.runner.graphs.clear()
+
+    def _warmup_run(self, spec, admitted, tokens: int, max_input_length: int, max_prefill_tokens: int):
+        """Warmup's worst-case batch on a cache sized for it (prefill + one decode), then cleared."""
+        t0 = time.monotonic()
+        blocks = self.sizing.blocks_for_tokens(tokens, len(admitted))
+        log.info("warmup 1/4: KV cache of %d blocks for %d requests, %d tokens", blocks, len(admitted),
+                 tokens)  # fmt: skip
+        self._resize_cache(blocks)
         try:
             if self.kv_scales.needs_calibration:
+                log.info("warmup 2/4: calibrating FP8 KV scales")
                 self.kv_scales.calibrate(self.runner, [a.ids for a in admitted], max_input_length)
             self.sizing.start_peak_tracking()
             if admitted:
+                log.info("warmup 3/4: prefill + one decode of the worst-case batch")
                 _, batch = self._prefill(spec.id, admitted, None, warmup=True)
                 if batch is not None:
                     self.batches[batch.id] = batch
                     self.decode([batch.id])
+            log.info("warmup 4/4: sizing the KV cache from peak memory (batch ran in %.2f s)",
+                     time.monotonic() - t0)  # fmt: skip
         except torch.OutOfMemoryError as e:
             raise ResourceExhausted(
                 f"Warmup ran out of device memory with {tokens} prefill tokens in {len(admitted)} requests "
@@ -266,12 +361,6 @@ class ShardEngine:
             ) from None
         finally:
             self.clear_cache()
-        num_blocks = self.sizing.blocks_after_warmup(self.runner.kv_cache)
-        self._resize_cache(num_blocks)
-        usable = self.blocks.num_usable * self.model.block_size
-        log.info("warmup: KV cache sized to %d blocks = %d tokens (%s)", num_blocks, usable, self.kv_dtype)
-        self.runner.capture_graphs(max_input_length + max_new_tokens)  # against the final cache
-        return usable
 
     # ---- adapters --------------------------------------------------------------------------------------
 
@@ -279,18 +368,36 @@ class ShardEngine:
         """File I/O only (runs beside the model thread): fetch and validate, -> device bytes / budget."""
         return self.adapters.download(spec)
 
-    def load_adapter(self, index: int, spec: AdapterSpec) -> None:
+    def prepare_adapter(self, spec: AdapterSpec) -> object:
+        """File I/O only (runs on the I/O thread): LoadAdapter's reading, validation and packing."""
+        return self.adapters.prepare(spec)
+
+    def load_adapter(self, index: int, spec: AdapterSpec, prepared: object | None = None) -> None:
+        """`prepared`: prepare_adapter(spec)'s result, so that the model thread reads no file."""
         if index == 0:
             raise FailedPrecondition("adapter_index 0 is the base model; load adapters at index >= 1")
-        self.adapters.load(index, spec)
+        heads = speculation.adapter_heads(self.speculator, self.adapters, spec)  # bad files refuse here
+        self.adapters.load(index, spec, host=prepared)
+        if self.speculator is not None:  # its requests draft with these heads, or with the base's
+            self.speculator.medusa.by_adapter.pop(index, None)
+            if heads is not None:
+                self.speculator.medusa.by_adapter[index] = heads
         self.runner.refresh_lora_graphs()  # here, if the stacks moved: never inside a Decode
 
     def offload_adapter(self, index: int, spec: AdapterSpec) -> bool:
         if not self.adapters.is_loaded(index):
             return False
+        held = self.adapters.loaded_spec(index)
+        if tuple(held.adapter_ids) != tuple(spec.adapter_ids):
+            raise FailedPrecondition(
+                f"adapter index {index} holds {shown(list(held.adapter_ids))}, not "
+                f"{shown(list(spec.adapter_ids))}: nothing offloaded"
+            )
         users = [b.id for b in self.batches.values() if index in {r.adapter_index for r in b.all_requests}]
         if users:
             raise FailedPrecondition(f"adapter index {index} is in use by cached batches {users}")
+        if self.speculator is not None:
+            self.speculator.medusa.by_adapter.pop(index, None)
         offloaded = self.adapters.offload(index)
         self.runner.refresh_lora_graphs()
         return offloaded
@@ -305,7 +412,7 @@ class ShardEngine:
         return request_id % self.tp.world_size == self.tp.rank
 
     def emit(
-        self, batch: Batch, host: HostSample, first_token: bool
+        self, batch: Batch, host: HostSample | HostTokens, first_token: bool
     ) -> tuple[list[GenerationOut], Batch | None]:
         """Stopping + detokenization of the rows on the host; finished requests leave (blocks freed).
         -> (generations, the rows still running, without pending prefills)."""
@@ -344,8 +451,9 @@ class ShardEngine:
         return self.max_prefill_tokens
 
     def _prefill(
-        self, batch_id: int, admitted: list[admission.Admitted], cached: Batch | None, *, warmup: bool
-    ) -> tuple[list[GenerationOut], Batch | None]:
+        self, batch_id: int, admitted: list[admission.Admitted], cached: Batch | None, *, warmup: bool,
+        still_wanted: StillWanted | None = None,
+    ) -> tuple[list[GenerationOut], Batch | None]:  # fmt: skip
         """Allocate, forward new requests' first chunks (and `cached`'s pending chunks), commit.
         -> (generations, the joined batch: cached rows, new rows, still pending; None if empty)."""
         started: list[PendingPrefill] = []
@@ -358,6 +466,7 @@ class ShardEngine:
                 budget = self._chunk_budget() - sum(n for _, n in items)
                 items += list(zip(old, prefilling.plan_chunks(old, budget), strict=True))
             computed = prefilling.compute(self, items)
+            _commit_or_cancel(still_wanted)
         except BaseException as e:
             for p in started:
                 self._release(p.request)
@@ -432,6 +541,30 @@ class ShardEngine:
                 "router's --max-batch-prefill-tokens"
             ) from None
         self.blocks = self._new_block_manager(num_blocks)
+
+
+StillWanted = Callable[[], bool]
+
+
+def _commit_or_cancel(still_wanted: StillWanted | None) -> None:
+    """The last check before a step's results are committed: is anyone still waiting for them?"""
+    if still_wanted is not None and not still_wanted():
+        raise Cancelled("the caller is gone (deadline passed or cancelled); nothing was committed")
+
+
+def _check_unique_ids(groups: Sequence[Sequence[int]]) -> None:
+    """Request ids of batches about to be joined must be unique: the router tells requests apart by id.
+    (Within one batch admission checks them; only Warmup's own batch repeats id 0.)"""
+    seen: set[int] = set()
+    for ids in groups:
+        ids = set(ids)
+        for rid in ids:
+            if rid in seen:
+                raise InvalidArgument(
+                    f"request id {rid} is in more than one of the batches to concatenate; request ids must "
+                    "be unique across a Decode's batches (and a Prefill's batch and cached_batch)"
+                )
+        seen |= ids
 
 
 def _in_order(order: Sequence[PendingPrefill], keep: Sequence[PendingPrefill]) -> list[PendingPrefill]:

@@ -3,48 +3,61 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from shard_server.engine.batch import Batch, RequestState
 from shard_server.generation.detokenize import token_texts
 from shard_server.generation.sampling import HostSample
+from shard_server.generation.speculative import HostTokens
 from shard_server.types import AlternativeTokensOut, GenerationOut, TokensOut
 
 
 def emit_step(
     batch: Batch,
-    host: HostSample,
+    host: HostSample | HostTokens,
     first_token: bool,
     tokenizer,
     special_ids: frozenset[int],
 ) -> list[GenerationOut]:
-    """Push each request's new token through its tracker; a Generation for each request this rank owns.
+    """Push each request's new token(s) through its tracker; a Generation for each request this rank owns.
 
+    `host` holds one token per row, or several (a speculative verify step: accepted drafts, then one
+    more): they are pushed in order and the rest is dropped as soon as one of them stops the request
+    (EOS, stop sequence, max_new_tokens), exactly where one-token steps would have stopped. Tokens past
+    the first of a step count as `skipped_tokens` (LoRAX's GeneratedText.skipped_tokens).
     `first_token`: the rows just finished their prompt (the Prefill generation, possibly after chunks):
     it reports `prefill_tokens_length` and, for prefill_logprobs requests, `prefill_tokens` from the
     logprobs gathered in `RequestState.prompt_logprobs`. Every tracker is advanced, owned or not, so all
     ranks agree on which requests finished.
     """
+    rows = host if isinstance(host, HostTokens) else HostTokens.of(host)
     seeds = batch.chooser.seeds_for_report()
     out: list[GenerationOut] = []
     for i, r in enumerate(batch.requests):
-        alts = host.alternatives[i]
-        step = r.tracker.push(host.next_ids[i], [a for a, _ in alts])
+        steps, alt_rows = [], []
+        for token, alts in zip(rows.ids[i], rows.alternatives[i], strict=True):
+            steps.append(r.tracker.push(token, [a for a, _ in alts]))
+            alt_rows.append(alts)
+            if steps[-1].finish_reason is not None:
+                break
+        r.skipped_tokens += len(steps) - 1
         if not r.emits:
             continue
         next_tokens = TokensOut(
-            ids=(step.token_id,),
-            logprobs=(host.logprobs[i],),
-            texts=(step.text,),
-            is_special=(step.is_special,),
+            ids=tuple(s.token_id for s in steps),
+            logprobs=tuple(rows.logprobs[i][: len(steps)]),
+            texts=tuple(s.text for s in steps),
+            is_special=tuple(s.is_special for s in steps),
             alternatives=(
-                (
+                tuple(
                     AlternativeTokensOut(
                         ids=tuple(a for a, _ in alts),
                         logprobs=tuple(lp for _, lp in alts),
-                        texts=step.alternative_texts,
-                    ),
+                        texts=s.alternative_texts,
+                    )
+                    for s, alts in zip(steps, alt_rows, strict=True)
                 )
                 if r.sampling.return_k_alternatives > 0
                 else ()
@@ -53,6 +66,7 @@ def emit_step(
         prefill = None
         if first_token and r.prompt_logprobs is not None:
             prefill = _prefill_tokens(r, tokenizer, special_ids)
+        finish = steps[-1].finish_reason
         out.append(
             GenerationOut(
                 request_id=r.id,
@@ -60,8 +74,11 @@ def emit_step(
                 prefill_tokens=prefill,
                 prefill_tokens_length=len(r.prompt_ids) if first_token else 0,
                 generated_text=(
-                    r.tracker.generated_text(seeds[i]) if step.finish_reason is not None else None
+                    replace(r.tracker.generated_text(seeds[i]), skipped_tokens=r.skipped_tokens)
+                    if finish is not None
+                    else None
                 ),
+                adapter_index=r.adapter_index,
             )
         )
     return out

@@ -87,12 +87,15 @@ def context_buckets(limit: int, max_context: int, window: int | None) -> tuple[i
 
 
 class DecodeGraphs:
+    kind = "decode"  # what the capture log names (executor/verify.py's VerifyGraphs: "verify")
+
     def __init__(self, runner, max_batch: int = 256, max_context: int | None = None):
         self.runner = runner
         self.buckets = batch_buckets(max_batch)
         self.max_context = max_context or runner.model.config.max_position_embeddings
         bmax, dev = self.buckets[-1], runner.device
         self.block_size = runner.block_size
+        self.window = runner.window  # the keys one query may read (its context bucket stops there)
         self.max_blocks = -(-self.max_context // self.block_size)
         self.input_ids = torch.zeros(bmax, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(bmax, dtype=torch.int64, device=dev)
@@ -110,7 +113,7 @@ class DecodeGraphs:
         self.replayed = 0
 
     def context_bucket(self, max_len: int) -> int:
-        return context_bucket(max_len, self.max_context, self.runner.window)
+        return context_bucket(max_len, self.max_context, self.window)
 
     # ---- capture -------------------------------------------------------------------------------------
 
@@ -119,7 +122,7 @@ class DecodeGraphs:
         current KV cache and adapter layout (module docstring)."""
         self.clear()
         limit = min(max_total_tokens or self.max_context, self.max_context)
-        self.contexts = context_buckets(limit, self.max_context, self.runner.window)
+        self.contexts = context_buckets(limit, self.max_context, self.window)
         self._kv_version = self.runner.kv_version
         self._lora_layout = self.runner.adapters.layout_version
         lora = [False, True] if self.runner.adapters.device_bytes() else [False]
@@ -176,10 +179,10 @@ class DecodeGraphs:
         used = free_before - torch.cuda.mem_get_info(dev)[0]
         self.capture_seconds += time.monotonic() - start
         log.info(
-            "captured %d decode CUDA graphs %s in %.2f s, %.1f MiB of device memory (batch buckets %s, "
+            "captured %d %s CUDA graphs %s in %.2f s, %.1f MiB of device memory (batch buckets %s, "
             "context buckets %s, LoRA %s)",
-            done, when, time.monotonic() - start, used / 2**20, _span(self.buckets), list(self.contexts),
-            sorted({k[2] for k in keys}),
+            done, self.kind, when, time.monotonic() - start, used / 2**20, _span(self.buckets),
+            list(self.contexts), sorted({k[2] for k in keys}),
         )  # fmt: skip
         if why is not None:
             log.warning("stopped capturing after %d of %d graphs (%s): the rest decode eagerly", done,

@@ -43,6 +43,7 @@ class ModelRunner:
     def __init__(self, model: FlashMistralForCausalLM, kv_cache: KVCache, adapters: AdapterStore):
         self.model = model
         self.graphs = None  # shard_server.executor.graphs.DecodeGraphs on CUDA (captured at Warmup)
+        self.verify_graphs = None  # executor.verify.VerifyGraphs on CUDA with speculative decoding
         self.kv_version = 0  # bumps whenever the cache tensors are replaced (CUDA graphs hold pointers)
         self.kv_cache = kv_cache
         self.adapters = adapters
@@ -59,22 +60,25 @@ class ModelRunner:
         # Graphs captured against the old tensors must never replay against freed memory: they go now
         # (their pool is freed with the old cache), and the graphs also check this counter (not id(),
         # which a new cache object may reuse).
-        if self.graphs is not None:
-            self.graphs.clear()
+        for graphs in (self.graphs, self.verify_graphs):
+            if graphs is not None:
+                graphs.clear()
         self._kv_cache = cache
         self.kv_version += 1
 
     # ---- CUDA graphs (no-ops without them) -----------------------------------------------------------
 
     def capture_graphs(self, max_total_tokens: int) -> None:
-        """Warmup, after the KV cache got its final size: capture the decode graphs (graphs.py)."""
-        if self.graphs is not None:
-            self.graphs.capture(max_total_tokens)
+        """Warmup, after the KV cache got its final size: capture the decode (and verify) graphs."""
+        for graphs in (self.graphs, self.verify_graphs):
+            if graphs is not None:
+                graphs.capture(max_total_tokens)
 
     def refresh_lora_graphs(self) -> None:
         """After LoadAdapter / OffloadAdapter: recapture LoRA graphs if the adapter stacks moved."""
-        if self.graphs is not None:
-            self.graphs.refresh_lora()
+        for graphs in (self.graphs, self.verify_graphs):
+            if graphs is not None:
+                graphs.refresh_lora()
 
     # ---- prefill -------------------------------------------------------------------------------------
 
@@ -96,9 +100,18 @@ class ModelRunner:
         last_logits = logits.index_select(0, torch.tensor(last, dtype=torch.int64, device=self.device))
         return PrefillOutput(last_logits, per_seq)
 
-    def embed(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Final hidden state of each prompt's last token -> [B, hidden]. Nothing is cached."""
-        return ForwardBatch.embed(prompts, device=self.device).run(self.model, None)
+    def embed(
+        self, prompts: Sequence[Sequence[int]], adapter_indices: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Final hidden state of each prompt's last token -> [B, hidden], each prompt under its adapter
+        (None: all base). Nothing is cached."""
+        adapter_data = None
+        if adapter_indices is not None and any(adapter_indices):
+            lengths = [len(p) for p in prompts]
+            adapter_data = self.adapters.batch_data(adapter_indices, lengths, is_prefill=True)
+        return ForwardBatch.embed(prompts, device=self.device, adapter_data=adapter_data).run(
+            self.model, None
+        )
 
     # ---- decode --------------------------------------------------------------------------------------
 

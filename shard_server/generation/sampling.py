@@ -37,6 +37,15 @@ from shard_server.generation import logits_process as lp
 from shard_server.generation.grammar_masks import GrammarRows
 from shard_server.types import SamplingParams
 
+# Bounds that keep every processed logit finite (no inf, so no NaN in the softmax) for any finite model
+# logits |x| <= 1e29: repetition scales x by at most 1e4, the additive penalties add at most
+# 1e4 * (count + 1) <= ~1e10 for any count a sequence can reach, temperature divides by >= 1e-4, so
+# |x| stays below ~1e37 < float32's 3.4e38. The bounds are far beyond useful values (vLLM clamps
+# temperatures below 1e-2; OpenAI allows penalties in [-2, 2]).
+MIN_TEMPERATURE = 1e-4
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)
+MAX_ADDITIVE_PENALTY = 1e4
+
 
 def validate_sampling_params(p: SamplingParams) -> None:
     """Raise ValueError naming the bad field (`schema` is checked when it is compiled)."""
@@ -46,17 +55,21 @@ def validate_sampling_params(p: SamplingParams) -> None:
 
     if not math.isfinite(p.temperature) or p.temperature < 0:
         raise bad("temperature", p.temperature, ">= 0")
+    if 0 < p.temperature < MIN_TEMPERATURE and p.do_sample:
+        raise bad("temperature", p.temperature, f"0 (greedy) or >= {MIN_TEMPERATURE}")
     if not (0.0 < p.top_p <= 1.0):
         raise bad("top_p", p.top_p, "in (0, 1]")
     if not (0.0 < p.typical_p <= 1.0):
         raise bad("typical_p", p.typical_p, "in (0, 1]")
     if p.top_k < 0:
         raise bad("top_k", p.top_k, ">= 0 (0 disables it)")
-    if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
-        raise bad("repetition_penalty", p.repetition_penalty, "> 0")
+    lo, hi = REPETITION_PENALTY_RANGE
+    if not math.isfinite(p.repetition_penalty) or not lo <= p.repetition_penalty <= hi:
+        raise bad("repetition_penalty", p.repetition_penalty, f"in [{lo}, {hi}] (1 disables it)")
     for name in ("frequency_penalty", "presence_penalty"):
-        if not math.isfinite(getattr(p, name)):
-            raise bad(name, getattr(p, name), "finite")
+        value = getattr(p, name)
+        if not math.isfinite(value) or abs(value) > MAX_ADDITIVE_PENALTY:
+            raise bad(name, value, f"in [-{MAX_ADDITIVE_PENALTY}, {MAX_ADDITIVE_PENALTY}]")
     if p.return_k_alternatives < 0:
         raise bad("return_k_alternatives", p.return_k_alternatives, ">= 0")
     if not (0 <= p.seed < 2**64):

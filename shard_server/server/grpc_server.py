@@ -29,6 +29,7 @@ from shard_server.config import ServeConfig
 from shard_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
 from shard_server.server.health import ShardHealth
 from shard_server.server.service import LoraxServiceServicer
+from shard_server.server.telemetry import Telemetry
 from shard_server.server.workers import EngineWorkers
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class BuiltServer:
     address: str  # unix://{uds_path}-{rank}
     health: ShardHealth  # LoRAX Health and grpc.health.v1, SERVING once built
     workers: EngineWorkers  # the model thread (and adapter I/O thread)
+    telemetry: Telemetry  # metrics / spans (each optional); closed after the server stops
 
 
 def create_server(
@@ -114,13 +116,17 @@ def build_server(
     workers: EngineWorkers | None = None,
     grpc_threads: int = 16,
     health_stuck_seconds: float = ServeConfig.health_stuck_seconds,
+    telemetry: Telemetry | None = None,
 ) -> BuiltServer:
     path = socket_path(uds_path, rank)
     remove_stale_socket(path)
     workers = workers or EngineWorkers()
     # SERVING from here on: the engine is built and the socket about to be bound.
     shard_health = ShardHealth(workers, engine.health, health_stuck_seconds, (SERVICE_NAME,))
-    servicer = LoraxServiceServicer(engine, service_urls(uds_path, world_size), workers, shard_health)
+    telemetry = telemetry or Telemetry()
+    servicer = LoraxServiceServicer(
+        engine, service_urls(uds_path, world_size), workers, shard_health, telemetry
+    )
     # Handler threads only convert messages and wait on the model thread; several of them keep Health,
     # Info and ServiceDiscovery answering while one waits on a long Decode.
     server = grpc.server(
@@ -138,7 +144,25 @@ def build_server(
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    return BuiltServer(server, address, shard_health, workers)
+    return BuiltServer(server, address, shard_health, workers, telemetry)
+
+
+def build_telemetry(config: ServeConfig) -> Telemetry:
+    """Metrics (HTTP server started) and tracing as the config asks; neither imports anything if off."""
+    metrics = tracer = None
+    rank = config.shard.rank
+    if config.metrics_port is not None:
+        from shard_server.server.metrics import MetricsConfig, ShardMetrics
+
+        metrics = ShardMetrics()
+        port = config.metrics_port + rank if config.metrics_port else 0
+        metrics.serve(MetricsConfig(port=port, host=config.metrics_host))
+    if config.otlp_endpoint:
+        from shard_server.server.tracing import RpcTracer, TracingConfig
+
+        tracing = TracingConfig(endpoint=config.otlp_endpoint, service_name=config.otlp_service_name)
+        tracer = RpcTracer(tracing, rank=rank, world_size=config.shard.world_size)
+    return Telemetry(metrics, tracer)
 
 
 # ---------------------------------------------------------------- logging
@@ -211,9 +235,11 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
 
     workers = EngineWorkers()
     path = socket_path(config.uds_path, shard.rank)
+    telemetry = None
     try:
         remove_stale_socket(path)  # fail fast, before the slow engine build, if the path is taken
         engine = workers.model(engine_factory)
+        telemetry = build_telemetry(config)
         built = build_server(
             engine,
             config.uds_path,
@@ -222,9 +248,12 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
             workers=workers,
             grpc_threads=config.grpc_threads,
             health_stuck_seconds=config.health_stuck_seconds,
+            telemetry=telemetry,
         )
     except Exception:
         log.exception("shard rank %d failed to start", shard.rank)
+        if telemetry is not None:
+            telemetry.close()
         workers.close()
         return 1
     built.server.start()
@@ -237,6 +266,7 @@ def serve(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) 
     # stop(grace): new RPCs are refused at once; RPCs in flight get `grace` seconds to finish.
     built.server.stop(config.grace_seconds).wait()
     workers.close()
+    built.telemetry.close()  # flushes the last spans
     try:
         os.unlink(path)
     except FileNotFoundError:

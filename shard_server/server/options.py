@@ -156,6 +156,12 @@ OPTIONS: tuple[Option, ...] = (
         switch=True,
         default=None,
     ),
+    Option(
+        "--speculative-tokens",
+        "shard.speculative_tokens",
+        "speculative decoding: draft tokens verified per decode step (n-gram / Medusa); 0 = off",
+        type=int,
+    ),
     Option("--log-format", "serve.log_format", "text or one JSON object per line", choices=LOG_FORMATS),
     Option("--log-level", "serve.log_level", "root log level", type=str.upper, choices=LOG_LEVELS),
     Option("--grace-seconds", "serve.grace_seconds", "SIGTERM: time the RPC in flight may take", type=float),
@@ -171,6 +177,19 @@ OPTIONS: tuple[Option, ...] = (
         "gRPC handler threads (model work runs on one thread)",
         type=int,
     ),
+    Option(
+        "--metrics-port",
+        "serve.metrics_port",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (rank r: PORT + r); off by default",
+        type=int,
+    ),
+    Option("--metrics-host", "serve.metrics_host", "address the metrics server binds"),
+    Option(
+        "--otlp-endpoint",
+        "serve.otlp_endpoint",
+        "export a span per RPC over OTLP/gRPC to this collector (host:port); off by default",
+    ),
+    Option("--otlp-service-name", "serve.otlp_service_name", "service.name of the spans"),
 )
 
 

@@ -15,8 +15,8 @@ class EngineWorkers:
 
     Engine state (cached batches, KV blocks, CUDA streams, thread-local torch settings such as the current
     CUDA device) is only ever touched from `model`, so the engine needs no locks. `io` runs only
-    `engine.download_adapter`, which must therefore not touch engine state shared with the model thread
-    (it fetches files to disk and measures them).
+    `engine.download_adapter` and `engine.prepare_adapter`, which must therefore not touch engine state
+    shared with the model thread (they fetch, read and pack files on the host).
 
     The model thread records which call it is running and since when (`current()`), so that Health can
     answer from another thread without queueing behind a long Prefill or Decode, and can tell a stuck

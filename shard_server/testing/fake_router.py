@@ -69,6 +69,7 @@ class RequestResult:
     text: str = ""
     finish_reason: FinishReason | None = None
     generated_tokens: int = 0
+    skipped_tokens: int = 0  # of generated_tokens, accepted speculative drafts
     seed: int | None = None
     prefill_tokens: TokensOut | None = None
     prefill_tokens_length: int = 0
@@ -275,7 +276,8 @@ class FakeRouter:
             return False
         blocks = tuple(self._free_blocks[:n])
         del self._free_blocks[:n]
-        needed = e.input_tokens + e.spec.stopping.max_new_tokens
+        # As LoRAX's router: Info.speculate extra slots, which a speculative step may write.
+        needed = e.input_tokens + e.spec.stopping.max_new_tokens + self.info_pb.speculate
         slots = tuple(b * bs + i for b in blocks for i in range(bs))[:needed]
         e.blocks = blocks
         e.spec = replace(e.spec, blocks=blocks, slots=slots)
@@ -298,9 +300,9 @@ class FakeRouter:
             spec = replace(r, id=next(self._request_ids))
             inp = self._input_tokens(spec)
             exact = bool(spec.input_ids) or self._tokenize is not None
-            e = _Live(
-                i, spec, inp, self._reserve(inp + spec.stopping.max_new_tokens), RequestResult(), exact=exact
-            )
+            # As LoRAX's router: Info.speculate more tokens per request, for speculative steps.
+            budget = self._reserve(inp + spec.stopping.max_new_tokens + self.info_pb.speculate)
+            e = _Live(i, spec, inp, budget, RequestResult(), exact=exact)
             if e.tokens > self.budget:
                 raise ValueError(f"request {i} needs {e.tokens} tokens; the shard's budget is {self.budget}")
             queue.append(e)
@@ -388,6 +390,7 @@ class FakeRouter:
                 gt = g.generated_text
                 res.text, res.finish_reason, res.seed = gt.text, gt.finish_reason, gt.seed
                 res.generated_tokens, res.cancelled = gt.generated_tokens, False
+                res.skipped_tokens = gt.skipped_tokens
                 finished.add(g.request_id)
         if must - seen:
             raise ProtocolViolation(f"no Generation for live requests {sorted(must - seen)}")

@@ -87,6 +87,7 @@ def generation_from_pb(g: pb.Generation) -> GenerationOut:
             generated_tokens=x.generated_tokens,
             finish_reason=FinishReason(x.finish_reason),
             seed=x.seed if x.HasField("seed") else None,
+            skipped_tokens=x.skipped_tokens,
         )
     return GenerationOut(
         request_id=g.request_id,

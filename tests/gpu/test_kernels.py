@@ -115,6 +115,34 @@ def test_paged_decode_attention_fp8(bs, scale_as_tensor):
     assert rel_err(out, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("q_len", [2, 5, 8])
+@pytest.mark.parametrize("window", [None, 200])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_paged_verify_attention(q_len, window, fp8):
+    """Q query tokens per sequence (speculative verify): each row sees keys up to its own position;
+    the last row of each sequence equals plain decode; a short sequence (L < Q) gives zeros where empty."""
+    from model.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+
+    gen = gen_for("pav", q_len, window, fp8)
+    B, Hq, Hkv, D = 17, 32, 8, 128
+    lens = ragged_lens(B, 2100, q_len)
+    case = make_paged_case(gen, B, Hq, Hkv, D, 16, lens, torch.bfloat16, fp8=fp8)
+    _, k, v, tables, seq_lens, max_len, (ks, vs) = case
+    q = torch.randn(B * q_len, Hq, D, generator=gen, device=DEV).to(torch.bfloat16)
+    ref = paged_decode_attention_ref(q, k, v, tables, seq_lens, D**-0.5, max_len, sliding_window=window,
+                                     k_scale=ks, v_scale=vs)
+    for splits in (None, 1, 5):
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, k, v, tables, seq_lens, D**-0.5, max_len, sliding_window=window, k_scale=ks,
+                               v_scale=vs, out=out, num_splits=splits)
+        torch.cuda.synchronize()
+        assert rel_err(out, ref) <= 1e-2, splits
+    last = q.view(B, q_len, Hq, D)[:, -1].contiguous()
+    plain = paged_decode_attention(last, k, v, tables, seq_lens, D**-0.5, max_len, sliding_window=window,
+                                   k_scale=ks, v_scale=vs)
+    assert rel_err(out.view(B, q_len, Hq, D)[:, -1], plain) <= 1e-2
+
+
 def test_paged_decode_attention_cuda_graph():
     """Captured once for a (batch, max-context bucket); replays with new lengths and tables are right."""
     from model.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref

@@ -117,6 +117,25 @@ class PagedRunner:
         )  # fmt: skip
 
 
+def verify_batch(runner: PagedRunner, tokens: list[list[int]], adapter_data=None) -> ForwardBatch:
+    """The ForwardBatch of a speculative verify step: Q tokens for every sequence (a decode forward
+    with B * Q query tokens, the Q newest positions of each sequence, written before attention)."""
+    q_len = len(tokens[0])
+    assert all(len(t) == q_len for t in tokens)
+    pos = []
+    for i, toks in enumerate(tokens):
+        p = runner.cached[i]
+        runner._ensure_blocks(i, p + q_len)
+        pos.append(p)
+        runner.seqs[i].extend(toks)
+        runner.cached[i] = p + q_len
+    tables = pad_block_tables([runner._table(i) for i in range(len(tokens))], runner.device)
+    t = lambda x: torch.tensor(x, dtype=torch.int64, device=runner.device)  # noqa: E731
+    return ForwardBatch.verify(
+        t(tokens), t(pos), tables, block_size=runner.bs, max_s=max(pos) + q_len, adapter_data=adapter_data
+    )
+
+
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     g = random.Random(seed)
     return [[g.randrange(3, vocab) for _ in range(n)] for n in lengths]

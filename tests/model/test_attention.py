@@ -102,18 +102,19 @@ def fake_flash_attn_varlen_func(
 def fake_flash_attn_with_kvcache(
     q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size
 ):
-    b, _, _, _ = q.shape
+    b, nq, _, _ = q.shape
     bs = k_cache.shape[1]
     n = block_table.shape[1] * bs
     pos = torch.arange(n)
     slots = block_table.long()[:, pos // bs] * bs + pos % bs  # [B, n]
     k = k_cache.flatten(0, 1)[slots]  # [B, n, Hkv, D]
     v = v_cache.flatten(0, 1)[slots]
-    last = cache_seqlens.long()[:, None] - 1
-    mask = pos[None] <= last
+    # causal, aligned bottom-right: query i of nq sits at position cache_seqlens - nq + i
+    last = cache_seqlens.long()[:, None, None] - nq + torch.arange(nq)[None, :, None]  # [B, nq, 1]
+    mask = pos[None, None] <= last
     if window_size[0] >= 0:
-        mask &= pos[None] >= last - window_size[0]
-    return attend(q, k, v, mask[:, None, :], softmax_scale)  # [B, 1, Hq, D]
+        mask &= pos[None, None] >= last - window_size[0]
+    return attend(q, k, v, mask, softmax_scale)  # [B, nq, Hq, D]
 
 
 @pytest.fixture
@@ -156,3 +157,29 @@ def test_cuda_backends_plumbing_on_cpu(model_pair, cuda_stand_ins, backend_name,
         logits = runner.decode([30 + step] * 3)
         for b, seq in enumerate(runner.seqs):
             torch.testing.assert_close(logits[b], hf_logits(hf, seq)[-1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "torch_cuda", "flash_attn"])
+@pytest.mark.parametrize("window", [None, 8])
+def test_verify_step_several_tokens_per_sequence(model_pair, cuda_stand_ins, backend_name, window):
+    """A decode forward with Q tokens per sequence (speculative verify) gives, at every position, the
+    logits of transformers' full forward; a window shorter than the context is applied per query."""
+    from mistral_harness import verify_batch
+
+    from model.attention import BACKENDS
+    from model.flash_mistral import FlashMistralForCausalLM
+
+    ours, hf, d = model_pair(sliding_window=window, heads=4, kv_heads=2)
+    backend = next(e for e in BACKENDS if e.name == backend_name).make()
+    model = FlashMistralForCausalLM.from_pretrained(d, attention=backend)
+    cache = KVCache.for_config(model.config, model.tp, num_blocks=40, block_size=4, dtype=torch.float32)
+    runner = PagedRunner(model, cache, seed=2)
+    prompts = random_prompts([13, 4, 9], 512, seed=8)
+    runner.prefill(prompts)
+    for step, q_len in enumerate((4, 1, 3, 5)):
+        tokens = random_prompts([q_len] * 3, 512, seed=20 + step)
+        logits = verify_batch(runner, tokens).run(model, cache)
+        assert logits.shape == (3 * q_len, 512)
+        for b, seq in enumerate(runner.seqs):
+            want = hf_logits(hf, seq)[-q_len:]
+            torch.testing.assert_close(logits[b * q_len : (b + 1) * q_len], want, atol=1e-4, rtol=0)

@@ -196,6 +196,35 @@ def test_paged_decode_scales_as_tensors_and_empty_rows(kernels):
         assert rel_err(out, ref) <= 1e-2
 
 
+VERIFY_CASES = [
+    # B, Hq, Hkv, D, block_size, lens, window, num_splits, dtype, fp8, Q
+    (2, 8, 2, 64, 16, [5, 37], None, None, torch.float32, False, 3),
+    (3, 8, 1, 64, 16, [100, 6, 2], 20, 2, torch.bfloat16, False, 5),
+    (2, 8, 2, 64, 16, [90, 33], None, 1, torch.bfloat16, True, 2),
+]
+
+
+@pytest.mark.parametrize("case", VERIFY_CASES, ids=lambda c: f"B{c[0]}-Q{c[10]}-W{c[6]}")
+def test_paged_verify_attention_interpret(kernels, case):
+    """Q query tokens per sequence: the kernel and its reference agree, and query i of each sequence
+    equals a plain decode at length L - (Q - 1 - i) (a sequence shorter than Q gives zero rows)."""
+    pa = kernels["paged_attention"]
+    B, Hq, Hkv, D, bs, lens, window, splits, dtype, fp8, Q = case
+    gen = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+    _, k, v, tables, seq_lens, max_len, (ks, vs) = make_paged_case(gen, B, Hq, Hkv, D, bs, lens, dtype, fp8)
+    q = torch.randn(B * Q, Hq, D, generator=gen).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    kw = dict(sliding_window=window, k_scale=ks, v_scale=vs)
+    pa.paged_decode_attention(q, k, v, tables, seq_lens, D**-0.5, max_len, out=out, num_splits=splits, **kw)
+    ref = pa.paged_decode_attention_ref(q, k, v, tables, seq_lens, D**-0.5, max_len, **kw)
+    assert rel_err(out, ref) <= 1e-2
+    for i in range(Q):
+        lens_i = (seq_lens - (Q - 1 - i)).clamp(min=0)
+        one = pa.paged_decode_attention_ref(q.view(B, Q, Hq, D)[:, i].contiguous(), k, v, tables, lens_i,
+                                            D**-0.5, max_len, **kw)
+        assert rel_err(ref.view(B, Q, Hq, D)[:, i], one) <= 1e-6
+
+
 def test_choose_num_splits(kernels):
     pa = kernels["paged_attention"]
     assert pa.choose_num_splits(1, 8, 4096, None, 132) == 16  # long context, one sequence: split

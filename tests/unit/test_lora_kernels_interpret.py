@@ -75,6 +75,35 @@ def test_grouped_shrink_expand_interpret(lora, case, plan_kind):
     assert torch.equal(y[:, c.untouched_cols], y0[:, c.untouched_cols])  # members no adapter targets
 
 
+@pytest.mark.parametrize("plan_kind", ["decode", "prefill"])
+def test_a_poisoned_slot_stays_in_its_own_rows_interpret(lora, plan_kind):
+    """Slots of NaN weights (slot 0 too) reach no other row: tiles read their own slot only, base rows
+    are in no tile, so no other slot's values are ever multiplied by a zero mask (0 * NaN is NaN)."""
+    gen = torch.Generator().manual_seed(7)
+    T, S, R, fan_in, out = 6, 3, 16, 64, 32
+    x = torch.randn(T, fan_in, generator=gen).to(torch.bfloat16)
+    a = torch.randn(S, R, fan_in, generator=gen).to(torch.bfloat16)
+    b = torch.randn(S, out, R, generator=gen).to(torch.bfloat16)
+    a[:2], b[:2] = float("nan"), float("nan")
+    ranks = torch.full((S,), R, dtype=torch.int32)
+    if plan_kind == "prefill":
+        segs = [(1, 3, 2), (3, 5, 1), (5, 6, 0)]  # row 0: base
+        slots = torch.tensor([-1, 2, 2, 1, 1, 0], dtype=torch.int32)
+        plan = lora.plan_from_segments(segs, T, "cpu")
+    else:
+        slots = torch.tensor([-1, 2, 1, 2, -1, 0], dtype=torch.int32)
+        plan = lora.plan_from_slots(slots, S, block_m=16)
+    v = lora.lora_shrink(x, a, ranks, plan, rank=R)
+    y0 = torch.randn(T, out, generator=gen).to(torch.bfloat16)
+    y = y0.clone()
+    lora.lora_expand(y, v, b, ranks, plan, rank=R)
+    clean = slots == 2
+    assert torch.equal(y[slots < 0], y0[slots < 0])
+    assert torch.isfinite(y[clean]).all()
+    want = y0[clean].float() + (x[clean].float() @ a[2].float().T) @ b[2].float().T
+    assert rel_err(y[clean].float() - y0[clean].float(), want - y0[clean].float()) <= 1e-2
+
+
 def test_device_plan_groups_tokens_by_slot_in_static_tiles(lora):
     slots = torch.tensor([3, -1, 0, 3, 3, -1, 0, 3, 3, 3], dtype=torch.int32)
     plan = lora.plan_from_slots(slots, num_slots=5, block_m=2)

@@ -208,7 +208,7 @@ class EngineDouble:
     def health(self):
         self._seen()
 
-    def decode(self, batch_ids):
+    def decode(self, batch_ids, still_wanted=None):
         self._seen()
         time.sleep(self.decode_seconds)
         if self.raise_on_decode is not None:

@@ -1,0 +1,215 @@
+"""Speculative decode steps: draft, verify in one forward, accept, commit.
+
+    compute(batch):   drafts per row (Medusa heads of the row's adapter or of the base model when its
+                      previous step left some, else n-gram lookup), capped by `drafts.draft_budget`
+                      -> tokens [B, Q] = [next input, drafts..., padding], Q = 1 + max drafts
+                      -> executor.verify.verify_forward: logits at all B * Q positions
+                      -> generation.speculative.choose_positions: target token of every position
+                      -> one host sync: accepted drafts per row and the emitted tokens
+    commit(batch):    chooser state, positions and lengths advance by the emitted count of each row;
+                      Medusa rows compute their next drafts from the hidden state of their last kept
+                      position; stopping cuts the emitted tokens where one-token steps would stop.
+
+`compute` returns None when no row has anything to verify (no n-gram match, no Medusa heads): the
+engine then runs its plain decode step (CUDA graphs included). Every rank drafts from the same host
+tokens (or the same replicated Medusa weights on the same all-reduced hidden states) and scores with
+the same logits and seeds, so all ranks accept the same tokens without any exchange.
+
+KV: a row writes its next 1 + drafts positions; rejected positions are not undone, their slots are
+written again by the next step (they lie inside the request's own blocks, see drafts.py). With a
+sliding window ring of ceil(W / bs) + 1 blocks, writes up to bs positions ahead never overwrite a key
+the step's queries still need, hence k <= block size there (checked at start-up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.adapters.medusa import MedusaHeads
+from shard_server.engine.drafts import NgramIndex, draft_budget
+from shard_server.executor.verify import VerifyGraphs, verify_forward
+from shard_server.generation.speculative import (
+    HostTokens,
+    VerifySample,
+    advance_chooser,
+    choose_positions,
+)
+
+BASE_MEDUSA_DIR = "medusa"  # MODEL_DIR/medusa: the base model's heads, in the Medusa/LoRAX format
+
+
+@dataclass
+class RequestDrafts:
+    """Per-request drafting state (RequestState.drafts)."""
+
+    ngram: NgramIndex = field(default_factory=NgramIndex)
+    medusa: torch.Tensor | None = None  # [heads] int64 on the device: Medusa's drafts for the next step
+
+
+@dataclass
+class SpecStep:
+    """A computed verify step, not yet applied to the batch."""
+
+    sample: VerifySample
+    accepted: list[int]  # drafts accepted per row
+    host: HostTokens  # the emitted tokens per row (accepted drafts, then one more)
+    hidden: torch.Tensor  # [B, Q, H]: final hidden states (Medusa heads read the last kept one)
+    medusa_rows: list[int]  # rows whose next drafts come from Medusa heads
+
+
+class Speculator:
+    def __init__(self, k: int, runner, medusa: MedusaStore | None = None):
+        self.k = k
+        self.runner = runner
+        self.medusa = medusa if medusa is not None else MedusaStore(runner.model if runner else None)
+        # CUDA with graphs on: verify steps replay the graphs Warmup captured (executor/verify.py)
+        self.graphs: VerifyGraphs | None = getattr(runner, "verify_graphs", None)
+        self.steps = 0  # verify steps run (tests, metrics)
+        self.drafted = 0  # draft tokens verified
+        self.accepted = 0  # draft tokens accepted (before stopping cut them)
+        self.medusa_drafted = 0  # of `drafted`, those that came from Medusa heads
+
+    def compute(self, batch) -> SpecStep | None:
+        """Draft and verify; reads the batch and writes only uncommitted KV slots (safe to retry)."""
+        dev = batch.input_ids.device
+        bs = self.runner.block_size
+        if any(r.sampling.schema is not None for r in batch.requests):
+            # A grammar's state would have to follow every draft: such steps are plain decode steps,
+            # after which Medusa drafts (made for the skipped position) are stale.
+            for r in batch.requests:
+                if r.drafts is not None:
+                    r.drafts.medusa = None
+            return None
+        drafts: list[list[int]] = []
+        medusa_rows, medusa_next = [], []
+        for b, r in enumerate(batch.requests):
+            if r.drafts is None:
+                r.drafts = RequestDrafts()
+            budget = draft_budget(
+                self.k, r.max_new_tokens, len(r.tracker.generated_ids), r.length, len(r.block_table) * bs
+            )
+            heads = self.medusa.heads_for(r.adapter_index) if self.medusa else None
+            if heads is not None:
+                medusa_rows.append(b)
+                if r.drafts.medusa is not None:
+                    n = min(budget, r.drafts.medusa.shape[0])
+                    medusa_next.append((b, n))
+                    drafts.append([0] * n)  # placeholders: the device tensor fills them in
+                    continue
+            drafts.append(self.ngram_drafts(r, budget) if budget > 0 else [])
+        num = [len(d) for d in drafts]
+        q_len = 1 + max(num, default=0)
+        if q_len == 1 and not medusa_rows:
+            return None
+        padded = torch.tensor([d + [0] * (q_len - 1 - len(d)) for d in drafts], dtype=torch.int64)
+        draft_ids = padded.to(dev, non_blocking=True).view(len(drafts), q_len - 1)  # [B, Q-1]
+        for b, n in medusa_next:
+            if n:
+                draft_ids[b, :n] = batch.requests[b].drafts.medusa[:n]
+                self.medusa_drafted += n
+        tokens = torch.cat([batch.input_ids[:, None], draft_ids], dim=1)  # [B, Q]
+        n_valid = torch.tensor([1 + n for n in num], dtype=torch.int64).to(dev, non_blocking=True)
+        logits, hidden = verify_forward(self.runner, batch, tokens, n_valid, self.graphs)
+        sample = choose_positions(batch.chooser, logits, draft_ids)
+        accepted, host = sample.to_host(num)  # the step's one device -> host sync
+        self.steps += 1
+        self.drafted += sum(num)
+        self.accepted += sum(accepted)
+        return SpecStep(sample, accepted, host, hidden, medusa_rows)
+
+    def ngram_drafts(self, r, budget: int) -> list[int]:
+        """Up to `budget` drafts for request `r` from its own prompt and output (prompt lookup)."""
+        r.drafts.ngram.sync(r.prompt_ids, r.tracker.generated_ids)
+        return r.drafts.ngram.propose(budget)
+
+    def commit(self, batch, step: SpecStep) -> None:
+        """Apply a computed step to the batch's device state and per-request draft state (the engine
+        then emits the tokens; stopping may keep fewer than were accepted, which is harmless: those
+        requests finish)."""
+        dev = batch.input_ids.device
+        emitted = [a + 1 for a in step.accepted]
+        emitted_dev = torch.tensor(emitted, dtype=torch.int64).to(dev, non_blocking=True)
+        advance_chooser(batch.chooser, step.sample.targets, emitted_dev)
+        last = step.sample.targets.gather(1, (emitted_dev - 1)[:, None])[:, 0]
+        batch.advance_many(last, emitted_dev, emitted)
+        if step.medusa_rows:
+            rows = torch.tensor(step.medusa_rows, dtype=torch.int64, device=dev)
+            kept = step.hidden[rows, emitted_dev[rows] - 1]  # [M, H]: hidden of each row's last kept token
+            nxt = self.medusa.propose([batch.requests[b].adapter_index for b in step.medusa_rows], kept)
+            for j, b in enumerate(step.medusa_rows):
+                batch.requests[b].drafts.medusa = nxt[j]
+
+    def stats(self) -> dict[str, float]:
+        rate = self.accepted / self.drafted if self.drafted else 0.0
+        return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted, "acceptance": rate,
+                "medusa_drafted": self.medusa_drafted}  # fmt: skip
+
+
+class MedusaStore:
+    """Medusa heads by adapter index: an adapter's own heads, else the base model's, else None (n-gram).
+    Heads are replicated on every tensor-parallel rank (their inputs, the final hidden states, are)."""
+
+    def __init__(self, model, base: MedusaHeads | None = None):
+        self.model = model
+        self.base = base
+        self.by_adapter: dict[int, MedusaHeads] = {}
+
+    def __bool__(self) -> bool:
+        return self.base is not None or bool(self.by_adapter)
+
+    def heads_for(self, adapter_index: int) -> MedusaHeads | None:
+        return self.by_adapter.get(adapter_index, self.base)
+
+    def read(self, directory: Path) -> MedusaHeads | None:
+        cfg = self.model.config
+        return MedusaHeads.load(directory, cfg.hidden_size, cfg.vocab_size, dtype=self.model.dtype,
+                                device=self.model.device)  # fmt: skip
+
+    def propose(self, adapter_indices: list[int], hidden: torch.Tensor) -> list[torch.Tensor]:
+        """hidden [M, H] of M rows -> each row's drafts [heads of its adapter] (device)."""
+        groups: dict[int, tuple[MedusaHeads, list[int]]] = {}
+        for j, a in enumerate(adapter_indices):
+            heads = self.heads_for(a)
+            groups.setdefault(id(heads), (heads, []))[1].append(j)
+        out: list[torch.Tensor] = [None] * len(adapter_indices)  # type: ignore[list-item]
+        for heads, rows in groups.values():
+            idx = torch.tensor(rows, dtype=torch.int64, device=hidden.device)
+            drafts = heads.draft(hidden.index_select(0, idx), self.model.lm_head)  # [m, heads]
+            for i, j in enumerate(rows):
+                out[j] = drafts[i]
+        return out
+
+
+def build(engine) -> Speculator:
+    """The engine's speculator for `config.speculative_tokens` drafts per step (> 0), with the base
+    model's Medusa heads when MODEL_DIR/medusa holds some."""
+    k = engine.config.speculative_tokens
+    window, bs = engine.model_config.sliding_window, engine.model.block_size
+    if window is not None and k > bs:
+        raise ValueError(
+            f"speculative_tokens {k} exceeds the KV block size {bs}: with a sliding window a sequence "
+            "keeps a ring of ceil(W / block_size) + 1 blocks, and writing drafts further ahead would "
+            "overwrite keys the step still reads"
+        )
+    medusa = MedusaStore(engine.model)
+    base_dir = Path(engine.config.model_dir) / BASE_MEDUSA_DIR
+    if base_dir.is_dir():
+        medusa.base = medusa.read(base_dir)
+    speculator = Speculator(k, engine.runner, medusa)
+    for index, spec in engine.adapters.preloaded_adapters():
+        heads = adapter_heads(speculator, engine.adapters, spec)
+        if heads is not None:
+            medusa.by_adapter[index] = heads
+    return speculator
+
+
+def adapter_heads(speculator: Speculator | None, adapters, spec) -> MedusaHeads | None:
+    """Medusa heads that a LOCAL single adapter's directory carries (read before the adapter loads, so
+    bad files refuse the LoadAdapter); None without speculation, for other sources, merged adapters."""
+    if speculator is None or spec.source != "local" or len(spec.adapter_ids) != 1:
+        return None
+    directory = adapters.sources.resolve(spec.adapter_ids[0], spec.source, spec.api_token)
+    return speculator.medusa.read(directory)
