@@ -11,10 +11,10 @@ as in bench/gpu.py's adapter_load), three ways:
              adapter_load section reports (median over the loads); nothing instrumented.
   stages     the same loads with each stage timed exclusively (CUDA synchronized around each, so their
              sum is a little above e2e): read (header + file mapping), validate (names, shapes, ranks,
-             scales), host_pack (TP slice + dtype cast + scale fold into one host buffer, one pass),
-             upload (one host->device copy of that buffer), scatter (into the slots of the stacks), relayout
-             (new stacks on growth + device-to-device carry-over of the resident slots).
-  reference  a naive load path, stage by stage with the same growth policy: safetensors
+             scales), stage (the file's bytes into the pinned staging buffer: parallel preadv),
+             transfer (per layer: host->device copy on the side stream, TP slice + B * scale + copy into
+             the slot), relayout (new stacks on growth + device-to-device carry-over of the residents).
+  reference  a naive load path, re-enacted stage by stage with the same growth policy: safetensors
              load_file, validate, float32 + scale fold, slice + cast + contiguous per tensor, pin_memory per
              tensor (CUDA), per-tensor zero + copy into the slot, and on growth new stacks with every
              resident re-uploaded from its pinned host copy.
@@ -39,7 +39,8 @@ import torch
 from bench import common
 
 REF_STAGES = ("read", "validate", "scale_fold", "host_layout", "pin", "device_copy", "relayout")
-NEW_STAGES = ("read", "validate", "host_pack", "upload", "scatter", "relayout")
+NEW_STAGES = ("read", "validate", "stage", "transfer", "relayout")
+MIN_SLOTS = 8
 
 
 def model_config(shape: common.ModelShape) -> SimpleNamespace:
@@ -87,7 +88,8 @@ class StageTimer:
 def new_store(config, device: torch.device, dtype: torch.dtype):
     from cache.adapter_store import AdapterStore
 
-    return AdapterStore(config, device, dtype, budget_bytes=None, max_slots=64)
+    # min_slots as the engine sets it (shard_server/engine/bootstrap.py): the first load lays out 8 slots
+    return AdapterStore(config, device, dtype, budget_bytes=None, max_slots=64, min_slots=MIN_SLOTS)
 
 
 def spec_of(path: Path):
@@ -113,14 +115,9 @@ def run_stages(dirs: list[Path], config, device, dtype) -> list[dict[str, float]
 
     timer = StageTimer(device)
     store = new_store(config, device, dtype)
-    stages = (
-        (store, "host_pack", "_to_host_layout"),
-        (store.layout, "upload", "_upload"),
-        (store.layout, "scatter", "_scatter"),
-        (store.layout, "relayout", "_rebuild"),
-    )
-    for obj, name, attr in stages:
-        setattr(obj, attr, timer.wrap(name, getattr(obj, attr)))
+    for name, attr in (("transfer", "_transfer"), ("relayout", "_rebuild")):
+        setattr(store.layout, attr, timer.wrap(name, getattr(store.layout, attr)))
+    store.layout._uploader.read = timer.wrap("stage", store.layout._uploader.read)
     saved = {attr: getattr(loader, attr) for attr in ("_read_tensors", "validate_lora_tensors")}
     loader._read_tensors = timer.wrap("read", saved["_read_tensors"])
     loader.validate_lora_tensors = timer.wrap("validate", saved["validate_lora_tensors"])

@@ -12,7 +12,11 @@ Sections (--only picks some; each is fail-soft: an error becomes a row with "err
                 --max-decode-seconds of steps per row); per-step host clock after the step's own sync,
                 median over steps; roofline = bytes the step must read / bandwidth / step time
   adapter_load  ShardEngine.load_adapter of distinct rank-16 adapters, until resident and synchronized
-  adapters      decode at batch 32/64/128 with 1/8/32 distinct adapters spread round-robin
+  adapters      decode at batch 32/64/128 with 1/8/32 distinct adapters spread round-robin (roofline
+                with each adapter's bytes read once per step)
+  rotation      1,000 rank-16 adapters through <= 64 device slots, Zipf-drawn, 64 running (throughput vs
+                32 all-resident, TTFT of requests whose adapter was not resident): bench/gpu_rotation.py
+  mixed_ranks   decode with adapters of ranks 8, 16 and 64 in one batch
   dora          decode at batch 1/64 with 8 DoRA adapters vs the same with LoRA adapters of the same rank
                 and A, B (rows with variant lora/dora, and a dora_overhead row: extra step ms and ratio)
   transformers  MistralForCausalLM (sdpa) generate at batch 1/32/64, 64 new tokens (--hf-new-tokens)
@@ -48,11 +52,13 @@ import torch
 from bench import common
 from bench.gpu_baselines import e2e_grpc, sec_hf
 from bench.gpu_plan import REPO, RUN_START, Plan, Report, fail_soft, log, shorten, smoke_plan
+from bench.gpu_rotation import sec_mixed_ranks, sec_rotation, summarize_ttft
 from bench.gpu_sections import Bench
 
-SECTIONS = ("ceilings", "prefill", "decode", "adapter_load", "adapters", "dora", "transformers", "peft",
-            "e2e")
-ENGINE_SECTIONS = {"prefill", "decode", "adapter_load", "adapters", "dora", "e2e"}  # e2e: its direct half
+SECTIONS = ("ceilings", "prefill", "decode", "adapter_load", "adapters", "rotation", "mixed_ranks", "dora",
+            "transformers", "peft", "e2e")
+ENGINE_SECTIONS = {"prefill", "decode", "adapter_load", "adapters", "rotation", "mixed_ranks", "dora",
+                   "e2e"}  # e2e: its direct half
 
 
 # ---------------------------------------------------------------- summary
@@ -127,6 +133,14 @@ def print_targets(report: Report) -> None:
         ("prefill / matmul peak >= 0.50", val("roofline_fraction", kind="prefill", system="shard"), 0.50),
         ("LoadAdapter ms <= 100 (lower is better)", val("ms", kind="adapter_load"), 100),
     ]  # fmt: skip
+    for b in (32, 64, 128):
+        one, none = val("tok_s", **shard, batch=b, adapters=1), val("tok_s", **shard, batch=b, adapters=0)
+        checks.append((f"b{b} 1 adapter / no adapter >= 0.95", ratio(one, none), 0.95))
+    checks += [(f"b{b} 32 adapters: roofline of own step >= 0.80", val("roofline_fraction", **shard, batch=b,
+                adapters=32), 0.80) for b in (64, 128)]
+    rotation = next((r for r in rows if r.get("kind") == "rotation" and r.get("ratio_vs_resident")), {})
+    checks += [("rotation / all-resident 32 adapters >= 0.80", rotation.get("ratio_vs_resident"), 0.80),
+               ("LoadAdapter ms <= 25 (lower is better)", val("ms", kind="adapter_load"), 25)]
     print("\ntargets:")
     for name, v, target in checks:
         if v is None:
@@ -134,6 +148,7 @@ def print_targets(report: Report) -> None:
             continue
         ok = v <= target if "lower is better" in name else v >= target
         print(f"  [{'pass' if ok else 'MISS'}] {name}: {v:.3f}")
+    print(f"  {summarize_ttft(rows)}")
 
 
 # ---------------------------------------------------------------- main
@@ -162,7 +177,10 @@ def parse_args(argv):
                        ("hf-new-tokens", int), ("peft-new-tokens", int), ("peft-adapters", int),
                        ("prefill-prompts", int), ("prefill-len", int), ("prefill-reps", int),
                        ("load-reps", int), ("e2e-batches", _ints), ("max-decode-seconds", float),
-                       ("prefill-chunk-tokens", int), ("attention-backend", str)]:  # fmt: skip
+                       ("prefill-chunk-tokens", int), ("attention-backend", str), ("rotation-adapters", int),
+                       ("rotation-running", int), ("rotation-slots", int), ("rotation-zipf", float),
+                       ("rotation-seconds", float), ("rotation-prompt", int),
+                       ("rotation-unique-files", int)]:  # fmt: skip
         f = Plan.__dataclass_fields__[name.replace("-", "_")]
         default = f.default_factory() if callable(f.default_factory) else f.default
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
@@ -237,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                                           ("decode", bench.sec_decode, "decode"),
                                           ("adapter_load", bench.sec_adapter_load, "adapter_load"),
                                           ("adapters", bench.sec_adapters, "decode"),
+                                          ("rotation", lambda: sec_rotation(bench), "rotation"),
+                                          ("mixed_ranks", lambda: sec_mixed_ranks(bench), "decode"),
                                           ("dora", bench.sec_dora, "decode"),
                                           ("e2e", bench.e2e_direct, "e2e")]:  # fmt: skip
                     if section in only:

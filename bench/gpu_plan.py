@@ -54,6 +54,13 @@ class Plan:
     copy_bytes: int = 1 << 30
     matmul_n: int = 8192
     cuda_graphs: bool | None = None  # None: the engine's default (ShardConfig.cuda_graphs)
+    rotation_adapters: int = 1000  # registered adapters in the rotation (bench/gpu_rotation.py)
+    rotation_running: int = 64  # requests running at a time
+    rotation_slots: int = 64  # device slots at most (smaller than the working set)
+    rotation_zipf: float = 1.1
+    rotation_seconds: float = 20.0  # per driver run (baseline, rotation), after the first fill
+    rotation_prompt: int = 128
+    rotation_unique_files: int = 16
     attention_backend: str = "auto"  # ShardConfig.attention_backend; every shard row records the one used
 
     @property
@@ -68,7 +75,8 @@ def smoke_plan() -> Plan:
         dora_batches=[4], dora_counts=[2],
         prefill_prompts=2, prefill_len=48, prefill_reps=2, load_reps=3, hf_batches=[1, 2], hf_new_tokens=4,
         peft_batches=[2], peft_adapters=2, peft_new_tokens=3, e2e_batches=[1, 4], max_decode_seconds=10.0,
-        prefill_chunk_tokens=64, copy_bytes=1 << 24, matmul_n=256,
+        prefill_chunk_tokens=64, copy_bytes=1 << 24, matmul_n=256, rotation_adapters=24, rotation_running=6,
+        rotation_slots=8, rotation_seconds=3.0, rotation_prompt=16, rotation_unique_files=4,
     )  # fmt: skip
 
 

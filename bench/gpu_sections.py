@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bench import common
-from bench.common import decode_step_bytes, median, roofline_fraction, sync
+from bench.common import StepBytes, decode_step_bytes, median, roofline_fraction, sync
 from bench.gpu_plan import Plan, Report, fail_soft, free_device, log
 
 WARM_STEPS = 2  # first decode steps of a batch (allocator growth, first kernels) are left out
@@ -215,7 +215,10 @@ class Bench:
             "+ causal attention; fraction of measured matmul peak",
         )  # fmt: skip
 
-    def decode_row(self, batch: int, n_adapters: int, first_index: int = 1, **extra) -> dict:
+    def decode_row(self, batch: int, n_adapters: int, first_index: int = 1, adapter_bytes: int | None = None,
+                   **extra) -> dict:  # fmt: skip
+        """Decode steps of `batch` requests over adapters first_index.. (round-robin); adapter_bytes: the
+        adapters' own bytes for the roofline when they are not all rank `plan.rank`; `extra`: row fields."""
         p = self.plan
         specs = self.prompts.specs(batch, p.prompt, p.new_tokens, round_robin(n_adapters, first_index))
         steps: list[tuple[int, float]] = []
@@ -240,7 +243,7 @@ class Bench:
         step_s = median([dt for _, dt in timed])
         # After decode step k the KV length is prompt + k.
         mean_ctx = p.prompt + statistics.fmean(k for k, _ in timed)
-        values = self.decode_values(batch, n_adapters, step_s, mean_ctx)
+        values = self.decode_values(batch, n_adapters, step_s, mean_ctx, adapter_bytes)
         if n_adapters:  # the roofline counts the adapters used; the store may hold (and read) more
             values["resident_adapters"] = len(self.engine.adapters.resident_indices())
         ms = sorted(dt * 1e3 for _, dt in timed)
@@ -250,14 +253,18 @@ class Bench:
                                cuda_graphs=self.engine.runner.graphs is not None, overlap=self.engine.overlap,
                                backend=self.engine.model.attention.name, **extra)  # fmt: skip
 
-    def decode_values(self, batch: int, n_adapters: int, step_s: float, mean_ctx: float) -> dict:
+    def decode_values(self, batch: int, n_adapters: int, step_s: float, mean_ctx: float,
+                      adapter_bytes: int | None = None) -> dict:  # fmt: skip
         p = self.plan
         need = decode_step_bytes(p.shape, batch, mean_ctx, n_adapters, p.rank, p.elem, p.elem)
+        if adapter_bytes is not None:
+            need = StepBytes(need.weights, need.kv, adapter_bytes)
         bw = self.bandwidth
         return dict(
             batch=batch, adapters=n_adapters, tok_s=batch / step_s, step_ms=step_s * 1e3,
             roofline_fraction=roofline_fraction(need.total, step_s, bw) if bw else None,
-            mean_context=mean_ctx, bytes_GB=need.total / 1e9, floor_ms=need.total / bw * 1e3 if bw else None,
+            mean_context=mean_ctx, bytes_GB=need.total / 1e9, adapter_bytes_GB=need.adapters / 1e9,
+            floor_ms=need.total / bw * 1e3 if bw else None,
         )  # fmt: skip
 
     def sec_decode(self) -> None:

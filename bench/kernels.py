@@ -78,58 +78,58 @@ def paged_cases(dev, smoke):
 
 
 def lora_cases(dev, smoke):
-    S, dt = 32, torch.bfloat16
-    targets = {"qkv": (HIDDEN, (4096, 1024, 1024)), "gate_up": (HIDDEN, (INTER, INTER)),
-               "down": (INTER, (4096,))}
-    decode = [(1, 1, 16), (64, 1, 16), (64, 32, 16), (256, 32, 16), (64, 32, 64)]
+    """Grouped shrink/expand (model/kernels/lora.py) per projection group; decode plans from device slots
+    (tokens round-robin over the adapters), prefill plans from contiguous segments. Bytes: each adapter's
+    A (shrink) or B (expand) once, x once, y read + written, the split-K partials written and read."""
+    S, dt, el = 32, torch.bfloat16, 2
+    groups = {"qkv": (HIDDEN, (4096, 1024, 1024)), "o": (HIDDEN, (4096,)),
+              "gate_up": (HIDDEN, (INTER, INTER)),
+              "down": (INTER, (4096,))}
+    decode = [(1, 1, 16), (32, 1, 16), (64, 1, 16), (128, 1, 16), (64, 8, 16), (64, 32, 16), (128, 32, 16),
+              (256, 32, 16), (64, 32, 64)]
     prefill = [(16384, 8, 16), (1024, 1, 16)]
     if smoke:
-        targets = {"qkv": (64, (64, 32, 32))}
+        groups = {"qkv": (64, (64, 32, 32))}
         decode, prefill = [(3, 2, 8)], [(40, 2, 8)]
-    for name, (fan_in, outs) in targets.items():
+    for name, (fan_in, outs) in groups.items():
         n_out, nt = sum(outs), len(outs)
-        offsets = tuple([0] + [sum(outs[: i + 1]) for i in range(nt)])
+        slices = [(sum(outs[:i]), sum(outs[: i + 1]), sum(outs[:i])) for i in range(nt)]
         for T, n_adapters, R in decode + prefill:
             g = torch.Generator(device=dev).manual_seed(T * 7 + n_adapters + R)
             x = torch.randn(T, fan_in, generator=g, device=dev).to(dt)
             a = (torch.randn(S, nt * R, fan_in, generator=g, device=dev) / fan_in**0.5).to(dt)
             b = (torch.randn(S, n_out, R, generator=g, device=dev) / R**0.5).to(dt)
+            ranks = torch.full((S,), R, dtype=torch.int32, device=dev)
             y = torch.randn(T, n_out, generator=g, device=dev).to(dt)
-            el = 2
-            w_bytes_a = n_adapters * nt * R * fan_in * el
-            w_bytes_b = n_adapters * n_out * R * el
-            shrink_bytes = w_bytes_a + T * fan_in * el + T * nt * R * el
-            expand_bytes = w_bytes_b + T * nt * R * el + 2 * T * n_out * el
-            tag = f"{name} T={T} adapters={n_adapters} R={R}"
             if (T, n_adapters, R) in decode:
-                idx = (torch.arange(T, device=dev) % n_adapters).int()  # interleaved: no two neighbours share
-                v = torch.empty(T, nt * R, device=dev, dtype=dt)
-                yield dict(kernel="bgmv_shrink", case=tag, bytes=shrink_bytes, flops=2 * T * nt * R * fan_in,
-                           fn=lambda x=x, a=a, i=idx, v=v: lora.bgmv_shrink(x, a, i, out=v),
-                           ref=lambda x=x, a=a, i=idx: lora.bgmv_shrink_ref(x, a, i))
-                vr = lora.bgmv_shrink_ref(x, a, idx)
-                yield dict(kernel="bgmv_expand", case=tag, bytes=expand_bytes, flops=2 * T * R * n_out,
-                           fn=lambda y=y, v=vr, b=b, i=idx, o=offsets: lora.bgmv_expand(
-                               y, v, b, i, slice_offsets=o),
-                           ref=lambda y=y, v=vr, b=b, i=idx, o=offsets: lora.bgmv_expand_ref(
-                               y, v, b, i, slice_offsets=o),
-                           check=False)  # in place on y: compared in tests, timed here
+                slots = (torch.arange(T, device=dev) % n_adapters).int()  # interleaved: neighbours differ
+                plan = lora.plan_from_slots(slots, S)
+                kind = "decode"
             else:
-                bounds = torch.linspace(0, T, n_adapters + 1, device=dev).round().int()
-                starts, ends = bounds[:-1].contiguous(), bounds[1:].contiguous()
-                slots = torch.arange(n_adapters, device=dev, dtype=torch.int32)
-                seg = (starts, ends, slots)
-                m = triton.cdiv(T, n_adapters) + 1
-                yield dict(kernel="sgmv_shrink", case=tag, bytes=shrink_bytes, flops=2 * T * nt * R * fan_in,
-                           fn=lambda x=x, a=a, s=seg, m=m: lora.sgmv_shrink(x, a, *s, max_seg_len=m),
-                           ref=lambda x=x, a=a, s=seg: lora.sgmv_shrink_ref(x, a, *s))
-                vr = lora.sgmv_shrink_ref(x, a, *seg)
-                yield dict(kernel="sgmv_expand", case=tag, bytes=expand_bytes, flops=2 * T * R * n_out,
-                           fn=lambda y=y, v=vr, b=b, s=seg, m=m, o=offsets: lora.sgmv_expand(
-                               y, v, b, *s, max_seg_len=m, slice_offsets=o),
-                           ref=lambda y=y, v=vr, b=b, s=seg, o=offsets: lora.sgmv_expand_ref(
-                               y, v, b, *s, slice_offsets=o),
-                           check=False)
+                bounds = torch.linspace(0, T, n_adapters + 1).round().int().tolist()
+                segs = [(bounds[i], bounds[i + 1], i) for i in range(n_adapters)]
+                plan = lora.plan_from_segments(segs, T, dev)
+                kind = "prefill"
+            v = lora.lora_shrink(x, a, ranks, plan, rank=R)
+            splits = v.shape[0]
+            partials = splits * T * nt * R * 4
+            tag = f"{name} {kind} T={T} adapters={n_adapters} R={R} splits={splits}"
+            yield dict(kernel="lora_shrink", case=tag, flops=2 * T * nt * R * fan_in,
+                       bytes=n_adapters * nt * R * fan_in * el + T * fan_in * el + partials,
+                       fn=lambda x=x, a=a, r=ranks, p=plan, R=R: lora.lora_shrink(x, a, r, p, rank=R),
+                       ref=lambda x=x, a=a, r=ranks, p=plan, R=R: lora.lora_shrink_ref(x, a, r, p, rank=R),
+                       check=False)  # partial sums vs the full sum: compared in tests
+            yield dict(kernel="lora_expand", case=tag, flops=2 * T * R * n_out,
+                       bytes=n_adapters * n_out * R * el + 2 * T * n_out * el + partials,
+                       fn=lambda y=y, v=v, b=b, r=ranks, p=plan, R=R, s=slices: lora.lora_expand(
+                           y, v, b, r, p, rank=R, slices=s),
+                       ref=lambda y=y, v=v, b=b, r=ranks, p=plan, R=R, s=slices: lora.lora_expand_ref(
+                           y, v, b, r, p, rank=R, slices=s),
+                       check=False)  # in place on y: compared in tests, timed here
+            if name == "qkv" and kind == "decode":
+                yield dict(kernel="lora_plan", case=f"decode T={T} adapters={n_adapters} S={S}", flops=0,
+                           bytes=T * 4 * 2, fn=lambda s=slots: lora.plan_from_slots(s, S),
+                           ref=lambda s=slots: lora.plan_from_slots(s, S), check=False)
 
 
 def norm_rope_cases(dev, smoke):

@@ -4,78 +4,65 @@
 and the host copies, the layout keeps which adapters are device-resident and where. It reads host copies
 through the `host_of(index) -> HostAdapter` callable the store gives it, for every registered index.
 
-Device layout (CUDA-graph friendly): per (layer_idx, target) one stack A [cap, R, in_local],
-B [cap, out_local, R] (B scaled, TP-sliced), R = the bucket (power of two >= 8) of the largest resident
-rank for that module, zero padding elsewhere; an adapter not targeting a module leaves its slot zero.
-All stacks of one layout are contiguous views of one device buffer (one allocation, one memset).
-DoRA adapters add, per module they target, a float32 scale stack [cap, out_local] (ones in the slots of
-other adapters), present only while some DoRA adapter that targets the module is resident.
+Device layout (CUDA-graph friendly): per (layer_idx, group) one `LoraGroupStack` (model/adapters/
+stacks.py): the group's members that some resident adapter targets (q/k/v in one stack, gate/up in one,
+o, down, lm_head alone), A [cap, NT*R, in_local], B [cap, sum(out_local), R] (B scaled, TP-sliced), R =
+the bucket (power of two >= 8) of the largest resident rank in the group, zero padding elsewhere, and
+per slot the adapter's largest rank in the group (0: it targets none of them), so one shrink and one
+expand serve the whole group and a rank-8 adapter reads 8 rows whatever R is. All A/B stacks of one
+layout are contiguous views of one device buffer (one allocation, one memset); the per-slot ranks are
+one small int32 tensor [groups, cap].
+DoRA adapters add, per module (layer, target) they target, a float32 scale stack [cap, out_local] (ones
+in the slots of other adapters), present only while some resident DoRA adapter targets the module; for
+a fused group each member (q, k, v / gate, up) has its own scale stack or none, applied to its columns.
 A batch only changes the per-token slot index. `device_bytes()` is what these stacks allocate and never
-exceeds the budget: when new adapters do not fit, least recently used residents move out (their host
-copy stays), and the stacks are re-laid out only when capacity or a rank bucket must change
-(`layout_version` then increments: recapture CUDA graphs, rebuild AdapterBatchData).
+exceeds the budget: when new adapters do not fit, least recently used residents move out (they stay
+registered; their bytes come back from the host side on next use), and the stacks are re-laid out only
+when capacity, a rank bucket or the set of DoRA scale stacks must change (`layout_version` then
+increments: recapture CUDA graphs, rebuild AdapterBatchData).
 
-Placing an adapter uploads its one host buffer with one H2D copy and scatters it into the slots with a
-few multi-tensor launches; growing the capacity copies the resident slots device-to-device instead of
-re-uploading every resident adapter from the host.
+Placing an adapter (cache/adapter_host.Uploader) reads its bytes into a pinned staging buffer, then per
+layer copies them to the device on a side stream and unpacks them into the slot (TP slice, B * scale,
+copy, zero padding) with a few multi-tensor launches, recording an event per layer: a prefill forward
+waits per layer (`ready_events`, so the copy overlaps the layers before), a decode step or a re-layout
+for all of them (`wait_uploads`). Growing the capacity copies the resident slots device-to-device
+instead of re-uploading every resident adapter from the host; the first layout already has `min_slots`
+slots (when the budget allows) so the first adapters loaded do not each re-lay out the stacks.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
 
+from cache.adapter_host import HostAdapter, Uploader, prepared
+from cache.adapter_shapes import GroupKey, GroupShape, group_shapes, ones_scales, zeroed_stacks
+from model.adapters.stacks import GROUP_OF, LoraGroupStack
 from model.errors import ResourceExhausted
 
-MIN_RANK_BUCKET = 8
 Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
-HostWeights = dict[Key, tuple[torch.Tensor, torch.Tensor]]  # A [r, in_local], B [out_local, r], store dtype
-
-
-def rank_bucket(r: int) -> int:
-    """Padded rank of a stack: powers of two from 8, so few distinct shapes (and CUDA graphs) exist."""
-    return max(MIN_RANK_BUCKET, 1 << (r - 1).bit_length())
-
-
-@dataclasses.dataclass
-class HostAdapter:
-    """One adapter's host copy: every A, then every B (TP-local, store dtype, B scaled) in one buffer."""
-
-    flat: torch.Tensor  # [numel]; the views below share its storage
-    weights: HostWeights  # per module (A, B), views of `flat`
-    offsets: dict[Key, tuple[int, int]]  # element offsets of A and B in `flat`
-    # DoRA: per module the magnitude m [out_local] (float32) from the file, and the output scales
-    # m / ||W + s B A|| [out_local] (float32) that need the base model, computed when it is loaded.
-    magnitudes: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
-    scales: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
-
-    def views_of(self, flat: torch.Tensor) -> list[tuple[Key, torch.Tensor, torch.Tensor]]:
-        """(key, A, B) as views of `flat`, a copy of `self.flat` (e.g. on the device), in key order."""
-        out = []
-        for key, (a, b) in self.weights.items():
-            oa, ob = self.offsets[key]
-            out.append(
-                (key, flat[oa : oa + a.numel()].view(a.shape), flat[ob : ob + b.numel()].view(b.shape))
-            )
-        return out
 
 
 class AdapterLayout:
     """Which registered adapters are device-resident, in which slot of which stacks (module docstring)."""
 
     def __init__(self, host_of: Callable[[int], HostAdapter], device: torch.device | str, dtype: torch.dtype,
-                 budget_bytes: int | None, max_slots: int):  # fmt: skip
+                 budget_bytes: int | None, max_slots: int, min_slots: int = 1):  # fmt: skip
         self._host_of = host_of  # the store's registry: registered index -> its host copy
         self.device = torch.device(device)
         self.dtype = dtype
         self.budget_bytes = budget_bytes
         self.max_slots = max_slots
+        self.min_slots = max(1, min(min_slots, max_slots))
+        self._uploader = Uploader(self.device)
+        self._ready: dict[int, torch.cuda.Event] = {}  # layer -> last upload event touching it (CUDA)
+        self._ready_all: torch.cuda.Event | None = None  # the last upload event of all
         self.layout_version = 0
         self._cap = 0  # slots allocated in every stack
-        self._stacks: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[GroupKey, LoraGroupStack] = {}
+        self._ranks = torch.zeros(0, 0, dtype=torch.int32, device=self.device)  # [groups, cap], stack order
         self._scales: dict[Key, torch.Tensor] = {}  # DoRA output scales [cap, out_local] float32
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident index -> slot, LRU first
 
@@ -83,7 +70,7 @@ class AdapterLayout:
         return list(self._slot_of)
 
     @property
-    def stacks(self) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+    def stacks(self) -> dict[GroupKey, LoraGroupStack]:
         """The current stacks; a re-layout replaces the dict, so a holder keeps a consistent view."""
         return self._stacks
 
@@ -107,35 +94,32 @@ class AdapterLayout:
         """No adapter stays resident; the stacks' memory is given back."""
         self._rebuild([], 0)
 
+    def synchronize(self) -> None:
+        """Wait on the host until every upload queued so far has landed."""
+        self._uploader.synchronize()
+
     def device_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self._stacks.values()) + sum(
+        """Bytes of the A/B and DoRA scale stacks (the rank vectors add 4 bytes per slot and group)."""
+        return sum(s.a.nbytes + s.b.nbytes for s in self._stacks.values()) + sum(
             s.nbytes for s in self._scales.values()
         )
 
+    def _elem(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
     def adapter_device_bytes(self, host: HostAdapter) -> int:
         """Stack bytes of one slot for `host` alone, at its rank buckets (download()'s budget share)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(
-            rank_bucket(a.shape[0]) * (a.shape[1] + b.shape[0]) * elem for a, b in host.weights.values()
-        ) + sum(4 * m.numel() for m in host.magnitudes.values())
+        shapes = group_shapes(host.shapes(), host.magnitudes)
+        return sum(g.slot_bytes(self._elem()) for g in shapes.values())
 
-    def _need(self, indices: Sequence[int]) -> dict[Key, tuple[int, int, int, bool]]:
-        """(R, in_local, out_local, any DoRA) per module for holding `indices` together."""
-        need: dict[Key, tuple[int, int, int, bool]] = {}
-        for index in indices:
-            host = self._host_of(index)
-            for key, (a, b) in host.weights.items():
-                r0, dora0 = need.get(key, (0, 0, 0, False))[::3]
-                dora = dora0 or key in host.scales
-                need[key] = (max(rank_bucket(a.shape[0]), r0), a.shape[1], b.shape[0], dora)
-        return need
+    def _need(self, indices: Sequence[int]) -> dict[GroupKey, GroupShape]:
+        """The group stacks holding `indices` together."""
+        hosts = [self._host_of(index) for index in indices]
+        return group_shapes((m for host in hosts for m in host.shapes()),
+                            (k for host in hosts for k in host.magnitudes))  # fmt: skip
 
-    def _layout_bytes(self, cap: int, need: dict[Key, tuple[int, int, int, bool]]) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(
-            cap * r * (fan_in + fan_out) * elem + (cap * fan_out * 4 if dora else 0)
-            for r, fan_in, fan_out, dora in need.values()
-        )
+    def _layout_bytes(self, cap: int, need: dict[GroupKey, GroupShape]) -> int:
+        return cap * sum(g.slot_bytes(self._elem()) for g in need.values())
 
     def _fits(self, cap: int, need) -> bool:
         if cap > self.max_slots:
@@ -144,10 +128,11 @@ class AdapterLayout:
 
     def _fits_current_shapes(self, index: int) -> bool:
         host = self._host_of(index)
-        return all(
-            key in self._stacks and self._stacks[key][0].shape[1] >= a.shape[0]
-            for key, (a, _) in host.weights.items()
-        ) and all(key in self._scales for key in host.scales)
+        for (layer, target), r, _, _ in host.shapes():
+            stack = self._stacks.get((layer, GROUP_OF[target]))
+            if stack is None or target not in stack.targets or stack.rank < r:
+                return False
+        return all(key in self._scales for key in host.magnitudes)
 
     def ensure_resident(self, required: list[int]) -> None:
         """Make every index of `required` resident (evicting others, LRU first, if the budget needs it)."""
@@ -167,7 +152,8 @@ class AdapterLayout:
         # Grow (capacity or rank buckets) while keeping every resident adapter, if the budget allows.
         members = list(self._slot_of) + missing
         need = self._need(members)
-        for cap in (min(self.max_slots, 1 << (len(members) - 1).bit_length()), len(members)):
+        grown = min(self.max_slots, 1 << (len(members) - 1).bit_length())
+        for cap in (max(self.min_slots, grown), grown, len(members)):
             if cap >= len(members) and self._fits(cap, need):
                 return self._rebuild(members, cap)
         # Evict least recently used residents into the slots the current layout already has.
@@ -191,39 +177,72 @@ class AdapterLayout:
 
     def _place(self, indices: list[int], free_slots: list[int]) -> None:
         for index, slot in zip(indices, free_slots, strict=False):
-            host = self._host_of(index)
-            self._scatter(host, self._upload(host), slot)
+            self._transfer(self._host_of(index), slot)
             self._slot_of[index] = slot
 
-    def _upload(self, host: HostAdapter) -> torch.Tensor:
-        """The adapter's buffer on the device: one host->device copy (the buffer itself on CPU).
+    def _transfer(self, host: HostAdapter, slot: int) -> None:
+        """Bring `host` into `slot` of every stack, layer by layer (asynchronous on CUDA, see module doc)."""
+        by_layer: dict[int, list[LoraGroupStack]] = defaultdict(list)
+        ranks = []
+        for (layer, _), stack in self._stacks.items():
+            by_layer[layer].append(stack)
+            present = [host.modules.get((layer, t)) for t in stack.targets]
+            ranks.append(max((m.a.shape[0] for m in present if m is not None), default=0))
+        done: set[int] = set()
 
-        Pageable source: the driver stages it at full PCIe rate and returns once the host bytes are
-        consumed; whatever reads the result is queued behind it on the same stream.
-        """
-        return host.flat.to(self.device, non_blocking=True)
+        def begin() -> None:  # first: any layer's event then also covers the slot's ranks and scales
+            if ranks:
+                self._ranks[:, slot].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
+            if self._scales:
+                self._scatter_scales(host, slot)
 
-    def _scatter(self, host: HostAdapter, flat: torch.Tensor, slot: int) -> None:
-        """Copy the uploaded buffer into `slot` of every stack; zero what the adapter does not cover."""
+        def unpack(raw: torch.Tensor, keys) -> None:
+            layers = sorted({k[0] for k in keys}, key=lambda layer: (layer < 0, layer))
+            for layer in layers:
+                self._unpack_layer(host, raw, layer, slot, by_layer.get(layer, []))
+                done.add(layer)
+            self._mark_ready(layers)
+
+        def finish() -> None:  # stacks of layers the adapter has no module in: its slot reads zero
+            rest = [t for layer, stacks in by_layer.items() if layer not in done
+                    for s in stacks for t in (s.a, s.b)]  # fmt: skip
+            if rest:
+                torch._foreach_zero_([t[slot] for t in rest])
+            self._mark_ready(sorted(set(by_layer) - done))
+
+        self._uploader.upload(host, begin, unpack, finish)
+
+    def _unpack_layer(self, host: HostAdapter, raw: torch.Tensor, layer: int, slot: int,
+                      stacks: list[LoraGroupStack]) -> None:  # fmt: skip
+        """One layer of `raw` (the adapter's bytes) into `slot`; zero what the adapter does not cover."""
         dst, src, zero = [], [], []
-        views = {key: (a, b) for key, a, b in host.views_of(flat)}
-        for key, (stack_a, stack_b) in self._stacks.items():
-            ab = views.get(key)
-            if ab is None:  # the adapter skips this module: its slot must read as zero
-                zero += [stack_a[slot], stack_b[slot]]
-                continue
-            a, b = ab
-            r = a.shape[0]
-            dst += [stack_a[slot, :r], stack_b[slot, :, :r]]  # [r, in] of [R, in]; [out, r] of [out, R]
-            src += [a, b]
-            if r < stack_a.shape[1]:  # rank padding: a freed slot may hold an older adapter's values
-                zero += [stack_a[slot, r:], stack_b[slot, :, r:]]
+        scale_in_place: dict[float, list[torch.Tensor]] = defaultdict(list)
+        for stack in stacks:
+            big_r = stack.rank
+            members = zip(stack.targets, stack.b_offsets, stack.widths, strict=True)
+            for i, (target, b0, w) in enumerate(members):
+                a_rows, b_rows = stack.a[slot, i * big_r : (i + 1) * big_r], stack.b[slot, b0 : b0 + w]
+                m = host.modules.get((layer, target))
+                if m is None:  # the adapter skips this member: its rows must read as zero
+                    zero += [a_rows, b_rows]
+                    continue
+                a, b = m.a.view(raw), m.b.view(raw)
+                if m.scale != 1.0 and b.dtype == self.dtype and b.is_contiguous():
+                    scale_in_place[m.scale].append(b)  # in the adapter's own (temporary) bytes
+                else:
+                    a, b = prepared(a, b, m.scale, self.dtype)
+                r = a.shape[0]
+                dst += [a_rows[:r], b_rows[:, :r]]  # [r, in] of [R, in]; [out, r] of [out, R]
+                src += [a, b]
+                if r < big_r:  # rank padding: a freed slot may hold an older adapter's values
+                    zero += [a_rows[r:], b_rows[:, r:]]
+        for scale, bs in scale_in_place.items():  # B * scale in the store dtype, as the cast was exact
+            for b in bs:  # per tensor: _foreach_mul_ rounds the scale to bf16 first on the CPU
+                b.mul_(scale)
         if zero:
             torch._foreach_zero_(zero)
         if dst:
-            torch._foreach_copy_(dst, src)  # on CUDA a few multi-tensor launches instead of 448 copies
-        if self._scales:
-            self._scatter_scales(host, slot)
+            torch._foreach_copy_(dst, src)  # on CUDA a few multi-tensor launches per layer
 
     def _scatter_scales(self, host: HostAdapter, slot: int) -> None:
         """The adapter's DoRA scales into `slot` (one upload); ones where it has none (plain LoRA)."""
@@ -237,9 +256,30 @@ class AdapterLayout:
             torch._foreach_zero_(ones)
             torch._foreach_add_(ones, 1.0)
 
+    def _mark_ready(self, layers) -> None:
+        if self._uploader.stream is None or not layers:
+            return
+        event = torch.cuda.Event()
+        event.record(self._uploader.stream)
+        for layer in layers:
+            self._ready[layer] = event
+        self._ready_all = event
+
+    def ready_events(self) -> dict[int, torch.cuda.Event]:
+        """Per layer, the upload event a forward must wait for before that layer's LoRA (CUDA; else {})."""
+        return dict(self._ready)
+
+    def wait_uploads(self) -> None:
+        """Order the current stream after every upload so far (decode steps, CUDA graphs, re-layouts)."""
+        if self._ready_all is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready_all)
+            self._ready.clear()
+            self._ready_all = None
+
     def _zero_slot(self, slot: int) -> None:
         if self._stacks:
-            torch._foreach_zero_([t[slot] for ab in self._stacks.values() for t in ab])
+            torch._foreach_zero_([t[slot] for s in self._stacks.values() for t in (s.a, s.b)])
+            self._ranks[:, slot].zero_()
         if self._scales:
             rows = [s[slot] for s in self._scales.values()]
             torch._foreach_zero_(rows)
@@ -253,6 +293,7 @@ class AdapterLayout:
         capacity and the old and new stacks together fit the budget; otherwise the old stacks are freed
         first and every member is uploaded again from its host copy.
         """
+        self.wait_uploads()  # the carry reads slots an upload may still be writing
         need = self._need(members)
         staying = [i for i in members if i in self._slot_of]
         carry = (
@@ -263,27 +304,18 @@ class AdapterLayout:
                 or self.device_bytes() + self._layout_bytes(cap, need) <= self.budget_bytes
             )
         )
-        old_stacks, old_scales, old_slots = self._stacks, self._scales, self._slot_of
+        old_stacks, old_ranks, old_scales, old_slots = self._stacks, self._ranks, self._scales, self._slot_of
         self._stacks, self._scales = {}, {}  # new dicts: an older AdapterBatchData keeps its own view
         self._slot_of = OrderedDict()
         if not carry:
             old_stacks, old_scales = {}, {}  # dropped before allocating, so old and new never coexist
         self._cap = cap
-        self._stacks = _zeroed_stacks(cap, need, self.device, self.dtype)
-        self._scales = _ones_scales(cap, need, self.device)
+        self._stacks, self._ranks = zeroed_stacks(cap, need, self.device, self.dtype)
+        self._scales = ones_scales(cap, need, self.device)
         self.layout_version += 1
         if carry:
             n = min(cap, max(old_slots.values()) + 1)  # every staying slot is below n
-            dst, src = [], []
-            for key, (old_a, old_b) in old_stacks.items():
-                if key not in self._stacks:  # only evicted adapters targeted it
-                    continue
-                new_a, new_b = self._stacks[key]
-                r = min(old_a.shape[1], new_a.shape[1])  # rows past a smaller new R held evicted ones only
-                dst += [new_a[:n, :r], new_b[:n, :, :r]]  # [n, r, in], [n, out, r]
-                src += [old_a[:n, :r], old_b[:n, :, :r]]
-            if dst:
-                torch._foreach_copy_(dst, src)
+            self._carry(old_stacks, old_ranks, n)
             kept = [k for k in old_scales if k in self._scales]  # float32: a multi-tensor copy of its own
             if kept:
                 torch._foreach_copy_([self._scales[k][:n] for k in kept], [old_scales[k][:n] for k in kept])
@@ -293,40 +325,32 @@ class AdapterLayout:
             free = sorted(set(range(cap)) - set(self._slot_of.values()))
             missing = [i for i in members if i not in self._slot_of]
             self._place(missing, free)
-            order = {i: k for k, i in enumerate(members)}  # the residents' order stays `members`' LRU order
+            order = {i: k for k, i in enumerate(members)}  # LRU order of `members`, as before
             self._slot_of = OrderedDict(sorted(self._slot_of.items(), key=lambda kv: order[kv[0]]))
         else:
             self._place(members, list(range(len(members))))
 
-
-_ALIGN_BYTES = 256  # every stack starts at this alignment inside the shared buffer (vector loads)
-
-
-def _zeroed_stacks(cap: int, need: dict[Key, tuple[int, int, int, bool]], device: torch.device,
-                   dtype: torch.dtype) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """Stacks A [cap, R, in] and B [cap, out, R] per module: contiguous views of one zeroed buffer.
-
-    One allocation and one memset for the whole layout instead of one per stack (448 for a 7B adapter
-    on all seven projections: each new size is a cudaMalloc of its own when the stacks grow).
-    """
-    align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-    shapes, total = [], 0
-    for key, (r, fan_in, fan_out, _) in sorted(need.items()):
-        for shape in ((cap, r, fan_in), (cap, fan_out, r)):
-            shapes.append((key, shape, total))
-            total += -(-(shape[0] * shape[1] * shape[2]) // align) * align
-    flat = torch.zeros(total, device=device, dtype=dtype)
-    views: dict[Key, list[torch.Tensor]] = {}
-    for key, shape, offset in shapes:
-        views.setdefault(key, []).append(flat[offset : offset + shape[0] * shape[1] * shape[2]].view(shape))
-    return {key: (a, b) for key, (a, b) in views.items()}
-
-
-def _ones_scales(cap: int, need: dict[Key, tuple[int, int, int, bool]], device: torch.device) -> dict:
-    """DoRA scale stacks [cap, out_local] float32 of ones (scale 1: no DoRA) where `need` says DoRA."""
-    keys = sorted(k for k, v in need.items() if v[3])
-    if not keys:
-        return {}
-    flat = torch.ones(cap * sum(need[k][2] for k in keys), dtype=torch.float32, device=device)
-    return {k: t.view(cap, need[k][2]) for k, t in zip(keys, flat.split([cap * need[k][2] for k in keys]),
-                                                        strict=True)}  # fmt: skip
+    def _carry(self, old_stacks: dict[GroupKey, LoraGroupStack], old_ranks: torch.Tensor, n: int) -> None:
+        """Copy slots [0, n) of every member from the old stacks into the new ones (ranks included)."""
+        dst, src, rows_new, rows_old = [], [], [], []
+        old_row = {key: i for i, key in enumerate(old_stacks)}
+        for i, (key, new) in enumerate(self._stacks.items()):
+            old = old_stacks.get(key)
+            if old is None:  # a group no staying adapter can target (only new members target it)
+                continue
+            rows_new.append(i)
+            rows_old.append(old_row[key])
+            r = min(old.rank, new.rank)  # rows past a smaller new R held evicted adapters only
+            for target, ob0, w in zip(old.targets, old.b_offsets, old.widths, strict=True):
+                if target not in new.targets:  # only evicted adapters targeted it
+                    continue
+                io, inew = old.targets.index(target), new.targets.index(target)
+                nb0 = new.b_offsets[inew]
+                dst += [new.a[:n, inew * new.rank : inew * new.rank + r], new.b[:n, nb0 : nb0 + w, :r]]
+                src += [old.a[:n, io * old.rank : io * old.rank + r], old.b[:n, ob0 : ob0 + w, :r]]
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if rows_new:
+            new_idx = torch.tensor(rows_new, device=self.device)
+            old_idx = torch.tensor(rows_old, device=self.device)
+            self._ranks[new_idx, :n] = old_ranks[old_idx, :n]

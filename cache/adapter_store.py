@@ -3,7 +3,7 @@
 Public API (called by the engine from its one model thread; not thread-safe):
 
     store = AdapterStore(config, device, dtype, budget_bytes=None, tp=None, max_slots=64,
-                         sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...],
+                         sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...], min_slots=1,
                          base_weights=model.projection_weight)   # DoRA's norms read the base weights
     store.download(spec) -> float        # fetch + validate; device bytes of the adapter / budget
     store.prepare(spec) -> HostAdapter   # fetch + validate + pack on the host (any thread)
@@ -31,13 +31,15 @@ Device layout and LRU residency (stacks, DoRA scale stacks, slots, budget, `layo
 `store.layout`, a `cache.adapter_layout.AdapterLayout` that reads each registered adapter's host copy
 from the registry.
 
-Load path cost (7B rank 16, bf16: 448 tensors, 84 MB): the file is mapped, not read into per-tensor
-tensors; `_to_host_layout` copies it once into one host buffer per adapter (TP-sliced, cast, B scaled;
-no float32 round trip, no page-locking: pinning 84 MB costs more than the pageable copy it would speed
-up); `AdapterLayout._place` uploads that buffer with one H2D copy and scatters it into the slots with a
-few multi-tensor launches; growing the capacity copies the resident slots device-to-device instead of
-re-uploading every resident adapter from the host.
+Load path (7B rank 16, bf16: 448 tensors, 84 MB): the file's header is parsed and every tensor name and
+shape validated against a mapping of the file (no tensor byte is read), which gives the module table of
+`cache.adapter_host.HostAdapter`: host memory keeps that table, the bytes stay in the page cache (or on
+disk). Making it resident reads the file once into a pinned staging buffer and copies it to the device
+layer by layer on a side stream, where the TP slice, the cast and B * scale happen during the scatter
+into the slot (`AdapterLayout._transfer`). A merged adapter, and one from S3 (whose cache directory may
+evict the file), keeps one packed buffer in host memory.
 """
+
 
 from __future__ import annotations
 
@@ -48,12 +50,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cache.adapter_layout import AdapterLayout, HostAdapter, HostWeights, Key, rank_bucket
+from cache.adapter_host import FileIdentity, HostAdapter, prepared
+from cache.adapter_layout import AdapterLayout, Key
+from cache.adapter_shapes import rank_bucket
 from cache.adapter_sources import AdapterSources
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
 from model.adapters.dora import dora_scales
 from model.adapters.merge import check_merge, merge_modules, merge_seed
-from model.adapters.peft_loader import LoraModule, read_peft_adapter
+from model.adapters.peft_loader import WEIGHTS_FILE, LoraModule, read_peft_adapter
 from model.adapters.sharding import shard_lora, shard_output_vector
 from model.errors import (
     FailedPrecondition,
@@ -73,14 +77,6 @@ def _spec_key(spec) -> object:
     return dataclasses.replace(spec, api_token=None)  # the token does not change what is loaded
 
 
-_HALF_OR_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether casting src -> dst loses nothing, so B may be scaled after the cast, in dst."""
-    return src == dst or (dst == torch.float32 and src in (torch.float16, torch.bfloat16))
-
-
 @dataclasses.dataclass
 class _Entry:
     spec: object  # AdapterSpec
@@ -92,7 +88,7 @@ class AdapterStore:
     def __init__(self, config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  budget_bytes: int | None = None, tp=None, max_slots: int = 64,
                  sources: AdapterSources | None = None, preloaded: Sequence[tuple[int, object]] = (),
-                 host_cache_entries: int = 8,
+                 host_cache_entries: int = 8, min_slots: int = 1,
                  base_weights: Callable[[int, str], torch.Tensor] | None = None):  # fmt: skip
         self.device = torch.device(device)
         self.dtype = dtype
@@ -104,7 +100,8 @@ class AdapterStore:
         self._entries = entries
         # The layout reads host copies from the registry dict itself (not through `self`: no cycle, so the
         # stacks go as soon as the store does).
-        self.layout = AdapterLayout(lambda i: entries[i].host, self.device, dtype, budget_bytes, max_slots)
+        self.layout = AdapterLayout(lambda i: entries[i].host, self.device, dtype, budget_bytes, max_slots,
+                                    min_slots)  # fmt: skip
         self._host_cache: OrderedDict[object, HostAdapter] = OrderedDict()  # downloaded, by spec
         self._host_cache_entries = host_cache_entries
         self._host_lock = threading.Lock()  # registry + host cache: DownloadAdapter runs on another thread
@@ -156,8 +153,9 @@ class AdapterStore:
                 del self._entries[index]
             raise
         if self.device.type == "cuda":
-            # The copies are queued on the stream; LoadAdapter answers once they landed, so a failure
-            # surfaces here and the caller's timing is the adapter's real time to usable.
+            # The copies are queued on the upload stream; LoadAdapter answers once they landed, so a
+            # failure surfaces here and the caller's timing is the adapter's real time to usable.
+            self.layout.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
 
     def offload(self, index: int) -> bool:
@@ -210,16 +208,22 @@ class AdapterStore:
 
         Valid until the next load/offload/batch_data that changes `layout_version` or evicts.
         """
-        meta = AdapterBatchMetadata.from_requests(self.request_slots(adapter_indices), tokens, self.device)
+        meta = AdapterBatchMetadata.from_requests(self._slots(adapter_indices), tokens, self.device)
         return AdapterBatchData(meta, self.layout.stacks, is_prefill, self.tp, lm_head_indices,
-                                self.layout.scales)  # fmt: skip
+                                self.layout.scales, ready=self.layout.ready_events())  # fmt: skip
 
     def request_slots(self, adapter_indices: Sequence[int]) -> list[int]:
         """Device slot per request (-1: base), after making every adapter of the batch resident.
 
         For a CUDA-graph decode: `meta.token_slots.copy_(torch.tensor(store.request_slots(...)))` into
-        the bucket's static metadata, then `graph_batch_data(meta)` if `layout_version` changed.
+        the bucket's static metadata, then `graph_batch_data(meta)` if `layout_version` changed. The
+        current stream then waits for every adapter upload in flight (a graph cannot wait per layer).
         """
+        slots = self._slots(adapter_indices)
+        self.layout.wait_uploads()
+        return slots
+
+    def _slots(self, adapter_indices: Sequence[int]) -> list[int]:
         for index in adapter_indices:
             if index not in self._entries and index != 0:
                 raise NotFound(f"adapter index {index} is not loaded")
@@ -241,9 +245,10 @@ class AdapterStore:
             for entry in list(self._entries.values()):
                 if _spec_key(entry.spec) == key:
                     return entry.host
-            if key in self._host_cache:
+            cached = self._host_cache.get(key)
+            if cached is not None and (cached.file is None or _identity(cached.file.path) == cached.file):
                 self._host_cache.move_to_end(key)
-                return self._host_cache[key]
+                return cached  # (a file that changed since is read again below)
         if not spec.adapter_ids:
             raise InvalidArgument("adapter parameters name no adapter id")
         merge = None
@@ -251,10 +256,12 @@ class AdapterStore:
             # Refuse bad merge parameters before reading any file.
             merge = check_merge(len(spec.adapter_ids), spec.weights, spec.merge_strategy, spec.density,
                                 spec.majority_sign_method)  # fmt: skip
-        files = [
-            read_peft_adapter(self.sources.resolve(i, spec.source, spec.api_token), self.config, name=i)
-            for i in spec.adapter_ids
-        ]
+        dirs = [self.sources.resolve(i, spec.source, spec.api_token) for i in spec.adapter_ids]
+        # File-backed: the bytes stay in the file (not for S3, whose cache directory may evict it).
+        single = merge is None and spec.source.lower() != "s3"
+        before = _identity(dirs[0] / WEIGHTS_FILE) if single else None
+        files = [read_peft_adapter(d, self.config, name=n)
+                 for d, n in zip(dirs, spec.adapter_ids, strict=True)]  # fmt: skip
         if merge is not None:
             if any(m.magnitude is not None for f in files for m in f.modules.values()):
                 raise Unimplemented(
@@ -264,69 +271,50 @@ class AdapterStore:
             modules = merge_modules([f.modules for f in files], merge, merge_seed(spec.adapter_ids, merge))
         else:
             modules = files[0].modules
-        weights = self._to_host_layout(modules)
+        sliced = self._sliced(modules)
+        _check_finite(sliced, self.dtype)  # reads every byte once (page cache), off the model thread
+        host = None
+        if before is not None and _identity(before.path) == before:  # not replaced while we read it
+            host = HostAdapter.from_file(before, sliced)
+        if host is None:  # merged, S3 (or an unaligned tensor the loader had to copy): packed in memory
+            host = HostAdapter.packed(sliced, self.dtype)
+        host.magnitudes = self._magnitudes(modules)
         with self._host_lock:
-            self._host_cache[key] = weights
+            self._host_cache[key] = host
             while len(self._host_cache) > self._host_cache_entries:
                 self._host_cache.popitem(last=False)
-        return weights
+        return host
 
-    def _to_host_layout(self, modules: dict[Key, LoraModule]) -> HostAdapter:
-        """TP-slice, cast and scale every module into one new host buffer: A's first, then B's.
-
-        One pass over the bytes: each tensor is copied once from the file mapping into its place; B is
-        then scaled in place in the store dtype with one multiply per run of equal scales (usually one
-        for the whole adapter), which is bit-identical to the float32 `B * scale` then cast, because the
-        cast before it is exact. Where the cast is not exact (e.g. float32 file, bfloat16 store) that B
-        is scaled in float32 first, then cast (one rounding, at the end).
-        """
+    def _sliced(self, modules: dict[Key, LoraModule]) -> dict[Key, tuple[torch.Tensor, torch.Tensor, float]]:
+        """This rank's (A, B, scale) per module: views of the loader's tensors (no copy)."""
         rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
-        sliced = []
+        out = {}
         for key, m in sorted(modules.items()):
             a, b = shard_lora(key[1], m.a, m.b, self.config, rank, world)
-            if a.dtype not in _HALF_OR_SINGLE:  # e.g. float64: through float32, then the store dtype
-                a = a.float()
-            if b.dtype not in _HALF_OR_SINGLE:
-                b = b.float()
-            sliced.append((key, a, b, m.scale))
-        numel_a = sum(a.numel() for _, a, _, _ in sliced)
-        numel = numel_a + sum(b.numel() for _, _, b, _ in sliced)
-        flat = torch.empty(numel, dtype=self.dtype)  # [sum r*in_local | sum out_local*r]
-        weights: HostWeights = {}
-        offsets: dict[Key, tuple[int, int]] = {}
-        runs: list[list] = []  # [start, end, scale] of B ranges still to scale in place
-        oa, ob = 0, numel_a
-        for key, a, b, scale in sliced:
-            dst_a = flat[oa : oa + a.numel()].view(a.shape)
-            dst_b = flat[ob : ob + b.numel()].view(b.shape)
-            dst_a.copy_(a)
-            if scale == 1.0 or _exact_cast(b.dtype, self.dtype):
-                dst_b.copy_(b)
-                if scale != 1.0:
-                    if runs and runs[-1][1] == ob and runs[-1][2] == scale:
-                        runs[-1][1] = ob + b.numel()
-                    else:
-                        runs.append([ob, ob + b.numel(), scale])
-            else:
-                dst_b.copy_(b.float() * scale)
-            weights[key], offsets[key] = (dst_a, dst_b), (oa, ob)
-            oa, ob = oa + a.numel(), ob + b.numel()
-        for start, end, scale in runs:
-            flat[start:end].mul_(scale)
-        magnitudes = {  # owned float32 copies: the file mapping may change later
+            out[key] = (a, b, m.scale)
+        return out
+
+    def _magnitudes(self, modules: dict[Key, LoraModule]) -> dict[Key, torch.Tensor]:
+        """DoRA: this rank's magnitude vectors, as owned float32 copies (the file mapping may change)."""
+        rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
+        return {
             key: shard_output_vector(key[1], m.magnitude.float(), self.config, rank, world).clone()
             for key, m in modules.items()
             if m.magnitude is not None
         }
-        _check_finite(flat, weights)
-        return HostAdapter(flat, weights, offsets, magnitudes)
 
     def _dora_scales(self, host: HostAdapter) -> dict[Key, torch.Tensor]:
         if self._base_weights is None:
             raise Unimplemented(
                 "DoRA adapters need the base model's weights, and this adapter store was built without them"
             )
-        modules = {key: (*host.weights[key], m) for key, m in host.magnitudes.items()}
+        raw = torch.empty(host.nbytes, dtype=torch.uint8)
+        host.read_into(raw, None)  # A and B as the device will see them: B scaled, in the store dtype
+        modules = {}
+        for key, m in host.magnitudes.items():
+            mod = host.modules[key]
+            a, b = prepared(mod.a.view(raw), mod.b.view(raw), mod.scale, self.dtype)
+            modules[key] = (a.to(self.dtype), b.to(self.dtype), m)
         return dora_scales(modules, self._base_weights, self.tp)
 
     def _agree(self, spec, error: Exception | None) -> None:
@@ -352,14 +340,35 @@ _AGREED_ERRORS = (NotFound, InvalidArgument, Unimplemented, ResourceExhausted,
                   FailedPrecondition, PermissionDenied, Unavailable, ShardError)  # fmt: skip
 
 
-def _check_finite(flat: torch.Tensor, weights: HostWeights) -> None:
-    """Refuse NaN/Inf anywhere in what would be served: from the file, the config's alpha, a merge
-    weight, or a scale or cast that overflows the store dtype. Checked on the final buffer (one pass)."""
-    if bool(torch.isfinite(flat).all()):
-        return
-    bad = next(k for k, ab in weights.items() if not all(bool(torch.isfinite(t).all()) for t in ab))
-    raise InvalidArgument(
-        f"adapter has non-finite values (NaN or Inf) in layer {bad[0]} {bad[1]} after scaling and casting "
-        f"to {flat.dtype}: check its weights, lora_alpha and merge weights"
-    )
+def _identity(path) -> FileIdentity | None:
+    try:
+        return FileIdentity.of(path)
+    except OSError:  # missing: the loader names the problem
+        return None
 
+
+def _check_finite(sliced: dict[Key, tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype) -> None:
+    """Refuse NaN/Inf anywhere in what would be served: from the file, the config's alpha, a merge
+    weight, or a scale or cast that overflows the store dtype. One read of every tensor (min and max,
+    no copy); a value survives the cast and B * scale iff its magnitude times the scale is at most the
+    store dtype's largest finite value."""
+    limit = torch.finfo(dtype).max
+    bounds = []
+    for a, b, scale in sliced.values():
+        for t, s in ((a, 1.0), (b, abs(scale))):
+            if t.numel():
+                lo, hi = torch.aminmax(t)
+                bounds.append(torch.maximum(-lo, hi).double() * s)
+    if not bounds:
+        return
+    ok = torch.stack(bounds) <= limit  # NaN compares false
+    if bool(ok.all()):
+        return
+    i, k = int((~ok).nonzero()[0]), 0
+    for key, (a, b, _) in sliced.items():
+        k += bool(a.numel()) + bool(b.numel())
+        if k > i:
+            raise InvalidArgument(
+                f"adapter has non-finite values (NaN or Inf) in layer {key[0]} {key[1]} after scaling and "
+                f"casting to {dtype}: check its weights, lora_alpha and merge weights"
+            )

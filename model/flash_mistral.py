@@ -1,9 +1,10 @@
 """Mistral on a paged KV cache: flattened tokens, fused projections, pluggable attention, LoRA hooks.
 
 Tokens of all sequences are flattened to [T]; `cu_seqlen_prefill` is None in decode (one token per
-sequence). Every LoRA-targetable projection calls `adapter_data.add_lora(layer_idx, target, x, out)`
-after its base matmul (after the all-reduce for row-parallel ones), `out` being a view of that target's
-output columns, so the adapter adds its delta in place.
+sequence). Every LoRA-targetable projection group calls `adapter_data.add_lora(layer_idx, group, x, out,
+widths)` once after its base matmul (after the all-reduce for row-parallel ones), `out` being the fused
+output of the group (q|k|v, gate|up) with its members' column widths, so the adapter adds every member's
+delta in place with one shrink and one expand.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from model.parallel import TPGroup
 
 
 class AdapterHook(Protocol):
-    def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None: ...
+    def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor,
+                 widths: tuple[int, ...] | None = None) -> None: ...
 
 
 @dataclass
@@ -83,8 +85,7 @@ class MistralAttention(nn.Module):
         k = qkv[:, q_size : q_size + k_size]
         v = qkv[:, q_size + k_size :]
         if step.adapter_data is not None:
-            for target, out in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                step.adapter_data.add_lora(self.layer_idx, target, x, out)
+            step.adapter_data.add_lora(self.layer_idx, "qkv_proj", x, qkv, (q_size, k_size, v_size))
         if not step.is_prefill and kv is not None and self.rotary_kv_write is not None:
             # One kernel: rope on q, k in place and the K/V write by slot (decode writes before reading).
             q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)  # [T, H, D] views of qkv
@@ -151,8 +152,7 @@ class MistralMLP(nn.Module):
         gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
         gate, up = gate_up.chunk(2, dim=-1)  # views, so LoRA deltas land in gate_up
         if adapter_data is not None:
-            adapter_data.add_lora(self.layer_idx, "gate_proj", x, gate)
-            adapter_data.add_lora(self.layer_idx, "up_proj", x, up)
+            adapter_data.add_lora(self.layer_idx, "gate_up_proj", x, gate_up, (gate.shape[1], up.shape[1]))
         if self.silu_and_mul is not None and gate_up.is_cuda:
             act = self.silu_and_mul(gate_up)  # [T, I / world], one kernel
         else:

@@ -1,15 +1,20 @@
 """Per-batch LoRA state: which device slot each token uses, and the `add_lora` hook the model calls.
 
-Contract (docs/INTERNALS.md): every LoRA-targetable projection calls, after its base matmul (and after
-the all-reduce of a row-parallel layer),
+Contract (docs/INTERNALS.md): every LoRA-targetable projection group calls, after its base matmul (and
+after the all-reduce of a row-parallel layer),
 
-    adapter_data.add_lora(layer_idx, target, x, out)   # layer_idx -1 for lm_head
-    # x [T, in_local]: the layer's input on this rank; out [T, out_local]: view of the target's columns
-    # effect: out[t] += LoRA_{slot[t]}(x[t]) for every token whose adapter targets (layer_idx, target)
+    adapter_data.add_lora(layer_idx, name, x, out, widths=None)   # layer_idx -1 for lm_head
+    # name: a group of stacks.LORA_GROUPS ("qkv_proj", "gate_up_proj", "o_proj", "down_proj", "lm_head")
+    #       or one target ("q_proj", ...); x [T, in_local]: the input on this rank;
+    # out [T, cols]: the group's fused output (a view is fine), its members' columns side by side with
+    #       `widths` (needed when the group has more than one member)
+    # effect: out[t, member columns] += LoRA_{slot[t], member}(x[t]) for every token whose adapter
+    #       targets that member; nothing for other tokens and members
 
-Prefill uses SGMV over segments, decode BGMV over the per-token slot index (see ops.py for semantics).
-DoRA modules then scale the whole output of their rows: out[t] *= scales[slot(t)] (model/adapters/dora.py),
-a separate step after the delta, so it composes with whichever LoRA kernels run.
+One shrink and one expand per call, over every member of the group (lora_ops.py: torch reference on the
+CPU, Triton on CUDA: tokens grouped by adapter so each adapter's weights are read once per step).
+DoRA members then scale their output columns: out[t, member] *= scales[slot(t)] (model/adapters/dora.py),
+one step per member with a scale stack after the group's expand, so it composes with either backend.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ from dataclasses import dataclass
 import torch
 
 from model.adapters import ops as reference_ops
+from model.adapters.lora_ops import lora_ops_for
 from model.adapters.peft_loader import LM_HEAD_LAYER, ROW_PARALLEL
+from model.adapters.stacks import GROUP_OF, LORA_GROUPS, LoraGroupStack
 
-# (layer_idx, target) -> (A [S, R, in_local], B [S, out_local, R]); the store's stacked device tensors.
-LoraStacks = Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+# (layer_idx, group or target name) -> LoraGroupStack (the store's device stacks), or a plain
+# (A [S, R, in_local], B [S, out_local, R]) pair for one target at full rank.
+LoraStacks = Mapping[tuple[int, str], LoraGroupStack | tuple[torch.Tensor, torch.Tensor]]
 # (layer_idx, target) -> DoRA output scales [S, out_local] float32 (ones for slots without DoRA); only
-# modules that some resident DoRA adapter targets have one.
+# members that some resident DoRA adapter targets have one (per member, also inside a fused group).
 ScaleStacks = Mapping[tuple[int, str], torch.Tensor]
 
 
@@ -49,7 +57,8 @@ class AdapterBatchMetadata:
     @classmethod
     def for_cuda_graph(cls, num_tokens: int, device: torch.device | str) -> AdapterBatchMetadata:
         """Static decode metadata of a graph bucket: all -1 now; before each replay the runner does
-        `meta.token_slots.copy_(slots)` (padding rows -1). Decode uses BGMV only, so no segments."""
+        `meta.token_slots.copy_(slots)` (padding rows -1). Decode groups tokens from the per-token slots
+        (on the device, inside the graph), so no host segments."""
         empty = torch.zeros(0, dtype=torch.int32, device=device)
         token_slots = torch.full((num_tokens,), -1, dtype=torch.int32, device=device)
         return cls(token_slots, empty, empty.clone(), empty.clone(), (), has_lora=True)
@@ -87,94 +96,104 @@ class AdapterBatchMetadata:
 
 
 class AdapterBatchData:
-    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None, scales=None): forward's
-    adapter_data (`scales`: the store's DoRA scale stacks, if any).
+    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None, scales=None, ready=None):
+    forward's adapter_data (`scales`: the store's DoRA scale stacks, if any).
 
     `stacks` is the store's current layout (AdapterStore.batch_data builds this object); it is valid until
     the store's `layout_version` changes. `tp`: anything with rank / world_size / group (model.parallel.
     TPGroup); None means world size 1. For a decode CUDA graph, capture with has_lora true and update
-    `meta.token_slots` in place: every index value, -1 included, is then served by the captured graph.
+    `meta.token_slots` in place: every index value, -1 included, is then served by the captured graph
+    (the Triton plan is computed from them on the device, inside the graph).
     """
 
     def __init__(
         self, meta: AdapterBatchMetadata, stacks: LoraStacks, is_prefill: bool, tp=None,
         lm_head_indices: torch.Tensor | None = None, scales: ScaleStacks | None = None,
+        ready: Mapping[int, object] | None = None,
     ):  # fmt: skip
         self.meta = meta
         self.stacks = stacks
         self.scales = scales or {}
         self.is_prefill = is_prefill
         self.ops = lora_ops_for(meta.token_slots.device)
-        self._seg_args, self._seg_kwargs = self._segment_arguments()
         self.tp = tp
         # The same rows as forward(lm_head_indices=...): lm_head then sees [N] rows, not [T] tokens.
         self.lm_head_indices = lm_head_indices
+        # Per layer, a CUDA event the layer's LoRA waits for: an adapter upload still in flight (the
+        # store's side stream), so the copy overlaps the layers before. None/empty: nothing in flight.
+        self.ready = dict(ready or {})
+        self._rows: dict[tuple[bool, int], object] = {}  # token grouping, built once per batch
+        self._single: dict[tuple[int, str], LoraGroupStack] = {}
 
-    def _segment_arguments(self) -> tuple[tuple, dict]:
-        """Prefill segments as the chosen ops want them: the reference takes the host copy (no sync per
-        layer); Triton takes the device tensors plus the longest segment (its grid size, a host int)."""
-        m = self.meta
-        if self.ops is reference_ops:
-            return tuple(zip(*m.segments, strict=True)) or ((), (), ()), {}
-        longest = max((e - s for s, e, _ in m.segments), default=0)
-        return (m.segment_starts, m.segment_ends, m.segment_slots), {"max_seg_len": longest}
-
-    def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out += LoRA(x) in place for the tokens whose slot targets (layer_idx, target); else a no-op."""
+    def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor,
+                 widths: tuple[int, ...] | None = None) -> None:  # fmt: skip
+        """out += LoRA(x) in place for the tokens and members that an adapter targets; else a no-op."""
         if not self.meta.has_lora:
             return
-        stack = self.stacks.get((layer_idx, target))
-        if stack is None:  # no resident adapter targets this module
+        members = LORA_GROUPS.get(target, (target,))
+        widths = tuple(widths) if widths is not None else (out.shape[1],)
+        if len(widths) != len(members) or sum(widths) != out.shape[1]:
+            raise ValueError(f"{target}: widths {widths} do not split {out.shape[1]} columns into {members}")
+        found = self._stack(layer_idx, target)
+        if found is None:
+            if len(members) > 1:  # stacks per target (no group stack): one call per member
+                y0 = 0
+                for m, w in zip(members, widths, strict=True):
+                    self.add_lora(layer_idx, m, x, out[:, y0 : y0 + w])
+                    y0 += w
             return
-        lora_a, lora_b = stack  # [S, R, in_local], [S, out_local, R]
-        m = self.meta
-        if layer_idx == LM_HEAD_LAYER and self.lm_head_indices is not None:
-            idx = m.token_slots[self.lm_head_indices]  # [N]: per-row slots; rows are no longer segments
-            self.ops.bgmv_expand(out, self.ops.bgmv_shrink(x, lora_a, idx), lora_b, idx)
-            self._dora(layer_idx, target, out, idx)
-            return
-        if x.shape[0] != m.token_slots.shape[0]:
+        stack = found
+        event = self.ready.pop(layer_idx, None)
+        if event is not None:
+            torch.cuda.current_stream(x.device).wait_event(event)
+        starts = dict(zip(members, [sum(widths[:i]) for i in range(len(members))], strict=True))
+        slices = []
+        for t, b0, w in zip(stack.targets, stack.b_offsets, stack.widths, strict=True):
+            if widths[members.index(t)] != w:
+                got = widths[members.index(t)]
+                raise ValueError(f"{t} of layer {layer_idx}: {got} columns, its stack has {w}")
+            slices.append((b0, b0 + w, starts[t]))
+        selected = layer_idx == LM_HEAD_LAYER and self.lm_head_indices is not None
+        if not selected and x.shape[0] != self.meta.token_slots.shape[0]:
             raise ValueError(
-                f"{target} of layer {layer_idx} got {x.shape[0]} rows for {m.token_slots.shape[0]} tokens"
-                + (
-                    ": pass forward's lm_head_indices to the AdapterBatchData"
-                    if layer_idx == LM_HEAD_LAYER
-                    else ""
-                )
-            )
-        ops = self.ops
-        if self.is_prefill:
-            v = ops.sgmv_shrink(x, lora_a, *self._seg_args, **self._seg_kwargs)  # [T, R]
-        else:
-            v = ops.bgmv_shrink(x, lora_a, m.token_slots)  # [T, R]
+                f"{target} of layer {layer_idx} got {x.shape[0]} rows for {self.meta.token_slots.shape[0]} "
+                "tokens" + (": pass forward's lm_head_indices to the AdapterBatchData"
+                            if layer_idx == LM_HEAD_LAYER else "")
+            )  # fmt: skip
+        rows = self._rows_for(selected, stack.a.shape[0])
+        v = self.ops.shrink(x, stack, rows)
         if target in ROW_PARALLEL and self.tp is not None and self.tp.world_size > 1:
             # Row-parallel: each rank holds A's columns for its input slice, so v is a partial sum.
+            v = self.ops.reduced(v)
             torch.distributed.all_reduce(v, group=self.tp.group)
-        if self.is_prefill:
-            ops.sgmv_expand(out, v, lora_b, *self._seg_args, **self._seg_kwargs)
-        else:
-            ops.bgmv_expand(out, v, lora_b, m.token_slots)
-        self._dora(layer_idx, target, out, m.token_slots)
+        self.ops.expand(out, v, stack, slices, rows)
+        if self.scales:
+            slots = self.meta.token_slots[self.lm_head_indices] if selected else self.meta.token_slots
+            for t, (b0, b1, y0) in zip(stack.targets, slices, strict=True):
+                scales = self.scales.get((layer_idx, t))
+                if scales is not None:  # base + delta of this member's columns, DoRA rows only
+                    dora_scale_op_for(out.device)(out[:, y0 : y0 + b1 - b0], scales, slots)
 
-    def _dora(self, layer_idx: int, target: str, out: torch.Tensor, slots: torch.Tensor) -> None:
-        """DoRA rows: out[t] *= scale[slot(t)] over base + delta; other rows have scale 1 (untouched)."""
-        scales = self.scales.get((layer_idx, target))
-        if scales is not None:
-            dora_scale_op_for(out.device)(out, scales, slots)
+    def _stack(self, layer_idx: int, name: str) -> LoraGroupStack | None:
+        """The stack serving `name` at this layer: its own entry, else its member rows of a group stack."""
+        key = (layer_idx, name)
+        stack = self.stacks.get(key)
+        if isinstance(stack, tuple):  # a plain (A, B) pair: one member at full rank
+            if key not in self._single:
+                self._single[key] = LoraGroupStack.single(name, *stack)
+            return self._single[key]
+        if stack is not None:
+            return stack
+        group = GROUP_OF.get(name)
+        parent = self.stacks.get((layer_idx, group)) if group not in (None, name) else None
+        return parent.member(name) if isinstance(parent, LoraGroupStack) else None
 
-
-def lora_ops_for(device: torch.device):
-    """The one place that picks the LoRA kernels: Triton on CUDA when importable, else torch reference.
-
-    Both modules expose bgmv_shrink/bgmv_expand/sgmv_shrink/sgmv_expand with the semantics of ops.py.
-    The reference BGMV contracts against every slot of the stack; the Triton one reads only the slots
-    the batch uses, which is what makes many resident adapters cheap on a GPU.
-    """
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        from model.kernels import lora as triton_ops
-
-        return triton_ops
-    return reference_ops
+    def _rows_for(self, selected: bool, num_slots: int):
+        key = (selected, num_slots)
+        if key not in self._rows:
+            row_slots = self.meta.token_slots[self.lm_head_indices] if selected else None
+            self._rows[key] = self.ops.rows(self.meta, self.is_prefill, num_slots, row_slots)
+        return self._rows[key]
 
 
 def dora_scale_op_for(device: torch.device):

@@ -81,7 +81,7 @@ def check_merge(num_adapters: int, weights: Sequence[float] = (), strategy: str 
         raise InvalidArgument(f"merge got {num_adapters} adapters but {len(weights)} weights")
     bad = [w for w in weights if not math.isfinite(w)]
     if bad:
-        raise InvalidArgument(f"merge weights must be finite numbers; got {list(weights)}")
+        raise InvalidArgument(f"merge weights must be finite; got non-finite {bad} in {list(weights)}")
     weights = weights or (1.0 / num_adapters,) * num_adapters
     if strategy == "linear":
         return MergeParams("linear", weights)

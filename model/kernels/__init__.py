@@ -5,7 +5,8 @@ Importing a kernel module needs triton (CUDA installs only; CI has none), so thi
 nothing eagerly: use `from model.kernels.paged_attention import paged_decode_attention`, etc.
 
   paged_attention  paged decode attention (GQA-grouped, split-K flash-decoding, sliding window, fp8 K/V)
-  lora             BGMV (decode, per-token slot) and SGMV (prefill, segments) shrink/expand
+  lora             grouped LoRA shrink/expand: one launch each per fused projection group, tokens
+                   grouped by adapter (plans built on the device for decode, from segments in prefill)
   rmsnorm          fused residual-add + RMSNorm
   rotary           rotary embedding fused with the paged K/V cache write
 """

@@ -1,342 +1,398 @@
-"""LoRA shrink/expand in Triton: BGMV (decode, one slot index per token) and SGMV (prefill, segments).
+"""LoRA shrink/expand in Triton over a fused projection group, tokens grouped by adapter (segmented).
 
-Layout and semantics are model/adapters/ops.py's (the adapter store's slot stacks):
-    lora_a [S, R, in], lora_b [S, out, R] (scaling folded in), indices [T] int32 (-1 = base model),
-    segments seg_starts/seg_ends/seg_slots [G] int32.
-    shrink: v[t] = x[t] @ A[slot(t)].T   (0 where slot(t) == -1)              v [T, R]
-    expand: y[t] += v[t] @ B[slot(t)].T  (untouched where slot(t) == -1)      y [T, out], in place
+Layout (model/adapters/stacks.py): lora_a [S, NT*R, in], lora_b [S, sum(w_i), R] (scaling folded in),
+ranks [S] int32 (rows/columns at or past ranks[slot] are zero and never read). A plan groups the tokens
+by slot and cuts each slot's run into row tiles of at most BLOCK_M tokens:
 
-Several targets of one layer in one launch (q,k,v sharing x; gate,up sharing x): allocate the stacks
-concatenated, A_cat [S, NT*R, in] and B_cat [S, out_q+out_k+out_v, R] (per-target stacks are then views
-of them), shrink once with A_cat (v [T, NT*R]) and expand once into the fused output y [T, sum(out)] with
-slice_offsets=(0, out_q, out_q+out_k, sum(out)): columns of slice i use v[:, i*R:(i+1)*R].
+    plan.perm   [T] int32 or None   token rows in slot order (None: identity, prefill's contiguous runs)
+    plan.tiles  [3, TILES] int32    per tile: slot, first position in perm order, rows (0: empty tile)
+    plan.count  [1] int32           non-empty tiles, which come first
 
-Cost model, Mistral-7B decode (x: 4096, q/o out 4096, k/v out 1024, gate/up 14336), rank 16, bf16:
-  A+B bytes of one adapter in one layer, all 7 targets: R * sum(in + out) * 2 B = 16 * 81920 * 2 = 2.6 MB,
-  read once from HBM per step per distinct adapter (tokens sharing a slot hit L2); x/v/y traffic is
-  T * (in + R + 2*out) * 2 B per target.
-  FLOPs 2 * T * R * (in + out) per target: each 2-byte weight serves the tokens of its adapter at 2 FLOP
-  each, so ~(tokens per adapter) FLOP/B: memory-bound in decode, and in prefill until ~300 tokens/adapter.
-  qkv fused, B=64 tokens, 32 distinct adapters: shrink reads 32*48*4096*2 = 12.6 MB -> 3.8 us at
-  3.35 TB/s, predicted ~7 us; expand reads 32*6144*16*2 = 6.3 MB + y 2*64*6144*2 = 1.6 MB -> 2.4 us,
-  predicted ~5 us. One adapter, T=1: launch-bound, predicted ~3 us per launch.
-  gate_up, T=64, 32 adapters: shrink 8.4 MB -> 2.5 us (pred. 6 us); expand 29 MB + y 7.3 MB -> 11 us
-  (pred. 14 us). down: shrink 14.7 MB -> 4.4 us (pred. 8 us); expand 4.2 MB -> 1.3 us (pred. 4 us).
-  SGMV prefill, qkv, T=16384, 8 adapters: shrink reads x 134 MB -> 40 us (pred. 55 us); expand
-  reads+writes y 403 MB -> 120 us (pred. 140 us): y += LoRA(x) costs a full pass over y in prefill.
-Heuristics: BGMV shrink spreads the rows of A over programs until ~2 waves exist (at T=1 one program per
-token would stream 128 KB alone; a split over `in` would need a merge launch); BGMV expand tiles
-`out` so each program reads ~8K weights; SGMV uses 64x64 tl.dot tiles and a grid over max_seg_len.
+Semantics (torch references below, same arguments):
+
+    shrink:  for tile (slot, first, n): rows = perm[first:first+n]
+                 v[:, rows, :] = split-K partials of x[rows] @ A[slot].T       v [SPLITS, T, NT*R] fp32
+                 (sum over SPLITS = x @ A.T; rows of no tile are not written)
+    expand:  for tile, for member i with B rows [b0_i, b1_i) and output columns from y0_i:
+                 y[rows, y0_i + c] += sum_s(v[s, rows, i*R:(i+1)*R]) @ B[slot, b0_i + c].T   in place
+
+Each tile reads its slot's A and B once, whatever the batch size (BGMV read them once per token). A decode
+plan is built on the device with static shapes (`plan_from_slots`: TILES = min(T, S) + ceil(T / BLOCK_M)
+bounds the tiles of any slot mix), so a CUDA graph serves every mix of adapters; a fixed number of tile
+workers loops over the `count` real tiles (a grid over TILES would launch thousands of empty programs).
+Tokens with slot -1 are in no tile: no reads, no writes. One shrink and one expand launch per group;
+split-K shrink for small batches (qkv's A is 48 x 4096 at rank 16: one program would stream 393 KB),
+partials summed in the expand's prologue (no atomics, no memset); a slot of rank r reads r of the
+stack's R rows of A and columns of B. Cost model and predictions for Mistral-7B: docs/lora.md.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 _NO_BOUNDARY = 2**31 - 1
+MAX_MEMBERS = 4  # slices per expand launch (qkv has 3)
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """Tokens grouped by slot in tiles of at most `block_m` rows (see the module docstring)."""
+
+    perm: torch.Tensor | None  # [T] int32
+    tiles: torch.Tensor  # [3, TILES] int32: slot, first, rows
+    count: torch.Tensor  # [1] int32: the real tiles, tiles[:, :count]
+    block_m: int
+    num_rows: int  # T
+    min_tiles: int  # tiles when every row uses one adapter (prefill: the exact count); sizes the grids
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tiles.shape[1]
+
+
+def plan_from_slots(token_slots: torch.Tensor, num_slots: int, block_m: int = 16,
+                    use_kernel: bool | None = None) -> LoraPlan:  # fmt: skip
+    """Plan from per-token slots on their device: static shapes, no host sync (decode, CUDA graphs).
+
+    One Triton launch on CUDA for T <= PLAN_KERNEL_MAX_ROWS (`use_kernel` forces the choice; tests run it
+    under the interpreter), else `plan_from_slots_ref`'s torch ops (~20 small launches).
+    """
+    t = token_slots.shape[0]
+    if use_kernel is None:
+        use_kernel = token_slots.is_cuda and 0 < t <= PLAN_KERNEL_MAX_ROWS
+    if not use_kernel:
+        return plan_from_slots_ref(token_slots, num_slots, block_m)
+    s = max(int(num_slots), 1)
+    num_tiles = min(t, s) + -(-t // block_m)
+    perm = torch.empty(t, dtype=torch.int32, device=token_slots.device)
+    buf = torch.empty(3 * num_tiles + 1, dtype=torch.int32, device=token_slots.device)
+    tiles, count = buf[: 3 * num_tiles].view(3, num_tiles), buf[3 * num_tiles :]
+    scratch = torch.empty(t, dtype=torch.int32, device=token_slots.device)
+    t_pad = triton.next_power_of_2(t)
+    _plan_kernel[(1,)](
+        token_slots, perm, tiles, count, scratch, t, s, num_tiles, T_PAD=t_pad, CHUNK=min(32, t_pad),
+        BLOCK_M=block_m, J_PAD=triton.next_power_of_2(-(-t // block_m)),
+        TILES_PAD=triton.next_power_of_2(num_tiles), num_warps=4 if t_pad <= 256 else 8,
+    )  # fmt: skip
+    return LoraPlan(perm, tiles, count, block_m, t, min_tiles=-(-t // block_m))
+
+
+PLAN_KERNEL_MAX_ROWS = 512
+
+
+def plan_from_slots_ref(token_slots: torch.Tensor, num_slots: int, block_m: int = 16) -> LoraPlan:
+    """`plan_from_slots` in torch ops (the reference; also the path for long row sets)."""
+    t, dev = token_slots.shape[0], token_slots.device
+    s = max(int(num_slots), 1)
+    key = torch.where(token_slots >= 0, token_slots.long(), s)  # base rows sort last, in no tile
+    perm = torch.sort(key, stable=True).indices.to(torch.int32)
+    counts = torch.zeros(s + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))[:s]
+    starts = counts.cumsum(0) - counts  # [S] first position of each slot's run in perm order
+    ntiles = (counts + block_m - 1) // block_m
+    tile_end = ntiles.cumsum(0)
+    num_tiles = min(t, s) + -(-t // block_m)
+    j = torch.arange(num_tiles, device=dev)
+    seg = torch.searchsorted(tile_end, j, right=True)  # the slot whose tiles cover tile j (S: none)
+    seg_c = seg.clamp(max=s - 1)
+    within = j - (tile_end[seg_c] - ntiles[seg_c])
+    real = seg < s
+    rows = torch.where(real, (counts[seg_c] - within * block_m).clamp(max=block_m), 0)
+    first = torch.where(real, starts[seg_c] + within * block_m, 0)
+    tiles = torch.stack([torch.where(real, seg_c, 0), first, rows]).to(torch.int32)
+    count = ntiles.sum().reshape(1).to(torch.int32)
+    return LoraPlan(perm, tiles, count, block_m, t, min_tiles=-(-t // block_m))
 
 
 @triton.jit
-def _slice_of(col, b1, b2, b3):
-    # which target (0..3) a fused-output column belongs to; unused boundaries are 2**31-1
-    return (col >= b1).to(tl.int32) + (col >= b2).to(tl.int32) + (col >= b3).to(tl.int32)
+def _plan_keys(slots_ptr, idx, T, S):
+    # sort key of each row: its slot, S for the base model (after every slot), S + 1 past the end
+    slot = tl.load(slots_ptr + idx, mask=idx < T, other=-1)
+    return tl.where(idx < T, tl.where(slot >= 0, slot, S), S + 1), slot
 
 
 @triton.jit
-def _bgmv_shrink_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, N, K, stride_xt, stride_as, stride_an, stride_ot,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.load(idx_ptr + t)
-    k_end = tl.where(slot >= 0, K, 0)  # no adapter: no reads, v = 0
-    a_rows = a_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_as + offs_n[:, None] * stride_an
-    n_ok = offs_n < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        xv = tl.load(x_ptr + t * stride_xt + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        a = tl.load(a_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(a.to(tl.float32) * xv[None, :], axis=1)  # [BLOCK_N]
-    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, count_ptr, scratch_ptr, T, S, num_tiles, T_PAD: tl.constexpr,
+                 CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, J_PAD: tl.constexpr, TILES_PAD: tl.constexpr):
+    # One program: a stable counting sort of the rows by slot through all-pairs comparisons (T <= 512).
+    i = tl.arange(0, T_PAD)
+    key_i, slot_i = _plan_keys(slots_ptr, i, T, S)
+    less = tl.zeros([T_PAD], dtype=tl.int32)  # rows with a smaller key: the start of i's run
+    before = tl.zeros([T_PAD], dtype=tl.int32)  # earlier rows with the same key
+    count = tl.zeros([T_PAD], dtype=tl.int32)  # rows with the same key
+    for j0 in range(0, T_PAD, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        key_j, _ = _plan_keys(slots_ptr, j, T, S)
+        eq = key_j[None, :] == key_i[:, None]
+        less += tl.sum((key_j[None, :] < key_i[:, None]).to(tl.int32), axis=1)
+        before += tl.sum((eq & (j[None, :] < i[:, None])).to(tl.int32), axis=1)
+        count += tl.sum(eq.to(tl.int32), axis=1)
+    tl.store(perm_ptr + less + before, i, mask=i < T)
+    lead = (before == 0) & (key_i < S)  # the first row of each adapter's run
+    ntiles = tl.where(lead, (count + BLOCK_M - 1) // BLOCK_M, 0)
+    tl.store(scratch_ptr + i, ntiles, mask=i < T)
+    tl.store(count_ptr, tl.sum(ntiles, axis=0))
+    t_all = tl.arange(0, TILES_PAD)
+    empty = t_all < num_tiles
+    tl.store(tiles_ptr + t_all, tl.zeros([TILES_PAD], dtype=tl.int32), mask=empty)
+    tl.store(tiles_ptr + num_tiles + t_all, tl.zeros([TILES_PAD], dtype=tl.int32), mask=empty)
+    tl.store(tiles_ptr + 2 * num_tiles + t_all, tl.zeros([TILES_PAD], dtype=tl.int32), mask=empty)
+    tl.debug_barrier()  # every row's tile count (and the cleared table) visible to the whole program
+    base = tl.zeros([T_PAD], dtype=tl.int32)  # tiles of the runs with smaller keys
+    for j0 in range(0, T_PAD, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        key_j, _ = _plan_keys(slots_ptr, j, T, S)
+        nt_j = tl.load(scratch_ptr + j, mask=j < T, other=0)
+        base += tl.sum(tl.where(key_j[None, :] < key_i[:, None], nt_j[None, :], 0), axis=1)
+    jj = tl.arange(0, J_PAD)
+    ok = lead[:, None] & (jj[None, :] < ntiles[:, None])
+    tile = base[:, None] + jj[None, :]
+    zero = tl.zeros([T_PAD, J_PAD], dtype=tl.int32)
+    tl.store(tiles_ptr + tile, slot_i[:, None] + zero, mask=ok)
+    tl.store(tiles_ptr + num_tiles + tile, less[:, None] + jj[None, :] * BLOCK_M, mask=ok)
+    tl.store(tiles_ptr + 2 * num_tiles + tile, tl.minimum(count[:, None] - jj[None, :] * BLOCK_M, BLOCK_M),
+             mask=ok)
 
 
-@triton.jit
-def _bgmv_expand_kernel(v_ptr, b_ptr, idx_ptr, y_ptr, N, R, b1, b2, b3,
-                        stride_vt, stride_bs, stride_bn, stride_yt,
-                        BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
-    t = tl.program_id(0)
-    n0 = tl.program_id(1) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
-    slot = tl.load(idx_ptr + t)
-    use = slot >= 0
-    v_col = _slice_of(n0, b1, b2, b3) * R  # tiles never straddle a slice boundary (wrapper checks)
-    n_ok = (offs_n < N) & use
-    r_ok = (offs_r < R) & use
-    v = tl.load(v_ptr + t * stride_vt + v_col + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn
-                + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_N, R_PAD]
-    delta = tl.sum(b.to(tl.float32) * v[None, :], axis=1)
-    y_ptrs = y_ptr + t * stride_yt + offs_n
-    y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _sgmv_shrink_kernel(x_ptr, a_ptr, starts_ptr, ends_ptr, slots_ptr, out_ptr, N, K,
-                        stride_xt, stride_as, stride_an, stride_ot,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    g = tl.program_id(0)
-    start = tl.load(starts_ptr + g)
-    end = tl.load(ends_ptr + g)
-    slot = tl.load(slots_ptr + g)
-    offs_m = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < end
-    n_ok = offs_n < N
-    # Tiles past the segment's end, or segments without an adapter, skip the reduction (no reads).
-    k_end = tl.where((start + tl.program_id(1) * BLOCK_M < end) & (slot >= 0), K, 0)
-    a_base = a_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_as
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xt + offs_k[None, :],
-                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        at = tl.load(a_base + offs_n[None, :] * stride_an + offs_k[:, None],
-                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_N] = A[slot].T
-        acc = tl.dot(xt.to(at.dtype), at, acc)
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _sgmv_expand_kernel(v_ptr, b_ptr, starts_ptr, ends_ptr, slots_ptr, y_ptr, N, R, b1, b2, b3,
-                        stride_vt, stride_bs, stride_bn, stride_yt,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
-    g = tl.program_id(0)
-    start = tl.load(starts_ptr + g)
-    end = tl.load(ends_ptr + g)
-    slot = tl.load(slots_ptr + g)
-    n0 = tl.program_id(2) * BLOCK_N
-    offs_m = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
-    m_ok = (offs_m < end) & (slot >= 0)  # no adapter or past the end: no reads, y untouched
-    n_ok = offs_n < N
-    r_ok = offs_r < R
-    v_col = _slice_of(n0, b1, b2, b3) * R
-    v = tl.load(v_ptr + offs_m[:, None].to(tl.int64) * stride_vt + v_col + offs_r[None, :],
-                mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, R_PAD]
-    bt = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn
-                 + offs_r[:, None], mask=(n_ok[None, :] & r_ok[:, None]) & (slot >= 0),
-                 other=0.0)  # [R_PAD, BLOCK_N] = B[slot].T
-    delta = tl.dot(v.to(bt.dtype), bt)  # [BLOCK_M, BLOCK_N] fp32
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
+def plan_from_segments(segments: Sequence[tuple[int, int, int]], num_rows: int, device,
+                       block_m: int | None = None) -> LoraPlan:  # fmt: skip
+    """Plan from host segments (start, end, slot) of contiguous rows (prefill): exact, one upload."""
+    longest = max((e - s for s, e, k in segments if k >= 0), default=0)
+    block_m = block_m or (16 if longest <= 16 else 64)
+    tiles = [(slot, first, min(block_m, end - first)) for start, end, slot in segments if slot >= 0
+             for first in range(start, end, block_m)]  # fmt: skip
+    n = len(tiles)
+    buf = torch.tensor([t[i] for i in range(3) for t in tiles] + [n], dtype=torch.int32).to(device)
+    return LoraPlan(None, buf[: 3 * n].view(3, n), buf[3 * n :], block_m, num_rows, min_tiles=n)
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 132  # interpreter runs: size grids as for an H100
 
 
-def _boundaries(slice_offsets, n_total: int, rank: int, v_cols: int) -> tuple[list[int], int]:
-    """(b1, b2, b3) inner slice boundaries, and the largest power-of-two column tile dividing them."""
-    offs = list(slice_offsets) if slice_offsets is not None else [0, n_total]
-    assert offs[0] == 0 and offs[-1] == n_total and 2 <= len(offs) <= 5, offs
-    assert v_cols >= (len(offs) - 1) * rank, "v needs R columns per slice"
-    inner = offs[1:-1]
-    align = 1 << 30
-    for b in inner:
-        align = min(align, b & -b)  # lowest set bit: the largest power of two dividing b
-    return inner + [_NO_BOUNDARY] * (3 - len(inner)), align
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _check(x_or_v, stack, y=None, *index_vectors):
-    assert x_or_v.stride(-1) == 1 and stack.stride(-1) == 1 and (y is None or y.stride(-1) == 1)
-    for ix in index_vectors:  # slot indices / segment bounds: dense int32 vectors
-        assert ix.dtype == torch.int32 and ix.stride(0) == 1, (ix.dtype, ix.stride())
+@triton.jit
+def _slice_of(col, b1, b2, b3):
+    # which member (0..3) a B row belongs to; unused boundaries are 2**31-1
+    return (col >= b1).to(tl.int32) + (col >= b2).to(tl.int32) + (col >= b3).to(tl.int32)
 
 
-def _device_segments(starts, ends, slots, device, max_seg_len):
-    """Segments as dense int32 device tensors (+ max length). Host sequences (the batch's host copy) are
-    uploaded once and give the exact max length, so the grid has no empty rows and nothing syncs."""
-    if isinstance(starts, torch.Tensor):
-        return starts, ends, slots, max_seg_len
-    lens = [e - s for s, e in zip(starts, ends, strict=True)]
-    as_t = [torch.tensor(list(c), dtype=torch.int32).to(device) for c in (starts, ends, slots)]
-    return (*as_t, max(lens, default=0) if max_seg_len is None else max_seg_len)
+@triton.jit
+def _tile_rows(perm_ptr, first, n, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < n
+    if HAS_PERM:
+        rows = tl.load(perm_ptr + first + offs_m, mask=m_ok, other=0)
+    else:
+        rows = first + offs_m
+    return rows.to(tl.int64), m_ok
 
 
-def bgmv_shrink(x, lora_a, indices, *, out=None):
-    """v = shrink(x) per token.  x [T, in], lora_a [S, R, in], indices [T] int32 -> v [T, R] (x.dtype).
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, v_ptr, N, K, R, k_chunk,
+                   num_tiles, stride_xt, stride_as, stride_an, stride_vs, stride_vt,
+                   HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k_lo = split * k_chunk
+    for tile in range(tl.program_id(2), tl.load(count_ptr), tl.num_programs(2)):  # the real tiles only
+        slot = tl.load(tiles_ptr + tile)
+        n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
+        rows, m_ok = _tile_rows(perm_ptr, tl.load(tiles_ptr + num_tiles + tile), n_rows, HAS_PERM, BLOCK_M)
+        live = n_ok & ((offs_n % R) < tl.load(ranks_ptr + slot))  # rows past the slot's rank: zero, unread
+        k_hi = tl.minimum(K, k_lo + k_chunk)
+        k_hi = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, k_hi, k_lo)
+        a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_n[None, :] * stride_an
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_hi
+            xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            at = tl.load(a_rows + offs_k[:, None], mask=live[None, :] & k_ok[:, None], other=0.0)  # [BK, BN]
+            acc = tl.dot(xt.to(at.dtype), at, acc)
+        tl.store(v_ptr + split * stride_vs + rows[:, None] * stride_vt + offs_n[None, :], acc,
+                 mask=m_ok[:, None] & n_ok[None, :])
 
-        for t: v[t] = x[t] @ lora_a[indices[t]].T if indices[t] >= 0 else 0
+
+@triton.jit
+def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_ptr, N, R, num_splits,
+                   num_tiles, tiles_per_prog, b1, b2, b3, d0, d1, d2, d3, stride_vs, stride_vt, stride_bs,
+                   stride_bn, stride_yt, HAS_PERM: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
+                   R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    # The members side by side on the reduction axis: kk = member * R_PAD + r. B is loaded block-diagonally
+    # (column c of B only under its own member's kk rows), so one dot adds every member's delta.
+    kk = tl.arange(0, NT_PAD * R_PAD)
+    kk_member = kk // R_PAD
+    kk_r = kk % R_PAD
+    n_first = pid_n * tiles_per_prog
+    n_span = tl.minimum(tiles_per_prog, tl.cdiv(N, BLOCK_N) - n_first)
+    for tile in range(tl.program_id(1), tl.load(count_ptr), tl.num_programs(1)):  # the real tiles only
+        slot = tl.load(tiles_ptr + tile)
+        rank = tl.load(ranks_ptr + slot)  # 0: the slot's adapter targets none of these members
+        n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
+        rows, m_ok = _tile_rows(perm_ptr, tl.load(tiles_ptr + num_tiles + tile), n_rows, HAS_PERM, BLOCK_M)
+        kk_ok = (kk_member < NT) & (kk_r < rank)
+        v_ptrs = v_ptr + rows[:, None] * stride_vt + (kk_member * R + kk_r)[None, :]
+        v_ok = m_ok[:, None] & kk_ok[None, :]
+        v = tl.zeros([BLOCK_M, NT_PAD * R_PAD], dtype=tl.float32)
+        for s in range(0, num_splits):  # the shrink's split-K partials
+            v += tl.load(v_ptrs + s * stride_vs, mask=v_ok, other=0.0)
+        v = v.to(b_ptr.dtype.element_ty)
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        for j in range(0, tl.where(rank > 0, n_span, 0)):
+            offs_n = (n_first + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            member = _slice_of(offs_n, b1, b2, b3)
+            bt = tl.load(b_base + offs_n[None, :] * stride_bn + kk_r[:, None],
+                         mask=kk_ok[:, None] & n_ok[None, :] & (kk_member[:, None] == member[None, :]),
+                         other=0.0)  # [NT_PAD * R_PAD, BLOCK_N]
+            delta = tl.dot(v, bt)  # [BLOCK_M, BLOCK_N] fp32
+            shift = tl.where(member == 0, d0, tl.where(member == 1, d1, tl.where(member == 2, d2, d3)))
+            y_ptrs = y_ptr + rows[:, None] * stride_yt + (offs_n + shift)[None, :]
+            ok = m_ok[:, None] & n_ok[None, :]
+            y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _perm_arg(plan: LoraPlan) -> torch.Tensor:
+    return plan.perm if plan.perm is not None else plan.tiles  # unread without HAS_PERM; any pointer
+
+
+def _check(plan: LoraPlan, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        assert t.stride(-1) == 1, t.stride()
+    assert plan.tiles.dtype == torch.int32 and plan.tiles.is_contiguous() and plan.count.dtype == torch.int32
+    assert plan.perm is None or (plan.perm.dtype == torch.int32 and plan.perm.stride(0) == 1)
+
+
+def tile_workers(plan: LoraPlan) -> int:
+    """Programs along the tile axis: the real tiles when the host knows them (prefill), else twice the
+    fewest a batch of this size has (one adapter); more tiles (many adapters) loop in each program."""
+    if plan.perm is None:
+        return max(plan.num_tiles, 1)
+    return max(1, min(plan.num_tiles, 2 * plan.min_tiles, 64))
+
+
+def choose_splits(plan: LoraPlan, n_cols: int, k: int, block_n: int, sms: int) -> int:
+    """Split-K factor of the shrink: enough programs for ~2 waves when the batch has the fewest tiles."""
+    programs = max(plan.min_tiles, 1) * triton.cdiv(n_cols, block_n)
+    return max(1, min(16, k // 256, (2 * sms) // programs))
+
+
+def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x [T, in], lora_a [S, N, in] (N = NT*rank), ranks [S] int32 -> v [SPLITS, T, N] float32 partials.
+
+        for tile (slot, rows): v[:, rows] = split-K partials of x[rows] @ lora_a[slot].T
+        (columns n with n % R >= ranks[slot] are 0; rows in no tile are not written)
+
+    `out`: [SPLITS, T, N] float32 to write into (its SPLITS is the split count: tests poison it).
     """
-    _check(x, lora_a, None, indices)
-    T, K = x.shape
-    N = lora_a.shape[1]
-    out = torch.empty((T, N), device=x.device, dtype=x.dtype) if out is None else out
-    if T == 0:
-        return out
-    # Rows of A, not the reduction, are spread over programs: at small T each program owns few rows and
-    # streams them whole (BLOCK_N * BLOCK_K ~ 4K elements in flight), so no split-K merge launch is needed.
-    rows_per_prog = T * N // (2 * _num_sms(x.device))
-    BLOCK_N = min(16, triton.next_power_of_2(N), 1 << max(rows_per_prog.bit_length() - 1, 0))
-    BLOCK_K = min(triton.next_power_of_2(K), max(256, 4096 // BLOCK_N))
-    _bgmv_shrink_kernel[(T, triton.cdiv(N, BLOCK_N))](
-        x, lora_a, indices, out, N, K, x.stride(0), lora_a.stride(0), lora_a.stride(1), out.stride(0),
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
-    return out
+    _check(plan, x, lora_a)
+    t, k = x.shape
+    n = lora_a.shape[1]
+    block_n = min(128, max(16, triton.next_power_of_2(n)))
+    block_k = 64 if k <= 1024 else 128
+    if out is not None:
+        splits = out.shape[0]
+    elif splits is None:
+        splits = choose_splits(plan, n, k, block_n, _num_sms(x.device))
+    k_chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    if triton.cdiv(k, k_chunk) != splits:  # no empty split: every partial the expand sums is written
+        assert out is None, f"{splits} splits of {k} in chunks of {block_k} leave one empty"
+        splits = triton.cdiv(k, k_chunk)
+    v = torch.empty((splits, t, n), device=x.device, dtype=torch.float32) if out is None else out
+    if t == 0 or plan.num_tiles == 0:
+        return v
+    grid = (triton.cdiv(n, block_n), splits, tile_workers(plan))
+    _shrink_kernel[grid](
+        x, lora_a, ranks, _perm_arg(plan), plan.tiles, plan.count, v, n, k, rank, k_chunk, plan.num_tiles,
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0), v.stride(1),
+        HAS_PERM=plan.perm is not None, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    return v
 
 
-def bgmv_expand(y, v, lora_b, indices, *, slice_offsets=None):
-    """y += expand(v) per token, in place.  y [T, out] (may be a column view of a fused output),
-    v [T, NT*R], lora_b [S, out, R], indices [T] int32; slice_offsets: python ints (0, ..., out).
+def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
+                slices: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:  # fmt: skip
+    """y += expand(v) in place.  y [T, cols], v [SPLITS, T, NT*rank] (lora_shrink's), lora_b [S, N, rank];
+    slices: (b_start, b_end, y_start) per member, in B-row order (default: one member, all of y).
 
-        for t with indices[t] >= 0, for slice i, cols c in [off[i], off[i+1]):
-            y[t, c] += v[t, i*R:(i+1)*R] @ lora_b[indices[t], c]
+        for tile (slot, rows), member i: y[rows, y_i + c] += sum_s(v[s, rows, i*R:(i+1)*R]) @ B[slot, b_i + c]
     """
-    _check(v, lora_b, y, indices)
-    T, N = y.shape
-    R = lora_b.shape[2]
-    bounds, align = _boundaries(slice_offsets, N, R, v.shape[1])
-    if T == 0:
+    _check(plan, v, lora_b, y)
+    n = lora_b.shape[1]
+    slices = list(slices) if slices is not None else [(0, n, 0)]
+    nt = len(slices)
+    assert 1 <= nt <= MAX_MEMBERS and slices[0][0] == 0 and slices[-1][1] == n, slices
+    assert v.shape[2] >= nt * rank and lora_b.shape[2] == rank, (v.shape, lora_b.shape, rank)
+    bounds = [s[0] for s in slices[1:]] + [_NO_BOUNDARY] * (MAX_MEMBERS - nt)
+    shifts = [y0 - b0 for b0, _, y0 in slices] + [0] * (MAX_MEMBERS - nt)
+    if y.shape[0] == 0 or plan.num_tiles == 0:
         return y
-    R_PAD = max(16, triton.next_power_of_2(R))
-    BLOCK_N = min(max(16, 4096 // R_PAD), align, triton.next_power_of_2(N))
-    _bgmv_expand_kernel[(T, triton.cdiv(N, BLOCK_N))](
-        v, lora_b, indices, y, N, R, *bounds, v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-        BLOCK_N=BLOCK_N, R_PAD=R_PAD, num_warps=4)
+    nt_pad = triton.next_power_of_2(nt)
+    r_pad = max(16, triton.next_power_of_2(rank))
+    block_n = max(16, min(128, 8192 // (nt_pad * r_pad)))
+    n_tiles = triton.cdiv(n, block_n)
+    # Programs per tile along the columns: ~4 waves when the batch has the fewest tiles; each loops
+    # over its share of column tiles (fewer, longer programs than one per column tile: empty tiles of
+    # a static plan then cost fewer launches).
+    n_progs = max(1, min(n_tiles, triton.cdiv(4 * _num_sms(y.device), max(plan.min_tiles, 1))))
+    per_prog = triton.cdiv(n_tiles, n_progs)
+    n_progs = triton.cdiv(n_tiles, per_prog)
+    _expand_kernel[(n_progs, tile_workers(plan))](
+        v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, y, n, rank,
+        v.shape[0], plan.num_tiles, per_prog, *bounds[:3], *shifts, v.stride(0), v.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), HAS_PERM=plan.perm is not None, NT=nt,
+        NT_PAD=nt_pad, R_PAD=r_pad, BLOCK_M=plan.block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
     return y
-
-
-def sgmv_shrink(x, lora_a, seg_starts, seg_ends, seg_slots, *, max_seg_len=None, out=None):
-    """v = shrink(x) per segment.  x [T, in], lora_a [S, R, in], seg_* [G] int32 device tensors or host int
-    sequences; max_seg_len: python int >= every segment's length (default: T for tensors). -> v [T, R].
-
-        v = zeros (only when out is None: rows outside every segment are then 0, as in ops.sgmv_shrink)
-        for g: v[starts[g]:ends[g]] = x[starts[g]:ends[g]] @ lora_a[slots[g]].T  (0 if slots[g] < 0)
-    """
-    seg_starts, seg_ends, seg_slots, max_seg_len = _device_segments(seg_starts, seg_ends, seg_slots, x.device,
-                                                                    max_seg_len)
-    _check(x, lora_a, None, seg_starts, seg_ends, seg_slots)
-    T, K = x.shape
-    N = lora_a.shape[1]
-    out = torch.zeros((T, N), device=x.device, dtype=x.dtype) if out is None else out
-    max_seg_len = T if max_seg_len is None else max_seg_len
-    if T == 0 or seg_starts.shape[0] == 0:
-        return out
-    BLOCK_M = 16 if max_seg_len <= 16 else 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(N)))
-    grid = (seg_starts.shape[0], triton.cdiv(max(max_seg_len, 1), BLOCK_M), triton.cdiv(N, BLOCK_N))
-    _sgmv_shrink_kernel[grid](x, lora_a, seg_starts, seg_ends, seg_slots, out, N, K, x.stride(0),
-                              lora_a.stride(0), lora_a.stride(1), out.stride(0),
-                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=64, num_warps=4, num_stages=3)
-    return out
-
-
-def sgmv_expand(y, v, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_len=None, slice_offsets=None):
-    """y += expand(v) per segment, in place.  y [T, out], v [T, NT*R], lora_b [S, out, R]; see bgmv_expand
-    for slice_offsets.
-
-        for g with slots[g] >= 0, for slice i, cols c of slice i:
-            y[starts[g]:ends[g], c] += v[starts[g]:ends[g], i*R:(i+1)*R] @ lora_b[slots[g], c]
-    """
-    seg_starts, seg_ends, seg_slots, max_seg_len = _device_segments(seg_starts, seg_ends, seg_slots, y.device,
-                                                                    max_seg_len)
-    _check(v, lora_b, y, seg_starts, seg_ends, seg_slots)
-    T, N = y.shape
-    R = lora_b.shape[2]
-    bounds, align = _boundaries(slice_offsets, N, R, v.shape[1])
-    assert align >= 16, "slice boundaries must be multiples of 16"
-    max_seg_len = T if max_seg_len is None else max_seg_len
-    if T == 0 or seg_starts.shape[0] == 0:
-        return y
-    BLOCK_M = 16 if max_seg_len <= 16 else 64
-    R_PAD = max(16, triton.next_power_of_2(R))
-    BLOCK_N = min(128 if R_PAD <= 64 else 64, align, max(16, triton.next_power_of_2(N)))
-    grid = (seg_starts.shape[0], triton.cdiv(max(max_seg_len, 1), BLOCK_M), triton.cdiv(N, BLOCK_N))
-    _sgmv_expand_kernel[grid](v, lora_b, seg_starts, seg_ends, seg_slots, y, N, R, *bounds, v.stride(0),
-                              lora_b.stride(0), lora_b.stride(1), y.stride(0),
-                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, R_PAD=R_PAD, num_warps=4)
-    return y
-
-
-def bgmv(y, x, lora_a, lora_b, indices, *, slice_offsets=None):
-    """BGMV: for t with indices[t] >= 0: y[t] += (x[t] @ A[indices[t]].T) @ B[indices[t]].T (per slice)."""
-    return bgmv_expand(y, bgmv_shrink(x, lora_a, indices), lora_b, indices, slice_offsets=slice_offsets)
-
-
-def sgmv(y, x, lora_a, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_len=None, slice_offsets=None):
-    """SGMV: for g with slots[g] >= 0: y[s:e] += (x[s:e] @ A[slots[g]].T) @ B[slots[g]].T (per slice)."""
-    seg = _device_segments(seg_starts, seg_ends, seg_slots, x.device, max_seg_len)
-    v = sgmv_shrink(x, lora_a, *seg[:3], max_seg_len=seg[3])
-    return sgmv_expand(y, v, lora_b, *seg[:3], max_seg_len=seg[3], slice_offsets=slice_offsets)
 
 
 # ------------------------------------------------------------------------ torch references (same API)
 
 
-def _slices(slice_offsets, n_total):
-    offs = list(slice_offsets) if slice_offsets is not None else [0, n_total]
-    return list(zip(offs[:-1], offs[1:], strict=True))
-
-
-def bgmv_shrink_ref(x, lora_a, indices, *, out=None):
-    a = lora_a[indices.long().clamp_min(0)].float()  # [T, R, in]
-    # select, not multiply by a 0/1 mask: slot 0's values (the placeholder of base rows) stay out of them
-    v = torch.where((indices >= 0).unsqueeze(1), torch.einsum("ti,tri->tr", x.float(), a), 0.0)
-    return v.to(x.dtype) if out is None else out.copy_(v)
-
-
-def bgmv_expand_ref(y, v, lora_b, indices, *, slice_offsets=None):
-    R = lora_b.shape[2]
-    b = lora_b[indices.long().clamp_min(0)].float()  # [T, out, R]
-    use = (indices >= 0).unsqueeze(1)
-    for i, (c0, c1) in enumerate(_slices(slice_offsets, y.shape[1])):
-        delta = torch.einsum("tr,tor->to", v[:, i * R:(i + 1) * R].float(), b[:, c0:c1])
-        y[:, c0:c1] = torch.where(use, y[:, c0:c1].float() + delta, y[:, c0:c1].float()).to(y.dtype)
-    return y
-
-
-def _segs(starts, ends, slots):
-    cols = (c.tolist() if isinstance(c, torch.Tensor) else list(c) for c in (starts, ends, slots))
-    rows = zip(*cols, strict=True)
-    return [(s, e, k) for s, e, k in rows if e > s]
-
-
-def sgmv_shrink_ref(x, lora_a, seg_starts, seg_ends, seg_slots, *, max_seg_len=None, out=None):
-    out = torch.zeros((x.shape[0], lora_a.shape[1]), device=x.device, dtype=x.dtype) if out is None else out
-    for s, e, k in _segs(seg_starts, seg_ends, seg_slots):
-        out[s:e] = (x[s:e].float() @ lora_a[k].float().T).to(out.dtype) if k >= 0 else 0
+def _tiles_host(plan: LoraPlan) -> list[tuple[torch.Tensor, int]]:
+    """(token rows, slot) per non-empty tile."""
+    perm = plan.perm.long() if plan.perm is not None else None
+    out = []
+    for slot, first, n in plan.tiles.T.tolist():
+        if n > 0:
+            rows = perm[first : first + n] if perm is not None else torch.arange(first, first + n)
+            out.append((rows.to(plan.tiles.device), slot))
     return out
 
 
-def sgmv_expand_ref(y, v, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_len=None, slice_offsets=None):
-    R = lora_b.shape[2]
-    for s, e, k in _segs(seg_starts, seg_ends, seg_slots):
-        if k < 0:
-            continue
-        for i, (c0, c1) in enumerate(_slices(slice_offsets, y.shape[1])):
-            delta = v[s:e, i * R:(i + 1) * R].float() @ lora_b[k, c0:c1].float().T
-            y[s:e, c0:c1] = (y[s:e, c0:c1].float() + delta).to(y.dtype)
+def lora_shrink_ref(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits=None) -> torch.Tensor:
+    v = torch.full((1, x.shape[0], lora_a.shape[1]), float("nan"), device=x.device)  # uncovered rows
+    for rows, slot in _tiles_host(plan):
+        v[0, rows] = x[rows].float() @ lora_a[slot].float().T
+    return v
+
+
+def lora_expand_ref(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int, slices=None) -> torch.Tensor:
+    n = lora_b.shape[1]
+    slices = list(slices) if slices is not None else [(0, n, 0)]
+    for rows, slot in _tiles_host(plan):
+        vs = v[:, rows].float().sum(0)  # [rows, NT*R]
+        for i, (b0, b1, y0) in enumerate(slices):
+            delta = vs[:, i * rank : (i + 1) * rank] @ lora_b[slot, b0:b1].float().T
+            cols = slice(y0, y0 + b1 - b0)
+            y[rows, cols] = (y[rows, cols].float() + delta).to(y.dtype)
     return y
-
-
-def bgmv_ref(y, x, lora_a, lora_b, indices, *, slice_offsets=None):
-    v = bgmv_shrink_ref(x, lora_a, indices)
-    return bgmv_expand_ref(y, v, lora_b, indices, slice_offsets=slice_offsets)
-
-
-def sgmv_ref(y, x, lora_a, lora_b, seg_starts, seg_ends, seg_slots, *, max_seg_len=None,
-             slice_offsets=None):
-    v = sgmv_shrink_ref(x, lora_a, seg_starts, seg_ends, seg_slots)
-    return sgmv_expand_ref(y, v, lora_b, seg_starts, seg_ends, seg_slots, slice_offsets=slice_offsets)

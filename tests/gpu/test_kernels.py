@@ -172,103 +172,96 @@ def test_paged_decode_attention_cuda_graph():
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
+# Grouped shrink/expand over fused projection groups (cases: tests/lora_kernel_cases.py). Made on the
+# host with a fixed seed (the case builder draws on the CPU), then moved to the device.
 
-LORA_SHAPES = [  # (in, outs of the targets batched in one launch)
-    (4096, (4096, 1024, 1024)),  # q,k,v
-    (4096, (14336, 14336)),  # gate,up
-    (14336, (4096,)),  # down
-    (4096, (4096,)),  # o
+LORA_SHAPES = [  # (in, member widths in the fused output, members present)
+    (4096, (4096, 1024, 1024), (True, True, True)),  # Mistral-7B q,k,v
+    (4096, (4096, 1024, 1024), (True, False, True)),  # q,v only: k's columns untouched
+    (8192, (1024, 128, 128), (True, True, True)),  # a 70B-like q,k,v shard (GQA 8:1, TP 8)
+    (4096, (14336, 14336), (True, True)),  # gate,up
+    (14336, (4096,), (True,)),  # down
+    (4096, (4096,), (True,)),  # o
 ]
 
 
-def make_lora_case(gen, T, S, R, fan_in, outs, dtype, no_adapter_frac=0.25):
-    nt = len(outs)
-    x = torch.randn(T, fan_in, generator=gen, device=DEV).to(dtype)
-    a = (torch.randn(S, nt * R, fan_in, generator=gen, device=DEV) / fan_in**0.5).to(dtype)
-    b = (torch.randn(S, sum(outs), R, generator=gen, device=DEV) / R**0.5).to(dtype)
-    idx = torch.randint(0, S, (T,), generator=gen, device=DEV, dtype=torch.int32)
-    idx[torch.rand(T, generator=gen, device=DEV) < no_adapter_frac] = -1
-    offsets = [0]
-    for o in outs:
-        offsets.append(offsets[-1] + o)
-    return x, a, b, idx, tuple(offsets)
+def _lora_case(T, S, R, shape, dtype, seed):
+    from lora_kernel_cases import make_group_case
+
+    fan_in, widths, present = shape
+    return make_group_case(torch.Generator().manual_seed(seed), T, S, R, fan_in, widths, present, dtype,
+                           device=DEV)  # fmt: skip
+
+
+def _check_group(lora, c, plan, dtype, splits=None):
+    covered = c.slots >= 0
+    v = lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=c.rank, splits=splits)
+    poisoned = torch.full_like(v, float("nan"))
+    lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=c.rank, out=poisoned)
+    v_ref = lora.lora_shrink_ref(c.x, c.a, c.ranks, plan, rank=c.rank)
+    assert rel_err(poisoned.sum(0)[covered], v_ref[0][covered]) <= 1e-2
+    assert torch.isnan(poisoned[:, ~covered]).all()
+    y0 = (0.05 * torch.randn(c.x.shape[0], c.y_cols, device=DEV)).to(dtype)
+    y = y0.clone()
+    lora.lora_expand(y, v, c.b, c.ranks, plan, rank=c.rank, slices=c.slices)
+    want = c.oracle(y0)
+    assert rel_err(y.double() - y0.double(), want - y0.double()) <= 1e-2
+    assert torch.equal(y[~covered], y0[~covered])
+    assert torch.equal(y[:, c.untouched_cols], y0[:, c.untouched_cols])
 
 
 @pytest.mark.parametrize("T", [1, 8, 64, 256])
 @pytest.mark.parametrize("R", [8, 16, 64, 128])
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=str)
-def test_bgmv(T, R, shape):
+def test_lora_grouped_decode_plan(T, R, shape):
     from model.kernels import lora
 
-    fan_in, outs = shape
     dtype = torch.float16 if R == 64 else torch.bfloat16
-    gen = gen_for("bgmv", T, R, str(shape))
-    x, a, b, idx, offsets = make_lora_case(gen, T, 8, R, fan_in, outs, dtype)
-    v = torch.full((T, a.shape[1]), float("nan"), dtype=dtype, device=DEV)
-    lora.bgmv_shrink(x, a, idx, out=v)
-    v_ref = lora.bgmv_shrink_ref(x, a, idx)
-    assert rel_err(v, v_ref) <= 1e-2
-    assert v[idx < 0].eq(0).all()
-    y0 = torch.randn(T, sum(outs), generator=gen, device=DEV).to(dtype)
-    y, y_ref = y0.clone(), y0.clone()
-    lora.bgmv_expand(y, v_ref, b, idx, slice_offsets=offsets)
-    lora.bgmv_expand_ref(y_ref, v_ref, b, idx, slice_offsets=offsets)
-    assert rel_err(y - y0, y_ref - y0) <= 1e-2
-    assert torch.equal(y[idx < 0], y0[idx < 0])
+    c = _lora_case(T, 8, R, shape, dtype, seed=T * 1000 + R)
+    _check_group(lora, c, lora.plan_from_slots(c.slots, 8), dtype)
 
 
 @pytest.mark.parametrize("T", [1, 100, 1024, 4096])
 @pytest.mark.parametrize("R", [8, 16, 64, 128])
-@pytest.mark.parametrize("shape", LORA_SHAPES, ids=str)
-def test_sgmv(T, R, shape):
+@pytest.mark.parametrize("shape", LORA_SHAPES[::2], ids=str)
+def test_lora_grouped_prefill_segments(T, R, shape):
+    from lora_kernel_cases import ragged_segments, slots_of_segments
+
     from model.kernels import lora
 
-    fan_in, outs = shape
     dtype = torch.float16 if R == 64 else torch.bfloat16
-    gen = gen_for("sgmv", T, R, str(shape))
-    x, a, b, _, offsets = make_lora_case(gen, T, 8, R, fan_in, outs, dtype)
-    # ragged segments: a gap (uncovered row), a no-adapter segment, the rest random slots
-    g = torch.Generator().manual_seed(T * 131 + R)
-    cuts = sorted(set(torch.randint(1, T, (min(6, T - 1),), generator=g).tolist())) if T > 1 else []
-    bounds = [0, *cuts, T]
-    segs = [(s + (1 if i == 1 and e - s > 1 else 0), e, -1 if i == 2 else (i * 3) % 8)
-            for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
-    starts, ends, slots = (torch.tensor(c, dtype=torch.int32, device=DEV) for c in zip(*segs, strict=True))
-    max_len = max(e - s for s, e, _ in segs)
-    covered = torch.zeros(T, dtype=torch.bool, device=DEV)
-    for s, e, _ in segs:
-        covered[s:e] = True
-    v = torch.full((T, a.shape[1]), float("nan"), dtype=dtype, device=DEV)
-    lora.sgmv_shrink(x, a, starts, ends, slots, max_seg_len=max_len, out=v)
-    v_ref = lora.sgmv_shrink_ref(x, a, starts, ends, slots)
-    assert rel_err(v[covered], v_ref[covered]) <= 1e-2
-    assert torch.isnan(v[~covered]).all()
-    y0 = torch.randn(T, sum(outs), generator=gen, device=DEV).to(dtype)
-    y, y_ref = y0.clone(), y0.clone()
-    lora.sgmv_expand(y, v_ref, b, starts, ends, slots, max_seg_len=max_len, slice_offsets=offsets)
-    lora.sgmv_expand_ref(y_ref, v_ref, b, starts, ends, slots, slice_offsets=offsets)
-    assert rel_err(y - y0, y_ref - y0) <= 1e-2
-    assert torch.equal(y[~covered], y0[~covered])
-    host = [list(c) for c in zip(*segs, strict=True)]  # combined op, segments as host lists
-    y, y_ref = y0.clone(), y0.clone()
-    lora.sgmv(y, x, a, b, *host, slice_offsets=offsets)
-    lora.sgmv_ref(y_ref, x, a, b, *host, slice_offsets=offsets)
-    assert rel_err(y - y0, y_ref - y0) <= 1e-2
+    c = _lora_case(T, 8, R, shape, dtype, seed=T * 7 + R)
+    segs = ragged_segments(torch.Generator().manual_seed(T + R), T, 8)
+    c.slots = slots_of_segments(segs, T, DEV)
+    _check_group(lora, c, lora.plan_from_segments(segs, T, DEV), dtype, splits=1)
 
 
-def test_bgmv_cuda_graph():
-    """LoRA inside a captured decode graph: slot indices updated in place, every value incl. -1 served."""
+@pytest.mark.parametrize("T,S", [(1, 1), (7, 3), (64, 32), (128, 64), (256, 8), (512, 128)])
+def test_lora_plan_kernel_equals_torch_plan(T, S):
     from model.kernels import lora
 
-    T, S, R = 64, 32, 16
-    gen = gen_for("bgmv-graph")
-    x, a, b, idx, offsets = make_lora_case(gen, T, S, R, 4096, (4096, 1024, 1024), torch.bfloat16)
-    y = torch.zeros(T, offsets[-1], dtype=torch.bfloat16, device=DEV)
-    v = torch.empty(T, 3 * R, dtype=torch.bfloat16, device=DEV)
+    g = torch.Generator(device=DEV).manual_seed(T + S)
+    for slots in (torch.randint(-1, S, (T,), generator=g, device=DEV, dtype=torch.int32),
+                  torch.full((T,), -1, dtype=torch.int32, device=DEV),
+                  torch.full((T,), S - 1, dtype=torch.int32, device=DEV)):  # fmt: skip
+        got = lora.plan_from_slots(slots, S, use_kernel=True)
+        ref = lora.plan_from_slots_ref(slots, S)
+        assert torch.equal(got.perm, ref.perm) and torch.equal(got.tiles, ref.tiles)
+        assert torch.equal(got.count, ref.count)
+
+
+def test_lora_grouped_cuda_graph():
+    """Plan + shrink + expand captured once; slots updated in place; every mix (all -1 too) served."""
+    from model.kernels import lora
+
+    T, S = 64, 32
+    c = _lora_case(T, S, 16, LORA_SHAPES[0], torch.bfloat16, seed=5)
+    y = torch.zeros(T, c.y_cols, dtype=torch.bfloat16, device=DEV)
 
     def step():
-        lora.bgmv_shrink(x, a, idx, out=v)
-        lora.bgmv_expand(y, v, b, idx, slice_offsets=offsets)
+        plan = lora.plan_from_slots(c.slots, S)
+        v = lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=c.rank)
+        lora.lora_expand(y, v, c.b, c.ranks, plan, rank=c.rank, slices=c.slices)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -278,17 +271,19 @@ def test_bgmv_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for seed in range(3):
+    for seed in range(4):
         g = torch.Generator(device=DEV).manual_seed(seed)
-        idx.copy_(torch.randint(-1, S, (T,), generator=g, device=DEV, dtype=torch.int32))
-        x.copy_(torch.randn(x.shape, generator=g, device=DEV))
-        y0 = torch.randn(y.shape, generator=g, device=DEV).to(y.dtype)
+        slots = torch.randint(-1, S, (T,), generator=g, device=DEV, dtype=torch.int32)
+        c.slots.copy_(slots if seed < 3 else torch.full_like(slots, -1))
+        c.x.copy_(torch.randn(c.x.shape, generator=g, device=DEV))
+        y0 = (0.05 * torch.randn(y.shape, generator=g, device=DEV)).to(y.dtype)
         y.copy_(y0)
         graph.replay()
         torch.cuda.synchronize()
-        v_ref = lora.bgmv_shrink_ref(x, a, idx)
-        y_ref = lora.bgmv_expand_ref(y0.clone(), v_ref, b, idx, slice_offsets=offsets)
-        assert rel_err(y - y0, y_ref - y0) <= 1e-2
+        want = c.oracle(y0)
+        assert rel_err(y.double() - y0.double(), want - y0.double()) <= 1e-2
+        if seed == 3:  # every row on the base model: nothing changes
+            assert torch.equal(y, y0)
 
 
 # ------------------------------------------------------------------------------------ RMSNorm, rotary

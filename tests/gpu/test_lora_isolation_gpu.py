@@ -1,8 +1,9 @@
 """The Triton LoRA kernels on CUDA keep a slot of non-finite weights in that slot's own rows (marker gpu).
 
 Slots 0 and 1 hold NaN (slot 0 is also the placeholder index base rows use): base rows and rows of slot 2
-must come out exactly as without those adapters, in decode (BGMV, also with several slices) and prefill
-(SGMV). Run: python -m pytest -m gpu tests/gpu/test_lora_isolation_gpu.py -p no:cacheprovider
+must come out exactly as without those adapters, in decode (a plan from per-token slots, three
+members of a fused group) and prefill (a plan from host segments).
+Run: python -m pytest -m gpu tests/gpu/test_lora_isolation_gpu.py -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -32,27 +33,32 @@ def test_triton_lora_isolates_poisoned_slots(dtype, poison):
     a = torch.randn(S, 3 * R, fan_in, generator=gen, device=DEV).to(dtype) * 0.01
     b = torch.randn(S, out, R, generator=gen, device=DEV).to(dtype) * 0.01
     a[:2], b[:2] = poison, poison
-    idx = torch.tensor([(-1, 2, 1, 0)[t % 4] for t in range(T)], dtype=torch.int32, device=DEV)
-    offsets = (0, outs[0], outs[0] + outs[1], out)
-    y0 = torch.randn(T, out, generator=gen, device=DEV).to(dtype)
-    y = y0.clone()
-    lora.bgmv(y, x, a, b, idx, slice_offsets=offsets)
-    assert torch.equal(y[idx < 0], y0[idx < 0])
-    clean = idx == 2
     a_ok, b_ok = a.clone(), b.clone()
     a_ok[:2], b_ok[:2] = 0, 0
-    ref = y0.clone()
-    lora.bgmv_ref(ref, x, a_ok, b_ok, idx, slice_offsets=offsets)
+    ranks = torch.full((S,), R, dtype=torch.int32, device=DEV)
+    q, k = outs[0], outs[0] + outs[1]
+    slices = [(0, q, 0), (q, k, q), (k, out, k)]  # (B rows, y column) per member
+    y0 = torch.randn(T, out, generator=gen, device=DEV).to(dtype)
+
+    def run(plan, wa, wb, ref=False):
+        y = y0.clone()
+        shrink = lora.lora_shrink_ref if ref else lora.lora_shrink
+        expand = lora.lora_expand_ref if ref else lora.lora_expand
+        expand(y, shrink(x, wa, ranks, plan, rank=R), wb, ranks, plan, rank=R, slices=slices)
+        return y
+
+    # decode: a plan from per-token slots (base rows -1 in no tile)
+    idx = torch.tensor([(-1, 2, 1, 0)[t % 4] for t in range(T)], dtype=torch.int32, device=DEV)
+    plan = lora.plan_from_slots(idx, S)
+    y, ref = run(plan, a, b), run(plan, a_ok, b_ok, ref=True)
+    assert torch.equal(y[idx < 0], y0[idx < 0])
+    clean = idx == 2
     assert torch.isfinite(y[clean]).all()
     torch.testing.assert_close(y[clean].float(), ref[clean].float(), rtol=2e-2, atol=2e-2)
 
-    starts = torch.tensor([0, 16, 32, 48], dtype=torch.int32, device=DEV)
-    ends = torch.tensor([16, 32, 48, 64], dtype=torch.int32, device=DEV)
-    slots = torch.tensor([1, 2, -1, 0], dtype=torch.int32, device=DEV)
-    y = y0.clone()
-    lora.sgmv(y, x, a, b, starts, ends, slots, max_seg_len=16, slice_offsets=offsets)
+    # prefill: a plan from host segments; rows 32..48 are on the base model (in no segment)
+    plan = lora.plan_from_segments([(0, 16, 1), (16, 32, 2), (48, 64, 0)], T, DEV)
+    y, ref = run(plan, a, b), run(plan, a_ok, b_ok, ref=True)
     assert torch.equal(y[32:48], y0[32:48])
-    ref = y0.clone()
-    lora.sgmv_ref(ref, x, a_ok, b_ok, starts, ends, slots, slice_offsets=offsets)
     assert torch.isfinite(y[16:32]).all()
     torch.testing.assert_close(y[16:32].float(), ref[16:32].float(), rtol=2e-2, atol=2e-2)

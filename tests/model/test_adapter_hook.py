@@ -1,8 +1,9 @@
-"""The LoRA hook: every target calls add_lora(layer_idx, target, x, out_view) with the right slices.
+"""The LoRA hook: every projection group calls add_lora(layer_idx, group, x, fused_out, widths) once,
+with the right input, the fused output (not a copy) and its members' column widths.
 
-A test double adds x @ delta.T for every target; transformers with W + delta in each weight is then
-the truth. Any wrong slice (q vs k columns, gate vs up), wrong input x, or an out that is a copy
-instead of a view of the fused output shows up as a logits mismatch.
+A test double adds x @ delta.T for every member on its columns (split by `widths`); transformers with
+W + delta in each weight is then the truth. Any wrong split (q vs k columns, gate vs up), wrong input x,
+or an out that is a copy instead of the fused output shows up as a logits mismatch.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ from mistral_harness import PagedRunner, hf_logits, random_prompts
 from cache.kv_cache import KVCache
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class DeltaAdapter:
-    """add_lora double: out += x @ delta[(layer, target)].T, recording every call."""
+    """add_lora double: out[:, member columns] += x @ delta[(layer, member)].T, recording every call."""
 
     def __init__(self, deltas: dict[tuple[int, str], torch.Tensor]):
         self.deltas = deltas
-        self.calls: list[tuple[int, str, tuple, tuple]] = []
+        self.calls: list[tuple[int, str, tuple, tuple, tuple | None]] = []
 
-    def add_lora(self, layer_idx, target, x, out):
-        self.calls.append((layer_idx, target, tuple(x.shape), tuple(out.shape)))
-        out += x @ self.deltas[(layer_idx, target)].T
+    def add_lora(self, layer_idx, target, x, out, widths=None):
+        self.calls.append((layer_idx, target, tuple(x.shape), tuple(out.shape), widths))
+        col = 0
+        for member, w in zip(GROUPS.get(target, (target,)), widths or (out.shape[1],), strict=True):
+            out[:, col : col + w] += x @ self.deltas[(layer_idx, member)].T
+            col += w
 
 
 def _hf_module(hf, layer, target):
@@ -60,17 +65,14 @@ def test_hook_called_with_correct_slices_in_prefill_and_decode(model_pair):
     cfg, t = ours.config, cu[-1]
     q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     h = cfg.hidden_size
-    shapes = {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),  # (x cols, out cols)
-        "gate_proj": (h, inter),
-        "up_proj": (h, inter),
-        "down_proj": (inter, h),
-    }
-    expected = [(i, tg, (t, shapes[tg][0]), (t, shapes[tg][1])) for i in range(2) for tg in TARGETS]
-    expected.append((-1, "lm_head", (t, cfg.hidden_size), (t, cfg.vocab_size)))
+    per_layer = [  # (group, x cols, out cols, member widths)
+        ("qkv_proj", h, q + 2 * kv, (q, kv, kv)),
+        ("o_proj", q, h, None),
+        ("gate_up_proj", h, 2 * inter, (inter, inter)),
+        ("down_proj", inter, h, None),
+    ]
+    expected = [(i, g, (t, xc), (t, oc), w) for i in range(2) for g, xc, oc, w in per_layer]
+    expected.append((-1, "lm_head", (t, cfg.hidden_size), (t, cfg.vocab_size), None))
     assert adapter.calls == expected
 
     adapter.calls.clear()
@@ -78,7 +80,7 @@ def test_hook_called_with_correct_slices_in_prefill_and_decode(model_pair):
         logits = runner.decode([40 + step, 50 + step], adapter_data=adapter)
         for b, seq in enumerate(runner.seqs):
             torch.testing.assert_close(logits[b], hf_logits(hf_lora, seq)[-1], atol=1e-4, rtol=0)
-    assert len(adapter.calls) == 3 * (2 * len(TARGETS) + 1)
+    assert len(adapter.calls) == 3 * (2 * len(per_layer) + 1)
 
 
 def test_lm_head_hook_sees_only_selected_rows(model_pair):
@@ -86,7 +88,9 @@ def test_lm_head_hook_sees_only_selected_rows(model_pair):
     deltas = {(i, t): torch.zeros(1) for i in range(2) for t in TARGETS}
     deltas[(-1, "lm_head")] = torch.zeros(ours.config.vocab_size, ours.config.hidden_size)
     adapter = DeltaAdapter(deltas)
-    adapter.add_lora = lambda i, t, x, out: adapter.calls.append((i, t, tuple(x.shape), tuple(out.shape)))
+    adapter.add_lora = lambda i, t, x, out, w=None: adapter.calls.append(
+        (i, t, tuple(x.shape), tuple(out.shape))
+    )
     PagedRunner(ours, KVCache.for_model(ours, 16)).prefill(
         random_prompts([6, 9], 512), adapter_data=adapter, last_only=True
     )

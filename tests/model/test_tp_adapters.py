@@ -154,24 +154,18 @@ class _RowScheme(AdapterBatchData):
 
     scheme = "ours"
 
-    def add_lora(self, layer_idx, target, x, out):
+    def add_lora(self, layer_idx, target, x, out, widths=None):
         if target not in ROW_PARALLEL or self.scheme == "ours" or not self.meta.has_lora:
-            return super().add_lora(layer_idx, target, x, out)
-        lora_a, lora_b = self.stacks[(layer_idx, target)]  # A: this rank's input columns; B: full
-        ops, m = self.ops, self.meta
-        if self.is_prefill:
-            v = ops.sgmv_shrink(x, lora_a, *self._seg_args, **self._seg_kwargs)  # [T, R] partial sum
-        else:
-            v = ops.bgmv_shrink(x, lora_a, m.token_slots)
+            return super().add_lora(layer_idx, target, x, out, widths)
+        stack = self._stack(layer_idx, target)  # A: this rank's input columns; B: full
+        rows = self._rows_for(False, stack.a.shape[0])
+        v = self.ops.reduced(self.ops.shrink(x, stack, rows))  # [T, R] partial sum
         world, rank = self.tp.world_size, self.tp.rank
         reduce = lambda t: torch.distributed.all_reduce(t, group=self.tp.group) or t  # noqa: E731
         if self.scheme != "partial-before-reduce":
             reduce(v)  # every other scheme first makes v the full shrink x @ A.T
         d = torch.zeros_like(out)
-        if self.is_prefill:
-            ops.sgmv_expand(d, v, lora_b, *self._seg_args, **self._seg_kwargs)
-        else:
-            ops.bgmv_expand(d, v, lora_b, m.token_slots)
+        self.ops.expand(d, v, stack, [(0, out.shape[1], 0)], rows)
         if self.scheme.startswith("slice"):  # S-LoRA: B sharded on out; rank r adds its column block only
             n = out.shape[1] // world
             keep = torch.zeros_like(d)

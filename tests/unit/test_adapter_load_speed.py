@@ -1,4 +1,4 @@
-"""The fast adapter load path computes what the naive one does: host copies bit-identical to the float32
+"""The fast adapter load path computes what the naive one does: device stacks bit-identical to the float32
 fold-then-cast path (every dtype pair, TP slices, non power-of-two scales), stacks identical after growth
 with device-to-device carry-over, padding zeroed when a slot is reused, corrupt files refused, and
 bench/adapter_load.py runs. Functional only: no timing is asserted."""
@@ -13,6 +13,7 @@ import torch
 from bench import common
 from bench.adapter_load import main as bench_main
 from bench.adapter_load import model_config
+from cache.adapter_layout import AdapterLayout
 from cache.adapter_store import AdapterStore
 from model.adapters.peft_loader import load_peft_adapter, read_peft_adapter
 from model.adapters.sharding import shard_lora
@@ -50,34 +51,50 @@ def naive_host_layout(path: Path, dtype: torch.dtype, rank: int, world: int) -> 
 @pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("store_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tp_rank,world", [(0, 1), (1, 2)])
-def test_host_copy_is_bit_identical_to_the_float32_path(tmp_path, file_dtype, store_dtype, tp_rank, world):
+def test_stacks_are_bit_identical_to_the_float32_path(tmp_path, file_dtype, store_dtype, tp_rank, world):
     path = adapter(tmp_path / "a", rank=5, dtype=file_dtype, alpha=7)  # scale 7/5
     tp = None if world == 1 else SimpleNamespace(rank=tp_rank, world_size=world, group=None)
     store = AdapterStore(CONFIG, "cpu", store_dtype, tp=tp)
+    # This rank's host copy into a layout of its own (store.load would all-reduce under TP; the other
+    # rank is not here).
     host = store._host_weights(local(path))
+    layout = AdapterLayout(lambda _: host, "cpu", store_dtype, None, max_slots=4)
+    layout.ensure_resident([1])
     want = naive_host_layout(path, store_dtype, tp_rank, world)
-    assert host.weights.keys() == want.keys()
-    for key, (a, b) in host.weights.items():
-        assert a.dtype == b.dtype == store_dtype
-        assert torch.equal(a, want[key][0]) and torch.equal(b, want[key][1]), key
-        # one buffer per adapter: every tensor is a view of it (one H2D copy uploads all of them)
-        assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() == host.flat.data_ptr()
+    slot, seen = layout._slot_of[1], set()
+    for (layer, _), stack in layout._stacks.items():
+        for target in stack.targets:
+            m, (a, b) = stack.member(target), want[(layer, target)]
+            assert m.a.dtype == m.b.dtype == store_dtype
+            assert torch.equal(m.a[slot, : a.shape[0]], a) and torch.equal(m.b[slot, :, : b.shape[1]], b)
+            seen.add((layer, target))
+    assert seen == want.keys()
+    # host memory keeps the module table only: the bytes stay in the file and are read again on upload
+    assert host.file is not None and host.memory is None
+    assert host.file.path == path / "adapter_model.safetensors"
 
 
 def expected_stacks(store: AdapterStore, paths: dict[int, Path]) -> None:
-    """Every slot of every stack holds exactly its adapter (zero-padded), free and skipped parts zero."""
+    """Every slot of every group stack holds exactly its adapter (zero-padded), free and skipped parts
+    zero, and its rank per group is the adapter's largest rank over the group's members (0: none)."""
     by_slot = {slot: paths[i] for i, slot in store.layout._slot_of.items()}
     for slot in range(store.layout._cap):
-        want = {} if slot not in by_slot else naive_host_layout(by_slot[slot], store.dtype, 0, 1)
-        for key, (stack_a, stack_b) in store.layout._stacks.items():
-            if slot not in by_slot:
-                continue  # a free slot is never indexed
-            a_full, b_full = torch.zeros_like(stack_a[slot]), torch.zeros_like(stack_b[slot])
-            if key in want:
-                a, b = want[key]
-                a_full[: a.shape[0]] = a
-                b_full[:, : b.shape[1]] = b
-            assert torch.equal(stack_a[slot], a_full) and torch.equal(stack_b[slot], b_full), (slot, key)
+        if slot not in by_slot:
+            continue  # a free slot is never indexed
+        want = naive_host_layout(by_slot[slot], store.dtype, 0, 1)
+        for (layer, group), stack in store.layout._stacks.items():
+            top = 0
+            for target in stack.targets:
+                member = stack.member(target)
+                a_full, b_full = torch.zeros_like(member.a[slot]), torch.zeros_like(member.b[slot])
+                if (layer, target) in want:
+                    a, b = want[(layer, target)]
+                    a_full[: a.shape[0]] = a
+                    b_full[:, : b.shape[1]] = b
+                    top = max(top, a.shape[0])
+                assert torch.equal(member.a[slot], a_full), (slot, layer, target)
+                assert torch.equal(member.b[slot], b_full), (slot, layer, target)
+            assert int(stack.ranks[slot]) == top, (slot, layer, group)
 
 
 def test_growth_carries_resident_slots_and_bumps_layout_version(tmp_path):
@@ -147,7 +164,7 @@ def test_corrupt_files_are_refused(tmp_path, payload):
 def test_bench_runs_on_the_tiny_shape(tmp_path, capsys):
     out = bench_main(["--device", "cpu", "--shape", "tiny", "--loads", "3", "--work", str(tmp_path),
                       "--json", str(tmp_path / "r.json")])  # fmt: skip
-    assert set(out["stages_ms"]) >= {"read", "validate", "host_pack", "upload", "scatter", "relayout", "sum"}
+    assert set(out["stages_ms"]) >= {"read", "validate", "stage", "transfer", "relayout", "sum"}
     assert len(out["e2e_ms"]) == 3 and "reference_ms" in out
     assert json.loads((tmp_path / "r.json").read_text())["shape"] == "tiny"
     assert "naive load path" in capsys.readouterr().out

@@ -28,7 +28,8 @@ from model.kernels import lora, paged_attention as pa, rmsnorm, rotary
 
 PTR = {"bt": "*i32", "lens": "*i32", "idx": "*i32", "starts": "*i32", "ends": "*i32", "slots": "*i32",
        "part_o": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "k_scale": "*fp32", "v_scale": "*fp32",
-       "cos": "*fp32", "sin": "*fp32", "pos": "*i64", "slot": "*i64"}
+       "cos": "*fp32", "sin": "*fp32", "pos": "*i64", "slot": "*i64", "ranks": "*i32", "perm": "*i32",
+       "tiles": "*i32", "v": "*fp32", "scratch": "*i32", "count": "*i32"}
 FLOATS = {"qk_scale", "v_scale_val", "eps", "k_inv", "v_inv"}
 CASES = [
     (pa._paged_decode_kernel, dict(G=4, G_PAD=16, D=128, BLOCK_SIZE=16, BLOCK_N=64, SCALE_FROM_PTR=False,
@@ -36,11 +37,11 @@ CASES = [
     (pa._paged_decode_kernel, dict(G=8, G_PAD=16, D=64, BLOCK_SIZE=256, BLOCK_N=64, SCALE_FROM_PTR=True,
                                    SPLIT=False), {"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"}),
     (pa._merge_splits_kernel, dict(D=128, S_PAD=16)),
-    (lora._bgmv_shrink_kernel, dict(BLOCK_N=1, BLOCK_K=4096)),
-    (lora._bgmv_shrink_kernel, dict(BLOCK_N=16, BLOCK_K=256)),
-    (lora._bgmv_expand_kernel, dict(BLOCK_N=256, R_PAD=16)),
-    (lora._sgmv_shrink_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)),
-    (lora._sgmv_expand_kernel, dict(BLOCK_M=64, BLOCK_N=128, R_PAD=16)),
+    (lora._shrink_kernel, dict(HAS_PERM=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
+    (lora._shrink_kernel, dict(HAS_PERM=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
+    (lora._expand_kernel, dict(HAS_PERM=True, NT=3, NT_PAD=4, R_PAD=16, BLOCK_M=16, BLOCK_N=128)),
+    (lora._expand_kernel, dict(HAS_PERM=False, NT=1, NT_PAD=1, R_PAD=128, BLOCK_M=64, BLOCK_N=64)),
+    (lora._plan_kernel, dict(T_PAD=256, CHUNK=32, BLOCK_M=16, J_PAD=16, TILES_PAD=512)),
     (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True)),
     (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=False, SCALE_FROM_PTR=False)),
     (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=True, SCALE_FROM_PTR=True),

@@ -16,6 +16,7 @@ Two shims patch triton 3.6's interpreter for this process (never the kernels):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -93,15 +94,15 @@ def _interpreter_internals_present() -> bool:
         hasattr(getattr(interp, "InterpreterBuilder", None), "create_dot")
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """name -> freshly loaded interpreted module (paged_attention, lora, rmsnorm, rotary, dora)."""
+@contextlib.contextmanager
+def interpreted(names):
+    """name -> freshly loaded interpreted module of model/kernels (with the shims applied meanwhile)."""
     if not _interpreter_internals_present():
         pytest.skip(f"triton {triton.__version__}: interpreter internals the shims patch are gone")
     mp = pytest.MonkeyPatch()
     _patch_interpreter(mp)
     mods = {}
-    for name in ("paged_attention", "lora", "rmsnorm", "rotary", "dora"):
+    for name in names:
         path = KERNEL_DIR / f"{name}.py"
         if not path.exists():
             continue
@@ -110,10 +111,19 @@ def kernels():
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
         mods[name] = mod
-    yield mods
-    for mod in mods.values():
-        sys.modules.pop(mod.__name__, None)
-    mp.undo()
+    try:
+        yield mods
+    finally:
+        for mod in mods.values():
+            sys.modules.pop(mod.__name__, None)
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """name -> interpreted module (paged_attention, rmsnorm, rotary, dora; LoRA: its own test file)."""
+    with interpreted(("paged_attention", "rmsnorm", "rotary", "dora")) as mods:
+        yield mods
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -223,70 +233,7 @@ def test_choose_num_splits(kernels):
     assert pa.choose_num_splits(1, 8, 32768, 4096, 132) == 16  # the window bounds the work
 
 
-# ----------------------------------------------------------------------------------------------- LoRA
-
-
-def make_lora_case(gen, T, S, R, fan_in, outs, dtype, no_adapter_frac=0.25):
-    """x [T, in]; A_cat [S, NT*R, in]; B_cat [S, sum(outs), R]; per-token slots with some -1."""
-    nt = len(outs)
-    x = torch.randn(T, fan_in, generator=gen).to(dtype)
-    a = (torch.randn(S, nt * R, fan_in, generator=gen) / fan_in**0.5).to(dtype)
-    b = (torch.randn(S, sum(outs), R, generator=gen) / R**0.5).to(dtype)
-    idx = torch.randint(0, S, (T,), generator=gen, dtype=torch.int32)
-    idx[torch.rand(T, generator=gen) < no_adapter_frac] = -1
-    offsets = [0]
-    for o in outs:
-        offsets.append(offsets[-1] + o)
-    return x, a, b, idx, tuple(offsets)
-
-
-def make_segments(gen, T, S):
-    """Ragged segments over [0, T) with a gap (rows in no segment) and one no-adapter segment."""
-    cuts = sorted(set(torch.randint(1, T, (min(4, T - 1),), generator=gen).tolist())) if T > 1 else []
-    bounds = [0, *cuts, T]
-    starts, ends, slots = [], [], []
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        if i == 1 and e - s > 1:
-            s += 1  # leave row s uncovered
-        starts.append(s)
-        ends.append(e)
-        slots.append(-1 if i == 2 else int(torch.randint(0, S, (1,), generator=gen)))
-    as_t = [torch.tensor(v, dtype=torch.int32) for v in (starts, ends, slots)]
-    return (*as_t, max(e - s for s, e in zip(starts, ends, strict=True)))
-
-
-LORA_CASES = [
-    # T, S, R, in, outs, dtype
-    (1, 3, 8, 256, (64,), torch.bfloat16),
-    (7, 4, 16, 320, (64, 32, 32), torch.bfloat16),
-    (37, 5, 64, 128, (96, 48), torch.float16),
-    (20, 2, 128, 64, (128,), torch.bfloat16),
-]
-
-
-@pytest.mark.parametrize("case", LORA_CASES, ids=lambda c: f"T{c[0]}-R{c[2]}-slices{len(c[4])}")
-def test_bgmv_interpret(kernels, case):
-    lora = kernels["lora"]
-    T, S, R, fan_in, outs, dtype = case
-    gen = torch.Generator().manual_seed(hash(str(case)) % 2**31)
-    x, a, b, idx, offsets = make_lora_case(gen, T, S, R, fan_in, outs, dtype)
-    v = torch.full((T, a.shape[1]), float("nan"), dtype=dtype)
-    lora.bgmv_shrink(x, a, idx, out=v)
-    v_ref = lora.bgmv_shrink_ref(x, a, idx)
-    assert rel_err(v, v_ref) <= 1e-2
-    assert torch.equal(v[idx < 0], torch.zeros_like(v[idx < 0]))
-
-    y0 = torch.randn(T, sum(outs) + 16, generator=gen).to(dtype)[:, 8:-8]  # a strided column view
-    y, y_ref = y0.clone(), y0.clone()
-    lora.bgmv_expand(y, v_ref, b, idx, slice_offsets=offsets)
-    lora.bgmv_expand_ref(y_ref, v_ref, b, idx, slice_offsets=offsets)
-    assert rel_err(y - y0, y_ref - y0) <= 1e-2
-    assert torch.equal(y[idx < 0], y0[idx < 0])
-
-    y, y_ref = y0.clone(), y0.clone()
-    lora.bgmv(y, x, a, b, idx, slice_offsets=offsets)
-    lora.bgmv_ref(y_ref, x, a, b, idx, slice_offsets=offsets)
-    assert rel_err(y - y0, y_ref - y0) <= 1e-2
+# ----------------------------------------------------------------------------------------------- DoRA
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -301,67 +248,6 @@ def test_dora_scale_rows_interpret(kernels, dtype):
     dora.scale_rows_ref(y_ref, scales, idx)
     assert torch.equal(y, y_ref)  # one float32 product, one rounding: bit-identical
     assert torch.equal(y[idx < 0], y0[idx < 0]) and not torch.equal(y[idx >= 0], y0[idx >= 0])
-
-
-@pytest.mark.parametrize("case", LORA_CASES, ids=lambda c: f"T{c[0]}-R{c[2]}-slices{len(c[4])}")
-def test_sgmv_interpret(kernels, case):
-    lora = kernels["lora"]
-    T, S, R, fan_in, outs, dtype = case
-    gen = torch.Generator().manual_seed(hash(str(case)) % 2**31 + 1)
-    x, a, b, _, offsets = make_lora_case(gen, T, S, R, fan_in, outs, dtype)
-    starts, ends, slots, max_len = make_segments(gen, T, S)
-    covered = torch.zeros(T, dtype=torch.bool)
-    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        covered[s:e] = True
-    v = torch.full((T, a.shape[1]), float("nan"), dtype=dtype)
-    lora.sgmv_shrink(x, a, starts, ends, slots, max_seg_len=max_len, out=v)
-    v_ref = lora.sgmv_shrink_ref(x, a, starts, ends, slots)
-    assert rel_err(v[covered], v_ref[covered]) <= 1e-2
-    assert torch.isnan(v[~covered]).all()  # rows outside every segment are not written
-    fresh = lora.sgmv_shrink(x, a, starts, ends, slots)  # allocated by the op: uncovered rows are 0
-    assert fresh[~covered].eq(0).all()
-
-    y0 = torch.randn(T, sum(outs), generator=gen).to(dtype)
-    y, y_ref = y0.clone(), y0.clone()
-    lora.sgmv_expand(y, v_ref, b, starts, ends, slots, max_seg_len=max_len, slice_offsets=offsets)
-    lora.sgmv_expand_ref(y_ref, v_ref, b, starts, ends, slots, slice_offsets=offsets)
-    assert rel_err(y - y0, y_ref - y0) <= 1e-2
-    assert torch.equal(y[~covered], y0[~covered])
-
-    # the combined op, with the segments as host lists (the batch's host copy)
-    host = [c.tolist() for c in (starts, ends, slots)]
-    y, y_ref = y0.clone(), y0.clone()
-    lora.sgmv(y, x, a, b, *host, slice_offsets=offsets)
-    lora.sgmv_ref(y_ref, x, a, b, *host, slice_offsets=offsets)
-    assert rel_err(y - y0, y_ref - y0) <= 1e-2
-
-
-def test_lora_kernels_keep_a_poisoned_slot_in_its_own_rows_interpret(kernels):
-    """A slot of NaN weights (slot 0 too: base rows use it as their placeholder index) reaches no other
-    row: the kernels mask by index, they never multiply another slot's values by zero."""
-    lora = kernels["lora"]
-    gen = torch.Generator().manual_seed(7)
-    T, S, R, fan_in, out = 6, 3, 16, 64, 32
-    x = torch.randn(T, fan_in, generator=gen).to(torch.bfloat16)
-    a = torch.randn(S, R, fan_in, generator=gen).to(torch.bfloat16)
-    b = torch.randn(S, out, R, generator=gen).to(torch.bfloat16)
-    a[:2], b[:2] = float("nan"), float("nan")
-    idx = torch.tensor([-1, 2, 1, 2, -1, 0], dtype=torch.int32)
-    y0 = torch.randn(T, out, generator=gen).to(torch.bfloat16)
-    y = y0.clone()
-    lora.bgmv(y, x, a, b, idx)
-    assert torch.equal(y[idx < 0], y0[idx < 0])
-    clean = idx == 2
-    ref = y0.clone()
-    lora.bgmv_ref(ref, x, a, b, idx)
-    assert rel_err(y[clean] - y0[clean], ref[clean] - y0[clean]) <= 1e-2
-    starts, ends, slots = (torch.tensor(c, dtype=torch.int32) for c in ([0, 1, 3], [1, 3, 6], [1, 2, -1]))
-    y = y0.clone()
-    lora.sgmv(y, x, a, b, starts, ends, slots, max_seg_len=3)
-    assert torch.equal(y[3:], y0[3:])  # the segment without an adapter
-    ref = y0.clone()
-    lora.sgmv_ref(ref, x, a, b, starts, ends, slots)
-    assert rel_err(y[1:3] - y0[1:3], ref[1:3] - y0[1:3]) <= 1e-2
 
 
 # ------------------------------------------------------------------------------------ RMSNorm, rotary

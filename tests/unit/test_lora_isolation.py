@@ -1,8 +1,9 @@
 """No adapter's values reach another row: a slot full of NaN/Inf leaves every other row's LoRA exact.
 
 The torch reference ops (model/adapters/ops.py, what CPU serving runs) and the torch references of the
-Triton kernels (model/kernels/lora.py `*_ref`) are checked here; the Triton kernels themselves are
-checked the same way under the interpreter (test_kernels_interpret.py) and on the GPU (tests/gpu).
+Triton kernels (model/kernels/lora.py `lora_*_ref` over a plan) are checked here; the Triton kernels
+themselves are checked the same way under the interpreter (test_lora_kernels_interpret.py) and on the
+GPU (tests/gpu/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ def test_kernel_references_keep_a_poisoned_slot_in_its_own_rows():
     b[0] = float("nan")
     x = torch.randn(T, IN, generator=torch.Generator().manual_seed(3))
     base = IDX < 0
-    v = lora.bgmv_shrink_ref(x, a, IDX)
-    assert torch.equal(v[base], torch.zeros_like(v[base]))  # v[t] = 0 where idx -1, as the kernel
+    ranks = torch.full((S,), R, dtype=torch.int32)
+    plan = lora.plan_from_slots_ref(IDX, S)  # base rows are in no tile
+    got = lora.lora_shrink_ref(x, a, ranks, plan, rank=R)
+    assert torch.isnan(got[0, base]).all()  # rows in no tile are never written (nor read by the expand)
     y = torch.zeros(T, OUT)
-    lora.bgmv_ref(y, x, a, b, IDX)
+    lora.lora_expand_ref(y, got, b, ranks, plan, rank=R)
     assert torch.equal(y[base], torch.zeros_like(y[base]))
     clean = IDX == 2
     torch.testing.assert_close(y[clean], _expected(x, a, b, IDX)[clean])
