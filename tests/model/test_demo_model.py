@@ -3,9 +3,10 @@ trained LoRA adapters: our engine's greedy chat answers equal transformers' (bas
 adapter), all in one mixed batch; with the FP8 KV cache most answers stay the same.
 
 The model and adapters are built once per machine by `make_demo_model` into the user cache
-(`default_demo_dir()`, what `make run` uses too); a fresh machine builds them here first (2.5 minutes on
-2 busy cores, most of it training the adapters; then these tests take about 40 s). Every check runs
-against what is there, so a stale or broken cache fails the tests rather than hiding behind them.
+(`default_demo_dir()`, what `make run` uses too); a fresh machine builds them here first (95 s on 2
+idle cores, 2.5 minutes on busy ones, most of it training the adapters); then these tests take 20-40 s.
+Every check runs against what is there, so a stale or broken cache fails the tests rather than hiding
+behind them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ FP8_MAX_GAP = 1.0
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """This model's ops are small: on 2 shared cores one thread ran these tests 4-8x faster than two."""
+    """This model's ops are small: on 2 busy cores one thread ran these tests 5-8x faster than two (on
+    idle ones about 1.5x slower: 22 s)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
