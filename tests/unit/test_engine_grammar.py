@@ -239,7 +239,9 @@ def test_a_slow_compile_does_not_stall_decoding(engine):
     t.join()
     engine.clear_cache(13)
     inside = [s for s in steps if window[0] < s < window[1]]
-    assert window[1] - window[0] > 0.2 and len(inside) >= 2, (window, steps)
+    # No wall-clock bound on the compile itself (an idle machine does it in ~0.1 s): what must hold is
+    # that decode steps completed on the model thread while the compile was running.
+    assert len(inside) >= 2, (window, steps)
     assert engine.grammars.cached(slow)
 
 
