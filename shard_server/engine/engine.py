@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,7 +24,7 @@ from model.config import MistralConfig
 from model.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.config import ShardConfig
-from shard_server.engine import admission, prefilling, speculation
+from shard_server.engine import admission, prefilling, speculation, warmup
 from shard_server.engine.batch import Batch, PendingPrefill
 from shard_server.engine.bootstrap import (
     build_adapter_store,
@@ -297,70 +296,8 @@ class ShardEngine:
     def warmup(
         self, spec: BatchSpec, max_input_length: int, max_prefill_tokens: int, max_new_tokens: int
     ) -> int:
-        """Run the router's worst-case batch (prefill + one decode), size the KV cache, then capture
-        the decode CUDA graphs for requests of up to max_input_length + max_new_tokens tokens."""
-        if self.batches:
-            raise FailedPrecondition(f"Warmup with {len(self.batches)} cached batches: ClearCache first")
-        admitted = admission.admit_batch(spec, self._limits(), warmup=True) if spec.requests else []
-        previous = (self.runner.kv_cache.num_blocks, self.max_prefill_tokens)
-        self.max_prefill_tokens = max_prefill_tokens if max_prefill_tokens > 0 else None
-        tokens = sum(len(a.ids) + 1 for a in admitted)
-        try:
-            self._warmup_run(spec, admitted, tokens, max_input_length, max_prefill_tokens)
-            num_blocks = self.sizing.blocks_after_warmup(self.runner.kv_cache)
-            self._resize_cache(num_blocks)
-            self.runner.capture_graphs(max_input_length + max_new_tokens)  # against the final cache
-        except BaseException:
-            self._restore_after_failed_warmup(*previous)
-            raise
-        self.graph_tokens = max_input_length + max_new_tokens
-        usable = self.blocks.num_usable * self.model.block_size
-        log.info("warmup: KV cache sized to %d blocks = %d tokens (%s)", num_blocks, usable, self.kv_dtype)
-        return usable
-
-    def _restore_after_failed_warmup(self, num_blocks: int, max_prefill_tokens: int | None) -> None:
-        """Whatever failed, the shard serves on with the cache it had (the warmup cache is tiny), and
-        with the decode graphs of the last good Warmup captured again against that cache (replacing
-        the cache dropped every graph that pointed into the old one)."""
-        self.max_prefill_tokens = max_prefill_tokens
-        self._resize_cache(num_blocks)
-        log.warning("warmup failed: KV cache restored to %d blocks", num_blocks)
-        if self.graph_tokens is None:
-            return
-        try:
-            self.runner.capture_graphs(self.graph_tokens)
-        except Exception:  # noqa: BLE001 - decode runs eagerly without graphs; Warmup's own error wins
-            log.exception("warmup failed: decode graphs not captured again; decode runs eagerly")
-            self.runner.graphs.clear()
-
-    def _warmup_run(self, spec, admitted, tokens: int, max_input_length: int, max_prefill_tokens: int):
-        """Warmup's worst-case batch on a cache sized for it (prefill + one decode), then cleared."""
-        t0 = time.monotonic()
-        blocks = self.sizing.blocks_for_tokens(tokens, len(admitted))
-        log.info("warmup 1/4: KV cache of %d blocks for %d requests, %d tokens", blocks, len(admitted),
-                 tokens)  # fmt: skip
-        self._resize_cache(blocks)
-        try:
-            if self.kv_scales.needs_calibration:
-                log.info("warmup 2/4: calibrating FP8 KV scales")
-                self.kv_scales.calibrate(self.runner, [a.ids for a in admitted], max_input_length)
-            self.sizing.start_peak_tracking()
-            if admitted:
-                log.info("warmup 3/4: prefill + one decode of the worst-case batch")
-                _, batch = self._prefill(spec.id, admitted, None, warmup=True)
-                if batch is not None:
-                    self.batches[batch.id] = batch
-                    self.decode([batch.id])
-            log.info("warmup 4/4: sizing the KV cache from peak memory (batch ran in %.2f s)",
-                     time.monotonic() - t0)  # fmt: skip
-        except torch.OutOfMemoryError as e:
-            raise ResourceExhausted(
-                f"Warmup ran out of device memory with {tokens} prefill tokens in {len(admitted)} requests "
-                f"(max_input_length={max_input_length}, max_prefill_tokens={max_prefill_tokens}): lower the "
-                f"router's --max-batch-prefill-tokens or --max-input-length ({e})"
-            ) from None
-        finally:
-            self.clear_cache()
+        """Run the router's worst-case batch, size the KV cache, capture the decode graphs (warmup.py)."""
+        return warmup.warmup(self, spec, max_input_length, max_prefill_tokens, max_new_tokens)
 
     # ---- adapters --------------------------------------------------------------------------------------
 
