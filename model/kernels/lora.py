@@ -47,6 +47,7 @@ class LoraPlan:
     perm: torch.Tensor | None  # [T] int32
     tiles: torch.Tensor  # [3, TILES] int32: slot, first, rows
     count: torch.Tensor  # [1] int32: the real tiles, tiles[:, :count]
+    semaphores: torch.Tensor  # [TILES * MAX_SHRINK_BLOCKS] int32, zero: split-K arrival counters (reset by use)
     block_m: int
     num_rows: int  # T
     min_tiles: int  # tiles when every row uses one adapter (prefill: the exact count); sizes the grids
@@ -71,16 +72,19 @@ def plan_from_slots(token_slots: torch.Tensor, num_slots: int, block_m: int = 16
     s = max(int(num_slots), 1)
     num_tiles = min(t, s) + -(-t // block_m)
     perm = torch.empty(t, dtype=torch.int32, device=token_slots.device)
-    buf = torch.empty(3 * num_tiles + 1, dtype=torch.int32, device=token_slots.device)
-    tiles, count = buf[: 3 * num_tiles].view(3, num_tiles), buf[3 * num_tiles :]
+    n_sem = num_tiles * MAX_SHRINK_BLOCKS
+    buf = torch.empty(3 * num_tiles + 1 + n_sem, dtype=torch.int32, device=token_slots.device)
+    tiles, count = buf[: 3 * num_tiles].view(3, num_tiles), buf[3 * num_tiles : 3 * num_tiles + 1]
+    semaphores = buf[3 * num_tiles + 1 :]
     scratch = torch.empty(t, dtype=torch.int32, device=token_slots.device)
     t_pad = triton.next_power_of_2(t)
     _plan_kernel[(1,)](
-        token_slots, perm, tiles, count, scratch, t, s, num_tiles, T_PAD=t_pad, CHUNK=min(32, t_pad),
-        BLOCK_M=block_m, J_PAD=triton.next_power_of_2(-(-t // block_m)),
-        TILES_PAD=triton.next_power_of_2(num_tiles), num_warps=4 if t_pad <= 256 else 8,
+        token_slots, perm, tiles, count, scratch, semaphores, t, s, num_tiles, n_sem, T_PAD=t_pad,
+        CHUNK=min(32, t_pad), BLOCK_M=block_m, J_PAD=triton.next_power_of_2(-(-t // block_m)),
+        TILES_PAD=triton.next_power_of_2(num_tiles), SEM_PAD=triton.next_power_of_2(n_sem),
+        num_warps=4 if t_pad <= 256 else 8,
     )  # fmt: skip
-    return LoraPlan(perm, tiles, count, block_m, t, min_tiles=-(-t // block_m))
+    return LoraPlan(perm, tiles, count, semaphores, block_m, t, min_tiles=-(-t // block_m))
 
 
 PLAN_KERNEL_MAX_ROWS = 512
@@ -106,7 +110,8 @@ def plan_from_slots_ref(token_slots: torch.Tensor, num_slots: int, block_m: int 
     first = torch.where(real, starts[seg_c] + within * block_m, 0)
     tiles = torch.stack([torch.where(real, seg_c, 0), first, rows]).to(torch.int32)
     count = ntiles.sum().reshape(1).to(torch.int32)
-    return LoraPlan(perm, tiles, count, block_m, t, min_tiles=-(-t // block_m))
+    semaphores = torch.zeros(num_tiles * MAX_SHRINK_BLOCKS, dtype=torch.int32, device=dev)
+    return LoraPlan(perm, tiles, count, semaphores, block_m, t, min_tiles=-(-t // block_m))
 
 
 @triton.jit
@@ -117,8 +122,9 @@ def _plan_keys(slots_ptr, idx, T, S):
 
 
 @triton.jit
-def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, count_ptr, scratch_ptr, T, S, num_tiles, T_PAD: tl.constexpr,
-                 CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, J_PAD: tl.constexpr, TILES_PAD: tl.constexpr):
+def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, count_ptr, scratch_ptr, sem_ptr, T, S, num_tiles, n_sem,
+                 T_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, J_PAD: tl.constexpr,
+                 TILES_PAD: tl.constexpr, SEM_PAD: tl.constexpr):  # fmt: skip
     # One program: a stable counting sort of the rows by slot through all-pairs comparisons (T <= 512).
     i = tl.arange(0, T_PAD)
     key_i, slot_i = _plan_keys(slots_ptr, i, T, S)
@@ -142,6 +148,8 @@ def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, count_ptr, scratch_ptr, T, S, n
     tl.store(tiles_ptr + t_all, tl.zeros([TILES_PAD], dtype=tl.int32), mask=empty)
     tl.store(tiles_ptr + num_tiles + t_all, tl.zeros([TILES_PAD], dtype=tl.int32), mask=empty)
     tl.store(tiles_ptr + 2 * num_tiles + t_all, tl.zeros([TILES_PAD], dtype=tl.int32), mask=empty)
+    s_all = tl.arange(0, SEM_PAD)
+    tl.store(sem_ptr + s_all, tl.zeros([SEM_PAD], dtype=tl.int32), mask=s_all < n_sem)
     tl.debug_barrier()  # every row's tile count (and the cleared table) visible to the whole program
     base = tl.zeros([T_PAD], dtype=tl.int32)  # tiles of the runs with smaller keys
     for j0 in range(0, T_PAD, CHUNK):
@@ -167,8 +175,11 @@ def plan_from_segments(segments: Sequence[tuple[int, int, int]], num_rows: int, 
     tiles = [(slot, first, min(block_m, end - first)) for start, end, slot in segments if slot >= 0
              for first in range(start, end, block_m)]  # fmt: skip
     n = len(tiles)
-    buf = torch.tensor([t[i] for i in range(3) for t in tiles] + [n], dtype=torch.int32).to(device)
-    return LoraPlan(None, buf[: 3 * n].view(3, n), buf[3 * n :], block_m, num_rows, min_tiles=n)
+    n_sem = n * MAX_SHRINK_BLOCKS
+    buf = torch.tensor([t[i] for i in range(3) for t in tiles] + [n] + [0] * n_sem, dtype=torch.int32)
+    buf = buf.to(device)
+    return LoraPlan(None, buf[: 3 * n].view(3, n), buf[3 * n : 3 * n + 1], buf[3 * n + 1 :], block_m, num_rows,
+                    min_tiles=n)  # fmt: skip
 
 
 def _num_sms(device: torch.device) -> int:
@@ -200,20 +211,24 @@ def _tile_rows(perm_ptr, first, n, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, v_ptr, N, K, R, k_chunk,
-                   num_tiles, stride_xt, stride_as, stride_an, stride_vs, stride_vt,
-                   HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    k_lo = split * k_chunk
-    for tile in range(tl.program_id(2), tl.load(count_ptr), tl.num_programs(2)):  # the real tiles only
+def _shrink_kernel(x_ptr, a_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, sem_ptr, part_ptr, v_ptr, N, K, R,
+                   k_chunk, num_tiles, stride_xt, stride_as, stride_an, stride_pt, stride_vt,
+                   HAS_PERM: tl.constexpr, SPLITS: tl.constexpr, NBLK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    # Persistent: every program loops over work items (tile, split, column block) of the real tiles only.
+    per_tile: tl.constexpr = SPLITS * NBLK
+    total = tl.load(count_ptr) * per_tile
+    for w in range(tl.program_id(0), total, tl.num_programs(0)):
+        tile = w // per_tile
+        split = (w % per_tile) // NBLK
+        nb = w % NBLK
         slot = tl.load(tiles_ptr + tile)
         n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
         rows, m_ok = _tile_rows(perm_ptr, tl.load(tiles_ptr + num_tiles + tile), n_rows, HAS_PERM, BLOCK_M)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
         live = n_ok & ((offs_n % R) < tl.load(ranks_ptr + slot))  # rows past the slot's rank: zero, unread
+        k_lo = split * k_chunk
         k_hi = tl.minimum(K, k_lo + k_chunk)
         k_hi = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, k_hi, k_lo)
         a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_n[None, :] * stride_an
@@ -225,24 +240,43 @@ def _shrink_kernel(x_ptr, a_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, v_pt
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             at = tl.load(a_rows + offs_k[:, None], mask=live[None, :] & k_ok[:, None], other=0.0)  # [BK, BN]
             acc = tl.dot(xt.to(at.dtype), at, acc)
-        tl.store(v_ptr + split * stride_vs + rows[:, None] * stride_vt + offs_n[None, :], acc,
-                 mask=m_ok[:, None] & n_ok[None, :])
+        ok = m_ok[:, None] & n_ok[None, :]
+        v_ptrs = v_ptr + rows[:, None] * stride_vt + offs_n[None, :]
+        if SPLITS == 1:
+            tl.store(v_ptrs, acc, mask=ok)
+        else:
+            # Split-K: each split stores its partial; the last of the tile's splits to arrive (a counter
+            # per tile and column block, acq_rel) sums them into v and resets the counter to 0 for the next
+            # call on the same plan. No memset launch, no atomics on v, one reduced v for the expand.
+            part = part_ptr + tile * BLOCK_M * stride_pt + tl.arange(0, BLOCK_M)[:, None] * stride_pt \
+                + offs_n[None, :]
+            tl.store(part + split * num_tiles * BLOCK_M * stride_pt, acc, mask=ok)
+            tl.debug_barrier()  # every thread's partial written before the arrival is counted
+            counter = sem_ptr + tile * NBLK + nb
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+                total_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in tl.static_range(SPLITS):
+                    total_acc += tl.load(part + s * num_tiles * BLOCK_M * stride_pt, mask=ok, other=0.0,
+                                         cache_modifier=".cg")  # fmt: skip
+                tl.store(v_ptrs, total_acc, mask=ok)
+                tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_ptr, N, R, num_splits,
-                   num_tiles, tiles_per_prog, b1, b2, b3, d0, d1, d2, d3, stride_vs, stride_vt, stride_bs,
-                   stride_bn, stride_yt, HAS_PERM: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
-                   R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
+def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_ptr, N, R, num_tiles, b1, b2, b3,
+                   d0, d1, d2, d3, stride_vs, stride_vt, stride_bs, stride_bn, stride_yt, HAS_PERM: tl.constexpr,
+                   SPLITS: tl.constexpr, NBLK: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
+                   R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     # The members side by side on the reduction axis: kk = member * R_PAD + r. B is loaded block-diagonally
     # (column c of B only under its own member's kk rows), so one dot adds every member's delta.
     kk = tl.arange(0, NT_PAD * R_PAD)
     kk_member = kk // R_PAD
     kk_r = kk % R_PAD
-    n_first = pid_n * tiles_per_prog
-    n_span = tl.minimum(tiles_per_prog, tl.cdiv(N, BLOCK_N) - n_first)
-    for tile in range(tl.program_id(1), tl.load(count_ptr), tl.num_programs(1)):  # the real tiles only
+    total = tl.load(count_ptr) * NBLK
+    # Persistent: work items (tile, column block) of the real tiles, tile-major so that neighbouring
+    # programs share a tile's v and slot.
+    for w in range(tl.program_id(0), total, tl.num_programs(0)):
+        tile = w // NBLK
         slot = tl.load(tiles_ptr + tile)
         rank = tl.load(ranks_ptr + slot)  # 0: the slot's adapter targets none of these members
         n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
@@ -251,23 +285,21 @@ def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_pt
         v_ptrs = v_ptr + rows[:, None] * stride_vt + (kk_member * R + kk_r)[None, :]
         v_ok = m_ok[:, None] & kk_ok[None, :]
         v = tl.zeros([BLOCK_M, NT_PAD * R_PAD], dtype=tl.float32)
-        for s in range(0, num_splits):  # the shrink's split-K partials
+        for s in tl.static_range(SPLITS):  # partial sums a caller passed (lora_shrink's v has one)
             v += tl.load(v_ptrs + s * stride_vs, mask=v_ok, other=0.0)
         v = v.to(b_ptr.dtype.element_ty)
-        b_base = b_ptr + slot.to(tl.int64) * stride_bs
-        for j in range(0, tl.where(rank > 0, n_span, 0)):
-            offs_n = (n_first + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            member = _slice_of(offs_n, b1, b2, b3)
-            bt = tl.load(b_base + offs_n[None, :] * stride_bn + kk_r[:, None],
-                         mask=kk_ok[:, None] & n_ok[None, :] & (kk_member[:, None] == member[None, :]),
-                         other=0.0)  # [NT_PAD * R_PAD, BLOCK_N]
-            delta = tl.dot(v, bt)  # [BLOCK_M, BLOCK_N] fp32
-            shift = tl.where(member == 0, d0, tl.where(member == 1, d1, tl.where(member == 2, d2, d3)))
-            y_ptrs = y_ptr + rows[:, None] * stride_yt + (offs_n + shift)[None, :]
-            ok = m_ok[:, None] & n_ok[None, :]
-            y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
+        offs_n = (w % NBLK) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = (offs_n < N) & (rank > 0)
+        member = _slice_of(offs_n, b1, b2, b3)
+        bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn + kk_r[:, None],
+                     mask=kk_ok[:, None] & n_ok[None, :] & (kk_member[:, None] == member[None, :]),
+                     other=0.0)  # [NT_PAD * R_PAD, BLOCK_N]
+        shift = tl.where(member == 0, d0, tl.where(member == 1, d1, tl.where(member == 2, d2, d3)))
+        y_ptrs = y_ptr + rows[:, None] * stride_yt + (offs_n + shift)[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
+        delta = tl.dot(v, bt)  # [BLOCK_M, BLOCK_N] fp32
+        tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _perm_arg(plan: LoraPlan) -> torch.Tensor:
@@ -281,58 +313,71 @@ def _check(plan: LoraPlan, *tensors: torch.Tensor) -> None:
     assert plan.perm is None or (plan.perm.dtype == torch.int32 and plan.perm.stride(0) == 1)
 
 
-def tile_workers(plan: LoraPlan) -> int:
-    """Programs along the tile axis: the real tiles when the host knows them (prefill), else twice the
-    fewest a batch of this size has (one adapter); more tiles (many adapters) loop in each program."""
-    if plan.perm is None:
-        return max(plan.num_tiles, 1)
-    return max(1, min(plan.num_tiles, 2 * plan.min_tiles, 64))
+PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs per SM to hide the dependent loads
+
+
+def persistent_programs(plan: LoraPlan, items_per_tile: int, sms: int) -> int:
+    """Programs of a persistent launch: the work items a plan can have (all its static tiles), at most a
+    few per SM; each loops over the real items (`count` is read on the device)."""
+    return max(1, min(plan.num_tiles * items_per_tile, PROGRAMS_PER_SM * sms))
 
 
 def choose_splits(plan: LoraPlan, n_cols: int, k: int, block_n: int, sms: int) -> int:
-    """Split-K factor of the shrink: enough programs for ~2 waves when the batch has the fewest tiles."""
+    """Split-K factor of the shrink: enough items for ~2 waves when the batch has the fewest tiles."""
     programs = max(plan.min_tiles, 1) * triton.cdiv(n_cols, block_n)
-    return max(1, min(16, k // 256, (2 * sms) // programs))
+    return max(1, min(MAX_SPLITS, k // 256, (2 * sms) // programs))
+
+
+MAX_SPLITS = 16
+MAX_SHRINK_BLOCKS = 8  # column blocks of a shrink (NT * R <= 4 members * rank 256 at 128 columns a block)
 
 
 def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """x [T, in], lora_a [S, N, in] (N = NT*rank), ranks [S] int32 -> v [SPLITS, T, N] float32 partials.
+    """x [T, in], lora_a [S, N, in] (N = NT*rank), ranks [S] int32 -> v [1, T, N] float32.
 
-        for tile (slot, rows): v[:, rows] = split-K partials of x[rows] @ lora_a[slot].T
+        for tile (slot, rows): v[0, rows] = x[rows] @ lora_a[slot].T
         (columns n with n % R >= ranks[slot] are 0; rows in no tile are not written)
 
-    `out`: [SPLITS, T, N] float32 to write into (its SPLITS is the split count: tests poison it).
+    `splits`: split-K factor (default: `choose_splits`); the partial sums are reduced inside the kernel.
+    `out`: [1, T, N] float32 to write into (tests poison it).
     """
     _check(plan, x, lora_a)
     t, k = x.shape
     n = lora_a.shape[1]
     block_n = min(128, max(16, triton.next_power_of_2(n)))
+    nblk = triton.cdiv(n, block_n)
+    assert nblk <= MAX_SHRINK_BLOCKS, (n, block_n)
     block_k = 64 if k <= 1024 else 128
-    if out is not None:
-        splits = out.shape[0]
-    elif splits is None:
-        splits = choose_splits(plan, n, k, block_n, _num_sms(x.device))
+    sms = _num_sms(x.device)
+    if splits is None:
+        splits = choose_splits(plan, n, k, block_n, sms)
+    splits = max(1, min(int(splits), MAX_SPLITS))
     k_chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    if triton.cdiv(k, k_chunk) != splits:  # no empty split: every partial the expand sums is written
-        assert out is None, f"{splits} splits of {k} in chunks of {block_k} leave one empty"
-        splits = triton.cdiv(k, k_chunk)
-    v = torch.empty((splits, t, n), device=x.device, dtype=torch.float32) if out is None else out
+    splits = triton.cdiv(k, k_chunk)  # no empty split: the last of them reduces
+    v = torch.empty((1, t, n), device=x.device, dtype=torch.float32) if out is None else out
+    assert v.shape == (1, t, n) and v.dtype == torch.float32, v.shape
     if t == 0 or plan.num_tiles == 0:
         return v
-    grid = (triton.cdiv(n, block_n), splits, tile_workers(plan))
+    if splits > 1:  # per split, tile and row: the partial sums (tiles are at most BLOCK_M rows)
+        part = torch.empty((splits, plan.num_tiles * plan.block_m, n), device=x.device, dtype=torch.float32)
+    else:
+        part = v
+    grid = (persistent_programs(plan, splits * nblk, sms),)
     _shrink_kernel[grid](
-        x, lora_a, ranks, _perm_arg(plan), plan.tiles, plan.count, v, n, k, rank, k_chunk, plan.num_tiles,
-        x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0), v.stride(1),
-        HAS_PERM=plan.perm is not None, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        x, lora_a, ranks, _perm_arg(plan), plan.tiles, plan.count, plan.semaphores, part, v, n, k, rank, k_chunk,
+        plan.num_tiles, x.stride(0), lora_a.stride(0), lora_a.stride(1), part.stride(-2), v.stride(1),
+        HAS_PERM=plan.perm is not None, SPLITS=splits, NBLK=nblk, BLOCK_M=plan.block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4,
     )  # fmt: skip
     return v
 
 
 def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
                 slices: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:  # fmt: skip
-    """y += expand(v) in place.  y [T, cols], v [SPLITS, T, NT*rank] (lora_shrink's), lora_b [S, N, rank];
-    slices: (b_start, b_end, y_start) per member, in B-row order (default: one member, all of y).
+    """y += expand(v) in place.  y [T, cols], v [SPLITS, T, NT*rank] (lora_shrink's: SPLITS = 1; partial
+    sums are added), lora_b [S, N, rank]; slices: (b_start, b_end, y_start) per member, in B-row order
+    (default: one member, all of y).
 
         for tile (slot, rows), member i: y[rows, y_i + c] += sum_s(v[s, rows, i*R:(i+1)*R]) @ B[slot, b_i + c]
     """
@@ -349,18 +394,13 @@ def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
     nt_pad = triton.next_power_of_2(nt)
     r_pad = max(16, triton.next_power_of_2(rank))
     block_n = max(16, min(128, 8192 // (nt_pad * r_pad)))
-    n_tiles = triton.cdiv(n, block_n)
-    # Programs per tile along the columns: ~4 waves when the batch has the fewest tiles; each loops
-    # over its share of column tiles (fewer, longer programs than one per column tile: empty tiles of
-    # a static plan then cost fewer launches).
-    n_progs = max(1, min(n_tiles, triton.cdiv(4 * _num_sms(y.device), max(plan.min_tiles, 1))))
-    per_prog = triton.cdiv(n_tiles, n_progs)
-    n_progs = triton.cdiv(n_tiles, per_prog)
-    _expand_kernel[(n_progs, tile_workers(plan))](
-        v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, y, n, rank,
-        v.shape[0], plan.num_tiles, per_prog, *bounds[:3], *shifts, v.stride(0), v.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), HAS_PERM=plan.perm is not None, NT=nt,
-        NT_PAD=nt_pad, R_PAD=r_pad, BLOCK_M=plan.block_m, BLOCK_N=block_n, num_warps=4,
+    nblk = triton.cdiv(n, block_n)
+    grid = (persistent_programs(plan, nblk, _num_sms(y.device)),)
+    _expand_kernel[grid](
+        v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, y, n, rank, plan.num_tiles, *bounds[:3],
+        *shifts, v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
+        HAS_PERM=plan.perm is not None, SPLITS=v.shape[0], NBLK=nblk, NT=nt, NT_PAD=nt_pad, R_PAD=r_pad,
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return y
 

@@ -199,7 +199,7 @@ def _check_group(lora, c, plan, dtype, splits=None):
     covered = c.slots >= 0
     v = lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=c.rank, splits=splits)
     poisoned = torch.full_like(v, float("nan"))
-    lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=c.rank, out=poisoned)
+    lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=c.rank, splits=splits, out=poisoned)
     v_ref = lora.lora_shrink_ref(c.x, c.a, c.ranks, plan, rank=c.rank)
     assert rel_err(poisoned.sum(0)[covered], v_ref[0][covered]) <= 1e-2
     assert torch.isnan(poisoned[:, ~covered]).all()

@@ -57,8 +57,8 @@ def test_grouped_shrink_expand_interpret(lora, case, plan_kind):
     covered = c.slots >= 0
     n = c.a.shape[1]
 
-    v = torch.full((splits, T, n), float("nan"))
-    lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=R, out=v)
+    v = torch.full((1, T, n), float("nan"))
+    lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=R, splits=splits, out=v)
     v_ref = lora.lora_shrink_ref(c.x, c.a, c.ranks, plan, rank=R)
     assert rel_err(v.sum(0)[covered], v_ref[0][covered]) <= 1e-2
     assert torch.isnan(v[:, ~covered]).all()  # rows in no tile (base model) are not written
@@ -189,3 +189,25 @@ def test_plan_kernel_equals_the_torch_plan(lora, T, S, block_m):
         got = lora.plan_from_slots(slots, S, block_m, use_kernel=True)
         assert torch.equal(got.perm, ref.perm) and torch.equal(got.tiles, ref.tiles), (trial, slots)
         assert torch.equal(got.count, ref.count), (trial, slots)
+
+
+@pytest.mark.parametrize("plan_kind", ["decode", "prefill"])
+def test_split_k_counters_reset_for_the_next_call_on_the_same_plan(lora, plan_kind):
+    """The shrink reduces its split-K partials through per-tile arrival counters kept in the plan: every
+    call must leave them at zero, or the next group of the same step (same plan) would reduce too early."""
+    gen = torch.Generator().manual_seed(11)
+    T, S, R = 21, 4, 8
+    c = make_group_case(gen, T, S, R, 512, (64, 32, 32), (True, True, True), torch.bfloat16)
+    if plan_kind == "prefill":
+        segs = ragged_segments(gen, T, S)
+        c.slots = slots_of_segments(segs, T)
+        plan = lora.plan_from_segments(segs, T, "cpu")
+    else:
+        plan = lora.plan_from_slots(c.slots, S, block_m=16)
+    covered = c.slots >= 0
+    want = lora.lora_shrink_ref(c.x, c.a, c.ranks, plan, rank=R)[0]
+    assert plan.semaphores.eq(0).all()
+    for splits in (4, 3, 4):
+        v = lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=R, splits=splits)
+        assert rel_err(v[0][covered], want[covered]) <= 1e-2, splits
+        assert plan.semaphores.eq(0).all(), splits

@@ -1,0 +1,228 @@
+"""Where does LoRA's (and the verify step's) time go? Mistral-7B shape, random bf16 weights on the GPU.
+
+    python -m bench.profile_lora [--out FILE] [--sections lora,verify,gemm]
+
+lora    CUDA-graph decode forward (model only) at batch 1 / 32 / 128 with no adapter data, with adapter
+        data but every row on the base model, with 1 and with 32 distinct rank-16 adapters (32 resident
+        slots, all seven projections); per case the replay time and the top kernels of one replay.
+verify  decode forward vs verify forward (k = 4: 5 query tokens per row) at batch 8 / 16 / 32, both
+        graph-replayed, kernels of each; the scoring of a verify step (choose_positions + host copy),
+        eager, with its kernel count.
+gemm    the layer's matmul shapes at M = 1 .. 256 rows: time and the weight bandwidth it reaches.
+
+Prints a table per section and writes every number to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+from bench.common import copy_bandwidth_gbps, median, time_ms
+from bench.profile_decode import MAX_S, DecodeCase, build_model
+
+
+def kernel_table(fn, n: int = 18) -> list[dict]:
+    """One call of `fn` (graph replays included: CUPTI reports the graph's kernels) grouped by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals[e.name[:80]]
+            t[0] += e.device_time_total / 1000.0
+            t[1] += 1
+    rows = sorted(({"kernel": k, "ms": v[0], "count": int(v[1])} for k, v in totals.items()),
+                  key=lambda r: -r["ms"])  # fmt: skip
+    total = sum(r["ms"] for r in rows)
+    count = sum(r["count"] for r in rows)
+    return [{"kernel": "(all)", "ms": total, "count": count}, *rows[:n]]
+
+
+def print_kernels(title: str, rows: list[dict]) -> None:
+    print(f"  -- {title}")
+    for r in rows:
+        print(f"     {r['ms']:8.3f} ms  x{r['count']:5d}  {r['kernel']}")
+
+
+def graph_of(fn) -> torch.cuda.CUDAGraph:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def lora_stacks(model, slots: int, rank: int, dev) -> dict:
+    from model.adapters.stacks import LoraGroupStack
+
+    cfg = model.config
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    groups = {
+        "qkv_proj": (h, ("q_proj", "k_proj", "v_proj"), (q, kv, kv)),
+        "o_proj": (q, ("o_proj",), (h,)),
+        "gate_up_proj": (h, ("gate_proj", "up_proj"), (i, i)),
+        "down_proj": (i, ("down_proj",), (h,)),
+    }
+    stacks = {}
+    ranks = torch.full((slots,), rank, dtype=torch.int32, device=dev)
+    for layer in range(cfg.num_hidden_layers):
+        for name, (fan_in, targets, widths) in groups.items():
+            a = torch.randn(slots, len(targets) * rank, fan_in, device=dev, dtype=torch.bfloat16) * 0.01
+            b = torch.randn(slots, sum(widths), rank, device=dev, dtype=torch.bfloat16) * 0.01
+            stacks[(layer, name)] = LoraGroupStack(a, b, ranks, targets, widths)
+    return stacks
+
+
+def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32) -> None:
+    from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
+    from model.forward_batch import ForwardBatch
+
+    stacks = lora_stacks(model, slots, 16, dev)
+    res = out.setdefault("lora", [])
+    for b in batches:
+        case = DecodeCase(model, b, 544)
+        base_ms = None
+        for used in ("none", "base_rows", 1, 32):
+            if used == "none":
+                data = None
+            else:
+                meta = AdapterBatchMetadata.for_cuda_graph(b, dev)
+                if used != "base_rows":
+                    meta.token_slots.copy_(torch.arange(b, device=dev, dtype=torch.int32) % int(used))
+                data = AdapterBatchData(meta, stacks, is_prefill=False)
+
+            def step(c=case, d=data):
+                fb = ForwardBatch.decode(c.input_ids, c.positions, c.tables, block_size=model.block_size,
+                                         max_s=MAX_S, adapter_data=d)  # fmt: skip
+                return fb.run(model, c.kv.layers)
+
+            g = graph_of(step)
+            ms = median(time_ms(g.replay, dev, 3, 20))
+            if used == "none":
+                base_ms = ms
+            row = {"batch": b, "adapters": used, "replay_ms": ms, "vs_none": ms / base_ms}
+            if b in (1, 32, 128):
+                row["kernels"] = kernel_table(g.replay)
+            res.append(row)
+            print(f"lora batch {b:4d} adapters {used!s:>9}: replay {ms:7.3f} ms ({ms / base_ms:.3f} x none)")
+            if "kernels" in row:
+                print_kernels(f"batch {b} adapters {used}", row["kernels"])
+            del g
+        del case
+        torch.cuda.empty_cache()
+
+
+def sec_verify(model, dev, out: dict, batches: list[int], k: int = 4) -> None:
+    from bench.speculative import _batch
+    from cache.adapter_store import AdapterStore
+    from cache.kv_cache import KVCache
+    from shard_server.executor.graphs import DecodeGraphs
+    from shard_server.executor.runner import ModelRunner
+    from shard_server.executor.verify import VerifyGraphs, verify_forward
+    from shard_server.generation.speculative import choose_positions
+
+    context = 512
+    blocks = _batch(model, max(batches), context, k, dev)[1]
+    runner = ModelRunner(model, KVCache.for_model(model, blocks), AdapterStore(model.config, dev, model.dtype))
+    runner.graphs = DecodeGraphs(runner, max_batch=max(batches), max_context=context + 64)
+    runner.verify_graphs = graphs = VerifyGraphs(runner, k + 1, max_batch=max(batches), max_context=context + 64)
+    runner.capture_graphs(context + 1)
+    res = out.setdefault("verify", [])
+    for rows in batches:
+        batch, _ = _batch(model, rows, context, k, dev)
+        drafts = torch.randint(3, model.config.vocab_size, (rows, k), device=dev)
+        tokens = torch.cat([batch.input_ids[:, None], drafts], dim=1)
+        n_valid = torch.full((rows,), k + 1, dtype=torch.int64, device=dev)
+        logits, _ = verify_forward(runner, batch, tokens, n_valid, graphs)
+
+        def decode_fwd(b=batch):
+            return runner.decode(b)
+
+        def verify_fwd(b=batch, t=tokens, n=n_valid):
+            return verify_forward(runner, b, t, n, graphs)
+
+        def score(b=batch, lg=logits, d=drafts):
+            return choose_positions(b.chooser, lg, d).to_host([k] * len(b))
+
+        row = {"batch": rows, "k": k}
+        for name, fn in (("decode_fwd", decode_fwd), ("verify_fwd", verify_fwd), ("score", score)):
+            row[name + "_ms"] = median(time_ms(fn, dev, 3, 20))
+            row[name + "_kernels"] = kernel_table(fn, 14)
+        print(f"verify batch {rows:3d}: decode fwd {row['decode_fwd_ms']:.3f}  verify fwd "
+              f"{row['verify_fwd_ms']:.3f} ({row['verify_fwd_ms'] / row['decode_fwd_ms']:.3f} x)  "
+              f"score {row['score_ms']:.3f} ms ({row['score_kernels'][0]['count']} kernels)")  # fmt: skip
+        for name in ("decode_fwd", "verify_fwd", "score"):
+            print_kernels(f"{name} batch {rows}", row[name + "_kernels"])
+        res.append(row)
+
+
+def sec_gemm(model, dev, out: dict, bw: float) -> None:
+    cfg = model.config
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * i), "down": (i, h)}
+    res = out.setdefault("gemm", [])
+    for name, (fan_in, fan_out) in shapes.items():
+        w = torch.randn(fan_out, fan_in, device=dev, dtype=torch.bfloat16)
+        line = f"gemm {name:8s}"
+        for m in (1, 8, 32, 40, 64, 80, 128, 160, 192, 256):
+            x = torch.randn(m, fan_in, device=dev, dtype=torch.bfloat16)
+            g = graph_of(lambda x=x: torch.nn.functional.linear(x, w))
+            reps = 20
+            g2 = torch.cuda.CUDAGraph()  # 20 back-to-back launches: per-call time without replay gaps
+            with torch.cuda.graph(g2):
+                for _ in range(reps):
+                    torch.nn.functional.linear(x, w)
+            ms = median(time_ms(g2.replay, dev, 2, 10)) / reps
+            frac = w.numel() * 2 / (ms / 1e3) / bw
+            res.append({"gemm": name, "m": m, "ms": ms, "weight_bw_fraction": frac})
+            line += f"  m{m}:{ms * 1e3:6.1f}us({frac:.2f})"
+            del g, g2
+        print(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    ap.add_argument("--sections", default="lora,verify,gemm")
+    ap.add_argument("--lora-batches", default="1,32,128")
+    ap.add_argument("--verify-batches", default="8,16,32")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
+    model = build_model(dev)
+    out: dict = {"device": torch.cuda.get_device_name(dev), "bandwidth_GBps": bw / 1e9}
+    print(f"copy {bw / 1e9:.0f} GB/s, backend {model.attention.name}")
+    sections = args.sections.split(",")
+    with torch.no_grad():
+        for name in sections:
+            try:
+                if name == "lora":
+                    sec_lora(model, dev, out, [int(x) for x in args.lora_batches.split(",")])
+                elif name == "verify":
+                    sec_verify(model, dev, out, [int(x) for x in args.verify_batches.split(",")])
+                elif name == "gemm":
+                    sec_gemm(model, dev, out, bw)
+            except Exception as e:  # noqa: BLE001 - a failed section must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                out.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {e}")
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
