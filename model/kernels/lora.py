@@ -263,15 +263,11 @@ def _shrink_kernel(x_ptr, a_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, sem_
 
 
 @triton.jit
-def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_ptr, N, R, num_tiles, b1, b2, b3,
+def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_ptr, N, num_tiles, b1, b2, b3,
                    d0, d1, d2, d3, stride_vs, stride_vt, stride_bs, stride_bn, stride_yt, HAS_PERM: tl.constexpr,
-                   SPLITS: tl.constexpr, NBLK: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
-                   R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    # The members side by side on the reduction axis: kk = member * R_PAD + r. B is loaded block-diagonally
-    # (column c of B only under its own member's kk rows), so one dot adds every member's delta.
-    kk = tl.arange(0, NT_PAD * R_PAD)
-    kk_member = kk // R_PAD
-    kk_r = kk % R_PAD
+                   SPLITS: tl.constexpr, NBLK: tl.constexpr, R: tl.constexpr, NT: tl.constexpr,
+                   NT_PAD: tl.constexpr, R_PAD: tl.constexpr, UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):  # fmt: skip
     total = tl.load(count_ptr) * NBLK
     # Persistent: work items (tile, column block) of the real tiles, tile-major so that neighbouring
     # programs share a tile's v and slot.
@@ -281,24 +277,45 @@ def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_pt
         rank = tl.load(ranks_ptr + slot)  # 0: the slot's adapter targets none of these members
         n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
         rows, m_ok = _tile_rows(perm_ptr, tl.load(tiles_ptr + num_tiles + tile), n_rows, HAS_PERM, BLOCK_M)
-        kk_ok = (kk_member < NT) & (kk_r < rank)
-        v_ptrs = v_ptr + rows[:, None] * stride_vt + (kk_member * R + kk_r)[None, :]
-        v_ok = m_ok[:, None] & kk_ok[None, :]
-        v = tl.zeros([BLOCK_M, NT_PAD * R_PAD], dtype=tl.float32)
-        for s in tl.static_range(SPLITS):  # partial sums a caller passed (lora_shrink's v has one)
-            v += tl.load(v_ptrs + s * stride_vs, mask=v_ok, other=0.0)
-        v = v.to(b_ptr.dtype.element_ty)
-        offs_n = (w % NBLK) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col0 = (w % NBLK) * BLOCK_N
+        offs_n = col0 + tl.arange(0, BLOCK_N)
         n_ok = (offs_n < N) & (rank > 0)
-        member = _slice_of(offs_n, b1, b2, b3)
-        bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn + kk_r[:, None],
-                     mask=kk_ok[:, None] & n_ok[None, :] & (kk_member[:, None] == member[None, :]),
-                     other=0.0)  # [NT_PAD * R_PAD, BLOCK_N]
-        shift = tl.where(member == 0, d0, tl.where(member == 1, d1, tl.where(member == 2, d2, d3)))
-        y_ptrs = y_ptr + rows[:, None] * stride_yt + (offs_n + shift)[None, :]
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        if UNIFORM:
+            # Every member's width is a multiple of BLOCK_N: the block lies in one member, so its v
+            # columns, B rows and output shift are the block's own (contiguous, vectorised accesses).
+            member = _slice_of(col0, b1, b2, b3)
+            shift = tl.where(member == 0, d0, tl.where(member == 1, d1, tl.where(member == 2, d2, d3)))
+            r = tl.arange(0, R_PAD)
+            r_ok = r < tl.minimum(rank, R)
+            v_ptrs = v_ptr + rows[:, None] * stride_vt + (member * R + r)[None, :]
+            v = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+            for s in tl.static_range(SPLITS):  # partial sums a caller passed (lora_shrink's v has one)
+                v += tl.load(v_ptrs + s * stride_vs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(b_base + offs_n[:, None] * stride_bn + r[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                        other=0.0)  # [BLOCK_N, R_PAD], r contiguous
+            delta = tl.dot(v.to(b_ptr.dtype.element_ty), tl.trans(b))  # [BLOCK_M, BLOCK_N] fp32
+            y_ptrs = y_ptr + rows[:, None] * stride_yt + (offs_n + shift)[None, :]
+        else:
+            # Members side by side on the reduction axis: kk = member * R_PAD + r. B is loaded
+            # block-diagonally (column c only under its own member's kk rows): one dot adds every member.
+            kk = tl.arange(0, NT_PAD * R_PAD)
+            kk_member = kk // R_PAD
+            kk_r = kk % R_PAD
+            kk_ok = (kk_member < NT) & (kk_r < tl.minimum(rank, R))
+            v_ptrs = v_ptr + rows[:, None] * stride_vt + (kk_member * R + kk_r)[None, :]
+            v = tl.zeros([BLOCK_M, NT_PAD * R_PAD], dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                v += tl.load(v_ptrs + s * stride_vs, mask=m_ok[:, None] & kk_ok[None, :], other=0.0)
+            member = _slice_of(offs_n, b1, b2, b3)
+            bt = tl.load(b_base + offs_n[None, :] * stride_bn + kk_r[:, None],
+                         mask=kk_ok[:, None] & n_ok[None, :] & (kk_member[:, None] == member[None, :]),
+                         other=0.0)  # [NT_PAD * R_PAD, BLOCK_N]
+            delta = tl.dot(v.to(b_ptr.dtype.element_ty), bt)
+            shift = tl.where(member == 0, d0, tl.where(member == 1, d1, tl.where(member == 2, d2, d3)))
+            y_ptrs = y_ptr + rows[:, None] * stride_yt + (offs_n + shift)[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
         y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-        delta = tl.dot(v, bt)  # [BLOCK_M, BLOCK_N] fp32
         tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -393,14 +410,20 @@ def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
         return y
     nt_pad = triton.next_power_of_2(nt)
     r_pad = max(16, triton.next_power_of_2(rank))
-    block_n = max(16, min(128, 8192 // (nt_pad * r_pad)))
+    widths = [b1 - b0 for b0, b1, _ in slices]
+    # The widest block that no member boundary cuts (Mistral's widths are multiples of 128): the block's
+    # member is then uniform. Otherwise the block-diagonal path handles blocks across members.
+    block_n = next((bn for bn in (128, 64, 32, 16) if all(w % bn == 0 for w in widths)), 0)
+    uniform = block_n > 0
+    if not uniform:
+        block_n = max(16, min(128, 8192 // (nt_pad * r_pad)))
     nblk = triton.cdiv(n, block_n)
     grid = (persistent_programs(plan, nblk, _num_sms(y.device)),)
     _expand_kernel[grid](
-        v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, y, n, rank, plan.num_tiles, *bounds[:3],
-        *shifts, v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-        HAS_PERM=plan.perm is not None, SPLITS=v.shape[0], NBLK=nblk, NT=nt, NT_PAD=nt_pad, R_PAD=r_pad,
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, num_warps=4,
+        v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, y, n, plan.num_tiles, *bounds[:3], *shifts,
+        v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
+        HAS_PERM=plan.perm is not None, SPLITS=v.shape[0], NBLK=nblk, R=rank, NT=nt, NT_PAD=nt_pad, R_PAD=r_pad,
+        UNIFORM=uniform, BLOCK_M=plan.block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return y
 
