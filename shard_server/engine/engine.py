@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -21,10 +21,10 @@ from cache.adapter_store import AdapterStore
 from cache.block_manager import BlockManager, OutOfBlocks
 from model.attention import select_attention_backend
 from model.config import MistralConfig
-from model.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
+from model.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.config import ShardConfig
-from shard_server.engine import admission, prefilling, speculation, warmup
+from shard_server.engine import adapter_ops, admission, prefilling, speculation, warmup
 from shard_server.engine.batch import Batch, PendingPrefill
 from shard_server.engine.bootstrap import (
     build_adapter_store,
@@ -34,8 +34,9 @@ from shard_server.engine.bootstrap import (
 )
 from shard_server.engine.kv_calibration import KVScaleKeeper
 from shard_server.engine.kv_sizing import KVSizing
-from shard_server.engine.lookahead import Lookahead, logits_for, look_ahead
+from shard_server.engine.lookahead import Lookahead, logits_for, look_ahead, restore_lookaheads
 from shard_server.engine.outputs import emit_step
+from shard_server.engine.stepping import StillWanted, check_unique_ids, commit_or_cancel, in_order
 from shard_server.executor.runner import ModelRunner
 from shard_server.generation.grammar import SchemaCompiler
 from shard_server.generation.sampling import HostSample
@@ -172,10 +173,10 @@ class ShardEngine:
         if not spec.requests:
             raise InvalidArgument("batch.requests is empty")
         admitted = admission.admit_batch(spec, self._limits(), warmup=False)
-        self._check_adapters([a.spec.adapter_index for a in admitted])
+        adapter_ops.check_adapters(self.adapters, [a.spec.adapter_index for a in admitted])
         cached = None if cached_batch_id is None else self.batches[cached_batch_id]
         if cached is not None:
-            _check_unique_ids([cached.request_ids, [a.spec.id for a in admitted]])
+            check_unique_ids([cached.request_ids, [a.spec.id for a in admitted]])
         generations, batch = self._prefill(spec.id, admitted, cached, warmup=False, still_wanted=still_wanted)
         if cached is not None:
             del self.batches[cached.id]
@@ -193,7 +194,7 @@ class ShardEngine:
         missing = [b for b in batch_ids if b not in self.batches]
         if missing:
             raise NotFound(f"batch {missing[0]} is not a cached batch")
-        _check_unique_ids([self.batches[b].request_ids for b in batch_ids])
+        check_unique_ids([self.batches[b].request_ids for b in batch_ids])
         originals = [self.batches.pop(b) for b in batch_ids]
         found = [la for la in (self.lookaheads.pop(b, None) for b in batch_ids) if la is not None]
         try:  # compute everything before changing anything
@@ -212,11 +213,11 @@ class ShardEngine:
                 budget = self._chunk_budget() - len(batch)
                 plan = prefilling.plan_chunks(batch.pending, budget)
                 chunks = prefilling.compute(self, list(zip(batch.pending, plan, strict=True)))
-            _commit_or_cancel(still_wanted)
+            commit_or_cancel(still_wanted)
         except BaseException:
             for b in originals:  # nothing was mutated yet: the router may retry or clear them
                 self.batches[b.id] = b
-            self._restore_lookaheads(originals, found)
+            restore_lookaheads(self.lookaheads, originals, found)
             raise
         generations: list[GenerationOut] = []
         rows = None
@@ -230,7 +231,7 @@ class ShardEngine:
         pending: list[PendingPrefill] = []
         if chunks is not None:
             gens, started, still = prefilling.commit(self, batch.id, chunks)
-            pending = _in_order(batch.pending, still)
+            pending = in_order(batch.pending, still)
             generations += gens
             rows = self._join(batch.id, [rows, started], [])
         remaining = self._join(batch.id, [rows], pending)
@@ -280,7 +281,7 @@ class ShardEngine:
         if not spec.requests:
             raise InvalidArgument("batch.requests is empty")
         admitted = admission.admit_batch(spec, self._limits(), warmup=False, generation=False)
-        self._check_adapters([a.spec.adapter_index for a in admitted])
+        adapter_ops.check_adapters(self.adapters, [a.spec.adapter_index for a in admitted])
         # No KV cache bounds an Embed: bound its tokens as a Prefill's are (Warmup's budget).
         budget = max(self.max_prefill_tokens or 0, self.model_config.max_position_embeddings)
         tokens = sum(len(a.ids) for a in admitted)
@@ -311,33 +312,10 @@ class ShardEngine:
 
     def load_adapter(self, index: int, spec: AdapterSpec, prepared: object | None = None) -> None:
         """`prepared`: prepare_adapter(spec)'s result, so that the model thread reads no file."""
-        if index == 0:
-            raise FailedPrecondition("adapter_index 0 is the base model; load adapters at index >= 1")
-        heads = speculation.adapter_heads(self.speculator, self.adapters, spec)  # bad files refuse here
-        self.adapters.load(index, spec, host=prepared)
-        if self.speculator is not None:  # its requests draft with these heads, or with the base's
-            self.speculator.medusa.by_adapter.pop(index, None)
-            if heads is not None:
-                self.speculator.medusa.by_adapter[index] = heads
-        self.runner.refresh_lora_graphs()  # here, if the stacks moved: never inside a Decode
+        adapter_ops.load_adapter(self, index, spec, prepared)
 
     def offload_adapter(self, index: int, spec: AdapterSpec) -> bool:
-        if not self.adapters.is_loaded(index):
-            return False
-        held = self.adapters.loaded_spec(index)
-        if tuple(held.adapter_ids) != tuple(spec.adapter_ids):
-            raise FailedPrecondition(
-                f"adapter index {index} holds {shown(list(held.adapter_ids))}, not "
-                f"{shown(list(spec.adapter_ids))}: nothing offloaded"
-            )
-        users = [b.id for b in self.batches.values() if index in {r.adapter_index for r in b.all_requests}]
-        if users:
-            raise FailedPrecondition(f"adapter index {index} is in use by cached batches {users}")
-        if self.speculator is not None:
-            self.speculator.medusa.by_adapter.pop(index, None)
-        offloaded = self.adapters.offload(index)
-        self.runner.refresh_lora_graphs()
-        return offloaded
+        return adapter_ops.offload_adapter(self, index, spec)
 
     # ---- internals -------------------------------------------------------------------------------------
 
@@ -377,11 +355,6 @@ class ShardEngine:
             grammars=self.grammars,
         )
 
-    def _check_adapters(self, indices: Sequence[int]) -> None:
-        for i in dict.fromkeys(indices):
-            if i != 0 and not self.adapters.is_loaded(i):
-                raise NotFound(f"adapter_index {i} is not loaded (LoadAdapter it first)")
-
     def _chunk_budget(self) -> int:
         if self.max_prefill_tokens is None:  # admission refuses chunk_len before Warmup
             raise FailedPrecondition("pending prefill chunks before Warmup set max_prefill_tokens")
@@ -403,7 +376,7 @@ class ShardEngine:
                 budget = self._chunk_budget() - sum(n for _, n in items)
                 items += list(zip(old, prefilling.plan_chunks(old, budget), strict=True))
             computed = prefilling.compute(self, items)
-            _commit_or_cancel(still_wanted)
+            commit_or_cancel(still_wanted)
         except BaseException as e:
             for p in started:
                 self._release(p.request)
@@ -412,17 +385,9 @@ class ShardEngine:
             raise
         generations, rows, pending = prefilling.commit(self, batch_id, computed)
         if cached is None:
-            return generations, self._join(batch_id, [rows], _in_order(started, pending))
-        keep = _in_order(cached.pending, pending) + _in_order(started, pending)  # oldest first
+            return generations, self._join(batch_id, [rows], in_order(started, pending))
+        keep = in_order(cached.pending, pending) + in_order(started, pending)  # oldest first
         return generations, self._join(cached.id, [cached.rows_view(), rows], keep)
-
-    def _restore_lookaheads(self, originals: list[Batch], found: list[Lookahead]) -> None:
-        """After a failed Decode: give each batch back the precomputed step whose rows it holds."""
-        for b in originals:
-            mine = {id(r) for r in b.requests}
-            for la in found:
-                if la.requests and id(la.requests[0]) in mine:
-                    self.lookaheads[b.id] = la
 
     def _join(self, batch_id: int, parts: list[Batch | None], pending: list[PendingPrefill]) -> Batch | None:
         """One batch of the rows of `parts` and the pending prefills (None when nothing is live)."""
@@ -478,33 +443,3 @@ class ShardEngine:
                 "router's --max-batch-prefill-tokens"
             ) from None
         self.blocks = self._new_block_manager(num_blocks)
-
-
-StillWanted = Callable[[], bool]
-
-
-def _commit_or_cancel(still_wanted: StillWanted | None) -> None:
-    """The last check before a step's results are committed: is anyone still waiting for them?"""
-    if still_wanted is not None and not still_wanted():
-        raise Cancelled("the caller is gone (deadline passed or cancelled); nothing was committed")
-
-
-def _check_unique_ids(groups: Sequence[Sequence[int]]) -> None:
-    """Request ids of batches about to be joined must be unique: the router tells requests apart by id.
-    (Within one batch admission checks them; only Warmup's own batch repeats id 0.)"""
-    seen: set[int] = set()
-    for ids in groups:
-        ids = set(ids)
-        for rid in ids:
-            if rid in seen:
-                raise InvalidArgument(
-                    f"request id {rid} is in more than one of the batches to concatenate; request ids must "
-                    "be unique across a Decode's batches (and a Prefill's batch and cached_batch)"
-                )
-        seen |= ids
-
-
-def _in_order(order: Sequence[PendingPrefill], keep: Sequence[PendingPrefill]) -> list[PendingPrefill]:
-    """The members of `keep` in the order of `order` (by identity)."""
-    ids = {id(p) for p in keep}
-    return [p for p in order if id(p) in ids]

@@ -107,3 +107,15 @@ def logits_for(
         fresh = forward(batch.select(missing))
         out.index_copy_(0, torch.tensor(missing, dtype=torch.int64, device=dev), fresh.to(out.dtype))
     return out, len(hits)
+
+
+def restore_lookaheads(
+    lookaheads: dict[int, Lookahead], originals: list[Batch], found: list[Lookahead]
+) -> None:
+    """After a failed Decode: give each of its batches (`originals`) back the precomputed step whose
+    rows it holds (`found`: the lookaheads the Decode took)."""
+    for b in originals:
+        mine = {id(r) for r in b.requests}
+        for la in found:
+            if la.requests and id(la.requests[0]) in mine:
+                lookaheads[b.id] = la

@@ -11,9 +11,12 @@
                       position; stopping cuts the emitted tokens where one-token steps would stop.
 
 `compute` returns None when no row has anything to verify (no n-gram match, no Medusa heads): the
-engine then runs its plain decode step (CUDA graphs included). Every rank drafts from the same host
-tokens (or the same replicated Medusa weights on the same all-reduced hidden states) and scores with
-the same logits and seeds, so all ranks accept the same tokens without any exchange.
+engine then runs its plain decode step (CUDA graphs included). Rows with a JSON schema take part: each
+position is scored under the grammar's mask after the row's drafts before it, drafts the grammar
+refuses are never accepted, and the grammar consumes exactly the emitted tokens at commit
+(generation/grammar_drafts.py); rows without a schema keep their full drafts. Every rank drafts from
+the same host tokens (or the same replicated Medusa weights on the same all-reduced hidden states) and
+scores with the same logits, seeds and masks, so all ranks accept the same tokens without any exchange.
 
 KV: a row writes its next 1 + drafts positions; rejected positions are not undone, their slots are
 written again by the next step (they lie inside the request's own blocks, see drafts.py). With a
@@ -31,6 +34,7 @@ import torch
 from model.adapters.medusa import MedusaHeads
 from shard_server.engine.drafts import NgramIndex, draft_budget
 from shard_server.executor.verify import VerifyGraphs, verify_forward
+from shard_server.generation.grammar_drafts import DraftMasks
 from shard_server.generation.speculative import (
     HostTokens,
     VerifySample,
@@ -71,18 +75,12 @@ class Speculator:
         self.drafted = 0  # draft tokens verified
         self.accepted = 0  # draft tokens accepted (before stopping cut them)
         self.medusa_drafted = 0  # of `drafted`, those that came from Medusa heads
+        self.grammar_refused = 0  # of `drafted`, those a row's grammar refused (never accepted)
 
     def compute(self, batch) -> SpecStep | None:
         """Draft and verify; reads the batch and writes only uncommitted KV slots (safe to retry)."""
         dev = batch.input_ids.device
         bs = self.runner.block_size
-        if any(r.sampling.schema is not None for r in batch.requests):
-            # A grammar's state would have to follow every draft: such steps are plain decode steps,
-            # after which Medusa drafts (made for the skipped position) are stale.
-            for r in batch.requests:
-                if r.drafts is not None:
-                    r.drafts.medusa = None
-            return None
         drafts: list[list[int]] = []
         medusa_rows, medusa_next = [], []
         for b, r in enumerate(batch.requests):
@@ -112,12 +110,17 @@ class Speculator:
                 self.medusa_drafted += n
         tokens = torch.cat([batch.input_ids[:, None], draft_ids], dim=1)  # [B, Q]
         n_valid = torch.tensor([1 + n for n in num], dtype=torch.int64).to(dev, non_blocking=True)
+        masks = None
+        if batch.chooser.grammar is not None:  # filled on the mask worker while the device verifies
+            masks = grammar_masks(batch.chooser.grammar, drafts, draft_ids, medusa_next, q_len)
         logits, hidden = verify_forward(self.runner, batch, tokens, n_valid, self.graphs)
-        sample = choose_positions(batch.chooser, logits, draft_ids)
-        accepted, host = sample.to_host(num)  # the step's one device -> host sync
+        sample = choose_positions(batch.chooser, logits, draft_ids, masks)
+        allowed = num if masks is None else masks.allowed_drafts(num)  # refused drafts: never accepted
+        accepted, host = sample.to_host(allowed)  # the step's one device -> host sync
         self.steps += 1
         self.drafted += sum(num)
         self.accepted += sum(accepted)
+        self.grammar_refused += sum(num) - sum(allowed)
         return SpecStep(sample, accepted, host, hidden, medusa_rows)
 
     def ngram_drafts(self, r, budget: int) -> list[int]:
@@ -132,7 +135,7 @@ class Speculator:
         dev = batch.input_ids.device
         emitted = [a + 1 for a in step.accepted]
         emitted_dev = torch.tensor(emitted, dtype=torch.int64).to(dev, non_blocking=True)
-        advance_chooser(batch.chooser, step.sample.targets, emitted_dev)
+        advance_chooser(batch.chooser, step.sample.targets, emitted_dev, step.host.ids)
         last = step.sample.targets.gather(1, (emitted_dev - 1)[:, None])[:, 0]
         batch.advance_many(last, emitted_dev, emitted)
         if step.medusa_rows:
@@ -145,7 +148,36 @@ class Speculator:
     def stats(self) -> dict[str, float]:
         rate = self.accepted / self.drafted if self.drafted else 0.0
         return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted, "acceptance": rate,
-                "medusa_drafted": self.medusa_drafted}  # fmt: skip
+                "medusa_drafted": self.medusa_drafted, "grammar_refused": self.grammar_refused}  # fmt: skip
+
+
+def grammar_masks(grammar, drafts: list[list[int]], draft_ids: torch.Tensor, medusa_next, q_len: int):
+    """Start the step's grammar masks (generation/grammar_drafts.py) for the constrained rows, whose
+    host drafts are `drafts[b]`, except Medusa rows (`medusa_next`: (row, n)), whose n drafts are in
+    `draft_ids` on the device: copied to the host behind an event that the mask worker waits for."""
+    lists = [drafts[b] for b in grammar.rows]
+    at = {b: r for r, b in enumerate(grammar.rows)}
+    from_device = [(at[b], b, n) for b, n in medusa_next if n and b in at]
+    if not from_device:
+        return DraftMasks(grammar, lambda: lists, q_len)
+    if not draft_ids.is_cuda:
+        values = draft_ids.tolist()
+        for r, b, n in from_device:
+            lists[r] = values[b][:n]
+        return DraftMasks(grammar, lambda: lists, q_len)
+    host = torch.empty(draft_ids.shape, dtype=draft_ids.dtype, pin_memory=True)
+    host.copy_(draft_ids, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()  # before the verify forward is enqueued: waiting for it never waits for that
+
+    def resolve() -> list[list[int]]:
+        copied.synchronize()
+        values = host.tolist()
+        for r, b, n in from_device:
+            lists[r] = values[b][:n]
+        return lists
+
+    return DraftMasks(grammar, resolve, q_len)
 
 
 class MedusaStore:

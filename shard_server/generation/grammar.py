@@ -33,6 +33,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from shard_server.config import GrammarConfig
 from shard_server.generation.grammar_masks import MaskFiller, RequestGrammar
 
@@ -168,9 +170,9 @@ class SchemaCompiler:
                 verbose_errors=False,
             )
             self._ll = llguidance
-            self._filler = MaskFiller(
-                llguidance, (tok.vocab_size + 31) // 32, self.vocab_size, c.mask_threads, self._pin
-            )
+            words = (tok.vocab_size + 31) // 32
+            eos = eos_mask(llguidance, tok, words)
+            self._filler = MaskFiller(llguidance, words, self.vocab_size, c.mask_threads, self._pin, eos)
             self._tokenizer = tok
             log.info("structured output: llguidance %s, %d token ids", llguidance.__version__, tok.vocab_size)
 
@@ -237,6 +239,17 @@ class SchemaCompiler:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._filler is not None:
             self._filler.close()
+
+
+def eos_mask(llguidance: Any, tokenizer: Any, words: int):
+    """int32 [words]: the mask llguidance gives a matcher that is stopped or failed (its EOS set), taken
+    from a matcher that failed at once (a grammar that does not parse)."""
+    failed = llguidance.LLMatcher(tokenizer, "%% not a grammar %%", log_level=0)
+    if not failed.is_error():
+        raise GrammarUnavailable("llguidance accepted a broken grammar: cannot read its EOS mask")
+    out = torch.zeros(words, dtype=torch.int32)
+    failed.unsafe_compute_mask_ptr(out.data_ptr(), 4 * words)
+    return out
 
 
 def _one_line(e: object) -> str:

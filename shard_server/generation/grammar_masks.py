@@ -18,6 +18,10 @@ One step of a batch with R constrained rows over V token ids:
 - device: one upload of the bitmask (from pinned memory, non-blocking), unpacked to [R, V] bools with
   shifts, then a masked fill. No host sync: nothing on the device is read back.
 A row whose matcher hit an error (a limit reached mid-document) is allowed EOS only and ends there.
+
+Speculative verify steps score several positions per row: `MaskFiller.draft_masks` fills, per row, the
+masks after each prefix of its drafts (grammar_drafts.py), and `advance` consumes several tokens per
+row (the accepted drafts and the token after them) in one job.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -50,8 +54,17 @@ class RequestGrammar:
 class MaskFiller:
     """Engine-wide: llguidance's executor, the mask worker thread, the device unpack constants."""
 
-    def __init__(self, llguidance: Any, mask_words: int, vocab_size: int, threads: int, pin_memory: bool):
+    def __init__(
+        self,
+        llguidance: Any,
+        mask_words: int,
+        vocab_size: int,
+        threads: int,
+        pin_memory: bool,
+        eos_mask: torch.Tensor,
+    ):
         self.words = mask_words
+        self.eos_mask = eos_mask  # int32 [words]: what llguidance allows a stopped or failed matcher
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory
         self._llguidance, self._threads = llguidance, max(1, threads)
@@ -81,23 +94,56 @@ class MaskFiller:
                 self._pool = self._llguidance.LLExecutor(num_threads=self._threads)
             return self._pool
 
-    def advance(self, grammars: Sequence[RequestGrammar], token_ids: Sequence[int]) -> None:
-        """Queue one job: each matcher consumes its token, then the next masks of all are filled."""
-        job = self._worker.submit(self._advance_and_fill, [g.matcher for g in grammars], list(token_ids))
+    def advance(self, grammars: Sequence[RequestGrammar], tokens: Sequence[Sequence[int]]) -> None:
+        """Queue one job: each matcher consumes its tokens (in order), then the next masks of all are
+        filled."""
+        lists = [[int(t) for t in ts] for ts in tokens]
+        job = self._worker.submit(self._advance_and_fill, [g.matcher for g in grammars], lists)
         for i, g in enumerate(grammars):
             g.queued = (job, i)
 
-    def _advance_and_fill(self, matchers: list[Any], token_ids: list[int]) -> torch.Tensor:
+    def _advance_and_fill(self, matchers: list[Any], tokens: list[list[int]]) -> torch.Tensor:
         t0 = time.perf_counter()
-        # A complete document (or an error) allowed only EOS: nothing more to consume.
-        todo = [(m, int(t)) for m, t in zip(matchers, token_ids, strict=True) if not m.is_stopped()]
-        if todo:
-            for (m, _), ok in zip(todo, self._executor.consume_token_par(todo), strict=True):
-                if not ok:
-                    log.warning("structured output: grammar error, the request ends: %s", m.get_error()[:300])
+        rows = list(zip(matchers, tokens, strict=True))
+        for j in range(max(map(len, tokens), default=0)):  # token j of every row, rows in parallel
+            # A complete document (or an error) allowed only EOS: nothing more to consume.
+            todo = [(m, ts[j]) for m, ts in rows if j < len(ts) and not m.is_stopped()]
+            if todo:
+                for (m, _), ok in zip(todo, self._executor.consume_token_par(todo), strict=True):
+                    if not ok:
+                        log.warning("structured output: grammar error, the request ends: %s",
+                                    m.get_error()[:300])  # fmt: skip
         out = self.fill(matchers)
         self.job_seconds.append(time.perf_counter() - t0)
         return out
+
+    def draft_masks(self, matchers: Sequence[Any], drafts: Callable[[], list[list[int]]], q_len: int):
+        """Queue one job -> int32 [R, q_len, words] host masks: row r's mask at position i is its
+        matcher's next-token mask after consuming drafts()[r][:i]; the matcher is left as it was.
+
+        Positions past a draft the grammar refuses are never accepted; past a draft that stopped the
+        matcher (EOS once complete) or failed it, llguidance writes nothing more, and what it would
+        compute there is its EOS set: every unwritten position holds `eos_mask`. `drafts` runs on the
+        worker (Medusa drafts may still be on their way from the device)."""
+        return self._worker.submit(self._fill_draft_masks, list(matchers), drafts, q_len)
+
+    def _fill_draft_masks(self, matchers: list[Any], drafts: Callable[[], list[list[int]]], q_len: int):
+        t0 = time.perf_counter()
+        rows = drafts()
+        n = len(matchers) * q_len
+        out = torch.empty(n, self.words, dtype=torch.int32, pin_memory=self.pin_memory)
+        out.numpy()[:] = self.eos_mask.numpy()  # numpy: no wake-up of torch's intra-op threads
+        pairs = list(enumerate(zip(matchers, rows, strict=True)))
+        with_drafts = [(m, r * q_len, d[: q_len - 1]) for r, (m, d) in pairs if d]
+        without = [(m, r * q_len) for r, (m, d) in pairs if not d]
+        ex, size = self._executor, self.words * 4
+        # Advances each matcher over its drafts, one mask per prefix, and rolls it back (GIL released).
+        if with_drafts:
+            ex.unsafe_compute_mask_ptr_with_draft_token(with_drafts, out.data_ptr(), size, n)
+        if without:
+            ex.unsafe_compute_mask_ptr(without, out.data_ptr(), size, n)
+        self.job_seconds.append(time.perf_counter() - t0)
+        return out.view(len(matchers), q_len, self.words)
 
     def shifts(self, device: torch.device) -> torch.Tensor:
         """uint8 [8] = 0..7 on `device`: bit k of a mask byte is token 8 * byte + k (little endian)."""
@@ -148,7 +194,21 @@ class GrammarRows:
     def consume(self, token_ids: Sequence[int]) -> None:
         """The step's tokens (host ints, one per batch row): advance the constrained rows on theirs and
         start the next step's masks, on the mask worker."""
+        self.filler.advance(self.live, [[token_ids[i]] for i in self.rows])
+
+    def consume_many(self, token_ids: Sequence[Sequence[int]]) -> None:
+        """A verify step's emitted tokens (host ints, a list per batch row): as `consume`, in order."""
         self.filler.advance(self.live, [token_ids[i] for i in self.rows])
+
+    def rows_on(self, device: torch.device) -> torch.Tensor:
+        """The constrained rows' indices, int64 on `device` (uploaded once per batch composition;
+        pinned: the upload does not wait for the device)."""
+        rows = self._rows_dev.get(device)
+        if rows is None:
+            host = torch.tensor(self.rows, dtype=torch.int64)
+            host = host.pin_memory() if self.filler.pin_memory else host
+            rows = self._rows_dev[device] = host.to(device, non_blocking=True)
+        return rows
 
     def host_masks(self) -> torch.Tensor:
         """int32 [R, words] for the constrained rows, in row order: queued rows from their jobs
@@ -174,19 +234,22 @@ class GrammarRows:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, V] float -> x with -inf at the tokens the constrained rows' grammars refuse."""
-        bits = self.host_masks()  # [R, words] int32, host
-        dev = x.device
-        if dev.type != "cpu":
-            bits = bits.to(dev, non_blocking=True)
-        R, V = len(self.rows), x.shape[1]
-        b8 = bits.view(torch.uint8)  # [R, 4 * words]: byte j // 8 holds token j at bit j % 8
-        allowed = ((b8[:, :, None] >> self.filler.shifts(dev)) & 1).view(R, -1)[:, :V].bool()  # [R, V]
-        if R == len(self.grammars):
-            return x.masked_fill(~allowed, float("-inf"))
-        rows = self._rows_dev.get(dev)
-        if rows is None:  # once per batch composition; pinned: the upload does not wait for the device
-            host = torch.tensor(self.rows, dtype=torch.int64)
-            host = host.pin_memory() if self.filler.pin_memory else host
-            rows = self._rows_dev[dev] = host.to(dev, non_blocking=True)
-        sub = x.index_select(0, rows).masked_fill(~allowed, float("-inf"))
-        return x.index_copy(0, rows, sub)
+        allowed = unpack(self.host_masks(), x.shape[1], self.filler, x.device)  # [R, V]
+        rows = None if len(self.rows) == len(self.grammars) else self.rows_on(x.device)
+        return mask_rows(x, allowed, rows)
+
+
+def unpack(bits: torch.Tensor, vocab: int, filler: MaskFiller, device: torch.device) -> torch.Tensor:
+    """int32 [N, words] host bitmasks -> bool [N, vocab] on `device` (one upload, no host sync)."""
+    if device.type != "cpu":
+        bits = bits.to(device, non_blocking=True)
+    b8 = bits.reshape(-1, filler.words).view(torch.uint8)  # [N, 4 * words]: token j: bit j % 8, byte j // 8
+    return ((b8[:, :, None] >> filler.shifts(device)) & 1).view(b8.shape[0], -1)[:, :vocab].bool()
+
+
+def mask_rows(x: torch.Tensor, allowed: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x [B, V] with -inf where allowed [R, V] is False, for rows `rows` [R] of x (None: all rows)."""
+    if rows is None:
+        return x.masked_fill(~allowed, float("-inf"))
+    sub = x.index_select(0, rows).masked_fill(~allowed, float("-inf"))
+    return x.index_copy(0, rows, sub)

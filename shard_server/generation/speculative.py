@@ -21,8 +21,12 @@ min(1, p(d) / q(d)), and on rejection the token is target | target != d, distrib
 norm(max(0, p - q)) (p with d removed, renormalised). Penalties, warpers, watermark and seed are the
 request's own, applied per position with the right history.
 
+Rows with a JSON schema: position i is scored under the grammar's mask after the row's first i drafts
+(`DraftMasks`, grammar_drafts.py), as one-token decoding masks the token after that history, so the
+argument above holds for them too; a draft the grammar refuses is never accepted.
+
 The chooser is never mutated here: `choose_positions` scores on copies of its [B, V] state, and
-`advance_chooser` records the emitted tokens once the step is committed.
+`advance_chooser` records the emitted tokens once the step is committed (the grammars consume them).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shard_server.generation.grammar_drafts import DraftMasks
 from shard_server.generation.sampling import HostSample, NextTokenChooser
 
 
@@ -105,20 +110,28 @@ class VerifySample:
         return accepted, HostTokens(ids, logprobs, alts)
 
 
-def choose_positions(chooser: NextTokenChooser, logits: torch.Tensor, drafts: torch.Tensor) -> VerifySample:
+def choose_positions(
+    chooser: NextTokenChooser, logits: torch.Tensor, drafts: torch.Tensor, masks: DraftMasks | None = None
+) -> VerifySample:
     """Target token at each of the Q positions of every row. logits [B, Q, V]; drafts [B, Q-1] int64
     (the tokens fed at positions 1..Q-1; padding past a row's drafts is scored but never accepted,
-    since acceptance stops at the row's draft count). No host sync."""
-    num_rows, q_len, _ = logits.shape
+    since acceptance stops at the row's draft count); `masks`: the grammar masks of every position,
+    required when the chooser has constrained rows. No host sync."""
+    num_rows, q_len, vocab = logits.shape
+    if (chooser.grammar is None) != (masks is None):
+        raise ValueError("grammar masks of every position are needed for constrained rows, and only then")
     if chooser.counts is None and chooser.seen is None and not chooser.flags.any_watermark:
-        return _choose_stateless(chooser, logits, drafts)
+        return _choose_stateless(chooser, logits, drafts, masks)
     rows = torch.arange(num_rows, device=logits.device)
     counts = chooser.counts.clone() if chooser.counts is not None else None
     seen = chooser.seen.clone() if chooser.seen is not None else None
     prev = chooser.prev_ids
     outs = []
     for i in range(q_len):
-        state = dataclasses.replace(chooser, counts=counts, seen=seen, prev_ids=prev, step=chooser.step + i)
+        grammar = masks.at(i, vocab, logits.device) if masks is not None else None
+        state = dataclasses.replace(
+            chooser, counts=counts, seen=seen, prev_ids=prev, step=chooser.step + i, grammar=grammar
+        )
         outs.append(state.choose(logits[:, i]))
         if i + 1 < q_len:  # position i + 1 sees draft i as its latest generated token
             d = drafts[:, i]
@@ -140,13 +153,19 @@ def choose_positions(chooser: NextTokenChooser, logits: torch.Tensor, drafts: to
     return sample
 
 
-def _choose_stateless(chooser: NextTokenChooser, logits: torch.Tensor, drafts: torch.Tensor) -> VerifySample:
+def _choose_stateless(
+    chooser: NextTokenChooser, logits: torch.Tensor, drafts: torch.Tensor, masks: DraftMasks | None
+) -> VerifySample:
     """No penalties and no watermark: position i depends on the history only through the step counter
-    of the noise, so all B x Q positions are scored in one pass of a chooser whose rows repeat each
-    request's parameters Q times with steps step .. step + Q - 1 (row-wise ops: the same numbers)."""
+    of the noise (and, for constrained rows, its grammar mask), so all B x Q positions are scored in one
+    pass of a chooser whose rows repeat each request's parameters Q times with steps step .. step + Q - 1
+    (row-wise ops: the same numbers)."""
     num_rows, q_len, vocab = logits.shape
-    expanded = chooser.filter([b for b in range(num_rows) for _ in range(q_len)])
+    unmasked = dataclasses.replace(chooser, grammar=None)
+    expanded = unmasked.filter([b for b in range(num_rows) for _ in range(q_len)])
     expanded.step = expanded.step + torch.arange(q_len, device=logits.device).repeat(num_rows)
+    if masks is not None:
+        expanded.grammar = masks.expanded(vocab, logits.device)
     out = expanded.choose(logits.reshape(num_rows * q_len, vocab))
     targets = out.next_ids.view(num_rows, q_len)
     logprobs = out.logprobs.view(num_rows, q_len)
@@ -159,9 +178,19 @@ def _choose_stateless(chooser: NextTokenChooser, logits: torch.Tensor, drafts: t
     return sample
 
 
-def advance_chooser(chooser: NextTokenChooser, targets: torch.Tensor, emitted: torch.Tensor) -> None:
+def advance_chooser(
+    chooser: NextTokenChooser,
+    targets: torch.Tensor,
+    emitted: torch.Tensor,
+    host_ids: Sequence[Sequence[int]] | None = None,
+) -> None:
     """Record the first emitted[b] tokens of targets[b] (device [B, Q] and [B] int64) as generated, in
-    place: what `update` does once per token, for several tokens per row."""
+    place: what `update` does once per token, for several tokens per row. `host_ids[b]`: the same
+    tokens as host ints, which the grammars of constrained rows consume (required when there are some)."""
+    if chooser.grammar is not None:
+        if host_ids is None:
+            raise ValueError("constrained rows need the emitted tokens on the host")
+        chooser.grammar.consume_many(host_ids)
     q_len = targets.shape[1]
     keep = torch.arange(q_len, device=targets.device)[None, :] < emitted[:, None]  # [B, Q]
     rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)

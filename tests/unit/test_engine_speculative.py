@@ -266,25 +266,6 @@ def test_info_reports_speculate_and_limits_are_checked(tiny_model_dir, tmp_path)
     assert speculation.build(small_blocks).k == 8
 
 
-def test_batch_with_a_schema_row_decodes_without_speculation(engines):
-    """A structured-output row's grammar would have to follow the drafts: its batch takes plain steps
-    (and forgets Medusa drafts made for the skipped position)."""
-    engine = engines(K)
-    engine.speculator.ngram_drafts = lambda r, budget: [5] * budget  # every row has drafts
-    engine.prefill(BatchSpec(id=50, requests=tuple(requests(3, seed=6))))
-    batch = engine.batches[50]
-    assert engine.speculator.compute(batch) is not None  # a verify step (computed, not committed)
-    row = batch.requests[1]
-    row.sampling = replace(row.sampling, schema='{"type": "object"}')  # as an admitted schema request
-    row.drafts.medusa = torch.zeros(2, dtype=torch.int64)
-    steps = engine.speculator.steps
-    assert engine.speculator.compute(batch) is None and row.drafts.medusa is None
-    result = engine.decode([50])
-    assert engine.speculator.steps == steps and all(len(g.next_tokens.ids) == 1 for g in result.generations)
-    engine.clear_cache()
-    assert engine.free_blocks() == engine.usable_blocks()
-
-
 def test_verify_graph_inputs_on_cpu(engines, monkeypatch):
     """The verify graphs' static-buffer path (rows copied in, padded to the bucket and to max_q tokens,
     per-token adapter slots, BGMV, shared outputs) gives the eager verify forward's logits and hidden
