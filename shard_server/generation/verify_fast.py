@@ -3,7 +3,8 @@
 `speculative.choose_positions` scores position i of row b (of Q = 1 + drafts) as one-token decoding
 scores the token after the row's first i drafts. Its general path builds a B*Q-row chooser every step
 (rows without history-dependent state) or runs the chooser Q times (penalties, watermark). For batches
-without a grammar, `score` does the same arithmetic with far fewer host operations:
+without a grammar, `score` does the same arithmetic with far fewer host operations (except typical-p
+with penalties or watermark, see VerifyPlan.build):
 
     plan (once per chooser and Q; kept on the chooser, whose rows and parameters never change: the
           batch gets a new chooser whenever its rows do):
@@ -15,10 +16,11 @@ without a grammar, `score` does the same arithmetic with far fewer host operatio
           targets, logprobs = expanded.choose(logits [B*Q, V])
 
 Every op of `choose` is row-wise, so row b*Q + i gets exactly the numbers a [B, V] chooser in state i
-gets (the general path's per-position loop). A batch of greedy rows without penalties or watermark
-skips the chooser: `choose` is then argmax, log-softmax, gather (and top-k for alternatives), run
-here directly. The [B*Q, V] count/seen tensors of a step with penalties are the size of the scores
-the step computes anyway.
+gets (the general path's per-position loop); the one reduction whose CUDA kernel may split a row's
+sum by the number of rows, typical-p's entropy, keeps the loop. A batch of greedy rows without
+penalties or watermark skips the chooser: `choose` is then argmax, log-softmax, gather (and top-k
+for alternatives), run here directly. The [B*Q, V] count/seen tensors of a step with penalties are
+the size of the scores the step computes anyway.
 
 `to_host` (the step's one device -> host transfer): the leading run of matching drafts is summed on
 the device, targets, logprobs, run and alternatives are packed into one float64 tensor (ids < 2**53
@@ -28,7 +30,7 @@ are exact) copied into pinned memory, and the host only cuts each row's lists at
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,15 +49,19 @@ class VerifyPlan:
     max_alternatives: int
     expanded: NextTokenChooser | None = None  # None: all-greedy rows, no chooser needed
     stateful: bool = False  # counts / seen / watermark: per-position state each step
-    cache: dict = field(default_factory=dict)
+    general: bool = False  # leave the step to the general path (see `build`)
 
     @classmethod
     def build(cls, chooser: NextTokenChooser, q_len: int) -> VerifyPlan:
         flags = chooser.flags
         k = flags.max_alternatives
         stateful = chooser.counts is not None or chooser.seen is not None or flags.any_watermark
+        # Typical-p's entropy is a sum over the vocabulary whose CUDA reduction may split a row's work
+        # differently for B and B*Q rows: with state, keep the general path's Q passes over [B, V]
+        # (stateless rows are scored over B*Q rows by the general path too, so nothing changes there).
+        general = stateful and flags.typical
         expanded = None
-        if flags.any_sampled or stateful:
+        if (flags.any_sampled or stateful) and not general:
             expanded = chooser.filter([b for b in range(len(chooser)) for _ in range(q_len)])
             expanded.counts = expanded.seen = None  # set per step (stateful rows), from the chooser's
         return cls(
@@ -65,6 +71,7 @@ class VerifyPlan:
             max_alternatives=k,
             expanded=expanded,
             stateful=stateful,
+            general=general,
         )
 
 
@@ -88,12 +95,15 @@ class Scores:
 
 
 def score(chooser: NextTokenChooser, logits: torch.Tensor, drafts: torch.Tensor) -> Scores | None:
-    """The general path's numbers, or None for a batch with a grammar (the general path decides how
-    masks follow drafts). logits [B, Q, V], drafts [B, Q-1] int64. No host sync."""
+    """The general path's numbers, or None where the general path must run: a batch with a grammar
+    (it decides how masks follow drafts), or with penalties/watermark and typical-p rows (see
+    VerifyPlan.build). logits [B, Q, V], drafts [B, Q-1] int64. No host sync."""
     if chooser.grammar is not None:
         return None
     num_rows, q_len, vocab = logits.shape
     plan = plan_for(chooser, q_len)
+    if plan.general:
+        return None
     flat = logits.to(torch.float32).reshape(num_rows * q_len, vocab)  # one copy if a strided view
     if plan.expanded is None:  # what `choose` computes for greedy rows without state
         next_ids = flat.argmax(dim=-1)

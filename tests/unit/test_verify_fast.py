@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+from shard_server.generation import verify_fast
 from shard_server.generation.sampling import NextTokenChooser
 from shard_server.generation.speculative import advance_chooser, choose_positions
 from shard_server.types import SamplingParams
@@ -44,7 +45,8 @@ WATERMARK = [
     SamplingParams(do_sample=True, seed=6, watermark=True),
     SamplingParams(),
 ]
-MIXED = GREEDY + ALTERNATIVES + SAMPLED + PENALTIES + WATERMARK
+# Typical-p with penalties is left to the general path (verify_fast.VerifyPlan.build).
+MIXED = GREEDY + ALTERNATIVES + [p for p in SAMPLED if p.typical_p == 1.0] + PENALTIES + WATERMARK
 CASES = {"greedy": GREEDY, "alternatives": ALTERNATIVES, "sampled": SAMPLED, "penalties": PENALTIES,
          "watermark": WATERMARK, "mixed": MIXED}  # fmt: skip
 
@@ -106,6 +108,7 @@ def test_fast_scoring_equals_the_general_path_over_several_steps(case, layout):
                 drafts[b, cut] = (drafts[b, cut] + 1 + rng.randrange(V - 1)) % V
         num = [rng.randrange(q_len) for _ in range(rows)]
 
+        assert verify_fast.score(fast, logits, drafts) is not None  # the fast path does run
         a = choose_positions(fast, logits, drafts)
         b = choose_positions(general, logits, drafts, fast=False)
         for name in ("targets", "logprobs", "match", "alt_ids", "alt_logprobs"):
@@ -137,8 +140,6 @@ def test_fast_scoring_equals_the_general_path_over_several_steps(case, layout):
 
 def test_the_plan_is_built_once_per_chooser_and_width():
     """A step reuses its chooser's plan (no per-step filter); a filtered chooser starts afresh."""
-    from shard_server.generation import verify_fast
-
     params, prompts = batch_of(SAMPLED, 6, seed=1)
     chooser = NextTokenChooser.from_params(params, prompts, V)
     logits, drafts = torch.randn(6, 4, V), torch.zeros(6, 3, dtype=torch.int64)
@@ -173,3 +174,12 @@ def test_advance_chooser_records_each_rows_emitted_prefix_with_repeated_tokens()
                 counts[b, t] += 1
                 seen[b, t] = True
         assert torch.equal(chooser.counts, counts) and torch.equal(chooser.seen, seen)
+
+
+def test_typical_p_with_penalties_is_left_to_the_general_path():
+    params = [SamplingParams(do_sample=True, typical_p=0.8, seed=1), SamplingParams(repetition_penalty=1.2)]
+    chooser = NextTokenChooser.from_params(params, [[1], [2]], V)
+    logits, drafts = torch.randn(2, 3, V), torch.zeros(2, 2, dtype=torch.int64)
+    assert verify_fast.score(chooser, logits, drafts) is None
+    a, b = choose_positions(chooser, logits, drafts), choose_positions(chooser, logits, drafts, fast=False)
+    assert torch.equal(a.targets, b.targets) and torch.equal(a.logprobs, b.logprobs)
