@@ -9,6 +9,8 @@ that are not views, i.e. what launches a kernel on a GPU) and the median wall ti
 
     decode   chooser.choose(logits[:, 0]).to_host()                         (one token per row)
     verify   choose_positions(chooser, logits, drafts).to_host([k] * B)     (k + 1 positions per row)
+    before   the same with the general path (fast=False) and the earlier to_host (`to_host_before`:
+             float64 parts, a pageable copy, per-row Python loops), for a before/after in one run
 
 Both end with the device -> host sync, so on a GPU the time is the full step's scoring (host launches
 plus the kernels). On the CPU with a small vocabulary (the tiny kit's 512) the kernels cost almost
@@ -45,26 +47,32 @@ MIXES = {
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten calls; `kernels` leaves out views (ops whose outputs alias an input, read-only)."""
+    """Counts aten calls; `kernels` leaves out views (ops whose outputs alias an input, read-only) and,
+    on a GPU, ops on host tensors only (parsing the copied results): what launches device work."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         super().__init__()
+        self.device = device
         self.ops: Counter[str] = Counter()
         self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket).split(".")[-1]
         self.ops[name] += 1
+        out = func(*args, **(kwargs or {}))
         returns = func._schema.returns
-        if not any(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+        view = any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+        tensors = [t for t in (*args, *(kwargs or {}).values(), out) if isinstance(t, torch.Tensor)]
+        on_device = self.device.type == "cpu" or any(t.device.type != "cpu" for t in tensors)
+        if not view and on_device:
             self.kernels += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
-def count_ops(fn) -> tuple[int, int, Counter]:
+def count_ops(fn, device: torch.device) -> tuple[int, int, Counter]:
     """Ops of a steady-state call (a first call builds what later calls reuse)."""
     fn()
-    with OpCounter() as c:
+    with OpCounter(device) as c:
         fn()
     return sum(c.ops.values()), c.kernels, c.ops
 
@@ -85,6 +93,8 @@ def cases(mix: str, rows: int, k: int, vocab: int, dev: torch.device):
     prompts = [[int(t) for t in torch.randint(3, vocab, (6,), generator=g)] for _ in range(rows)]
     chooser = NextTokenChooser.from_params(params, prompts, vocab, dev)
     logits = torch.randn(rows, k + 1, vocab, generator=g).to(dev)
+    if dev.type == "cuda":
+        logits = logits.to(torch.bfloat16)  # what the verify graph returns
     drafts = logits[:, :-1].argmax(-1)  # greedy rows accept every draft: the longest host parse
     drafts[rows // 2 :, 1] = (drafts[rows // 2 :, 1] + 1) % vocab  # half the rows reject at draft 1
 
@@ -94,7 +104,42 @@ def cases(mix: str, rows: int, k: int, vocab: int, dev: torch.device):
     def verify():
         return choose_positions(chooser, logits, drafts).to_host([k] * rows)
 
-    return decode, verify
+    def before():
+        return to_host_before(choose_positions(chooser, logits, drafts, fast=False), [k] * rows)
+
+    return decode, verify, before
+
+
+def to_host_before(sample, num_drafts):
+    """VerifySample.to_host as it was before verify_fast.py (kept here to measure against)."""
+    b, q = sample.targets.shape
+    parts = [
+        sample.targets.to(torch.float64),
+        sample.logprobs.to(torch.float64),
+        sample.match.to(torch.float64),
+    ]
+    k_max = 0
+    if sample.alt_ids is not None and sample.alt_logprobs is not None:
+        k_max = sample.alt_ids.shape[2]
+        parts += [
+            sample.alt_ids.flatten(1).to(torch.float64),
+            sample.alt_logprobs.flatten(1).to(torch.float64),
+        ]
+    rows = torch.cat(parts, dim=1).cpu().tolist()
+    accepted, ids, logprobs, alts = [], [], [], []
+    for r, row in enumerate(rows):
+        match = row[2 * q : 3 * q - 1]
+        a = 0
+        while a < num_drafts[r] and match[a]:
+            a += 1
+        accepted.append(a)
+        ids.append([int(t) for t in row[: a + 1]])
+        logprobs.append(row[q : q + a + 1])
+        k = sample.alt_k[r] if sample.alt_k else 0
+        base = 3 * q - 1
+        at = [base + i * k_max for i in range(a + 1)]
+        alts.append([[(int(row[s + j]), row[s + q * k_max + j]) for j in range(k)] for s in at])
+    return accepted, (ids, logprobs, alts)
 
 
 def engine_steps(rows: int, k: int, steps: int) -> dict[str, float]:
@@ -199,17 +244,20 @@ def main() -> None:
     print(f"device {dev}, vocab {vocab}, k {args.k}; ops = aten calls (kernels = non-view), time = median us")
     for mix in args.mixes.split(","):
         for rows in [int(b) for b in args.batches.split(",")]:
-            decode, verify = cases(mix, rows, args.k, vocab, dev)
+            decode, verify, before = cases(mix, rows, args.k, vocab, dev)
+            new, old = verify(), before()
+            if new[0] != old[0] or (new[1].ids, new[1].logprobs, new[1].alternatives) != old[1]:
+                raise AssertionError(f"{mix} batch {rows}: the fast scoring differs from the general path")
             row = {"mix": mix, "batch": rows, "k": args.k, "vocab": vocab, "device": str(dev)}
-            for name, fn in (("decode", decode), ("verify", verify)):
-                ops, kernels, _ = count_ops(fn)
+            for name, fn in (("decode", decode), ("verify", verify), ("before", before)):
+                ops, kernels, _ = count_ops(fn, dev)
                 row[name + "_ops"], row[name + "_kernels"] = ops, kernels
                 row[name + "_us"] = time_us(fn, args.reps)
             rows_out.append(row)
-            print(f"{mix:12s} B={rows:3d}  decode {row['decode_us']:7.1f} us {row['decode_kernels']:3d} "
-                  f"kernels ({row['decode_ops']:3d} ops)   verify {row['verify_us']:7.1f} us "
-                  f"{row['verify_kernels']:3d} kernels ({row['verify_ops']:3d} ops)   "
-                  f"ratio {row['verify_us'] / row['decode_us']:.2f}")  # fmt: skip
+            print(f"{mix:12s} B={rows:3d}" + "".join(
+                f"  {name} {row[name + '_us']:7.1f} us {row[name + '_kernels']:3d} kernels"
+                for name in ("decode", "verify", "before")
+            ) + f"   verify/decode {row['verify_us'] / row['decode_us']:.2f}")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows_out, f, indent=1)

@@ -22,9 +22,9 @@ penalties or watermark skips the chooser: `choose` is then argmax, log-softmax, 
 for alternatives), run here directly. The [B*Q, V] count/seen tensors of a step with penalties are
 the size of the scores the step computes anyway.
 
-`to_host` (the step's one device -> host transfer): the leading run of matching drafts is summed on
-the device, targets, logprobs, run and alternatives are packed into one float64 tensor (ids < 2**53
-are exact) copied into pinned memory, and the host only cuts each row's lists at its accepted count.
+`to_host` (the step's one device -> host transfer): targets, matches, logprobs and alternatives are
+packed into one float64 tensor (ids < 2**53 are exact) copied into pinned memory; the host counts
+each row's leading matches (two ops on the small host tensor) and cuts its lists at that count.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ import torch
 from shard_server.generation.sampling import NextTokenChooser
 
 _PLANS = "_verify_plans"  # attribute on the chooser: {Q: VerifyPlan} (as functools.cached_property)
+# Per-position penalty state is [B*Q, V]; above this many elements the general path's Q passes over
+# [B, V] keep the step's transient memory near a plain step's (large batches are device-bound anyway).
+MAX_STATEFUL_ELEMENTS = 1 << 25
 
 
 @dataclass
@@ -59,7 +62,9 @@ class VerifyPlan:
         # Typical-p's entropy is a sum over the vocabulary whose CUDA reduction may split a row's work
         # differently for B and B*Q rows: with state, keep the general path's Q passes over [B, V]
         # (stateless rows are scored over B*Q rows by the general path too, so nothing changes there).
-        general = stateful and flags.typical
+        penalty_state = chooser.counts is not None or chooser.seen is not None
+        big = len(chooser) * q_len * chooser.vocab_size > MAX_STATEFUL_ELEMENTS
+        general = (stateful and flags.typical) or (penalty_state and big)
         expanded = None
         if (flags.any_sampled or stateful) and not general:
             expanded = chooser.filter([b for b in range(len(chooser)) for _ in range(q_len)])
@@ -132,12 +137,13 @@ def _choose_expanded(chooser: NextTokenChooser, plan: VerifyPlan, flat: torch.Te
         return ex.choose(flat)
     vocab = chooser.vocab_size
     if chooser.counts is not None or chooser.seen is not None:
-        # history[b, i, v] = how often v occurs in drafts[b, :i]
-        history = torch.zeros(num_rows, q_len, vocab, dtype=torch.int32, device=flat.device)
+        # history[b, i, v] = how often v occurs in drafts[b, :i] (< Q: a byte holds it)
+        small = torch.uint8 if q_len <= 255 else torch.int32
+        history = torch.zeros(num_rows, q_len, vocab, dtype=small, device=flat.device)
         if q_len > 1:
             history[:, 1:].scatter_(2, drafts[:, :, None], 1)
-            history = history.cumsum(1, dtype=torch.int32)
-        if chooser.counts is not None:
+            history = history.cumsum(1, dtype=small)
+        if chooser.counts is not None:  # int32 + uint8: int32
             ex.counts = (chooser.counts[:, None, :] + history).view(num_rows * q_len, vocab)
         if chooser.seen is not None:
             ex.seen = (chooser.seen[:, None, :] | (history > 0)).view(num_rows * q_len, vocab)
@@ -153,13 +159,14 @@ def to_host(sample, num_drafts: Sequence[int]) -> tuple[list[int], list, list, l
     """A VerifySample's ONE device -> host transfer -> (accepted drafts per row, and the emitted tokens'
     ids, logprobs and alternatives per row)."""
     num_rows, q = sample.targets.shape
-    run = sample.match.cumprod(1, dtype=torch.float64).sum(1, keepdim=True)  # drafts matched in a row
-    parts = [sample.targets, run, sample.logprobs]  # cat promotes all to float64 (run's dtype)
+    parts = [sample.targets, sample.match, sample.logprobs]  # [B, Q + Q-1 + Q], float64 once packed
     k_max = 0
     if sample.alt_ids is not None and sample.alt_logprobs is not None:
         k_max = sample.alt_ids.shape[2]
         parts += [sample.alt_ids.flatten(1), sample.alt_logprobs.flatten(1)]
-    packed = torch.cat(parts, dim=1)
+    width = sum(p.shape[1] for p in parts)
+    out = torch.empty(num_rows, width, dtype=torch.float64, device=sample.targets.device)
+    packed = torch.cat(parts, dim=1, out=out)  # each part cast straight to float64: ids stay exact
     if packed.is_cuda:
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         host.copy_(packed, non_blocking=True)
@@ -168,19 +175,23 @@ def to_host(sample, num_drafts: Sequence[int]) -> tuple[list[int], list, list, l
         done.synchronize()
     else:
         host = packed
-    ints = host[:, : q + 1].to(torch.int64).tolist()  # row: targets, then the run
-    floats = host[:, q + 1 : 2 * q + 1].tolist()
-    accepted = list(map(min, num_drafts, [r[q] for r in ints]))
+    runs = host[:, q : 2 * q - 1].cumprod(1).sum(1).to(torch.int64).tolist()  # leading matches (host)
+    accepted = list(map(min, num_drafts, runs))
+    ints = host[:, :q].to(torch.int64).tolist()
+    floats = host[:, 2 * q - 1 : 3 * q - 1].tolist()
     ids = [r[: a + 1] for r, a in zip(ints, accepted, strict=True)]
     logprobs = [r[: a + 1] for r, a in zip(floats, accepted, strict=True)]
     if not k_max:  # no alternatives: one empty list per token (read-only, shared within a row)
         return accepted, ids, logprobs, [[[]] * (a + 1) for a in accepted]
-    base = 2 * q + 1
+    base = 3 * q - 1
     alt_ids = host[:, base : base + q * k_max].to(torch.int64).view(num_rows, q, k_max).tolist()
     alt_lps = host[:, base + q * k_max :].reshape(num_rows, q, k_max).tolist()
     alts = []
-    for r, a in enumerate(accepted):
-        k = sample.alt_k[r] if sample.alt_k else 0
-        ai, al = alt_ids[r], alt_lps[r]
-        alts.append([list(zip(ai[i][:k], al[i][:k], strict=True)) for i in range(a + 1)])
+    for a, k, ai, al in zip(accepted, sample.alt_k or [0] * num_rows, alt_ids, alt_lps, strict=True):
+        if not k:
+            alts.append([[]] * (a + 1))
+        elif k == k_max:
+            alts.append([list(zip(ai[i], al[i], strict=True)) for i in range(a + 1)])
+        else:
+            alts.append([list(zip(ai[i][:k], al[i][:k], strict=True)) for i in range(a + 1)])
     return accepted, ids, logprobs, alts

@@ -84,3 +84,19 @@ def test_fast_scoring_equals_the_general_path_on_cuda(kind, dtype):
         for name in ("step", "prev_ids", "counts", "seen"):
             x, y = getattr(fast, name), getattr(general, name)
             assert (x is None and y is None) or torch.equal(x, y), (step, name)
+
+
+def test_to_host_on_cuda_keeps_large_ids_exact():
+    from shard_server.generation.speculative import VerifySample
+
+    big, dev = 2**40 + 1, torch.device("cuda")
+    targets = torch.tensor([[big, big + 2, 7], [5, 6, 7]], device=dev)
+    match = torch.tensor([[True, True], [True, False]], device=dev)
+    logprobs = torch.tensor([[-0.5, -1.5, -2.5], [-0.25, -0.75, -1.0]], device=dev)
+    alt_ids = torch.tensor([[[big, 3]] * 3, [[4, 5]] * 3], device=dev)
+    alt_logprobs = torch.full((2, 3, 2), -1.25, device=dev)
+    sample = VerifySample(targets, logprobs, match, alt_ids, alt_logprobs, (2, 1))
+    accepted, host = sample.to_host([2, 2])
+    assert accepted == [2, 1] and host.ids == [[big, big + 2, 7], [5, 6]]
+    assert host.logprobs == [[-0.5, -1.5, -2.5], [-0.25, -0.75]]
+    assert host.alternatives == [[[(big, -1.25), (3, -1.25)]] * 3, [[(4, -1.25)]] * 2]

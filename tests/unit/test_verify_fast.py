@@ -176,10 +176,31 @@ def test_advance_chooser_records_each_rows_emitted_prefix_with_repeated_tokens()
         assert torch.equal(chooser.counts, counts) and torch.equal(chooser.seen, seen)
 
 
-def test_typical_p_with_penalties_is_left_to_the_general_path():
-    params = [SamplingParams(do_sample=True, typical_p=0.8, seed=1), SamplingParams(repetition_penalty=1.2)]
-    chooser = NextTokenChooser.from_params(params, [[1], [2]], V)
+def test_typical_p_with_penalties_and_large_penalty_state_are_left_to_the_general_path(monkeypatch):
     logits, drafts = torch.randn(2, 3, V), torch.zeros(2, 2, dtype=torch.int64)
+    typical = [SamplingParams(do_sample=True, typical_p=0.8, seed=1), SamplingParams(repetition_penalty=1.2)]
+    chooser = NextTokenChooser.from_params(typical, [[1], [2]], V)
     assert verify_fast.score(chooser, logits, drafts) is None
     a, b = choose_positions(chooser, logits, drafts), choose_positions(chooser, logits, drafts, fast=False)
     assert torch.equal(a.targets, b.targets) and torch.equal(a.logprobs, b.logprobs)
+    monkeypatch.setattr(verify_fast, "MAX_STATEFUL_ELEMENTS", 2 * 3 * V - 1)  # [B*Q, V] is one too many
+    penalties = NextTokenChooser.from_params([SamplingParams(frequency_penalty=0.5)] * 2, [[1], [2]], V)
+    assert verify_fast.score(penalties, logits, drafts) is None
+    watermark = NextTokenChooser.from_params([SamplingParams(watermark=True)] * 2, [[1], [2]], V)
+    assert verify_fast.score(watermark, logits, drafts) is not None  # no [B*Q, V] state
+
+
+def test_to_host_keeps_large_ids_exact_and_cuts_at_the_draft_count():
+    """Packed as float64, ids up to 2**53 survive; acceptance is the leading matches, capped."""
+    from shard_server.generation.speculative import VerifySample
+
+    big = 2**40 + 1
+    targets = torch.tensor([[big, big + 2, 7], [5, 6, 7], [1, 2, 3]])
+    match = torch.tensor([[True, True], [True, False], [False, True]])
+    logprobs = torch.tensor([[-0.5, -1.5, -2.5], [-0.25, -0.75, -1.0], [-3.0, -2.0, -1.0]])
+    sample = VerifySample(targets, logprobs, match)
+    accepted, host = sample.to_host([1, 2, 2])
+    assert accepted == [1, 1, 0]
+    assert host.ids == [[big, big + 2], [5, 6], [1]]
+    assert host.logprobs == [[-0.5, -1.5], [-0.25, -0.75], [-3.0]]
+    assert host.alternatives == [[[], []], [[], []], [[]]]
