@@ -204,3 +204,32 @@ def test_to_host_keeps_large_ids_exact_and_cuts_at_the_draft_count():
     assert host.ids == [[big, big + 2], [5, 6], [1]]
     assert host.logprobs == [[-0.5, -1.5], [-0.25, -0.75], [-3.0]]
     assert host.alternatives == [[[], []], [[], []], [[]]]
+
+
+def test_bench_verify_host_runs_and_finds_both_paths_equal(monkeypatch, tmp_path, capsys):
+    """bench/verify_host.py's scoring section (tiny sizes): it runs, and its exactness check holds."""
+    import json
+    import sys
+
+    from bench import verify_host
+
+    out = tmp_path / "rows.json"
+    argv = [
+        "verify_host",
+        "--device",
+        "cpu",
+        "--vocab",
+        "32",
+        "--batches",
+        "3",
+        "--reps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    verify_host.main()
+    rows = json.loads(out.read_text())
+    assert {r["mix"] for r in rows} == set(verify_host.MIXES) and all(r["same"] for r in rows)
+    assert all(r["verify_kernels"] < r["before_kernels"] for r in rows)
+    assert "MISMATCH" not in capsys.readouterr().out
