@@ -40,15 +40,30 @@ class NgramIndex:
     def sync(self, prompt: Sequence[int], generated: Sequence[int] = ()) -> None:
         """Index the tokens of prompt + generated past the ones already indexed (it only ever grows;
         only the new tail is read, so a step costs O(new tokens), not O(context))."""
-        start, n_prompt = len(self.tokens), len(prompt)
-        for p in range(start, n_prompt + len(generated)):
-            t = prompt[p] if p < n_prompt else generated[p - n_prompt]
-            seq = self.tokens
-            for n in range(1, self.max_n + 1):  # n-grams ending at p - 1 now have a next token: p
-                if p - n < 0:
-                    break
-                self._next[tuple(seq[p - n : p])] = p
+        seq, nxt = self.tokens, self._next
+        start, n_prompt = len(seq), len(prompt)
+        if start >= n_prompt + len(generated):
+            return
+        new = [*prompt[start:], *generated] if start < n_prompt else generated[start - n_prompt :]
+        if self.max_n != 3:
+            for t in new:
+                p = len(seq)
+                for n in range(1, min(self.max_n, p) + 1):  # n-grams ending at p - 1: next token at p
+                    nxt[tuple(seq[p - n : p])] = p
+                seq.append(t)
+            return
+        # The same for n <= 3, unrolled (this runs for every row at every step): `last` and `prev` are
+        # the tokens at p - 1 and p - 2.
+        p, last, prev = start, seq[-1] if seq else None, seq[-2] if start > 1 else None
+        for t in new:
+            if p >= 3:
+                nxt[(last,)] = nxt[(prev, last)] = nxt[(seq[p - 3], prev, last)] = p
+            elif p == 2:
+                nxt[(last,)] = nxt[(prev, last)] = p
+            elif p == 1:
+                nxt[(last,)] = p
             seq.append(t)
+            prev, last, p = last, t, p + 1
 
     def propose(self, k: int) -> list[int]:
         """Up to k draft tokens following the longest suffix (n <= max_n) seen earlier; [] if none."""

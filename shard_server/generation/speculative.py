@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shard_server.generation import verify_fast
 from shard_server.generation.grammar_drafts import DraftMasks
 from shard_server.generation.sampling import HostSample, NextTokenChooser
 
@@ -73,53 +74,27 @@ class VerifySample:
         """ONE device->host transfer -> (accepted drafts per row, the emitted tokens per row).
 
         `num_drafts[b]` drafts were proposed for row b (positions past it are padding)."""
-        b, q = self.targets.shape
-        parts = [
-            self.targets.to(torch.float64),
-            self.logprobs.to(torch.float64),
-            self.match.to(torch.float64),
-        ]
-        k_max = 0
-        if self.alt_ids is not None and self.alt_logprobs is not None:
-            k_max = self.alt_ids.shape[2]
-            parts += [
-                self.alt_ids.flatten(1).to(torch.float64),
-                self.alt_logprobs.flatten(1).to(torch.float64),
-            ]
-        rows = torch.cat(parts, dim=1).cpu().tolist()
-        accepted, ids, logprobs, alts = [], [], [], []
-        for r, row in enumerate(rows):
-            match = row[2 * q : 3 * q - 1]
-            a = 0
-            while a < num_drafts[r] and match[a]:
-                a += 1
-            accepted.append(a)
-            ids.append([int(t) for t in row[: a + 1]])
-            logprobs.append(row[q : q + a + 1])
-            k = self.alt_k[r] if self.alt_k else 0
-            base = 3 * q - 1
-            alts.append(
-                [
-                    [
-                        (int(row[base + i * k_max + j]), row[base + q * k_max + i * k_max + j])
-                        for j in range(k)
-                    ]
-                    for i in range(a + 1)
-                ]
-            )
+        accepted, ids, logprobs, alts = verify_fast.to_host(self, num_drafts)
         return accepted, HostTokens(ids, logprobs, alts)
 
 
 def choose_positions(
-    chooser: NextTokenChooser, logits: torch.Tensor, drafts: torch.Tensor, masks: DraftMasks | None = None
+    chooser: NextTokenChooser, logits: torch.Tensor, drafts: torch.Tensor, masks: DraftMasks | None = None,
+    fast: bool = True,
 ) -> VerifySample:
     """Target token at each of the Q positions of every row. logits [B, Q, V]; drafts [B, Q-1] int64
     (the tokens fed at positions 1..Q-1; padding past a row's drafts is scored but never accepted,
     since acceptance stops at the row's draft count); `masks`: the grammar masks of every position,
-    required when the chooser has constrained rows. No host sync."""
+    required when the chooser has constrained rows. No host sync. `fast`: the same numbers in one pass
+    with few host ops (verify_fast.py) where it applies (no grammar); False forces the general path."""
     num_rows, q_len, vocab = logits.shape
     if (chooser.grammar is None) != (masks is None):
         raise ValueError("grammar masks of every position are needed for constrained rows, and only then")
+    if fast and masks is None:
+        s = verify_fast.score(chooser, logits, drafts)
+        if s is not None:
+            return VerifySample(s.targets, s.logprobs, s.targets[:, :-1] == drafts, s.alt_ids,
+                                s.alt_logprobs, s.alt_k)  # fmt: skip
     if chooser.counts is None and chooser.seen is None and not chooser.flags.any_watermark:
         return _choose_stateless(chooser, logits, drafts, masks)
     rows = torch.arange(num_rows, device=logits.device)
@@ -192,15 +167,16 @@ def advance_chooser(
             raise ValueError("constrained rows need the emitted tokens on the host")
         chooser.grammar.consume_many(host_ids)
     q_len = targets.shape[1]
-    keep = torch.arange(q_len, device=targets.device)[None, :] < emitted[:, None]  # [B, Q]
-    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
-    if chooser.counts is not None:
-        chooser.counts.index_put_((rows, targets), keep.to(chooser.counts.dtype), accumulate=True)
+    if chooser.counts is not None or chooser.seen is not None:
+        keep = torch.arange(q_len, device=targets.device)[None, :] < emitted[:, None]  # [B, Q]
+    if chooser.counts is not None:  # integer adds: duplicate tokens in a row simply add up
+        chooser.counts.scatter_add_(1, targets, keep.to(chooser.counts.dtype))
     if chooser.seen is not None:
-        one_row = rows[:, 0]
-        for i in range(q_len):  # one index per row per position: no duplicate writes to resolve
-            t = targets[:, i]
-            chooser.seen[one_row, t] = chooser.seen[one_row, t] | keep[:, i]
+        # Positions past a row's count write to its first target instead, the value that entry ends
+        # with: all writes to one entry agree, so duplicate indices need no resolving.
+        first = targets[:, :1]
+        first_ends = keep[:, :1] | chooser.seen.gather(1, first)  # [B, 1]
+        chooser.seen.scatter_(1, torch.where(keep, targets, first), keep | first_ends)
     last = targets.gather(1, (emitted - 1).clamp(min=0)[:, None])[:, 0]
     chooser.prev_ids.copy_(last)
     chooser.step += emitted
