@@ -11,19 +11,25 @@ by slot and cuts each slot's run into row tiles of at most BLOCK_M tokens:
 Semantics (torch references below, same arguments):
 
     shrink:  for tile (slot, first, n): rows = perm[first:first+n]
-                 v[:, rows, :] = split-K partials of x[rows] @ A[slot].T       v [SPLITS, T, NT*R] fp32
-                 (sum over SPLITS = x @ A.T; rows of no tile are not written)
+                 v[0, rows, :] = x[rows] @ A[slot].T                      v [1, T, NT*R] fp32
+                 (rows of no tile are not written)
     expand:  for tile, for member i with B rows [b0_i, b1_i) and output columns from y0_i:
-                 y[rows, y0_i + c] += sum_s(v[s, rows, i*R:(i+1)*R]) @ B[slot, b0_i + c].T   in place
+                 y[rows, y0_i + c] += v[0, rows, i*R:(i+1)*R] @ B[slot, b0_i + c].T   in place
 
 Each tile reads its slot's A and B once, whatever the batch size (BGMV read them once per token). A decode
 plan is built on the device with static shapes (`plan_from_slots`: TILES = min(T, S) + ceil(T / BLOCK_M)
-bounds the tiles of any slot mix), so a CUDA graph serves every mix of adapters; a fixed number of tile
-workers loops over the `count` real tiles (a grid over TILES would launch thousands of empty programs).
-Tokens with slot -1 are in no tile: no reads, no writes. One shrink and one expand launch per group;
-split-K shrink for small batches (qkv's A is 48 x 4096 at rank 16: one program would stream 393 KB),
-partials summed in the expand's prologue (no atomics, no memset); a slot of rank r reads r of the
-stack's R rows of A and columns of B. Cost model and predictions for Mistral-7B: docs/lora.md.
+bounds the tiles of any slot mix), so a CUDA graph serves every mix of adapters. Both kernels are
+persistent: a grid of at most a few programs per SM loops over the work items of the `count` real tiles
+(shrink: tile x split x column block; expand: tile x column block), so neither empty tiles nor many
+adapters serialise the work. Tokens with slot -1 are in no tile: no reads, no writes. One shrink and one
+expand launch per group. Split-K shrink for small batches (qkv's A is 48 x 4096 at rank 16: one program
+would stream 393 KB): each split stores a partial, and the last split of a (tile, column block) to arrive
+— counted with an acq_rel atomic on a counter the plan holds, zeroed when the plan is made and reset by
+that last split — sums them into v, so the expand reads one v (no memset launch, no atomics on v). The
+expand's column blocks lie inside one member whenever the members' widths allow (Mistral: multiples of
+128), so its v columns, B rows and output shift are the block's own and every access is contiguous.
+A slot of rank r reads r of the stack's R rows of A and columns of B. Cost model and measurements for
+Mistral-7B: docs/lora.md.
 """
 
 from __future__ import annotations
