@@ -1,0 +1,144 @@
+"""Kernel variants side by side, one GPU run: the numbers behind the launch heuristics.
+
+    python -m bench.tune_kernels [--out FILE]
+
+lora    shrink split-K factors (and the heuristic's pick) and the expand, per projection group of the
+        Mistral-7B shape at T = 1 / 32 / 128 tokens over 1 or 32 adapters (rank 16, 32 slots); each
+        timed as 20 launches inside one CUDA graph (per-launch device time, no host gaps).
+launch  an empty Triton kernel, 20 in a graph: the per-launch floor every small kernel pays.
+verify  paged attention with Q = 5 query tokens per sequence (a k = 4 verify step) against Q = 1, at
+        batch 8 / 16 / 32 and context 517: KV tile width, warps and split count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.language as tl
+
+from bench.common import median, time_ms
+
+REPS = 20
+
+
+def per_launch_ms(fn, dev) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(REPS):
+            fn()
+    return median(time_ms(g.replay, dev, 2, 10)) / REPS
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+def sec_launch(dev, out: dict) -> None:
+    x = torch.zeros(1, device=dev)
+    for programs in (1, 132, 528):
+        ms = per_launch_ms(lambda p=programs: _empty_kernel[(p,)](x), dev)
+        out.setdefault("launch", []).append({"programs": programs, "us": ms * 1e3})
+        print(f"empty triton kernel, {programs:4d} programs: {ms * 1e3:.2f} us per launch in a graph")
+
+
+GROUPS = {  # name: (fan_in, member widths)
+    "qkv": (4096, (4096, 1024, 1024)),
+    "o": (4096, (4096,)),
+    "gate_up": (4096, (14336, 14336)),
+    "down": (14336, (4096,)),
+}
+
+
+def sec_lora(dev, out: dict) -> None:
+    from model.kernels import lora
+
+    slots, rank = 32, 16
+    ranks = torch.full((slots,), rank, dtype=torch.int32, device=dev)
+    for name, (fan_in, widths) in GROUPS.items():
+        nt, cols = len(widths), sum(widths)
+        a = torch.randn(slots, nt * rank, fan_in, device=dev, dtype=torch.bfloat16) * 0.01
+        b = torch.randn(slots, cols, rank, device=dev, dtype=torch.bfloat16) * 0.01
+        slices, pos = [], 0
+        for w in widths:
+            slices.append((pos, pos + w, pos))
+            pos += w
+        for t in (1, 32, 128):
+            x = torch.randn(t, fan_in, device=dev, dtype=torch.bfloat16)
+            y = torch.zeros(t, cols, device=dev, dtype=torch.bfloat16)
+            for used in (1, 32):
+                token_slots = (torch.arange(t, device=dev, dtype=torch.int32) % used).contiguous()
+                plan = lora.plan_from_slots(token_slots, slots)
+                picked = lora.choose_splits(plan, nt * rank, fan_in,
+                                            min(128, max(16, triton.next_power_of_2(nt * rank))), 132)
+                row = {"group": name, "T": t, "adapters": used, "heuristic_splits": picked, "shrink_us": {}}
+                for splits in (1, 2, 4, 8, 16):
+                    ms = per_launch_ms(lambda s=splits: lora.lora_shrink(x, a, ranks, plan, rank=rank, splits=s), dev)
+                    row["shrink_us"][splits] = ms * 1e3
+                v = lora.lora_shrink(x, a, ranks, plan, rank=rank)
+                row["expand_us"] = per_launch_ms(
+                    lambda: lora.lora_expand(y, v, b, ranks, plan, rank=rank, slices=slices), dev) * 1e3
+                out.setdefault("lora", []).append(row)
+                best = min(row["shrink_us"], key=row["shrink_us"].get)
+                print(f"lora {name:8s} T={t:4d} adapters={used:3d}: shrink " +
+                      " ".join(f"s{k}:{v:5.1f}" for k, v in row["shrink_us"].items()) +
+                      f" us (heuristic s{picked}, best s{best})  expand {row['expand_us']:5.1f} us")  # fmt: skip
+
+
+def sec_verify(dev, out: dict) -> None:
+    from model.kernels import paged_attention as pa
+
+    hq, hkv, d, bs, ctx = 32, 8, 128, 16, 517
+    for batch in (8, 16, 32):
+        blocks_per = -(-ctx // bs)
+        kc = torch.randn(batch * blocks_per + 1, bs, hkv, d, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        tables = (torch.arange(batch * blocks_per, device=dev, dtype=torch.int32) + 1).view(batch, -1)
+        lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
+        for q_len in (1, 5):
+            q = torch.randn(batch * q_len, hq, d, device=dev, dtype=torch.bfloat16)
+            o = torch.empty_like(q)
+            default = pa.choose_num_splits(batch, hkv, 576, None, 132)
+            for block_n in (32, 64):
+                for warps in (4, 8):
+                    for splits in sorted({1, 2, 4, default}):
+                        try:
+                            ms = per_launch_ms(lambda bn=block_n, w=warps, s=splits: pa._launch(
+                                q, kc, vc, tables, lens, d**-0.5, 576, None, None, None, o, s, block_n=bn,
+                                num_warps=w), dev)  # fmt: skip
+                        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                            print(f"verify B={batch} Q={q_len} bn={block_n} w={warps} s={splits}: {type(e).__name__}")
+                            continue
+                        out.setdefault("verify", []).append(dict(batch=batch, q=q_len, block_n=block_n, warps=warps,
+                                                                 splits=splits, default_splits=default, us=ms * 1e3))
+                        print(f"attention B={batch:3d} Q={q_len} block_n={block_n} warps={warps} splits={splits}: "
+                              f"{ms * 1e3:6.1f} us{'  (default)' if (block_n, warps, splits) == (64, 4, default) else ''}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    ap.add_argument("--sections", default="launch,lora,verify")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    out: dict = {"device": torch.cuda.get_device_name(dev)}
+    for name in args.sections.split(","):
+        try:
+            {"launch": sec_launch, "lora": sec_lora, "verify": sec_verify}[name](dev, out)
+        except Exception as e:  # noqa: BLE001 - keep the other sections
+            import traceback
+
+            traceback.print_exc()
+            out.setdefault("errors", []).append(f"{name}: {e!r}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
