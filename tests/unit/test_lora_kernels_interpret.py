@@ -124,7 +124,8 @@ def test_device_plan_groups_tokens_by_slot_in_static_tiles(lora):
 def test_choose_splits_spreads_small_batches(lora):
     one = lora.plan_from_slots(torch.zeros(4, dtype=torch.int32), 8)  # 1 tile
     many = lora.plan_from_slots(torch.zeros(2048, dtype=torch.int32), 8)  # 128 tiles
-    assert lora.choose_splits(one, 48, 4096, 64, 132) == 16
+    assert lora.choose_splits(one, 48, 4096, 64, 132) == 8
+    assert lora.choose_splits(one, 16, 14336, 16, 132) == 16
     assert lora.choose_splits(many, 48, 4096, 64, 132) == 2
     assert lora.choose_splits(one, 16, 256, 16, 132) == 1  # short reduction: no split
 
