@@ -71,6 +71,7 @@ class AdapterLayout:
         self.budget_bytes = budget_bytes
         self.max_slots = max_slots
         self.min_slots = max(1, min(min_slots, max_slots))
+        self._limits = (self.min_slots, max_slots)  # without a reservation
         self._uploader = Uploader(self.device)
         self._ready: dict[int, torch.cuda.Event] = {}  # layer -> last upload event touching it (CUDA)
         self._ready_all: torch.cuda.Event | None = None  # the last upload event of all
@@ -131,6 +132,11 @@ class AdapterLayout:
         self.min_slots = self.max_slots = slots
         self._rebuild(keep, slots)
         self._uploader.reserve(self._layout_bytes(1, group_shapes(modules)) + _HEADER_ROOM)
+
+    def unreserve(self) -> None:
+        """Drop the reservation: the stacks stay as they are, later layouts hold only what residents need."""
+        self._reserved = []
+        self.min_slots, self.max_slots = self._limits
 
     def load(self, index: int) -> Key | None:
         """Make a newly registered `index` resident and wait until its upload landed; then the first

@@ -172,11 +172,17 @@ class AdapterStore:
                 self._host_cache.pop(_spec_key(spec), None)
             raise
 
-    def reserve(self, reservation: SlotReservation) -> None:
+    def reserve(self, reservation: SlotReservation | None) -> None:
         """Lay out the device stacks for `reservation` now and fix their capacity (AdapterLayout.reserve):
         loading an adapter that fits is then a copy into a free slot, never a re-layout. Start-up calls
         this before Warmup (which then captures the LoRA decode graphs over these stacks); a later call
-        re-lays out (`layout_version`): recapture graphs after it, as after a LoadAdapter."""
+        re-lays out (`layout_version`): recapture graphs after it, as after a LoadAdapter. None drops
+        the reservation (the stacks go when the store is empty)."""
+        if reservation is None:
+            self.layout.unreserve()
+            if not self._entries:
+                self.layout.clear()
+            return
         rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
         self.layout.reserve(reserved_modules(reservation, self.config, rank, world), reservation.slots)
 
