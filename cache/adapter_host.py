@@ -240,7 +240,9 @@ class Uploader:
     def reserve(self, nbytes: int) -> None:
         """Allocate the staging buffers (and the device buffer) for adapters of up to `nbytes` now."""
         for which in (0, 1):
-            self._buffer(which, nbytes)
+            buf = self._buffer(which, nbytes)
+            if not self.cuda:
+                buf.zero_()  # touched now, not page by page inside the first loads (pinned memory is)
         if self.cuda:
             self._device_buffer(nbytes)
 

@@ -259,17 +259,19 @@ class AdapterLayout:
         with self._on_upload_stream():  # the plan's small tensors belong to the side stream
             plan = self._plan(host)
         raw, which = self._uploader.stage(host)
-        with self._on_upload_stream():
-            if slot not in self._clean:
-                torch._foreach_zero_(self._rows_of(slot))
-            self._clean.discard(slot)
-            self._ranks[:, slot].copy_(plan.ranks, non_blocking=True)
-            if self._scales:
-                self._scatter_scales(host, slot)
-            self._unpack(plan, host, raw, slot)
-            if index in self._verify:
-                self._checks[index] = (plan.check(host, slot, self._stacks), plan)
-        event = self._uploader.staged(which)
+        try:
+            with self._on_upload_stream():
+                if slot not in self._clean:
+                    torch._foreach_zero_(self._rows_of(slot))
+                self._clean.discard(slot)
+                self._ranks[:, slot].copy_(plan.ranks, non_blocking=True)
+                if self._scales:
+                    self._scatter_scales(host, slot)
+                self._unpack(plan, host, raw, slot)
+                if index in self._verify:
+                    self._checks[index] = (plan.check(host, slot, self._stacks), plan)
+        finally:  # the staging buffer is free again once the work queued on it so far is done
+            event = self._uploader.staged(which)
         if event is not None:
             self._ready = dict.fromkeys({layer for layer, _ in self._stacks}, event)
             self._ready_all = event

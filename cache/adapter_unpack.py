@@ -53,7 +53,8 @@ class Run:
     part: str  # "a" | "b"
     src: TensorBytes  # [n, rows, cols] over the adapter's bytes, layers in file order
     layers: tuple[int, ...]  # the layer of each source row
-    idx: torch.Tensor  # [n] int64 on the device: layer - first, per source row
+    positions: tuple[int, ...]  # layer - first, per source row
+    idx: torch.Tensor  # [n] int64 on the device: `positions`
     scale: float  # B's scale (1.0 for A)
     dst: torch.Tensor  # a stack tensor whose storage holds the rows (storage offsets are absolute)
     dst_shape: tuple[int, int, int]  # [last - first + 1, rows, cols]
@@ -76,32 +77,27 @@ class UnpackPlan:
 
     def unpack(self, host: HostAdapter, raw: torch.Tensor, slot: int, stacks: dict[GroupKey, LoraGroupStack],
                dtype: torch.dtype) -> None:  # fmt: skip
-        """Write `host`'s modules from `raw` (its bytes) into `slot`; the slot must read zero before."""
+        """Write `host`'s modules from `raw` (its bytes) into `slot`; the slot must read zero before.
+        A run is one `index_copy_` where launches cost more than bytes (CUDA); on the CPU, whose
+        index_copy_ moves element by element, its layers are copied one by one (memcpy speed)."""
+        pairs = []  # (dst, src, scale) for per-tensor work
+        gather = _gather(raw)
         for run in self.runs:
             src, dst = run.src.view(raw), run.slot_view(slot)
-            if run.scale == 1.0:
+            if not gather:
+                rows = dst.unbind(0)
+                pairs += [(rows[j], s, run.scale) for j, s in zip(run.positions, src.unbind(0), strict=True)]
+            elif run.scale == 1.0:
                 dst.index_copy_(0, run.idx, cast_source(src, dtype))
             elif exact_cast(src.dtype, dtype):
                 dst.index_copy_(0, run.idx, src.to(dtype))
                 dst.mul_(run.scale)
             else:
                 dst.index_copy_(0, run.idx, (src.float() * run.scale).to(dtype))
-        if self.loose:
-            dst, src, scaled = [], [], []
-            for key in self.loose:
-                m, (a_rows, b_rows) = host.modules[key], _rows(stacks, key, slot, host)
-                a, b = m.a.view(raw), m.b.view(raw)
-                dst += [a_rows, b_rows]
-                if m.scale == 1.0:
-                    src += [cast_source(a, dtype), cast_source(b, dtype)]
-                elif exact_cast(b.dtype, dtype):
-                    src += [cast_source(a, dtype), b]
-                    scaled.append((b_rows, m.scale))
-                else:
-                    src += [cast_source(a, dtype), (b.float() * m.scale).to(dtype)]
-            torch._foreach_copy_(dst, src)
-            for rows, scale in scaled:  # per tensor: _foreach_mul_ rounds the scale to bf16 on the CPU
-                rows.mul_(scale)
+        for key in self.loose:
+            m, (a_rows, b_rows) = host.modules[key], _rows(stacks, key, slot, host)
+            pairs += [(a_rows, m.a.view(raw), 1.0), (b_rows, m.b.view(raw), m.scale)]
+        _copy_scaled(pairs, dtype)
 
     def check(self, host: HostAdapter, slot: int, stacks: dict[GroupKey, LoraGroupStack]) -> torch.Tensor:
         """[2 * (runs + 2 * loose)]: min and max of what each run / loose A and B put into `slot` (on the
@@ -123,6 +119,36 @@ class UnpackPlan:
             finite = torch.isfinite(run.slot_view(slot)).flatten(1).all(dim=1).cpu()
             return run.first + int((~finite).nonzero()[0]), run.target
         return self.loose[(j - len(self.runs)) // 2]
+
+
+def _gather(raw: torch.Tensor) -> bool:
+    return raw.is_cuda
+
+
+def _copy_scaled(pairs: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype) -> None:
+    """dst = src cast and scaled, per pair, rounded as the float32 path (module docstring): the copies in
+    one multi-tensor call; B * scale in the store dtype when the cast is exact (in the same pass when
+    src already has that dtype), else in float32 before the cast."""
+    dst, src, fused, after = [], [], [], []
+    for d, s, scale in pairs:
+        if scale == 1.0:
+            dst.append(d)
+            src.append(cast_source(s, dtype))
+        elif s.dtype == dtype:
+            fused.append((d, s, scale))
+        elif exact_cast(s.dtype, dtype):
+            dst.append(d)
+            src.append(s)
+            after.append((d, scale))
+        else:
+            dst.append(d)
+            src.append((s.float() * scale).to(dtype))
+    if dst:
+        torch._foreach_copy_(dst, src)
+    for d, s, scale in fused:  # per tensor: _foreach_mul rounds the scale to bf16 on the CPU
+        torch.mul(s, scale, out=d)
+    for d, scale in after:
+        d.mul_(scale)
 
 
 def build_plan(host: HostAdapter, stacks: dict[GroupKey, LoraGroupStack], device: torch.device) -> UnpackPlan:
@@ -199,8 +225,9 @@ def _run(target: str, part: str, mods, stacks: dict[GroupKey, LoraGroupStack], d
         return None
     first, order = layers[0], [layer for _, layer in tbs]
     src = TensorBytes(t0.offset, t0.dtype, (len(tbs), *t0.shape), (src_step // size, *t0.stride))
+    positions = tuple(layer - first for layer in order)
     return Run(
-        target, part, src, tuple(order), torch.tensor([layer - first for layer in order]).to(device),
+        target, part, src, tuple(order), positions, torch.tensor(positions).to(device),
         scales.pop(), v0, (layers[-1] - first + 1, *t0.shape), (dst_step, *v0.stride()[1:]),
         v0.storage_offset(), v0.stride(0), first,
     )  # fmt: skip

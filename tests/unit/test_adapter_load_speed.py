@@ -51,11 +51,16 @@ def naive_host_layout(path: Path, dtype: torch.dtype, rank: int, world: int) -> 
 @pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("store_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tp_rank,world", [(0, 1), (1, 2)])
-@pytest.mark.parametrize("by_module", [False, True], ids=["runs", "by_module"])
+@pytest.mark.parametrize("path", ["runs", "gather", "by_module"])
 def test_stacks_are_bit_identical_to_the_float32_path(tmp_path, monkeypatch, file_dtype, store_dtype, tp_rank,
-                                                      world, by_module):  # fmt: skip
-    if by_module:  # cache/adapter_unpack.py's fallback for files that do not line up
+                                                      world, path):  # fmt: skip
+    """runs: a copy per layer of each (target, part) run (the CPU); gather: one index_copy_ per run (CUDA's
+    way, here on the CPU); by_module: cache/adapter_unpack.py's fallback for files that do not line up."""
+    by_module = path == "by_module"
+    if by_module:
         monkeypatch.setattr("cache.adapter_unpack._run", lambda *a, **k: None)
+    if path == "gather":
+        monkeypatch.setattr("cache.adapter_unpack._gather", lambda raw: True)
     path = adapter(tmp_path / "a", rank=5, dtype=file_dtype, alpha=7)  # scale 7/5
     tp = None if world == 1 else SimpleNamespace(rank=tp_rank, world_size=world, group=None)
     store = AdapterStore(CONFIG, "cpu", store_dtype, tp=tp)

@@ -2,7 +2,8 @@
 part when the file lines up, module by module when it does not, and the same values either way (bit for
 bit the float32 fold-then-cast path, zero wherever the adapter has nothing): PEFT's name order over 12
 layers (0, 1, 10, 11, 2, ...), a shuffled file, aliased tensors, a subset of layers, per-layer scales;
-NaN/Inf found on the device after the copy and named by layer and target."""
+NaN/Inf found on the device after the copy and named by layer and target. Runs are copied both ways:
+layer by layer (the CPU) and one index_copy_ each (CUDA)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ SHAPE = dataclasses.replace(common.TINY, layers=12)
 CONFIG = model_config(SHAPE)
 WEIGHTS = "adapter_model.safetensors"
 _NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+@pytest.fixture(autouse=True, params=["per_layer", "gather"])
+def copies(request, monkeypatch):
+    """Every test both ways: a run copied layer by layer (the CPU's way) and by one index_copy_ (CUDA's)."""
+    monkeypatch.setattr("cache.adapter_unpack._gather", lambda raw: request.param == "gather")
 
 
 def adapter(out: Path, rank: int = 5, dtype=torch.bfloat16, alpha: float = 7, seed: int = 1) -> Path:
