@@ -117,9 +117,10 @@ class AdapterLayout:
         if not self._reserved:
             self._rebuild([], 0)
 
-    def reserve(self, modules: list[Module], slots: int) -> None:
+    def reserve(self, modules: list[Module], slots: int, file_bytes: int) -> None:
         """Lay out `slots` slots holding `modules` (every layout from now on holds them) and fix the
-        capacity at `slots` (module docstring); residents stay, the most recently used first."""
+        capacity at `slots` (module docstring); residents stay, the most recently used first. The upload
+        buffers are allocated now for adapter files of up to `file_bytes`."""
         keep = list(self._slot_of)[-slots:]
         need = group_shapes(chain(modules, (m for i in keep for m in self._host_of(i).shapes())))
         total = self._layout_bytes(slots, need)
@@ -131,7 +132,7 @@ class AdapterLayout:
         self._reserved = list(modules)
         self.min_slots = self.max_slots = slots
         self._rebuild(keep, slots)
-        self._uploader.reserve(self._layout_bytes(1, group_shapes(modules)) + _HEADER_ROOM)
+        self._uploader.reserve(file_bytes + _HEADER_ROOM)
 
     def unreserve(self) -> None:
         """Drop the reservation: the stacks stay as they are, later layouts hold only what residents need."""

@@ -184,7 +184,10 @@ class AdapterStore:
                 self.layout.clear()
             return
         rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
-        self.layout.reserve(reserved_modules(reservation, self.config, rank, world), reservation.slots)
+        # Every rank reads the whole file; float32 files (PEFT saves the training dtype) are the largest.
+        file_bytes = 4 * sum(r * (i + o) for _, r, i, o in reserved_modules(reservation, self.config))
+        self.layout.reserve(reserved_modules(reservation, self.config, rank, world), reservation.slots,
+                            file_bytes)  # fmt: skip
 
     def offload(self, index: int) -> bool:
         """Forget `index` (requests for it are then NOT_FOUND) and zero its device slot."""
