@@ -121,7 +121,8 @@ class AdapterStore:
 
     # ---- registry -------------------------------------------------------------------------------------
     def download(self, spec) -> float:
-        """Fetch and validate `spec` (cached by its parameters); -> its device bytes / budget (0 if none)."""
+        """Fetch and validate `spec` (cached by its parameters; its values are checked by `load`, on the
+        device); -> its device bytes / budget (0 if none)."""
         weights = self._host_weights(spec)
         if not self.budget_bytes:
             return 0.0
