@@ -4,20 +4,24 @@
     python -m bench.adapter_load --device cpu --threads 1 --loads 5 --json out.json
 
 Writes `--loads` distinct rank-`--rank` PEFT adapters of the `--shape` model (all seven projections, every
-layer, bf16 files) and loads them one after another into an empty store (capacity grows 1 -> 2 -> 4 -> 8,
-as in bench/gpu.py's adapter_load), three ways:
+layer, bf16 files) and loads them one after another, several ways:
 
-  e2e        AdapterStore.load(index, spec) timed to the stream synchronize: the number bench/gpu.py's
-             adapter_load section reports (median over the loads); nothing instrumented.
-  stages     the same loads with each stage timed exclusively (CUDA synchronized around each, so their
+  e2e        AdapterStore.load(index, spec) timed to the stream synchronize, nothing instrumented, into a
+             store whose stacks were laid out at start-up (`SlotReservation`: `--loads` slots at the rank;
+             what a shard started with --adapter-slots sees; bench/gpu.py's adapter_load `ms`).
+  growth     the same into a store that starts empty with one slot and grows 1 -> 2 -> 4 -> 8 (a shard
+             without --adapter-slots: each growth is a re-layout; in a shard also a LoRA graph recapture).
+  stages     the e2e loads again with each stage timed exclusively (CUDA synchronized around each, so their
              sum is a little above e2e): read (header + file mapping), validate (names, shapes, ranks,
-             scales), stage (the file's bytes into the pinned staging buffer: parallel preadv),
-             transfer (per layer: host->device copy on the side stream, TP slice + B * scale + copy into
-             the slot), relayout (new stacks on growth + device-to-device carry-over of the residents).
-  reference  a naive load path, re-enacted stage by stage with the same growth policy: safetensors
-             load_file, validate, float32 + scale fold, slice + cast + contiguous per tensor, pin_memory per
-             tensor (CUDA), per-tensor zero + copy into the slot, and on growth new stacks with every
-             resident re-uploaded from its pinned host copy.
+             scales), host (the module table), stage (the file's bytes into the pinned staging buffer by
+             parallel preadv, each chunk's host->device copy queued as it lands), unpack (into the slot:
+             one strided copy per target and part, B * scale, casts), check (the slot's min/max on the
+             device and their read-back: NaN/Inf refused), relayout (new stacks), place (the rest of the
+             layout's work: zeroing a reused slot, ranks, waiting), other (the rest of AdapterStore.load).
+  reference  a naive load path, re-enacted stage by stage with the growth policy: safetensors load_file,
+             validate, float32 + scale fold, slice + cast + contiguous per tensor, pin_memory per tensor
+             (CUDA), per-tensor zero + copy into the slot, and on growth new stacks with every resident
+             re-uploaded from its pinned host copy.
 
 The files are written just before, so they are read from the page cache (as in bench/gpu.py). The machine
 matters: on a loaded 2-core VM the CPU numbers swing by 2x between runs and multi-threaded small ops
@@ -39,8 +43,7 @@ import torch
 from bench import common
 
 REF_STAGES = ("read", "validate", "scale_fold", "host_layout", "pin", "device_copy", "relayout")
-NEW_STAGES = ("read", "validate", "stage", "transfer", "relayout")
-MIN_SLOTS = 8
+NEW_STAGES = ("read", "validate", "host", "stage", "unpack", "check", "relayout", "place", "other")
 
 
 def model_config(shape: common.ModelShape) -> SimpleNamespace:
@@ -85,11 +88,13 @@ class StageTimer:
         return out
 
 
-def new_store(config, device: torch.device, dtype: torch.dtype):
+def new_store(config, device: torch.device, dtype: torch.dtype, slots: int | None, rank: int):
+    """slots: a store laid out for that many rank-`rank` adapters at start; None: empty, grows from 1."""
+    from cache.adapter_shapes import SlotReservation
     from cache.adapter_store import AdapterStore
 
-    # min_slots as the engine sets it (shard_server/engine/bootstrap.py): the first load lays out 8 slots
-    return AdapterStore(config, device, dtype, budget_bytes=None, max_slots=64, min_slots=MIN_SLOTS)
+    reserve = None if slots is None else SlotReservation(slots, rank)
+    return AdapterStore(config, device, dtype, budget_bytes=None, max_slots=64, reserve=reserve)
 
 
 def spec_of(path: Path):
@@ -98,8 +103,7 @@ def spec_of(path: Path):
     return AdapterSpec(adapter_ids=(str(path),), source="local")
 
 
-def run_e2e(dirs: list[Path], config, device, dtype) -> list[float]:
-    store = new_store(config, device, dtype)
+def run_e2e(dirs: list[Path], store, device) -> list[float]:
     out = []
     for j, d in enumerate(dirs):
         sync(device)
@@ -110,17 +114,19 @@ def run_e2e(dirs: list[Path], config, device, dtype) -> list[float]:
     return out
 
 
-def run_stages(dirs: list[Path], config, device, dtype) -> list[dict[str, float]]:
+def run_stages(dirs: list[Path], store, device) -> list[dict[str, float]]:
     import model.adapters.peft_loader as loader
+    from cache.adapter_unpack import UnpackPlan
 
     timer = StageTimer(device)
-    store = new_store(config, device, dtype)
-    for name, attr in (("transfer", "_transfer"), ("relayout", "_rebuild")):
-        setattr(store.layout, attr, timer.wrap(name, getattr(store.layout, attr)))
-    store.layout._uploader.read = timer.wrap("stage", store.layout._uploader.read)
-    saved = {attr: getattr(loader, attr) for attr in ("_read_tensors", "validate_lora_tensors")}
-    loader._read_tensors = timer.wrap("read", saved["_read_tensors"])
-    loader.validate_lora_tensors = timer.wrap("validate", saved["validate_lora_tensors"])
+    wrapped = [(store, "load", "other"), (store, "_host_weights", "host"), (store.layout, "load", "place"),
+               (store.layout, "_unpack", "unpack"), (store.layout, "_rebuild", "relayout"),
+               (store.layout._uploader, "stage", "stage"), (loader, "_read_tensors", "read"),
+               (loader, "validate_lora_tensors", "validate"), (UnpackPlan, "check", "check"),
+               (UnpackPlan, "problem", "check")]  # fmt: skip
+    saved = [(obj, attr, obj.__dict__.get(attr)) for obj, attr, _ in wrapped]
+    for obj, attr, name in wrapped:
+        setattr(obj, attr, timer.wrap(name, getattr(obj, attr)))
     try:
         rows = []
         for j, d in enumerate(dirs):
@@ -128,8 +134,11 @@ def run_stages(dirs: list[Path], config, device, dtype) -> list[dict[str, float]
             rows.append(timer.take())
         return rows
     finally:
-        for attr, fn in saved.items():
-            setattr(loader, attr, fn)
+        for obj, attr, fn in saved:
+            if fn is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, fn)
 
 
 def run_reference(dirs: list[Path], config, device, dtype) -> list[dict[str, float]]:
@@ -255,14 +264,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     result: dict = {"device": common.device_name(device), "dtype": str(dtype), "shape": args.shape,
                     "rank": args.rank, "adapter_MB": mb, "threads": torch.get_num_threads()}  # fmt: skip
-    e2e = run_e2e(files("e2e"), config, device, dtype)
-    print(
-        f"\ne2e AdapterStore.load to synchronize (ms): {' '.join(f'{v:.1f}' for v in e2e)}  "
-        f"| median {statistics.median(e2e):.1f}"
-    )
-    result["e2e_ms"] = e2e
-    rows = run_stages(files("stages"), config, device, dtype)
-    print_table("stages, current load path", rows, NEW_STAGES)
+    for key, slots, what in (("e2e_ms", args.loads, f"into stacks laid out at start ({args.loads} slots)"),
+                             ("e2e_growth_ms", None, "into an empty store growing 1 -> 2 -> 4 -> 8")):
+        store = new_store(config, device, dtype, slots, args.rank)
+        ms = run_e2e(files(key.removesuffix("_ms")), store, device)
+        print(f"\n{key} AdapterStore.load {what}, to synchronize (ms): {' '.join(f'{v:.1f}' for v in ms)}  "
+              f"| median {statistics.median(ms):.1f}")  # fmt: skip
+        result[key] = ms
+        del store
+    rows = run_stages(files("stages"), new_store(config, device, dtype, args.loads, args.rank), device)
+    print_table("stages, current load path into stacks laid out at start", rows, NEW_STAGES)
     result["stages_ms"] = summarize(rows, NEW_STAGES)
     if not args.no_reference:
         ref = run_reference(files("reference"), config, device, dtype)

@@ -1,4 +1,4 @@
-"""Adapter bytes on the host, and their trip to the device stacks.
+"""Adapter bytes on the host, and their trip to the device.
 
 `HostAdapter` is what the store keeps per registered adapter: a table of its modules (per (layer,
 target): where A and B lie in the adapter's bytes, as dtype/shape/strides after the tensor-parallel
@@ -11,20 +11,22 @@ slice, and B's scale) and where the bytes are:
                  is refused (FailedPrecondition) instead of silently serving other weights.
   memory-backed  merged adapters (no file holds them): one buffer in the store dtype, scaled.
 
-`Uploader` moves the bytes: one read into a pinned staging buffer (parallel preadv of the file, or a
-memcpy of the memory buffer; two staging buffers in turn, so reading the next adapter overlaps the copy
-of the last), then per layer, on a side CUDA stream: the host->device copy of that layer's byte range,
-and the store's unpack into the slot (slice, B * scale, copy), followed by an event. The forward waits
-for layer l's event before layer l's LoRA (AdapterBatchData), a decode step for all of them, LoadAdapter
-for the last one. On the CPU the same code runs synchronously: no pinning, no streams, no events.
+`Uploader` moves the bytes, once each: the file is read by a few threads in chunks (preadv) into a
+pinned staging buffer, and each chunk's host->device copy is queued on a side CUDA stream as soon as
+the chunk has landed, so reading and copying overlap; the device buffer then holds the adapter's bytes
+as laid out in the file, for the store's unpack into the slot (cache/adapter_unpack.py), queued on the
+same stream. Two staging buffers in turn (reading the next adapter overlaps the copy of the last) and
+the device buffer are allocated once, at their largest size so far (`reserve` sizes them at start-up),
+never inside a load of an adapter that fits them. On the CPU the same code runs synchronously: the
+staging buffer is the unpack's source, no pinning, no streams, no events.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from model.errors import FailedPrecondition
 Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
 Sliced = dict[Key, tuple[torch.Tensor, torch.Tensor, float]]  # this rank's (A, B, scale) per module
 _HALF_OR_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
+MIN_CHUNK = 4 << 20  # bytes per read (and host->device copy) at least: fewer, larger copies
 
 
 def exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
@@ -101,32 +104,32 @@ class HostAdapter:
     # m / ||W + s B A|| [out_local] (float32) that need the base model, computed when it is loaded.
     magnitudes: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
     scales: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
+    _layout_key: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def layout_key(self) -> tuple:
+        """What decides how the bytes unpack into a slot: the module table (byte views and scales)."""
+        if self._layout_key is None:
+            self._layout_key = (self.nbytes, tuple(sorted(self.modules.items())))
+        return self._layout_key
 
     def shapes(self) -> list[tuple[Key, int, int, int]]:
         """(key, r, in_local, out_local) per module."""
         return [(k, m.a.shape[0], m.a.shape[1], m.b.shape[0]) for k, m in self.modules.items()]
 
-    def layer_ranges(self) -> list[tuple[list[Key], int, int]]:
-        """(keys, first byte, end byte) per layer in forward order (layers 0.., then lm_head): the bytes
-        one layer's unpack needs. Overlapping ranges (an unusual file order) collapse into one."""
-        by_layer: dict[int, list[Key]] = defaultdict(list)
-        for key in self.modules:
-            by_layer[key[0]].append(key)
-        out = []
-        for layer in sorted(by_layer, key=lambda layer: (layer < 0, layer)):
-            keys = by_layer[layer]
-            lo = min(min(self.modules[k].a.offset, self.modules[k].b.offset) for k in keys)
-            hi = max(max(self.modules[k].a.end, self.modules[k].b.end) for k in keys)
-            out.append((keys, lo, hi))
-        spans = sorted((lo, hi) for _, lo, hi in out)
-        if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
-            return [([k for keys, _, _ in out for k in keys], spans[0][0], max(h for _, h in spans))]
-        return out
-
     def read_into(self, buf: torch.Tensor, pool: ThreadPoolExecutor | None) -> None:
         """Copy the adapter's bytes into buf[:nbytes] (uint8): the file in parallel chunks, or memory."""
+        for _ in self.read_chunks(buf, pool):
+            pass
+
+    def read_chunks(self, buf: torch.Tensor, pool: ThreadPoolExecutor | None,
+                    chunks: int = 1) -> Iterator[tuple[int, int]]:  # fmt: skip
+        """Copy the adapter's bytes into buf[:nbytes] (uint8), yielding each byte span [lo, hi) in order
+        as soon as it (and every span before it) has landed: about `chunks` spans of at least
+        MIN_CHUNK bytes, read by `pool`'s threads at once (a file), or one memcpy (memory). Returns only
+        once no thread writes into `buf` any more, also when it raises or the caller stops early."""
         if self.memory is not None:
             buf[: self.nbytes].copy_(self.memory)
+            yield 0, self.nbytes
             return
         f = self.file
         try:
@@ -135,6 +138,7 @@ class HostAdapter:
             raise FailedPrecondition(
                 f"{f.path} is gone since it was loaded ({e.strerror}); offload the adapter and load it again"
             ) from e
+        futures = []
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (f.device, f.inode, f.size, f.mtime_ns):
@@ -142,8 +146,8 @@ class HostAdapter:
                     f"{f.path} changed since it was loaded; offload the adapter and load it again"
                 )
             view = memoryview(buf.numpy()).cast("B")
-            chunk = max(8 << 20, -(-self.nbytes // 4))
-            jobs = [(o, min(self.nbytes, o + chunk)) for o in range(0, self.nbytes, chunk)]
+            size = max(MIN_CHUNK, -(-self.nbytes // max(1, chunks)))
+            spans = [(o, min(self.nbytes, o + size)) for o in range(0, self.nbytes, size)]
 
             def read(span: tuple[int, int]) -> None:
                 lo, hi = span
@@ -155,12 +159,19 @@ class HostAdapter:
                         )
                     lo += n
 
-            if pool is None or len(jobs) == 1:
-                for span in jobs:
+            if pool is None or len(spans) == 1:
+                for span in spans:
                     read(span)
-            else:
-                list(pool.map(read, jobs))
+                    yield span
+                return
+            futures = [pool.submit(read, span) for span in spans]
+            for span, fut in zip(spans, futures, strict=True):
+                fut.result()
+                yield span
         finally:
+            for fut in futures:  # a failed or abandoned read: no thread may write into buf afterwards
+                fut.cancel()
+            wait(futures)
             os.close(fd)
 
     @classmethod
@@ -213,7 +224,7 @@ def prepared(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype)
 
 
 class Uploader:
-    """Host bytes -> device bytes, layer by layer (module docstring). One per store."""
+    """Host bytes -> device bytes through pinned staging buffers (module docstring). One per store."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -222,47 +233,66 @@ class Uploader:
         self._staging: list[torch.Tensor | None] = [None, None]
         self._staged: list[torch.cuda.Event | None] = [None, None]  # the copies out of each buffer done
         self._turn = 0
-        workers = min(4, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-read")
+        self._raw: torch.Tensor | None = None  # the adapter's bytes on the device (CUDA), side stream's
+        self.workers = min(8, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="adapter-read")
 
-    def read(self, host: HostAdapter) -> tuple[torch.Tensor, int]:
-        """The adapter's bytes in a staging buffer (pinned on CUDA) -> (buffer, which)."""
+    def reserve(self, nbytes: int) -> None:
+        """Allocate the staging buffers (and the device buffer) for adapters of up to `nbytes` now."""
+        for which in (0, 1):
+            buf = self._buffer(which, nbytes)
+            if not self.cuda:
+                buf.zero_()  # touched now, not page by page inside the first loads (pinned memory is)
+        if self.cuda:
+            self._device_buffer(nbytes)
+
+    def _buffer(self, which: int, nbytes: int) -> torch.Tensor:
+        buf = self._staging[which]
+        if buf is None or buf.numel() < nbytes:
+            self._staging[which] = None  # the old one goes back before the new one is pinned
+            size = 1 << max(nbytes - 1, 1).bit_length()
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+            self._staging[which] = buf
+        return buf
+
+    def _device_buffer(self, nbytes: int) -> torch.Tensor:
+        if self._raw is None or self._raw.numel() < nbytes:
+            self._raw = None
+            with torch.cuda.stream(self.stream):  # owned by the side stream: every use is ordered on it
+                self._raw = torch.empty(1 << max(nbytes - 1, 1).bit_length(), dtype=torch.uint8,
+                                        device=self.device)  # fmt: skip
+        return self._raw
+
+    def stage(self, host: HostAdapter) -> tuple[torch.Tensor, int]:
+        """Read `host`'s bytes and (CUDA) queue their copy to the device on the side stream, after the
+        work queued so far on the current stream (slots may still be read there) -> (the bytes: device
+        buffer on CUDA, staging buffer on the CPU; which staging buffer, for `staged`). Work queued on
+        `self.stream` afterwards sees the bytes; call `staged(which)` after the last such work."""
         which = self._turn
         self._turn ^= 1
         if self._staged[which] is not None:
             self._staged[which].synchronize()  # the previous copies out of this buffer have finished
-        buf = self._staging[which]
-        if buf is None or buf.numel() < host.nbytes:
-            size = 1 << max(host.nbytes - 1, 1).bit_length()
-            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
-            self._staging[which] = buf
-        host.read_into(buf, self._pool)
-        return buf, which
-
-    def upload(self, host: HostAdapter, begin, unpack, finish) -> None:
-        """Read `host`; then, on the side stream after the work queued so far: begin(); per layer range
-        its copy to the device and unpack(raw, keys); finish(). The device buffer goes back to the side
-        stream's allocator afterwards (reused only by later work on that stream)."""
-        staging, which = self.read(host)
-        ranges = host.layer_ranges()
+            self._staged[which] = None
+        buf = self._buffer(which, host.nbytes)
         if not self.cuda:
-            begin()
-            for keys, _, _ in ranges:
-                unpack(staging, keys)
-            finish()
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # slots may still be read there
+            host.read_into(buf, self._pool)
+            return buf, which
+        raw = self._device_buffer(host.nbytes)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            raw = torch.empty(host.nbytes, dtype=torch.uint8, device=self.device)
-            begin()
-            for keys, lo, hi in ranges:
-                raw[lo:hi].copy_(staging[lo:hi], non_blocking=True)
-                unpack(raw, keys)
-            finish()
-            done = torch.cuda.Event()
-            done.record(self.stream)
-            self._staged[which] = done
-            del raw
+            for lo, hi in host.read_chunks(buf, self._pool, chunks=2 * self.workers):
+                raw[lo:hi].copy_(buf[lo:hi], non_blocking=True)
+        return raw, which
+
+    def staged(self, which: int) -> torch.cuda.Event | None:
+        """After the last work that reads what `stage` returned: an event on the side stream (CUDA), which
+        also frees staging buffer `which` for the next adapter once it completes."""
+        if not self.cuda:
+            return None
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        self._staged[which] = done
+        return done
 
     def synchronize(self) -> None:
         if self.stream is not None:

@@ -21,28 +21,43 @@ registered; their bytes come back from the host side on next use), and the stack
 when capacity, a rank bucket or the set of DoRA scale stacks must change (`layout_version` then
 increments: recapture CUDA graphs, rebuild AdapterBatchData).
 
-Placing an adapter (cache/adapter_host.Uploader) reads its bytes into a pinned staging buffer, then per
-layer copies them to the device on a side stream and unpacks them into the slot (TP slice, B * scale,
-copy, zero padding) with a few multi-tensor launches, recording an event per layer: a prefill forward
-waits per layer (`ready_events`, so the copy overlaps the layers before), a decode step or a re-layout
-for all of them (`wait_uploads`). Growing the capacity copies the resident slots device-to-device
-instead of re-uploading every resident adapter from the host; the first layout already has `min_slots`
-slots (when the budget allows) so the first adapters loaded do not each re-lay out the stacks.
+Placing an adapter reads its bytes into a pinned staging buffer and copies them to the device on a
+side stream (cache/adapter_host.Uploader, reads and copies overlapped), then unpacks them into the slot
+on that stream in a few launches (cache/adapter_unpack.py: one strided copy per target and part over
+all layers, B * scale, the TP slice, the cast) and records an event: a forward waits for it before its
+first LoRA (`ready_events`), a decode step or a re-layout too (`wait_uploads`). A free slot reads zero
+(fresh stacks are zeroed, `release` zeroes); a slot reused after an eviction is zeroed first. Growing
+the capacity copies the resident slots device-to-device instead of re-uploading every resident adapter
+from the host; the first layout already has `min_slots` slots (when the budget allows) so the first
+adapters loaded do not each re-lay out the stacks.
+
+`reserve` lays the stacks out ahead of any adapter (the store calls it at start-up, before Warmup
+captures the decode graphs): that many slots at a rank bucket for the given modules, and it fixes the
+capacity, so loading an adapter that fits never re-lays out (no `layout_version` change: captured
+graphs read the stacks by pointer and the slot index from their static inputs, and stay valid); more
+adapters than slots evict the least recently used to the host tier. Only an adapter of a larger rank or
+another target (or DoRA) still re-lays out, and an empty store keeps the reserved stacks.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from itertools import chain
 
 import torch
 
-from cache.adapter_host import HostAdapter, Uploader, prepared
+from cache.adapter_host import HostAdapter, Uploader
 from cache.adapter_shapes import GroupKey, GroupShape, group_shapes, ones_scales, zeroed_stacks
+from cache.adapter_unpack import UnpackPlan, build_plan
 from model.adapters.stacks import GROUP_OF, LoraGroupStack
 from model.errors import ResourceExhausted
 
 Key = tuple[int, str]  # (layer_idx, target); layer_idx -1 is lm_head
+Module = tuple[Key, int, int, int]  # (key, r, in_local, out_local)
+_PLANS = 8  # unpack plans kept per layout (one per distinct file layout: usually one)
+_HEADER_ROOM = 1 << 20  # staging bytes beyond the tensors' (the file's header)
 
 
 class AdapterLayout:
@@ -56,6 +71,7 @@ class AdapterLayout:
         self.budget_bytes = budget_bytes
         self.max_slots = max_slots
         self.min_slots = max(1, min(min_slots, max_slots))
+        self._limits = (self.min_slots, max_slots)  # without a reservation
         self._uploader = Uploader(self.device)
         self._ready: dict[int, torch.cuda.Event] = {}  # layer -> last upload event touching it (CUDA)
         self._ready_all: torch.cuda.Event | None = None  # the last upload event of all
@@ -65,6 +81,12 @@ class AdapterLayout:
         self._ranks = torch.zeros(0, 0, dtype=torch.int32, device=self.device)  # [groups, cap], stack order
         self._scales: dict[Key, torch.Tensor] = {}  # DoRA output scales [cap, out_local] float32
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident index -> slot, LRU first
+        self._reserved: list[Module] = []  # modules every layout holds (`reserve`)
+        self._clean: set[int] = set()  # slots known to read zero everywhere
+        self._slot_rows: dict[int, list[torch.Tensor]] = {}  # slot -> its A/B rows in every stack
+        self._plans: OrderedDict[object, UnpackPlan] = OrderedDict()  # host.layout_key() -> plan
+        self._verify: set[int] = set()  # indices whose values `load` checks after the upload
+        self._checks: dict[int, tuple[torch.Tensor, UnpackPlan]] = {}
 
     def resident_indices(self) -> list[int]:
         return list(self._slot_of)
@@ -91,8 +113,50 @@ class AdapterLayout:
             self._zero_slot(slot)
 
     def clear(self) -> None:
-        """No adapter stays resident; the stacks' memory is given back."""
-        self._rebuild([], 0)
+        """No adapter stays resident; the stacks' memory is given back (kept when reserved)."""
+        if not self._reserved:
+            self._rebuild([], 0)
+
+    def reserve(self, modules: list[Module], slots: int, file_bytes: int) -> None:
+        """Lay out `slots` slots holding `modules` (every layout from now on holds them) and fix the
+        capacity at `slots` (module docstring); residents stay, the most recently used first. The upload
+        buffers are allocated now for adapter files of up to `file_bytes`."""
+        keep = list(self._slot_of)[-slots:]
+        need = group_shapes(chain(modules, (m for i in keep for m in self._host_of(i).shapes())))
+        total = self._layout_bytes(slots, need)
+        if self.budget_bytes is not None and total > self.budget_bytes:
+            raise ResourceExhausted(
+                f"{slots} adapter slots need {total} device bytes; the adapter budget is "
+                f"{self.budget_bytes}: fewer slots, a lower rank, or a larger adapter memory fraction"
+            )
+        self._reserved = list(modules)
+        self.min_slots = self.max_slots = slots
+        self._rebuild(keep, slots)
+        self._uploader.reserve(file_bytes + _HEADER_ROOM)
+
+    def unreserve(self) -> None:
+        """Drop the reservation: the stacks stay as they are, later layouts hold only what residents need."""
+        self._reserved = []
+        self.min_slots, self.max_slots = self._limits
+
+    def load(self, index: int) -> Key | None:
+        """Make a newly registered `index` resident and wait until its upload landed; then the first
+        module whose values in the slot are not all finite (the slot is released), or None."""
+        self._verify.add(index)
+        try:
+            self.ensure_resident([index])
+        finally:
+            self._verify.discard(index)
+        self.synchronize()
+        if self.device.type == "cuda":  # a re-layout's copies run there
+            torch.cuda.current_stream(self.device).synchronize()
+        bounds, plan = self._checks.pop(index, (None, None))
+        if bounds is None:
+            return None
+        bad = plan.problem(bounds, self._host_of(index), self._slot_of[index], self._stacks)
+        if bad is not None:
+            self.release(index)
+        return bad
 
     def synchronize(self) -> None:
         """Wait on the host until every upload queued so far has landed."""
@@ -115,7 +179,7 @@ class AdapterLayout:
     def _need(self, indices: Sequence[int]) -> dict[GroupKey, GroupShape]:
         """The group stacks holding `indices` together."""
         hosts = [self._host_of(index) for index in indices]
-        return group_shapes((m for host in hosts for m in host.shapes()),
+        return group_shapes(chain(self._reserved, (m for host in hosts for m in host.shapes())),
                             (k for host in hosts for k in host.magnitudes))  # fmt: skip
 
     def _layout_bytes(self, cap: int, need: dict[GroupKey, GroupShape]) -> int:
@@ -177,72 +241,54 @@ class AdapterLayout:
 
     def _place(self, indices: list[int], free_slots: list[int]) -> None:
         for index, slot in zip(indices, free_slots, strict=False):
-            self._transfer(self._host_of(index), slot)
+            self._transfer(index, slot)
             self._slot_of[index] = slot
 
-    def _transfer(self, host: HostAdapter, slot: int) -> None:
-        """Bring `host` into `slot` of every stack, layer by layer (asynchronous on CUDA, see module doc)."""
-        by_layer: dict[int, list[LoraGroupStack]] = defaultdict(list)
-        ranks = []
-        for (layer, _), stack in self._stacks.items():
-            by_layer[layer].append(stack)
-            present = [host.modules.get((layer, t)) for t in stack.targets]
-            ranks.append(max((m.a.shape[0] for m in present if m is not None), default=0))
-        done: set[int] = set()
+    def _plan(self, host: HostAdapter) -> UnpackPlan:
+        key = host.layout_key()
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build_plan(host, self._stacks, self.device)
+            while len(self._plans) > _PLANS:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return plan
 
-        def begin() -> None:  # first: any layer's event then also covers the slot's ranks and scales
-            if ranks:
-                self._ranks[:, slot].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
-            if self._scales:
-                self._scatter_scales(host, slot)
+    def _transfer(self, index: int, slot: int) -> None:
+        """Bring `index`'s bytes into `slot` of every stack (asynchronous on CUDA, see module doc)."""
+        host = self._host_of(index)
+        with self._on_upload_stream():  # the plan's small tensors belong to the side stream
+            plan = self._plan(host)
+        raw, which = self._uploader.stage(host)
+        try:
+            with self._on_upload_stream():
+                if slot not in self._clean:
+                    torch._foreach_zero_(self._rows_of(slot))
+                self._clean.discard(slot)
+                self._ranks[:, slot].copy_(plan.ranks, non_blocking=True)
+                if self._scales:
+                    self._scatter_scales(host, slot)
+                self._unpack(plan, host, raw, slot)
+                if index in self._verify:
+                    self._checks[index] = (plan.check(host, slot, self._stacks), plan)
+        finally:  # the staging buffer is free again once the work queued on it so far is done
+            event = self._uploader.staged(which)
+        if event is not None:
+            self._ready = dict.fromkeys({layer for layer, _ in self._stacks}, event)
+            self._ready_all = event
 
-        def unpack(raw: torch.Tensor, keys) -> None:
-            layers = sorted({k[0] for k in keys}, key=lambda layer: (layer < 0, layer))
-            for layer in layers:
-                self._unpack_layer(host, raw, layer, slot, by_layer.get(layer, []))
-                done.add(layer)
-            self._mark_ready(layers)
+    def _unpack(self, plan: UnpackPlan, host: HostAdapter, raw: torch.Tensor, slot: int) -> None:
+        plan.unpack(host, raw, slot, self._stacks, self.dtype)
 
-        def finish() -> None:  # stacks of layers the adapter has no module in: its slot reads zero
-            rest = [t for layer, stacks in by_layer.items() if layer not in done
-                    for s in stacks for t in (s.a, s.b)]  # fmt: skip
-            if rest:
-                torch._foreach_zero_([t[slot] for t in rest])
-            self._mark_ready(sorted(set(by_layer) - done))
+    def _on_upload_stream(self):
+        stream = self._uploader.stream
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-        self._uploader.upload(host, begin, unpack, finish)
-
-    def _unpack_layer(self, host: HostAdapter, raw: torch.Tensor, layer: int, slot: int,
-                      stacks: list[LoraGroupStack]) -> None:  # fmt: skip
-        """One layer of `raw` (the adapter's bytes) into `slot`; zero what the adapter does not cover."""
-        dst, src, zero = [], [], []
-        scale_in_place: dict[float, list[torch.Tensor]] = defaultdict(list)
-        for stack in stacks:
-            big_r = stack.rank
-            members = zip(stack.targets, stack.b_offsets, stack.widths, strict=True)
-            for i, (target, b0, w) in enumerate(members):
-                a_rows, b_rows = stack.a[slot, i * big_r : (i + 1) * big_r], stack.b[slot, b0 : b0 + w]
-                m = host.modules.get((layer, target))
-                if m is None:  # the adapter skips this member: its rows must read as zero
-                    zero += [a_rows, b_rows]
-                    continue
-                a, b = m.a.view(raw), m.b.view(raw)
-                if m.scale != 1.0 and b.dtype == self.dtype and b.is_contiguous():
-                    scale_in_place[m.scale].append(b)  # in the adapter's own (temporary) bytes
-                else:
-                    a, b = prepared(a, b, m.scale, self.dtype)
-                r = a.shape[0]
-                dst += [a_rows[:r], b_rows[:, :r]]  # [r, in] of [R, in]; [out, r] of [out, R]
-                src += [a, b]
-                if r < big_r:  # rank padding: a freed slot may hold an older adapter's values
-                    zero += [a_rows[r:], b_rows[:, r:]]
-        for scale, bs in scale_in_place.items():  # B * scale in the store dtype, as the cast was exact
-            for b in bs:  # per tensor: _foreach_mul_ rounds the scale to bf16 first on the CPU
-                b.mul_(scale)
-        if zero:
-            torch._foreach_zero_(zero)
-        if dst:
-            torch._foreach_copy_(dst, src)  # on CUDA a few multi-tensor launches per layer
+    def _rows_of(self, slot: int) -> list[torch.Tensor]:
+        rows = self._slot_rows.get(slot)
+        if rows is None:
+            rows = self._slot_rows[slot] = [t[slot] for s in self._stacks.values() for t in (s.a, s.b)]
+        return rows
 
     def _scatter_scales(self, host: HostAdapter, slot: int) -> None:
         """The adapter's DoRA scales into `slot` (one upload); ones where it has none (plain LoRA)."""
@@ -255,15 +301,6 @@ class AdapterLayout:
         if ones:
             torch._foreach_zero_(ones)
             torch._foreach_add_(ones, 1.0)
-
-    def _mark_ready(self, layers) -> None:
-        if self._uploader.stream is None or not layers:
-            return
-        event = torch.cuda.Event()
-        event.record(self._uploader.stream)
-        for layer in layers:
-            self._ready[layer] = event
-        self._ready_all = event
 
     def ready_events(self) -> dict[int, torch.cuda.Event]:
         """Per layer, the upload event a forward must wait for before that layer's LoRA (CUDA; else {})."""
@@ -278,8 +315,9 @@ class AdapterLayout:
 
     def _zero_slot(self, slot: int) -> None:
         if self._stacks:
-            torch._foreach_zero_([t[slot] for s in self._stacks.values() for t in (s.a, s.b)])
+            torch._foreach_zero_(self._rows_of(slot))
             self._ranks[:, slot].zero_()
+            self._clean.add(slot)
         if self._scales:
             rows = [s[slot] for s in self._scales.values()]
             torch._foreach_zero_(rows)
@@ -313,15 +351,20 @@ class AdapterLayout:
         self._stacks, self._ranks = zeroed_stacks(cap, need, self.device, self.dtype)
         self._scales = ones_scales(cap, need, self.device)
         self.layout_version += 1
+        self._plans.clear()  # plans and row views point into the old stacks
+        self._slot_rows.clear()
+        self._clean = set(range(cap))
         if carry:
             n = min(cap, max(old_slots.values()) + 1)  # every staying slot is below n
             self._carry(old_stacks, old_ranks, n)
+            self._clean -= set(range(n))  # the carried slots (evicted ones too) hold values
             kept = [k for k in old_scales if k in self._scales]  # float32: a multi-tensor copy of its own
             if kept:
                 torch._foreach_copy_([self._scales[k][:n] for k in kept], [old_scales[k][:n] for k in kept])
             for i in members:
                 if i in old_slots:
                     self._slot_of[i] = old_slots[i]
+                    self._clean.discard(old_slots[i])
             free = sorted(set(range(cap)) - set(self._slot_of.values()))
             missing = [i for i in members if i not in self._slot_of]
             self._place(missing, free)

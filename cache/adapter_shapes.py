@@ -2,7 +2,8 @@
 
 Per (layer_idx, group) one `LoraGroupStack` (model/adapters/stacks.py) at a rank bucket (a power of two
 >= 8, so few distinct shapes and CUDA graphs exist), A/B stacks as contiguous views of one zeroed buffer,
-and per DoRA module (layer_idx, target) a float32 scale stack [cap, out_local] of ones.
+and per DoRA module (layer_idx, target) a float32 scale stack [cap, out_local] of ones; the shapes a
+`SlotReservation` lays out ahead of any adapter.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import dataclasses
 
 import torch
 
+from model.adapters.peft_config import MAX_RANK
+from model.adapters.peft_loader import LM_HEAD_LAYER, TARGETS, TargetShapes
+from model.adapters.sharding import shard_lora
 from model.adapters.stacks import GROUP_OF, LORA_GROUPS, LoraGroupStack
 
 MIN_RANK_BUCKET = 8
@@ -21,6 +25,42 @@ GroupKey = tuple[int, str]  # (layer_idx, group of stacks.LORA_GROUPS)
 def rank_bucket(r: int) -> int:
     """Padded rank of a stack: powers of two from 8, so few distinct shapes (and CUDA graphs) exist."""
     return max(MIN_RANK_BUCKET, 1 << (r - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotReservation:
+    """Device stacks laid out at start-up: `slots` slots for adapters of rank <= `rank` on `targets` of
+    every layer (lm_head: the head), so that loading one is a copy into a free slot (AdapterStore.reserve)."""
+
+    slots: int
+    rank: int = 16
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"adapter slots must be >= 1, got {self.slots}")
+        if not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"adapter slot rank must be in 1..{MAX_RANK}, got {self.rank}")
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(
+                f"adapter slot targets must be some of {', '.join(TARGETS)}; got {unknown or '()'}"
+            )
+
+
+def reserved_modules(reservation: SlotReservation, config, tp_rank: int = 0,
+                     world_size: int = 1) -> list[tuple[Key, int, int, int]]:  # fmt: skip
+    """((layer, target), rank, in_local, out_local) of every module `reservation` covers on this rank."""
+    shapes = TargetShapes.from_config(config)
+    out = []
+    for target in reservation.targets:
+        fan_in, fan_out = shapes.shapes[target]
+        a = torch.empty(reservation.rank, fan_in, device="meta")
+        b = torch.empty(fan_out, reservation.rank, device="meta")
+        a, b = shard_lora(target, a, b, config, tp_rank, world_size)
+        layers = [LM_HEAD_LAYER] if target == "lm_head" else range(shapes.num_layers)
+        out += [((layer, target), reservation.rank, a.shape[1], b.shape[0]) for layer in layers]
+    return sorted(out)
 
 
 @dataclasses.dataclass(frozen=True)

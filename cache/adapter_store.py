@@ -4,11 +4,13 @@ Public API (called by the engine from its one model thread; not thread-safe):
 
     store = AdapterStore(config, device, dtype, budget_bytes=None, tp=None, max_slots=64,
                          sources=AdapterSources(...), preloaded=[(index, AdapterSpec), ...], min_slots=1,
-                         base_weights=model.projection_weight)   # DoRA's norms read the base weights
+                         base_weights=model.projection_weight,   # DoRA's norms read the base weights
+                         reserve=SlotReservation(slots, rank))   # stacks laid out now, capacity fixed
     store.download(spec) -> float        # fetch + validate; device bytes of the adapter / budget
     store.prepare(spec) -> HostAdapter   # fetch + validate + pack on the host (any thread)
     store.load(index, spec, host=None)   # register under index and make it device-resident
     store.offload(index) -> bool         # forget the index, free its slot; False if nothing was loaded
+    store.reserve(SlotReservation(...))  # lay the stacks out now (start-up; later: a re-layout)
     store.is_loaded(index) / loaded_spec(index) / generation(index)   # generation: bumps on every load
     store.batch_data(adapter_indices, tokens, is_prefill, lm_head_indices=None) -> AdapterBatchData
     store.request_slots(adapter_indices) -> list[int]; store.graph_batch_data(static_meta)  # CUDA graphs
@@ -17,7 +19,8 @@ Public API (called by the engine from its one model thread; not thread-safe):
 Errors (model.errors, each answers its own status): NotFound (index not loaded, files missing),
 FailedPrecondition (load on an index holding another adapter), InvalidArgument (unusable adapter files),
 Unimplemented (PBASE, merging DoRA adapters), ResourceExhausted (one batch or one adapter needs more than
-the budget), PermissionDenied / Unavailable (an S3 source refused or could not be reached).
+the budget, or a reservation does), PermissionDenied / Unavailable (an S3 source refused or could not be
+reached).
 
 Index 0 is the base model unless an adapter was loaded (or preloaded) there; any other index must be loaded.
 
@@ -34,10 +37,13 @@ from the registry.
 Load path (7B rank 16, bf16: 448 tensors, 84 MB): the file's header is parsed and every tensor name and
 shape validated against a mapping of the file (no tensor byte is read), which gives the module table of
 `cache.adapter_host.HostAdapter`: host memory keeps that table, the bytes stay in the page cache (or on
-disk). Making it resident reads the file once into a pinned staging buffer and copies it to the device
-layer by layer on a side stream, where the TP slice, the cast and B * scale happen during the scatter
-into the slot (`AdapterLayout._transfer`). A merged adapter, and one from S3 (whose cache directory may
-evict the file), keeps one packed buffer in host memory.
+disk). Making it resident reads the file once, by a few threads, into a pinned staging buffer, each chunk
+copied to the device on a side stream as it lands; the unpack into the slot (TP slice, cast, B * scale)
+is one strided copy per target and part over all layers (cache/adapter_unpack.py), and `load` then reads
+back the slot's min and max per run (NaN/Inf: INVALID_ARGUMENT, agreed across tensor-parallel ranks). A
+merged adapter, and one from S3 (whose cache directory may evict the file), keeps one packed buffer in
+host memory. Stacks laid out at start-up (`reserve`, `SlotReservation`) make a load of an adapter that
+fits a copy into a free slot: no re-layout, so no CUDA graph recapture either.
 """
 
 
@@ -52,7 +58,7 @@ import torch
 
 from cache.adapter_host import FileIdentity, HostAdapter, prepared
 from cache.adapter_layout import AdapterLayout, Key
-from cache.adapter_shapes import rank_bucket
+from cache.adapter_shapes import SlotReservation, rank_bucket, reserved_modules
 from cache.adapter_sources import AdapterSources
 from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
 from model.adapters.dora import dora_scales
@@ -89,7 +95,8 @@ class AdapterStore:
                  budget_bytes: int | None = None, tp=None, max_slots: int = 64,
                  sources: AdapterSources | None = None, preloaded: Sequence[tuple[int, object]] = (),
                  host_cache_entries: int = 8, min_slots: int = 1,
-                 base_weights: Callable[[int, str], torch.Tensor] | None = None):  # fmt: skip
+                 base_weights: Callable[[int, str], torch.Tensor] | None = None,
+                 reserve: SlotReservation | None = None):  # fmt: skip
         self.device = torch.device(device)
         self.dtype = dtype
         self.config = config
@@ -107,12 +114,15 @@ class AdapterStore:
         self._host_lock = threading.Lock()  # registry + host cache: DownloadAdapter runs on another thread
         self._next_generation = 1
         self._preloaded = tuple(preloaded)
+        if reserve is not None:
+            self.reserve(reserve)
         for index, spec in self._preloaded:
             self.load(index, spec)
 
     # ---- registry -------------------------------------------------------------------------------------
     def download(self, spec) -> float:
-        """Fetch and validate `spec` (cached by its parameters); -> its device bytes / budget (0 if none)."""
+        """Fetch and validate `spec` (cached by its parameters; its values are checked by `load`, on the
+        device); -> its device bytes / budget (0 if none)."""
         weights = self._host_weights(spec)
         if not self.budget_bytes:
             return 0.0
@@ -146,17 +156,39 @@ class AdapterStore:
         with self._host_lock:
             self._entries[index] = _Entry(spec, host, self._next_generation)
         self._next_generation += 1
+        error = None
         try:
-            self.layout.ensure_resident([index])
-        except ResourceExhausted:
+            # Returns once the upload landed: LoadAdapter's time is the adapter's real time to usable.
+            bad = self.layout.load(index)
+            if bad is not None:
+                error = InvalidArgument(
+                    f"adapter has non-finite values (NaN or Inf) in layer {bad[0]} {bad[1]} after scaling "
+                    f"and casting to {self.dtype}: check its weights, lora_alpha and merge weights"
+                )
+            self._agree(spec, error)  # a slice that is bad on one rank only fails the load everywhere
+        except ShardError:
+            self.layout.release(index)
             with self._host_lock:
                 del self._entries[index]
+                self._host_cache.pop(_spec_key(spec), None)
             raise
-        if self.device.type == "cuda":
-            # The copies are queued on the upload stream; LoadAdapter answers once they landed, so a
-            # failure surfaces here and the caller's timing is the adapter's real time to usable.
-            self.layout.synchronize()
-            torch.cuda.current_stream(self.device).synchronize()
+
+    def reserve(self, reservation: SlotReservation | None) -> None:
+        """Lay out the device stacks for `reservation` now and fix their capacity (AdapterLayout.reserve):
+        loading an adapter that fits is then a copy into a free slot, never a re-layout. Start-up calls
+        this before Warmup (which then captures the LoRA decode graphs over these stacks); a later call
+        re-lays out (`layout_version`): recapture graphs after it, as after a LoadAdapter. None drops
+        the reservation (the stacks go when the store is empty)."""
+        if reservation is None:
+            self.layout.unreserve()
+            if not self._entries:
+                self.layout.clear()
+            return
+        rank, world = (self.tp.rank, self.tp.world_size) if self.tp is not None else (0, 1)
+        # Every rank reads the whole file; float32 files (PEFT saves the training dtype) are the largest.
+        file_bytes = 4 * sum(r * (i + o) for _, r, i, o in reserved_modules(reservation, self.config))
+        self.layout.reserve(reserved_modules(reservation, self.config, rank, world), reservation.slots,
+                            file_bytes)  # fmt: skip
 
     def offload(self, index: int) -> bool:
         """Forget `index` (requests for it are then NOT_FOUND) and zero its device slot."""
@@ -271,8 +303,7 @@ class AdapterStore:
             modules = merge_modules([f.modules for f in files], merge, merge_seed(spec.adapter_ids, merge))
         else:
             modules = files[0].modules
-        sliced = self._sliced(modules)
-        _check_finite(sliced, self.dtype)  # reads every byte once (page cache), off the model thread
+        sliced = self._sliced(modules)  # no byte read: the device checks the values it serves (load)
         host = None
         if before is not None and _identity(before.path) == before:  # not replaced while we read it
             host = HostAdapter.from_file(before, sliced)
@@ -345,30 +376,3 @@ def _identity(path) -> FileIdentity | None:
         return FileIdentity.of(path)
     except OSError:  # missing: the loader names the problem
         return None
-
-
-def _check_finite(sliced: dict[Key, tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype) -> None:
-    """Refuse NaN/Inf anywhere in what would be served: from the file, the config's alpha, a merge
-    weight, or a scale or cast that overflows the store dtype. One read of every tensor (min and max,
-    no copy); a value survives the cast and B * scale iff its magnitude times the scale is at most the
-    store dtype's largest finite value."""
-    limit = torch.finfo(dtype).max
-    bounds = []
-    for a, b, scale in sliced.values():
-        for t, s in ((a, 1.0), (b, abs(scale))):
-            if t.numel():
-                lo, hi = torch.aminmax(t)
-                bounds.append(torch.maximum(-lo, hi).double() * s)
-    if not bounds:
-        return
-    ok = torch.stack(bounds) <= limit  # NaN compares false
-    if bool(ok.all()):
-        return
-    i, k = int((~ok).nonzero()[0]), 0
-    for key, (a, b, _) in sliced.items():
-        k += bool(a.numel()) + bool(b.numel())
-        if k > i:
-            raise InvalidArgument(
-                f"adapter has non-finite values (NaN or Inf) in layer {key[0]} {key[1]} after scaling and "
-                f"casting to {dtype}: check its weights, lora_alpha and merge weights"
-            )

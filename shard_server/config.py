@@ -49,6 +49,12 @@ class ShardConfig:
     max_kv_cache_bytes: int | None = None
     adapter_root: Path | None = None  # where DownloadAdapter puts / LoadAdapter finds adapters
     adapter_memory_fraction: float = 0.1  # share of device memory the adapter store may use
+    # Device slots laid out at start-up for adapters of rank <= adapter_slot_rank on all seven projections
+    # (then fixed: beyond them the least recently used adapters move to host memory), so a LoadAdapter
+    # that fits is a copy into a free slot: no re-layout, no CUDA graph recapture. 0: the stacks are laid
+    # out by the first LoadAdapter and grow with the adapters (each growth recaptures the LoRA graphs).
+    adapter_slots: int = 0
+    adapter_slot_rank: int = 16
     # S3 adapters are downloaded here (one directory per adapter, least recently used deleted first
     # beyond adapter_cache_max_bytes); None: S3 ids are refused.
     adapter_cache_dir: Path | None = None
@@ -85,6 +91,11 @@ class ShardConfig:
             raise ValueError(f"adapter_cache_max_bytes must be > 0, got {self.adapter_cache_max_bytes}")
         if not 0.0 < self.adapter_memory_fraction <= 1.0:
             raise ValueError(f"adapter_memory_fraction must be in (0, 1], got {self.adapter_memory_fraction}")
+        if self.adapter_slots < 0 or self.adapter_slot_rank < 1:
+            raise ValueError(
+                f"need adapter_slots >= 0 and adapter_slot_rank >= 1, got {self.adapter_slots} and "
+                f"{self.adapter_slot_rank}"
+            )
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from cache.adapter_shapes import SlotReservation
 from cache.adapter_sources import AdapterSourceConfig, AdapterSources
 from cache.adapter_store import AdapterStore
 from cache.s3_source import S3CacheConfig
@@ -78,9 +79,12 @@ def build_adapter_store(
     if config.adapter_cache_dir is not None:
         s3 = S3CacheConfig(cache_dir=config.adapter_cache_dir, max_bytes=config.adapter_cache_max_bytes)
     sources = AdapterSources(AdapterSourceConfig(adapter_root=config.adapter_root, s3=s3))
-    # min_slots: the first adapter lays out 8 slots (when the budget allows), so the next seven loads
-    # neither re-lay out the stacks nor drop the captured decode graphs.
+    # min_slots: without reserved slots, the first adapter lays out 8 (when the budget allows), so the
+    # next seven loads neither re-lay out the stacks nor drop the captured decode graphs.
+    reserve = None
+    if config.adapter_slots:
+        reserve = SlotReservation(config.adapter_slots, config.adapter_slot_rank)
     return AdapterStore(
         model_config, device, dtype, budget_bytes=budget, tp=tp, sources=sources, preloaded=preloaded,
-        min_slots=8, base_weights=base_weights,
+        min_slots=8, base_weights=base_weights, reserve=reserve,
     )

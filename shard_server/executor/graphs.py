@@ -26,9 +26,9 @@ What a graph holds pointers to, and when it is dropped:
   recaptured by `refresh_lora`, which the engine calls after LoadAdapter and OffloadAdapter: those RPCs
   pay for it (about two forwards per graph, logged; a few times over a shard's life, as capacity grows
   in powers of two), not a Decode. A re-layout inside a Prefill (an evicted adapter coming back)
-  leaves LoRA decode steps eager until the next LoadAdapter / OffloadAdapter / Warmup. Sizing the
-  stacks at Warmup instead would pad every adapter to the largest rank and target set the shard might
-  ever see.
+  leaves LoRA decode steps eager until the next LoadAdapter / OffloadAdapter / Warmup. With
+  --adapter-slots the store lays its stacks out at start-up, before Warmup, at a rank bucket for all
+  seven projections: a LoadAdapter that fits them then re-lays out nothing and recaptures nothing.
 """
 
 from __future__ import annotations

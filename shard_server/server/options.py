@@ -106,6 +106,19 @@ OPTIONS: tuple[Option, ...] = (
         type=float,
     ),
     Option(
+        "--adapter-slots",
+        "shard.adapter_slots",
+        "device adapter slots laid out at start (rank <= --adapter-slot-rank, all 7 projections): a "
+        "LoadAdapter that fits never re-lays out or recaptures graphs; 0: grow on demand",
+        type=int,
+    ),
+    Option(
+        "--adapter-slot-rank",
+        "shard.adapter_slot_rank",
+        "largest LoRA rank the --adapter-slots stacks hold without a re-layout",
+        type=int,
+    ),
+    Option(
         "--adapter-cache-dir",
         "shard.adapter_cache_dir",
         "where S3 adapters are downloaded (default $XDG_CACHE_HOME or ~/.cache, /shard-server/adapters)",

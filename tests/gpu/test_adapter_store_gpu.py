@@ -1,4 +1,4 @@
-"""The adapter store on CUDA: uploads on the side stream (pinned staging, per-layer events) and the
+"""The adapter store on CUDA: uploads on the side stream (pinned staging, one event per upload) and the
 grouped Triton LoRA give what the CPU store (torch reference) gives, through evictions and re-uploads
 with fewer device slots than adapters, in prefill (per-layer waits) and decode (one wait), for bf16 files
 with mixed ranks (4..64 in one layout) and targets (q/v only, all seven, k/o/up/down).

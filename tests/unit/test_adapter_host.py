@@ -1,10 +1,11 @@
 """The host side of the adapter store (cache/adapter_host.py): module tables over the files, many more
 registered adapters than device slots (host memory holds tables, the bytes are read again from the
-file on every upload), refusal of a file that changed under a registered adapter, per-layer byte ranges."""
+file on every upload), refusal of a file that changed under a registered adapter, chunked reads."""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -74,19 +75,28 @@ def test_a_file_changed_under_a_registered_adapter_is_refused_until_reloaded(tmp
     _check_q(store, 1, a, torch.Generator().manual_seed(1))  # now serving the new file
 
 
-def test_module_table_views_and_per_layer_ranges(tmp_path):
+def test_module_table_views_and_chunked_reads(tmp_path, monkeypatch):
     path = _adapter(tmp_path, 0, rank=3)
     peft = read_peft_adapter(path, CONFIG)
     store = AdapterStore(CONFIG, "cpu", torch.float32)
     host = store._host_weights(_spec(path))
-    raw = torch.frombuffer(bytearray((path / "adapter_model.safetensors").read_bytes()), dtype=torch.uint8)
+    data = (path / "adapter_model.safetensors").read_bytes()
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     for key, m in peft.modules.items():
         entry = host.modules[key]
         assert torch.equal(entry.a.view(raw), m.a) and torch.equal(entry.b.view(raw), m.b)
         assert entry.scale == m.scale
-    ranges = host.layer_ranges()
-    assert [sorted({k[0] for k in keys}) for keys, _, _ in ranges] == [[0], [1]]  # forward order
-    spans = sorted((lo, hi) for _, lo, hi in ranges)
-    assert spans[0][1] <= spans[1][0]  # disjoint: each layer's bytes copied on their own
     packed = HostAdapter.packed({k: (m.a, m.b, m.scale) for k, m in peft.modules.items()}, torch.float32)
     assert packed.memory is not None and packed.file is None
+    # Chunked reads: spans in order, covering the file exactly; the buffer then holds the file's bytes.
+    monkeypatch.setattr("cache.adapter_host.MIN_CHUNK", 1000)
+    with ThreadPoolExecutor(3) as pool:
+        buf = torch.zeros(len(data) + 7, dtype=torch.uint8)
+        spans = list(host.read_chunks(buf, pool, chunks=5))
+        assert spans[0][0] == 0 and spans[-1][1] == len(data) and len(spans) == 5
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        assert bytes(buf[: len(data)].numpy()) == data and not buf[len(data) :].any()
+        # Stopping early still waits for every read already started (none writes into buf afterwards).
+        gen = host.read_chunks(torch.zeros(len(data), dtype=torch.uint8), pool, chunks=5)
+        next(gen)
+        gen.close()

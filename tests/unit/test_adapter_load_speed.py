@@ -51,7 +51,16 @@ def naive_host_layout(path: Path, dtype: torch.dtype, rank: int, world: int) -> 
 @pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("store_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tp_rank,world", [(0, 1), (1, 2)])
-def test_stacks_are_bit_identical_to_the_float32_path(tmp_path, file_dtype, store_dtype, tp_rank, world):
+@pytest.mark.parametrize("path", ["runs", "gather", "by_module"])
+def test_stacks_are_bit_identical_to_the_float32_path(tmp_path, monkeypatch, file_dtype, store_dtype, tp_rank,
+                                                      world, path):  # fmt: skip
+    """runs: a copy per layer of each (target, part) run (the CPU); gather: one index_copy_ per run (CUDA's
+    way, here on the CPU); by_module: cache/adapter_unpack.py's fallback for files that do not line up."""
+    by_module = path == "by_module"
+    if by_module:
+        monkeypatch.setattr("cache.adapter_unpack._run", lambda *a, **k: None)
+    if path == "gather":
+        monkeypatch.setattr("cache.adapter_unpack._gather", lambda raw: True)
     path = adapter(tmp_path / "a", rank=5, dtype=file_dtype, alpha=7)  # scale 7/5
     tp = None if world == 1 else SimpleNamespace(rank=tp_rank, world_size=world, group=None)
     store = AdapterStore(CONFIG, "cpu", store_dtype, tp=tp)
@@ -60,6 +69,8 @@ def test_stacks_are_bit_identical_to_the_float32_path(tmp_path, file_dtype, stor
     host = store._host_weights(local(path))
     layout = AdapterLayout(lambda _: host, "cpu", store_dtype, None, max_slots=4)
     layout.ensure_resident([1])
+    (plan,) = layout._plans.values()
+    assert (len(plan.runs), len(plan.loose)) == ((0, 14) if by_module else (14, 0))
     want = naive_host_layout(path, store_dtype, tp_rank, world)
     slot, seen = layout._slot_of[1], set()
     for (layer, _), stack in layout._stacks.items():
@@ -164,7 +175,8 @@ def test_corrupt_files_are_refused(tmp_path, payload):
 def test_bench_runs_on_the_tiny_shape(tmp_path, capsys):
     out = bench_main(["--device", "cpu", "--shape", "tiny", "--loads", "3", "--work", str(tmp_path),
                       "--json", str(tmp_path / "r.json")])  # fmt: skip
-    assert set(out["stages_ms"]) >= {"read", "validate", "stage", "transfer", "relayout", "sum"}
-    assert len(out["e2e_ms"]) == 3 and "reference_ms" in out
+    stages = {"read", "validate", "host", "stage", "unpack", "check", "relayout", "sum"}
+    assert set(out["stages_ms"]) >= stages
+    assert len(out["e2e_ms"]) == len(out["e2e_growth_ms"]) == 3 and "reference_ms" in out
     assert json.loads((tmp_path / "r.json").read_text())["shape"] == "tiny"
     assert "naive load path" in capsys.readouterr().out

@@ -24,4 +24,6 @@ def test_adapter_sections_run_on_cpu(tmp_path):
     assert rot["misses"] > 0 and rot["ttft_miss_p50_ms"] is not None and rot["ratio_vs_resident"] > 0
     mixed = [r for r in rows if r.get("mixed_ranks")]
     assert mixed and all(r["ranks"] == [8, 16, 64] * 3 and r["adapter_bytes_GB"] > 0 for r in mixed)
-    assert [r for r in rows if r["kind"] == "adapter_load"][0]["ms"] > 0
+    presized, growth = [r for r in rows if r["kind"] == "adapter_load"]
+    assert presized["stacks"] == "presized" and growth["stacks"] == "growth"
+    assert presized["ms"] > 0 and presized["relayouts"] == 0 and len(presized["samples_ms"]) == 3
