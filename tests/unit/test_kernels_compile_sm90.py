@@ -29,7 +29,7 @@ from model.kernels import lora, paged_attention as pa, rmsnorm, rotary
 PTR = {"bt": "*i32", "lens": "*i32", "idx": "*i32", "starts": "*i32", "ends": "*i32", "slots": "*i32",
        "part_o": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "k_scale": "*fp32", "v_scale": "*fp32",
        "cos": "*fp32", "sin": "*fp32", "pos": "*i64", "slot": "*i64", "ranks": "*i32", "perm": "*i32",
-       "tiles": "*i32", "v": "*fp32", "scratch": "*i32", "count": "*i32"}
+       "tiles": "*i32", "v": "*fp32", "scratch": "*i32", "count": "*i32", "sem": "*i32", "part": "*fp32"}
 FLOATS = {"qk_scale", "v_scale_val", "eps", "k_inv", "v_inv"}
 CASES = [
     (pa._paged_decode_kernel, dict(G=4, G_PAD=16, D=128, BLOCK_SIZE=16, BLOCK_N=64, SCALE_FROM_PTR=False,
@@ -37,11 +37,15 @@ CASES = [
     (pa._paged_decode_kernel, dict(G=8, G_PAD=16, D=64, BLOCK_SIZE=256, BLOCK_N=64, SCALE_FROM_PTR=True,
                                    SPLIT=False), {"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"}),
     (pa._merge_splits_kernel, dict(D=128, S_PAD=16)),
-    (lora._shrink_kernel, dict(HAS_PERM=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
-    (lora._shrink_kernel, dict(HAS_PERM=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
-    (lora._expand_kernel, dict(HAS_PERM=True, NT=3, NT_PAD=4, R_PAD=16, BLOCK_M=16, BLOCK_N=128)),
-    (lora._expand_kernel, dict(HAS_PERM=False, NT=1, NT_PAD=1, R_PAD=128, BLOCK_M=64, BLOCK_N=64)),
-    (lora._plan_kernel, dict(T_PAD=256, CHUNK=32, BLOCK_M=16, J_PAD=16, TILES_PAD=512)),
+    (lora._shrink_kernel, dict(HAS_PERM=True, SPLITS=8, NBLK=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
+    (lora._shrink_kernel, dict(HAS_PERM=False, SPLITS=1, NBLK=2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
+    (lora._expand_kernel, dict(HAS_PERM=True, SPLITS=1, NBLK=48, R=16, NT=3, NT_PAD=4, R_PAD=16, UNIFORM=True,
+                               BLOCK_M=16, BLOCK_N=128)),
+    (lora._expand_kernel, dict(HAS_PERM=True, SPLITS=2, NBLK=7, R=16, NT=3, NT_PAD=4, R_PAD=16, UNIFORM=False,
+                               BLOCK_M=16, BLOCK_N=128)),
+    (lora._expand_kernel, dict(HAS_PERM=False, SPLITS=1, NBLK=64, R=128, NT=1, NT_PAD=1, R_PAD=128,
+                               UNIFORM=True, BLOCK_M=64, BLOCK_N=64)),
+    (lora._plan_kernel, dict(T_PAD=256, CHUNK=32, BLOCK_M=16, J_PAD=16, TILES_PAD=512, SEM_PAD=4096)),
     (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True)),
     (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=False, SCALE_FROM_PTR=False)),
     (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=True, SCALE_FROM_PTR=True),
@@ -70,4 +74,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 11
+    assert proc.stdout.count("compiled") == 12
