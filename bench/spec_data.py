@@ -1,5 +1,6 @@
-"""Input-grounded prompts for bench/speculative.py: passages and tasks whose answers reuse the passage's
-words (copying, rewriting, extracting), the workload prompt-lookup drafts are meant for."""
+"""Input-grounded prompts for bench/speculative.py and bench/speculative_demo.py: passages and tasks
+whose answers reuse the passage's words (copying, rewriting, extracting), the workload prompt-lookup
+drafts are meant for; and the topics bench/medusa_train.py has the model write its training text on."""
 
 TASKS = (
     "Copy the following passage exactly, word for word, and then stop.\n\n{passage}",

@@ -4,10 +4,11 @@
 
 Each phase is a function of the real engine, wrapped with timers (wall time and this thread's CPU
 time, which a busy host does not inflate; a phase's time includes its children's) and, in a last pass,
-a count of the ATen ops it dispatches (each one a kernel launch, ~5-10 us of host time, on a GPU; only the forward is one
-CUDA-graph replay there). On a CPU every op also computes, so `forward` and `choose` are device work
-here; everything else is host work on any device: Python per row (drafting, parsing the host copy,
-stopping and detokenization) and the launches of small ops.
+a count of the ATen ops it dispatches (each one a kernel launch, ~5-10 us of host time, on a GPU; only
+the forward is one CUDA-graph replay there). On a CPU every op also computes, so the forwards and the
+samplers (`verify`, `forward`, `choose_positions`, `choose`) are device work here; everything else is
+host work on any device: Python per row (drafting, parsing the host copy, stopping and
+detokenization) and the launches of small ops.
 
     decode            ShardEngine.decode, the whole step
       compute         Speculator.compute: drafting, the verify forward, scoring, the host copy
@@ -37,7 +38,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.spec_data import demo_eval_texts
 from bench.spec_engine import EngineSettings, Ids, chat_ids, generate, with_engine
-
 
 # phase -> the phase it is recorded inside (None: the top). Elsewhere (the prefill's emit, the plain
 # sampler inside choose_positions) a function counts toward the phase that encloses it.

@@ -11,6 +11,8 @@
 3. ngram   the same requests with prompt-lookup drafts, k in --ks: tokens/s, speedup over plain at that
            batch, acceptance (accepted / drafted), tokens per row per step, and whether every request's
            tokens equal plain decoding's (bf16 near-ties on a GPU may flip one: first divergence given).
+   host    at the smallest and largest batch, plain and n-gram at --profile-k: the wall time, thread CPU
+           time and ATen ops of each phase of a decode step (bench/spec_host_profile.py).
 4. medusa  heads trained by self-distillation on the model's own generations (bench/medusa_train.py,
            other passages than the evaluation's), written as MODEL_VIEW/medusa, measured like ngram with
            k = the number of heads.
@@ -37,6 +39,7 @@ import torch
 from bench.medusa_train import MedusaSettings, train_medusa
 from bench.spec_data import demo_eval_texts
 from bench.spec_engine import EngineSettings, Ids, chat_ids, generate, model_view, with_engine
+from bench.spec_host_profile import profile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +53,7 @@ class DemoSettings:
     min_requests: int = 4  # requests per batch size at least (covers the 4 tasks)
     reps: int = 3
     medusa: MedusaSettings | None = field(default_factory=MedusaSettings)
+    profile_k: int | None = 5  # host-time profile (spec_host_profile) of plain and n-gram at this k
 
 
 def run(model_dir: Path, s: DemoSettings, work: Path, out: dict, log=print) -> dict:
@@ -66,6 +70,7 @@ def run(model_dir: Path, s: DemoSettings, work: Path, out: dict, log=print) -> d
         for b in s.batches:
             plain[b] = _measure(engine, prompts, b, s)
             _row(out, "plain", b, 0, plain[b], plain[b], log)
+        _profile(engine, prompts, "plain", s, out)
         first = plain[s.batches[0]]["gen"].tokens[0]
         out["sample_output"] = engine.tokenizer.decode(first, skip_special_tokens=False)[:1200]
         if s.medusa is None:
@@ -99,6 +104,17 @@ def _spec_section(engine, system: str, k: int, texts, plain, s: DemoSettings, ou
     for b in s.batches:
         got = _measure(engine, prompts, b, s)
         _row(out, system, b, k, got, plain[b], log)
+    if system == "ngram" and k == s.profile_k:
+        _profile(engine, prompts, system, s, out)
+
+
+def _profile(engine, prompts, system: str, s: DemoSettings, out: dict) -> None:
+    """Where a decode step's host time goes, at the smallest and largest batch (one pass each)."""
+    if s.profile_k is None:
+        return
+    for b in sorted({min(s.batches), max(s.batches)}):
+        got = profile(engine, prompts, b, min(s.max_new, 64), passes=1)
+        out.setdefault("host_profile", []).append({"system": system, **got})
 
 
 def _measure(engine, prompts: list[list[int]], batch: int, s: DemoSettings) -> dict:
@@ -133,12 +149,13 @@ def _row(out: dict, system: str, batch: int, k: int, got: dict, ref: dict, log) 
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 # ---------------------------------------------------------------- report
 
-HEADER = f"{'system':<7} {'batch':>5} {'k':>2} {'tok/s':>9} {'speedup':>7} {'accept':>6} {'tok/step':>8}  equal"
+HEADER = (f"{'system':<7} {'batch':>5} {'k':>2} {'tok/s':>9} {'speedup':>7} {'accept':>6} {'tok/step':>8}  "
+          "equal")
 
 
 def _fmt_row(r: dict) -> str:
@@ -179,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=8, help="CPU threads for the build")
+    ap.add_argument("--profile-k", type=int, default=5, help="host profile of n-gram at this k (0: off)")
     ap.add_argument("--no-medusa", action="store_true")
     ap.add_argument("--medusa-heads", type=int, default=MedusaSettings.heads)
     ap.add_argument("--medusa-v1", action="store_true", help="heads with their own LM head")
@@ -203,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_input=768, max_new=max(args.max_new_tokens, 256), cuda_graphs=cuda,
                         kv_bytes=(2 << 30) if cuda else (256 << 20))  # fmt: skip
     s = DemoSettings(engine=es, batches=batches, ks=tuple(int(x) for x in args.ks.split(",")),
-                     max_new=args.max_new_tokens, reps=args.reps, medusa=medusa)  # fmt: skip
+                     max_new=args.max_new_tokens, reps=args.reps, medusa=medusa,
+                     profile_k=args.profile_k or None)  # fmt: skip
     from bench.common import device_name, git_commit
 
     out = {"device": device_name(dev), "commit": args.commit or git_commit(REPO), "path": args.out,
@@ -224,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         best = out["medusa_training"]["best"]
         print(f"medusa training: {out['medusa_training']['steps']} steps, validation top-1 per head "
               f"{[round(a, 3) for a in best.get('val_top1', [])]}")  # fmt: skip
+    for r in out.get("host_profile", []):
+        print(f"host profile {r['system']} k={r['k']} batch {r['batch']}, ms per step (wall): "
+              + " ".join(f"{n} {v:.2f}" for n, v in r["wall_ms_per_step"].items()))  # fmt: skip
     print(f"timings (s): { {k: round(v, 1) for k, v in out['timings'].items()} }")
     return 0
 

@@ -28,6 +28,7 @@ def test_demo_bench_runs_plain_ngram_and_medusa(tiny_model_dir, tmp_path):
         "--model-dir", str(tiny_model_dir), "--out", str(out), "--work-dir", str(tmp_path / "work"),
         "--device", "cpu", "--batches", "1,2", "--ks", "2", "--max-new-tokens", "8", "--reps", "1",
         "--medusa-heads", "2", "--medusa-topics", "1", "--medusa-steps", "3", "--commit", "abc123",
+        "--profile-k", "2",
     ]) == 0  # fmt: skip
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -51,6 +52,8 @@ def test_demo_bench_runs_plain_ngram_and_medusa(tiny_model_dir, tmp_path):
     assert not (tmp_path / "work" / "model-plain" / "medusa").exists()
     assert set(result["timings"]) >= {"plain_and_medusa_training", "ngram_k2", "medusa", "total"}
     assert "speedup" in speculative_demo.table(result)
+    prof = [(r["system"], r["batch"]) for r in result["host_profile"]]
+    assert prof == [("plain", 1), ("plain", 2), ("ngram", 1), ("ngram", 2)]
 
 
 def test_eval_requests_cover_the_tasks_and_carry_typos():
@@ -61,7 +64,9 @@ def test_eval_requests_cover_the_tasks_and_carry_typos():
             template.split("\n")[0] for _, template in DEMO_TASKS
         }
     text = "On Saturdays the library opens at ten and closes at two, and on Sundays it stays closed."
-    assert with_typos(text) == "On Saturdays the lirbary opens at ten and clsoes at two, and on Sudnays it stays closed."
+    assert with_typos(text) == (
+        "On Saturdays the lirbary opens at ten and clsoes at two, and on Sudnays it stays closed."
+    )
 
 
 def test_host_profile_phases(tiny_model_dir):
