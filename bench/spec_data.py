@@ -1,15 +1,6 @@
-"""Input-grounded prompts for bench/speculative.py and bench/speculative_demo.py: passages and tasks
-whose answers reuse the passage's words (copying, rewriting, extracting), the workload prompt-lookup
-drafts are meant for; and the topics bench/medusa_train.py has the model write its training text on."""
-
-TASKS = (
-    "Copy the following passage exactly, word for word, and then stop.\n\n{passage}",
-    "Rewrite the following passage as a bulleted list, one sentence per bullet, keeping every word of each "
-    "sentence.\n\n{passage}",
-    "Extract every sentence of the following passage that contains a number, exactly as written."
-    "\n\n{passage}",
-    "Repeat the passage below, then write one sentence that summarizes it.\n\n{passage}",
-)
+"""Input-grounded prompts for bench/speculative_demo.py: passages and tasks whose answers reuse the
+passage's words (copying, correcting, extracting), the workload prompt-lookup drafts are meant for; and
+the topics bench/medusa_train.py has the model write its training text on."""
 
 PASSAGES = (
     "The river starts in the northern hills, where snow melts every spring and fills three small lakes. "
