@@ -76,6 +76,8 @@ TOPICS = (
 PASSAGE_REQUESTS = (
     "Write a paragraph of six sentences about {topic}, with some numbers and names.",
     "Write six short sentences of practical facts about {topic}.",
+    "Write a short news report of about six sentences about {topic}.",
+    "Describe a visit to {topic} in six sentences.",
 )
 
 
