@@ -76,17 +76,20 @@ def run(model_dir: Path, s: DemoSettings, work: Path, out: dict, log=print) -> d
         if s.medusa is None:
             return None
         t0 = time.perf_counter()
-        report = train_medusa(engine, work / "medusa-heads", s.medusa, log)
-        report["seconds"] = time.perf_counter() - t0
+        report = _guarded(out, "medusa_training", log, train_medusa, engine, work / "medusa-heads", s.medusa,
+                          log)  # fmt: skip
+        if report is not None:
+            report["seconds"] = time.perf_counter() - t0
         return report
 
     t0 = time.perf_counter()
     plain_es = es if s.medusa is None else replace(es, max_batch=max(es.max_batch, s.medusa.gen_batch))
-    medusa_report = with_engine(plain_dir, 0, plain_es, plain_section)
+    medusa_report = with_engine(plain_dir, 0, plain_es, plain_section)  # no baseline: nothing to compare
     out["timings"]["plain_and_medusa_training"] = time.perf_counter() - t0
     for k in s.ks:
         t0 = time.perf_counter()
-        with_engine(plain_dir, k, es, lambda e, k=k: _spec_section(e, "ngram", k, texts, plain, s, out, log))
+        _guarded(out, f"ngram_k{k}", log, with_engine, plain_dir, k, es,
+                 lambda e, k=k: _spec_section(e, "ngram", k, texts, plain, s, out, log))  # fmt: skip
         out["timings"][f"ngram_k{k}"] = time.perf_counter() - t0
     if medusa_report is not None:
         out["medusa_training"] = {k: v for k, v in medusa_report.items() if k != "history"}
@@ -94,9 +97,23 @@ def run(model_dir: Path, s: DemoSettings, work: Path, out: dict, log=print) -> d
         t0 = time.perf_counter()
         medusa_dir = model_view(model_dir, work / "model-medusa", medusa=work / "medusa-heads")
         k = s.medusa.heads
-        with_engine(medusa_dir, k, es, lambda e: _spec_section(e, "medusa", k, texts, plain, s, out, log))
+        _guarded(out, "medusa", log, with_engine, medusa_dir, k, es,
+                 lambda e: _spec_section(e, "medusa", k, texts, plain, s, out, log))  # fmt: skip
         out["timings"]["medusa"] = time.perf_counter() - t0
     return out
+
+
+def _guarded(out: dict, name: str, log, fn, *args):
+    """fn(*args), or None with the error recorded: one failed section leaves the others' numbers."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - a benchmark keeps going past one failed section
+        import traceback
+
+        out.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
+        log(f"[{name} failed: {type(e).__name__}: {e}]")
+        _save(out)
+        return None
 
 
 def _spec_section(engine, system: str, k: int, texts, plain, s: DemoSettings, out: dict, log) -> None:
@@ -247,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host profile {r['system']} k={r['k']} batch {r['batch']}, ms per step (wall): "
               + " ".join(f"{n} {v:.2f}" for n, v in r["wall_ms_per_step"].items()))  # fmt: skip
     print(f"timings (s): { {k: round(v, 1) for k, v in out['timings'].items()} }")
-    return 0
+    for name in out.get("errors", {}):
+        print(f"FAILED: {name} (traceback in the JSON, key errors)")
+    return 1 if out.get("errors") else 0
 
 
 if __name__ == "__main__":

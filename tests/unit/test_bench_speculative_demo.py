@@ -82,3 +82,12 @@ def test_host_profile_phases(tiny_model_dir):
     assert {"decode", "compute", "ngram", "verify", "to_host", "commit", "emit", "(glue)"} <= set(ms)
     assert ms["decode"] >= ms["compute"] > ms["verify"] > 0
     assert ops["verify"] > 0 and got["decode_steps"] >= 1
+
+
+def test_a_failed_section_is_recorded_and_the_others_go_on(tmp_path):
+    out = {"path": str(tmp_path / "r.json"), "rows": []}
+    logged = []
+    assert speculative_demo._guarded(out, "medusa", logged.append, lambda: 1 / 0) is None
+    assert "ZeroDivisionError" in out["errors"]["medusa"] and "medusa failed" in logged[0]
+    assert "ZeroDivisionError" in json.loads((tmp_path / "r.json").read_text())["errors"]["medusa"]
+    assert speculative_demo._guarded(out, "ngram_k3", logged.append, lambda x: x + 1, 2) == 3
