@@ -1,14 +1,6 @@
-"""Input-grounded prompts for bench/speculative.py: passages and tasks whose answers reuse the passage's
-words (copying, rewriting, extracting), the workload prompt-lookup drafts are meant for."""
-
-TASKS = (
-    "Copy the following passage exactly, word for word, and then stop.\n\n{passage}",
-    "Rewrite the following passage as a bulleted list, one sentence per bullet, keeping every word of each "
-    "sentence.\n\n{passage}",
-    "Extract every sentence of the following passage that contains a number, exactly as written."
-    "\n\n{passage}",
-    "Repeat the passage below, then write one sentence that summarizes it.\n\n{passage}",
-)
+"""Input-grounded prompts for bench/speculative_demo.py: passages and tasks whose answers reuse the
+passage's words (copying, correcting, extracting), the workload prompt-lookup drafts are meant for; and
+the topics bench/medusa_train.py has the model write its training text on."""
 
 PASSAGES = (
     "The river starts in the northern hills, where snow melts every spring and fills three small lakes. "
@@ -53,3 +45,64 @@ PASSAGES = (
     "In 2004 the town bought it and opened it as a small museum about ships and the sea. "
     "Visitors can climb the tower on Sundays and see the harbor, the lighthouse and the islands beyond.",
 )
+
+# ---------------------------------------------------------------- bench/speculative_demo.py
+
+# Tasks over a passage of two of the PASSAGES (~220 tokens). Answers reuse the passage's words: copying,
+# correcting (the passage carries typos: `with_typos`), extracting, repeating then summarizing.
+DEMO_TASKS = (
+    ("copy", "Copy the following text exactly, word for word, and then stop.\n\n{passage}"),
+    ("spelling", "Repeat the following text, correcting the spelling mistakes. Write only the corrected "
+     "text.\n\n{passage}"),  # fmt: skip
+    ("extract", "Extract every sentence of the following text that contains a number, exactly as "
+     "written, one sentence per line.\n\n{passage}"),  # fmt: skip
+    ("repeat_summary", "Repeat the text below, then write one sentence that summarizes it.\n\n{passage}"),
+)
+
+# Medusa heads are trained on other text than the evaluation's: passages the model writes itself on
+# these topics (held out from PASSAGES), then the DEMO_TASKS over them.
+TOPICS = (
+    "lighthouses", "volcanoes", "a bakery", "the postal service", "honey", "a city park", "rain forests",
+    "bicycles", "a school library", "winter sports", "coffee", "the moon", "a train station", "whales",
+    "a farmers market", "solar panels", "chess", "a museum", "glaciers", "a hospital", "tea", "bridges",
+    "an airport", "deserts", "a zoo", "recycling", "a football club", "the ocean", "a mountain village",
+    "computers", "a river boat", "vegetable gardens", "a concert hall", "owls", "a fire station",
+    "the printing press", "rice", "a lake in summer", "a clock tower", "camping", "penguins",
+    "a bus route", "the human heart", "a bookstore", "wind turbines", "a fishing harbor", "bread making",
+    "the planet Mars", "a science fair", "apples", "a swimming pool", "the telephone", "a castle",
+    "maple syrup", "a marathon", "an old bridge", "cheese", "a hotel", "a weather station", "salmon",
+    "a toy factory", "a subway", "the calendar", "an orchard",
+)  # fmt: skip
+PASSAGE_REQUESTS = (
+    "Write a paragraph of six sentences about {topic}, with some numbers and names.",
+    "Write six short sentences of practical facts about {topic}.",
+    "Write a short news report of about six sentences about {topic}.",
+    "Describe a visit to {topic} in six sentences.",
+)
+
+
+def demo_passage(i: int) -> str:
+    """Evaluation passage i: two consecutive PASSAGES."""
+    return PASSAGES[i % len(PASSAGES)] + " " + PASSAGES[(i + 1) % len(PASSAGES)]
+
+
+def demo_task_text(task: int, passage: str) -> str:
+    name, template = DEMO_TASKS[task % len(DEMO_TASKS)]
+    return template.format(passage=with_typos(passage) if name == "spelling" else passage)
+
+
+def demo_eval_texts(n: int) -> list[str]:
+    """n evaluation requests; any 4 consecutive ones cover the 4 tasks, the first 32 are distinct."""
+    return [demo_task_text(i, demo_passage(i + i // len(DEMO_TASKS))) for i in range(n)]
+
+
+def with_typos(text: str, every: int = 5) -> str:
+    """Deterministic misspellings: in every `every`-th word of 5+ letters two middle letters swap."""
+    words = text.split(" ")
+    for i in range(3, len(words), every):
+        w = words[i]
+        core = w.rstrip(".,;:!?")
+        if len(core) >= 5 and core.isalpha():
+            j = len(core) // 2
+            words[i] = core[: j - 1] + core[j] + core[j - 1] + core[j + 1 :] + w[len(core) :]
+    return " ".join(words)

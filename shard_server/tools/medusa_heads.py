@@ -1,6 +1,6 @@
 """Write Medusa heads in the Medusa / LoRAX directory format (config.json + medusa_lm_head.safetensors).
 
-Used by the tests (random heads for a tiny model) and by bench/speculative.py (heads trained on the
+Used by the tests (random heads for a tiny model) and by bench/medusa_train.py (heads trained on the
 demo model). Format and semantics: model/adapters/medusa.py.
 """
 
