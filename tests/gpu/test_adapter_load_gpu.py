@@ -112,7 +112,9 @@ def test_a_graph_captured_before_the_loads_serves_them_without_relayout(tmp_path
     assert gpu.layout_version == version  # no re-layout: the graph's pointers still hold
     for indices in ([1, 2, 3, 4], [4, 0, 2, 2], [3, 1, 0, 0]):
         slots = gpu.request_slots(indices)
-        meta.token_slots.copy_(torch.tensor(slots, dtype=torch.int32))
+        # pinned and non-blocking, as the runner copies them: a pageable copy would make the host wait
+        # for the current stream, which now waits for the held upload
+        meta.token_slots.copy_(torch.tensor(slots, dtype=torch.int32).pin_memory(), non_blocking=True)
         graph.replay()
         _same(outs, _reference(cpu, indices, [x.cpu() for x in xs]), f"graph {indices}")
     print(f"tiny LoadAdapter into reserved stacks, ms: {[round(t, 2) for t in times]}")
@@ -121,14 +123,14 @@ def test_a_graph_captured_before_the_loads_serves_them_without_relayout(tmp_path
 def test_an_upload_into_a_slot_waits_for_the_work_queued_before_it_that_reads_the_slot(tmp_path):
     specs = _specs(tmp_path, 3)
     cpu, gpu = _stores(specs, slots=2)
-    gpu.load(1, specs[1])
-    gpu.load(2, specs[2])
+    for i in (1, 3, 2):  # 1 goes to host memory when 2 arrives: resident 3, 2; all three registered
+        gpu.load(i, specs[i])
     xs = [x.cuda() for x in _inputs(2, seed=2)]
     outs_b = [torch.zeros(2, sum(w), device="cuda") for _, _, _, w in CALLS]
     torch.cuda.synchronize()
     torch.cuda._sleep(HOLD_CYCLES)  # the reads of adapter 2's slot below run ~0.1 s from now
     _run(gpu.batch_data([2, 2], [1, 1], is_prefill=False), xs, outs_b)
-    gpu.batch_data([1], [1], is_prefill=False)  # 1 most recently used: 2 is next to go
+    gpu.batch_data([1], [1], is_prefill=False)  # 1 back into 3's slot and most recently used: 2 is next
     data_c = gpu.batch_data([3, 3], [1, 1], is_prefill=True)  # evicts 2; 3 goes into its slot
     assert 2 not in gpu.resident_indices()
     outs_c = [torch.zeros(2, sum(w), device="cuda") for _, _, _, w in CALLS]
@@ -161,7 +163,9 @@ def test_a_forward_waits_for_an_upload_held_back_on_the_side_stream(tmp_path, st
     else:
         meta = AdapterBatchMetadata.for_cuda_graph(len(indices), "cuda")
         slots = gpu.request_slots(indices)  # uploads 1; the current stream waits for it
-        meta.token_slots.copy_(torch.tensor(slots, dtype=torch.int32))
+        # pinned and non-blocking, as the runner copies them: a pageable copy would make the host wait
+        # for the current stream, which now waits for the held upload
+        meta.token_slots.copy_(torch.tensor(slots, dtype=torch.int32).pin_memory(), non_blocking=True)
         data = gpu.graph_batch_data(meta)
     assert not gpu.layout._uploader.stream.query()  # still held back when the forward is queued
     _run(data, xs, outs)
