@@ -70,7 +70,9 @@ def kv_bytes(case: DecodeCase) -> int:
     return case.batch * (case.context + 1) * KVCache.bytes_per_token_for(32, 8, 128, torch.bfloat16)
 
 
-def profile_top(fn, n: int = 14) -> list[tuple[str, float, int]]:
+def kernel_times(fn) -> list[tuple[str, float, int]]:
+    """One call of `fn` under the profiler (graph replays included: CUPTI reports the graph's kernels):
+    (kernel name, total ms, launches) per kernel name, most time first."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -84,7 +86,11 @@ def profile_top(fn, n: int = 14) -> list[tuple[str, float, int]]:
             t = totals[e.name[:90]]
             t[0] += e.device_time_total / 1000.0
             t[1] += 1
-    return sorted(((k, v[0], int(v[1])) for k, v in totals.items()), key=lambda r: -r[1])[:n]
+    return sorted(((k, v[0], int(v[1])) for k, v in totals.items()), key=lambda r: -r[1])
+
+
+def profile_top(fn, n: int = 14) -> list[tuple[str, float, int]]:
+    return kernel_times(fn)[:n]
 
 
 MAX_S = 1024  # the context bucket a graph is captured with for ~544-token contexts

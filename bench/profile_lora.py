@@ -17,34 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+from functools import partial
 
 import torch
 
 from bench.common import copy_bandwidth_gbps, median, time_ms
-from bench.profile_decode import MAX_S, DecodeCase, build_model
+from bench.profile_decode import MAX_S, DecodeCase, build_model, kernel_times
 
 
 def kernel_table(fn, n: int = 18) -> list[dict]:
-    """One call of `fn` (graph replays included: CUPTI reports the graph's kernels) grouped by name."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            t = totals[e.name[:80]]
-            t[0] += e.device_time_total / 1000.0
-            t[1] += 1
-    rows = sorted(({"kernel": k, "ms": v[0], "count": int(v[1])} for k, v in totals.items()),
-                  key=lambda r: -r["ms"])  # fmt: skip
-    total = sum(r["ms"] for r in rows)
-    count = sum(r["count"] for r in rows)
-    return [{"kernel": "(all)", "ms": total, "count": count}, *rows[:n]]
+    """`kernel_times` of one call as rows, after a first row with the totals."""
+    rows = [{"kernel": k[:80], "ms": ms, "count": c} for k, ms, c in kernel_times(fn)]
+    total = {"kernel": "(all)", "ms": sum(r["ms"] for r in rows), "count": sum(r["count"] for r in rows)}
+    return [total, *rows[:n]]
 
 
 def print_kernels(title: str, rows: list[dict]) -> None:
@@ -134,9 +119,11 @@ def sec_verify(model, dev, out: dict, batches: list[int], k: int = 4) -> None:
 
     context = 512
     blocks = _batch(model, max(batches), context, k, dev)[1]
-    runner = ModelRunner(model, KVCache.for_model(model, blocks), AdapterStore(model.config, dev, model.dtype))
+    store = AdapterStore(model.config, dev, model.dtype)
+    runner = ModelRunner(model, KVCache.for_model(model, blocks), store)
     runner.graphs = DecodeGraphs(runner, max_batch=max(batches), max_context=context + 64)
-    runner.verify_graphs = graphs = VerifyGraphs(runner, k + 1, max_batch=max(batches), max_context=context + 64)
+    graphs = VerifyGraphs(runner, k + 1, max_batch=max(batches), max_context=context + 64)
+    runner.verify_graphs = graphs
     runner.capture_graphs(context + 1)
     res = out.setdefault("verify", [])
     for rows in batches:
@@ -178,7 +165,7 @@ def sec_gemm(model, dev, out: dict, bw: float) -> None:
         line = f"gemm {name:8s}"
         for m in (1, 8, 32, 40, 64, 80, 128, 160, 192, 256):
             x = torch.randn(m, fan_in, device=dev, dtype=torch.bfloat16)
-            g = graph_of(lambda x=x: torch.nn.functional.linear(x, w))
+            g = graph_of(partial(torch.nn.functional.linear, x, w))
             reps = 20
             g2 = torch.cuda.CUDAGraph()  # 20 back-to-back launches: per-call time without replay gaps
             with torch.cuda.graph(g2):

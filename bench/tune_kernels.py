@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
 import torch
 import triton
-import triton.language as tl
 
 from bench.common import median, time_ms
 
@@ -78,16 +78,16 @@ def sec_lora(dev, out: dict) -> None:
                                             min(128, max(16, triton.next_power_of_2(nt * rank))), 132)
                 row = {"group": name, "T": t, "adapters": used, "heuristic_splits": picked, "shrink_us": {}}
                 for splits in (1, 2, 4, 8, 16):
-                    ms = per_launch_ms(lambda s=splits: lora.lora_shrink(x, a, ranks, plan, rank=rank, splits=s), dev)
-                    row["shrink_us"][splits] = ms * 1e3
+                    shrink = partial(lora.lora_shrink, x, a, ranks, plan, rank=rank, splits=splits)
+                    row["shrink_us"][splits] = per_launch_ms(shrink, dev) * 1e3
                 v = lora.lora_shrink(x, a, ranks, plan, rank=rank)
-                row["expand_us"] = per_launch_ms(
-                    lambda: lora.lora_expand(y, v, b, ranks, plan, rank=rank, slices=slices), dev) * 1e3
+                expand = partial(lora.lora_expand, y, v, b, ranks, plan, rank=rank, slices=slices)
+                row["expand_us"] = per_launch_ms(expand, dev) * 1e3
                 out.setdefault("lora", []).append(row)
                 best = min(row["shrink_us"], key=row["shrink_us"].get)
-                print(f"lora {name:8s} T={t:4d} adapters={used:3d}: shrink " +
-                      " ".join(f"s{k}:{v:5.1f}" for k, v in row["shrink_us"].items()) +
-                      f" us (heuristic s{picked}, best s{best})  expand {row['expand_us']:5.1f} us")  # fmt: skip
+                times = " ".join(f"s{k}:{us:5.1f}" for k, us in row["shrink_us"].items())
+                print(f"lora {name:8s} T={t:4d} adapters={used:3d}: shrink {times} us (heuristic s{picked}, "
+                      f"best s{best})  expand {row['expand_us']:5.1f} us")  # fmt: skip
 
 
 def sec_verify(dev, out: dict) -> None:
@@ -107,17 +107,20 @@ def sec_verify(dev, out: dict) -> None:
             for block_n in (32, 64):
                 for warps in (4, 8):
                     for splits in sorted({1, 2, 4, default}):
+                        run = partial(pa._launch, q, kc, vc, tables, lens, d**-0.5, 576, None, None, None, o,
+                                      splits, block_n=block_n, num_warps=warps)  # fmt: skip
                         try:
-                            ms = per_launch_ms(lambda bn=block_n, w=warps, s=splits: pa._launch(
-                                q, kc, vc, tables, lens, d**-0.5, 576, None, None, None, o, s, block_n=bn,
-                                num_warps=w), dev)  # fmt: skip
+                            ms = per_launch_ms(run, dev)
                         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                            print(f"verify B={batch} Q={q_len} bn={block_n} w={warps} s={splits}: {type(e).__name__}")
+                            print(f"verify B={batch} Q={q_len} bn={block_n} w={warps} s={splits}: "
+                                  f"{type(e).__name__}")  # fmt: skip
                             continue
-                        out.setdefault("verify", []).append(dict(batch=batch, q=q_len, block_n=block_n, warps=warps,
-                                                                 splits=splits, default_splits=default, us=ms * 1e3))
-                        print(f"attention B={batch:3d} Q={q_len} block_n={block_n} warps={warps} splits={splits}: "
-                              f"{ms * 1e3:6.1f} us{'  (default)' if (block_n, warps, splits) == (64, 4, default) else ''}")
+                        out.setdefault("verify", []).append(dict(
+                            batch=batch, q=q_len, block_n=block_n, warps=warps, splits=splits,
+                            default_splits=default, us=ms * 1e3))  # fmt: skip
+                        mark = "  (default)" if (block_n, warps, splits) == (64, 4, default) else ""
+                        print(f"attention B={batch:3d} Q={q_len} block_n={block_n} warps={warps} "
+                              f"splits={splits}: {ms * 1e3:6.1f} us{mark}")  # fmt: skip
 
 
 def main() -> None:

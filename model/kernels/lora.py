@@ -53,7 +53,7 @@ class LoraPlan:
     perm: torch.Tensor | None  # [T] int32
     tiles: torch.Tensor  # [3, TILES] int32: slot, first, rows
     count: torch.Tensor  # [1] int32: the real tiles, tiles[:, :count]
-    semaphores: torch.Tensor  # [TILES * MAX_SHRINK_BLOCKS] int32, zero: split-K arrival counters (reset by use)
+    semaphores: torch.Tensor  # [TILES * MAX_SHRINK_BLOCKS] int32, zero: split-K arrival counters (self-reset)
     block_m: int
     num_rows: int  # T
     min_tiles: int  # tiles when every row uses one adapter (prefill: the exact count); sizes the grids
@@ -184,8 +184,8 @@ def plan_from_segments(segments: Sequence[tuple[int, int, int]], num_rows: int, 
     n_sem = n * MAX_SHRINK_BLOCKS
     buf = torch.tensor([t[i] for i in range(3) for t in tiles] + [n] + [0] * n_sem, dtype=torch.int32)
     buf = buf.to(device)
-    return LoraPlan(None, buf[: 3 * n].view(3, n), buf[3 * n : 3 * n + 1], buf[3 * n + 1 :], block_m, num_rows,
-                    min_tiles=n)  # fmt: skip
+    tiles, count, semaphores = buf[: 3 * n].view(3, n), buf[3 * n : 3 * n + 1], buf[3 * n + 1 :]
+    return LoraPlan(None, tiles, count, semaphores, block_m, num_rows, min_tiles=n)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -270,7 +270,8 @@ def _shrink_kernel(x_ptr, a_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, sem_
 
 @triton.jit
 def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_ptr, N, num_tiles, b1, b2, b3,
-                   d0, d1, d2, d3, stride_vs, stride_vt, stride_bs, stride_bn, stride_yt, HAS_PERM: tl.constexpr,
+                   d0, d1, d2, d3, stride_vs, stride_vt, stride_bs, stride_bn, stride_yt,
+                   HAS_PERM: tl.constexpr,
                    SPLITS: tl.constexpr, NBLK: tl.constexpr, R: tl.constexpr, NT: tl.constexpr,
                    NT_PAD: tl.constexpr, R_PAD: tl.constexpr, UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr):  # fmt: skip
@@ -391,7 +392,8 @@ def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | No
         part = v
     grid = (persistent_programs(plan, splits * nblk, sms),)
     _shrink_kernel[grid](
-        x, lora_a, ranks, _perm_arg(plan), plan.tiles, plan.count, plan.semaphores, part, v, n, k, rank, k_chunk,
+        x, lora_a, ranks, _perm_arg(plan), plan.tiles, plan.count, plan.semaphores, part, v, n, k, rank,
+        k_chunk,
         plan.num_tiles, x.stride(0), lora_a.stride(0), lora_a.stride(1), part.stride(-2), v.stride(1),
         HAS_PERM=plan.perm is not None, SPLITS=splits, NBLK=nblk, BLOCK_M=plan.block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=4,
@@ -433,7 +435,8 @@ def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
     _expand_kernel[grid](
         v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, y, n, plan.num_tiles, *bounds[:3], *shifts,
         v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-        HAS_PERM=plan.perm is not None, SPLITS=v.shape[0], NBLK=nblk, R=rank, NT=nt, NT_PAD=nt_pad, R_PAD=r_pad,
+        HAS_PERM=plan.perm is not None, SPLITS=v.shape[0], NBLK=nblk, R=rank, NT=nt, NT_PAD=nt_pad,
+        R_PAD=r_pad,
         UNIFORM=uniform, BLOCK_M=plan.block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return y
