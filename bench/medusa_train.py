@@ -60,8 +60,10 @@ class Dataset:
     gen_seconds: float
 
 
-def training_prompts(tokenizer, engine, s: MedusaSettings) -> tuple[list[list[int]], list[list[int]], float]:
-    """-> (prompts, their greedy answers, seconds): passages the model writes, then tasks over them."""
+def training_prompts(tokenizer, engine, s: MedusaSettings
+                     ) -> tuple[list[list[int]], list[list[int]], list[int], float]:  # fmt: skip
+    """-> (prompts, their greedy answers, the passage of each, seconds): passages the model writes, then
+    tasks over them."""
     t0 = time.perf_counter()
     asks = [chat_ids(tokenizer, r.format(topic=t)) for t in TOPICS[: s.topics] for r in PASSAGE_REQUESTS]
     written = generate(engine, asks, s.passage_tokens, s.gen_batch).tokens
@@ -69,7 +71,17 @@ def training_prompts(tokenizer, engine, s: MedusaSettings) -> tuple[list[list[in
     tasks = [chat_ids(tokenizer, demo_task_text(i + j, p))
              for i, p in enumerate(passages) if p for j in range(s.tasks_per_passage)]  # fmt: skip
     answers = generate(engine, tasks, s.max_new, s.gen_batch).tokens
-    return asks + tasks, written + answers, time.perf_counter() - t0
+    # One passage's sequences together (its writing, then its tasks), so that a validation split at the
+    # end holds out whole passages: the tasks copy their passage, which heads trained on the passage's
+    # own writing would otherwise have seen.
+    prompts, outputs, passage_of, k = [], [], [], 0
+    for i, p in enumerate(passages):
+        n = s.tasks_per_passage if p else 0
+        prompts += [asks[i], *tasks[k : k + n]]
+        outputs += [written[i], *answers[k : k + n]]
+        passage_of += [i] * (1 + n)
+        k += n
+    return prompts, outputs, passage_of, time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -77,11 +89,15 @@ def collect(engine, s: MedusaSettings) -> Dataset:
     """Generate the training sequences with `engine` and read the hidden states of its model."""
     from model.forward_batch import ForwardBatch, PrefillSeq
 
-    prompts, answers, gen_s = training_prompts(engine.tokenizer, engine, s)
-    seqs = [(p, a) for p, a in zip(prompts, answers, strict=True) if len(a) >= 2]
+    prompts, answers, passage_of, gen_s = training_prompts(engine.tokenizer, engine, s)
+    kept = [(p, a, i) for p, a, i in zip(prompts, answers, passage_of, strict=True) if len(a) >= 2]
+    seqs = [(p, a) for p, a, _ in kept]
     model, dev = engine.model, engine.device
     hs, ts, val_from = [], [], None
     n_val = max(1, int(len(seqs) * s.val_fraction)) if len(seqs) > 1 else 0
+    # Move the split back to the first sequence of its passage: no passage on both sides of it.
+    while 0 < n_val < len(seqs) - 1 and kept[-n_val - 1][2] == kept[-n_val][2]:
+        n_val += 1
     group: list[tuple[list[int], list[int]]] = []
 
     def flush() -> None:
