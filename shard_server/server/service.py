@@ -23,7 +23,7 @@ import grpc
 from model.errors import Cancelled, InvalidArgument, ShardError, Status, Unimplemented
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
-from shard_server.server.bounds import bounded_message, check_adapter_parameters
+from shard_server.server.bounds import bounded_message, check_adapter_parameters, check_api_token
 from shard_server.server.health import ShardHealth
 from shard_server.server.telemetry import Telemetry
 from shard_server.server.workers import EngineWorkers
@@ -142,6 +142,7 @@ def adapter_from_pb(params: pb.AdapterParameters, source: int, api_token: str | 
     if not params.adapter_ids:
         raise InvalidArgument("adapter_parameters.adapter_ids is empty")
     check_adapter_parameters(params.adapter_ids, params.weights, params.density)
+    check_api_token(api_token)
     return AdapterSpec(
         adapter_ids=tuple(params.adapter_ids),
         weights=tuple(params.weights),

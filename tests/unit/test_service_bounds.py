@@ -39,3 +39,15 @@ def test_a_failed_host_allocation_is_out_of_memory():
         torch.empty(1 << 50, dtype=torch.uint8)  # a petabyte: the CPU allocator refuses
     assert _is_out_of_memory(e.value)
     assert not _is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("token", ["\x80", "tok en", "tok\n", "é", "x" * 4097])
+def test_an_api_token_that_cannot_travel_in_an_http_header_is_invalid(token):
+    """Found by `make fuzz`: a non-ASCII token reached the hub client and failed there as INTERNAL."""
+    with pytest.raises(errors.InvalidArgument, match="api_token"):
+        adapter_from_pb(pb.AdapterParameters(adapter_ids=["org/name"]), pb.HUB, token)
+
+
+def test_an_ordinary_api_token_passes():
+    spec = adapter_from_pb(pb.AdapterParameters(adapter_ids=["org/name"]), pb.HUB, "hf_AbC123-_.~")
+    assert spec.api_token == "hf_AbC123-_.~"
