@@ -125,7 +125,7 @@ class DirectSide:
 
         from shard_server.config import ShardConfig
         from shard_server.engine.engine import ShardEngine
-        from shard_server.server.service import batch_from_pb
+        from shard_server.server.convert import batch_from_pb
         from shard_server.testing.wire import warmup_request
 
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")

@@ -8,7 +8,7 @@ by slot and cuts each slot's run into row tiles of at most BLOCK_M tokens:
     plan.tiles  [3, TILES] int32    per tile: slot, first position in perm order, rows (0: empty tile)
     plan.count  [1] int32           non-empty tiles, which come first
 
-Semantics (torch references below, same arguments):
+Semantics (torch references in lora_ref.py, same arguments, re-exported here):
 
     shrink:  for tile (slot, first, n): rows = perm[first:first+n]
                  v[0, rows, :] = x[rows] @ A[slot].T                      v [1, T, NT*R] fp32
@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from model.kernels.lora_ref import lora_expand_ref, lora_shrink_ref  # noqa: F401 - the references, same API
 
 _NO_BOUNDARY = 2**31 - 1
 MAX_MEMBERS = 4  # slices per expand launch (qkv has 3)
@@ -439,37 +441,4 @@ def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
         R_PAD=r_pad,
         UNIFORM=uniform, BLOCK_M=plan.block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
-    return y
-
-
-# ------------------------------------------------------------------------ torch references (same API)
-
-
-def _tiles_host(plan: LoraPlan) -> list[tuple[torch.Tensor, int]]:
-    """(token rows, slot) per non-empty tile."""
-    perm = plan.perm.long() if plan.perm is not None else None
-    out = []
-    for slot, first, n in plan.tiles.T.tolist():
-        if n > 0:
-            rows = perm[first : first + n] if perm is not None else torch.arange(first, first + n)
-            out.append((rows.to(plan.tiles.device), slot))
-    return out
-
-
-def lora_shrink_ref(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits=None) -> torch.Tensor:
-    v = torch.full((1, x.shape[0], lora_a.shape[1]), float("nan"), device=x.device)  # uncovered rows
-    for rows, slot in _tiles_host(plan):
-        v[0, rows] = x[rows].float() @ lora_a[slot].float().T
-    return v
-
-
-def lora_expand_ref(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int, slices=None) -> torch.Tensor:
-    n = lora_b.shape[1]
-    slices = list(slices) if slices is not None else [(0, n, 0)]
-    for rows, slot in _tiles_host(plan):
-        vs = v[:, rows].float().sum(0)  # [rows, NT*R]
-        for i, (b0, b1, y0) in enumerate(slices):
-            delta = vs[:, i * rank : (i + 1) * rank] @ lora_b[slot, b0:b1].float().T
-            cols = slice(y0, y0 + b1 - b0)
-            y[rows, cols] = (y[rows, cols].float() + delta).to(y.dtype)
     return y

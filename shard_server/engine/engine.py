@@ -32,8 +32,7 @@ from shard_server.engine.bootstrap import (
     load_tokenizer,
     torch_dtype,
 )
-from shard_server.engine.kv_calibration import KVScaleKeeper
-from shard_server.engine.kv_sizing import KVSizing
+from shard_server.engine.kv_setup import KVScaleKeeper, KVSizing
 from shard_server.engine.lookahead import Lookahead, logits_for, look_ahead, restore_lookaheads
 from shard_server.engine.outputs import emit_step
 from shard_server.engine.stepping import StillWanted, check_unique_ids, commit_or_cancel, in_order

@@ -48,7 +48,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224
 MIN_CONTEXT_BUCKET = 256
 CAPTURE_SECONDS = 60.0  # per capture session (Warmup, or one refresh after an adapter re-layout)
 # Stop capturing below this share of device memory free: KV sizing keeps 5% of the device for graphs,
-# sampler buffers and fragmentation (engine/kv_sizing.py); graphs may take at most part of it.
+# sampler buffers and fragmentation (engine/kv_setup.py); graphs may take at most part of it.
 CAPTURE_MIN_FREE_FRACTION = 0.02
 
 Key = tuple[int, int, bool]  # (batch bucket, context bucket, any LoRA)

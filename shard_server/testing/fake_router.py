@@ -24,7 +24,7 @@ import grpc
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
-from shard_server.server.service import adapter_to_pb
+from shard_server.server.convert import adapter_to_pb
 from shard_server.testing.wire import generation_from_pb, request_to_pb, warmup_request
 from shard_server.types import AdapterSpec, FinishReason, GenerationOut, RequestSpec, TokensOut
 

@@ -1,6 +1,6 @@
 """The router's side of the wire: domain requests -> protobuf, protobuf generations -> domain.
 
-Written independently of shard_server/server/service.py (the shard's side), so that the round-trip tests
+Written independently of shard_server/server/convert.py (the shard's side), so that the round-trip tests
 (tests/unit/test_service_mapping.py) compare two implementations of PROTOCOL.md, not one with itself.
 """
 

@@ -18,7 +18,7 @@ import torch
 from shard_harness import DEFAULT_KV_BYTES, LIMITS, running_shard
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
-from shard_server.server.service import adapter_to_pb
+from shard_server.server.convert import adapter_to_pb
 from shard_server.types import AdapterSpec, RequestSpec, SamplingParams, StoppingParams
 
 BUCKET, SECRET = "served-adapters", "other-team"

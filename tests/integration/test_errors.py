@@ -11,7 +11,7 @@ import pytest
 from shard_harness import Bystander, batch, request, running_shard
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
-from shard_server.server.service import adapter_to_pb
+from shard_server.server.convert import adapter_to_pb
 from shard_server.testing.fake_router import RouterLimits
 from shard_server.testing.wire import tiny_png
 from shard_server.types import AdapterSpec, ImageChunk, RequestSpec, StoppingParams, TextChunk

@@ -24,8 +24,9 @@ from shard_harness import Bystander, batch, request
 from shard_server.config import ShardConfig
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
+from shard_server.server.convert import adapter_to_pb
 from shard_server.server.grpc_server import build_server
-from shard_server.server.service import EngineWorkers, adapter_to_pb
+from shard_server.server.service import EngineWorkers
 from shard_server.types import AdapterSpec
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

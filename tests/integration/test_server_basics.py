@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from shard_harness import LIMITS, batch, request, start_shard
 
 from shard_server.pb.generate.v1 import generate_pb2 as pb
-from shard_server.server.service import adapter_to_pb
+from shard_server.server.convert import adapter_to_pb
 from shard_server.testing.wire import warmup_request
 from shard_server.types import AdapterSpec
 

@@ -18,7 +18,7 @@ import torch
 
 from shard_server.config import ShardConfig
 from shard_server.engine.engine import ShardEngine
-from shard_server.server.service import batch_from_pb
+from shard_server.server.convert import batch_from_pb
 from shard_server.testing.wire import warmup_request
 from shard_server.tools.demo_model import DEMO_PROMPTS, chat_prompt, default_demo_dir, make_demo_model
 from shard_server.types import AdapterSpec, BatchSpec, RequestSpec, StoppingParams

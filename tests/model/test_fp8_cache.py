@@ -23,7 +23,7 @@ from cache.kv_cache import KVCache
 from model.weights import Weights
 from shard_server.config import ShardConfig
 from shard_server.engine.engine import ShardEngine
-from shard_server.server.service import batch_from_pb
+from shard_server.server.convert import batch_from_pb
 from shard_server.testing.wire import warmup_request
 from shard_server.types import BatchSpec, RequestSpec, StoppingParams
 

@@ -9,7 +9,8 @@ import torch
 from model import errors
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.server.bounds import MAX_STATUS_MESSAGE_BYTES, bounded_message
-from shard_server.server.service import _is_out_of_memory, adapter_from_pb
+from shard_server.server.convert import adapter_from_pb
+from shard_server.server.service import _is_out_of_memory
 
 
 def test_status_messages_are_cut_on_a_character_boundary():

@@ -1,6 +1,6 @@
 """protobuf <-> domain conversions, both sides of the wire, and the servicer's status mapping.
 
-The router side (shard_server/testing/wire.py) and the shard side (shard_server/server/service.py) are
+The router side (shard_server/testing/wire.py) and the shard side (shard_server/server/convert.py) are
 written separately; a round trip through both must return the original dataclass. The servicer tests
 use an engine double over a real in-process gRPC server (no torch, milliseconds).
 """
@@ -17,8 +17,7 @@ import pytest
 from model import errors
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
-from shard_server.server.grpc_server import create_server
-from shard_server.server.service import (
+from shard_server.server.convert import (
     ADAPTER_SOURCES,
     MERGE_STRATEGIES,
     adapter_from_pb,
@@ -28,6 +27,7 @@ from shard_server.server.service import (
     info_to_pb,
     request_from_pb,
 )
+from shard_server.server.grpc_server import create_server
 from shard_server.testing.wire import generation_from_pb, request_to_pb, tiny_png
 from shard_server.types import (
     AdapterSpec,
