@@ -157,6 +157,62 @@ def generate(engine, prompts: list[list[int]], max_new: int, batch: int, ids: Id
     return out
 
 
+def generate_continuous(engine, prompts: list[list[int]], max_new: int, batch: int, ids: Ids | None = None,
+                        sampling=None) -> Generation:  # fmt: skip
+    """Greedy (or `sampling`) generation of `prompts` the way a router keeps a server busy: up to `batch`
+    requests running; whenever some finish, the next ones in the queue are prefilled (a new batch) and
+    decoded together with the running ones (a Decode of both batches: concatenation). So the batch stays
+    full until the queue is empty, and rows that finish early are replaced instead of leaving the
+    slowest rows to run alone. decode_s here is the wall time of the whole run, prefills included
+    (they are the same work with speculation on or off)."""
+    from shard_server.types import BatchSpec, RequestSpec, SamplingParams, StoppingParams
+
+    ids = ids or Ids()
+    sampling = sampling or SamplingParams()
+    out = Generation(tokens=[[] for _ in prompts])
+    spec0 = engine.speculator.stats() if engine.speculator is not None else None
+    by_id: dict[int, int] = {}
+    queue = list(range(len(prompts)))
+    running = None
+    t0 = time.perf_counter()
+    while queue or running is not None:
+        live = 0 if running is None else len(running.request_ids)
+        batches = [] if running is None else [running.id]
+        if queue and live < batch:
+            reqs = []
+            for j in queue[: batch - live]:
+                rid = ids()
+                by_id[rid] = j
+                reqs.append(RequestSpec(id=rid, input_ids=tuple(prompts[j]), sampling=sampling,
+                                        stopping=StoppingParams(max_new_tokens=max_new)))  # fmt: skip
+            del queue[: len(reqs)]
+            res = engine.prefill(BatchSpec(id=ids(), requests=tuple(reqs)))
+            for g in res.generations:  # the first tokens count as one-token steps of their rows
+                out.tokens[by_id[g.request_id]].extend(g.next_tokens.ids)
+                out.decode_tokens += len(g.next_tokens.ids)
+                out.row_steps += 1
+            if res.batch is not None:
+                batches.append(res.batch.id)
+        if not batches:
+            running = None
+            continue
+        res = engine.decode(batches)
+        out.steps += 1
+        out.row_steps += len(res.generations)
+        for g in res.generations:
+            out.tokens[by_id[g.request_id]].extend(g.next_tokens.ids)
+            out.decode_tokens += len(g.next_tokens.ids)
+        running = res.batch
+    _sync(engine.device)
+    out.decode_s = time.perf_counter() - t0
+    if spec0 is not None:
+        spec1 = engine.speculator.stats()
+        out.drafted = spec1["drafted"] - spec0["drafted"]
+        out.accepted = spec1["accepted"] - spec0["accepted"]
+        out.medusa_drafted = spec1["medusa_drafted"] - spec0["medusa_drafted"]
+    return out
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -21,7 +21,10 @@ detokenization) and the launches of small ops.
       choose          NextTokenChooser.choose: a plain step's sampler
       commit          Speculator.commit: chooser state, positions, lengths (per row), Medusa proposals
       emit            ShardEngine.emit: stopping and detokenization per row and token
+      look_ahead      Speculator.look_ahead: the next step's drafts and the launch of its verify forward
       (other)         decode less the above: batch bookkeeping, the plain step's host copy
+    prefill           ShardEngine.prefill (continuous batching: the new requests' Prefill calls), per
+                      decode step like the rest
 """
 
 from __future__ import annotations
@@ -37,13 +40,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.spec_data import demo_eval_texts
-from bench.spec_engine import EngineSettings, Ids, chat_ids, generate, with_engine
+from bench.spec_engine import (
+    EngineSettings,
+    Ids,
+    chat_ids,
+    generate,
+    generate_continuous,
+    with_engine,
+)
 
 # phase -> the phase it is recorded inside (None: the top). Elsewhere (the prefill's emit, the plain
 # sampler inside choose_positions) a function counts toward the phase that encloses it.
-PARENT = {"decode": None, "compute": "decode", "forward": "decode", "choose": "decode", "commit": "decode",
-          "emit": "decode", "ngram": "compute", "verify": "compute", "choose_positions": "compute",
-          "to_host": "compute"}  # fmt: skip
+PARENT = {"decode": None, "prefill": None, "compute": "decode", "forward": "decode", "choose": "decode",
+          "commit": "decode", "emit": "decode", "look_ahead": "decode", "ngram": "compute",
+          "verify": "compute", "choose_positions": "compute", "to_host": "compute"}  # fmt: skip
 
 
 def _phases():
@@ -55,6 +65,8 @@ def _phases():
 
     return [
         (ShardEngine, "decode", "decode"),
+        (ShardEngine, "prefill", "prefill"),
+        (speculation.Speculator, "look_ahead", "look_ahead"),
         (speculation.Speculator, "compute", "compute"),
         (speculation.Speculator, "ngram_drafts", "ngram"),
         (speculation, "verify_forward", "verify"),
@@ -123,27 +135,31 @@ def _per_step(times: dict[str, float], steps: int) -> dict[str, float]:
     return {k: 1e3 * v / steps for k, v in t.items()}
 
 
-def profile(engine, prompts: list[list[int]], batch: int, max_new: int, passes: int = 2) -> dict:
+def profile(engine, prompts: list[list[int]], batch: int, max_new: int, passes: int = 2,
+            continuous: int = 0) -> dict:  # fmt: skip
     """Per decode step, for `batch` prompts generated together: wall ms, thread-CPU ms (each the
-    minimum over `passes` generations) and ATen ops of each phase."""
-    reqs = prompts[:batch]
+    minimum over `passes` generations) and ATen ops of each phase. `continuous` > 0: that many times
+    `batch` prompts, `batch` running at a time (spec_engine.generate_continuous)."""
+    reqs = prompts[: batch * continuous] if continuous else prompts[:batch]
+    gen_fn = generate_continuous if continuous else generate
     ids = Ids()
-    generate(engine, reqs, 4, batch, ids)  # first replays, allocator
+    generate(engine, reqs[:batch], 4, batch, ids)  # first replays, allocator
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
     for _ in range(passes):
         rec = _Record()
         with instrumented(rec):
-            gen = generate(engine, reqs, max_new, batch, ids)
+            gen = gen_fn(engine, reqs, max_new, batch, ids)
         steps = max(rec.calls["decode"], 1)
         for mine, got in ((wall, _per_step(rec.wall, steps)), (cpu, _per_step(rec.cpu, steps))):
             for k, v in got.items():
                 mine[k] = min(mine.get(k, v), v)
     rec = _Record()
     with instrumented(rec), _OpCounter(rec.stack, ops := defaultdict(int)):
-        generate(engine, reqs, max_new, batch, ids)
+        gen_fn(engine, reqs, max_new, batch, ids)
     return {
         "batch": batch, "k": engine.config.speculative_tokens, "decode_steps": steps,
+        "continuous": continuous, "prefill_calls": rec.calls["prefill"], "tok_s": gen.tok_s,
         "tokens_per_step": gen.tokens_per_step, "acceptance": gen.acceptance,
         "wall_ms_per_step": wall, "cpu_ms_per_step": cpu,
         "aten_ops_per_step": {k: v / steps for k, v in ops.items()},
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: quieter host timings)")
     ap.add_argument("--passes", type=int, default=2, help="timed generations; each phase's minimum kept")
+    ap.add_argument("--continuous", type=int, default=0,
+                    help="continuous batching: batch x this many requests, rows replaced as they finish")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -168,17 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     es = EngineSettings(device=args.device, dtype="bfloat16" if cuda else "float32", max_batch=max(batches),
                         max_input=768, max_new=args.max_new_tokens, kv_bytes=(2 << 30) if cuda else 256 << 20,
                         cuda_graphs=cuda)  # fmt: skip
-    texts = demo_eval_texts(max(batches))
+    texts = demo_eval_texts(max(batches) * max(1, args.continuous))
     rows = []
     for k in (0, args.k):
 
         def work(engine):
             prompts = [chat_ids(engine.tokenizer, t) for t in texts]
-            return [profile(engine, prompts, b, args.max_new_tokens, args.passes) for b in batches]
+            return [profile(engine, prompts, b, args.max_new_tokens, args.passes, args.continuous)
+                    for b in batches]  # fmt: skip
 
         for r in with_engine(Path(args.model_dir), k, es, work):
             rows.append(r)
-            print(f"k={r['k']} batch={r['batch']} tok/step={r['tokens_per_step']:.2f}", flush=True)
+            print(f"k={r['k']} batch={r['batch']} tok/step={r['tokens_per_step']:.2f} tok/s={r['tok_s']:.0f} "
+                  f"prefill calls={r['prefill_calls']}", flush=True)  # fmt: skip
             for what in ("wall_ms_per_step", "cpu_ms_per_step", "aten_ops_per_step"):
                 print(f"  {what}: " + " ".join(f"{n} {v:.2f}" for n, v in r[what].items()), flush=True)
     if args.out:

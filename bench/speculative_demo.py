@@ -38,7 +38,15 @@ import torch
 
 from bench.medusa_train import MedusaSettings, train_medusa
 from bench.spec_data import demo_eval_texts
-from bench.spec_engine import EngineSettings, Ids, chat_ids, generate, model_view, with_engine
+from bench.spec_engine import (
+    EngineSettings,
+    Ids,
+    chat_ids,
+    generate,
+    generate_continuous,
+    model_view,
+    with_engine,
+)
 from bench.spec_host_profile import profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +59,9 @@ class DemoSettings:
     ks: tuple[int, ...] = (3, 5, 8)
     max_new: int = 192
     min_requests: int = 4  # requests per batch size at least (covers the 4 tasks)
+    # Continuous batching (as a router keeps a server busy) at batch sizes > 1: this many times the batch
+    # size in requests, finished rows replaced from the queue; 0: off.
+    continuous_waves: int = 4
     reps: int = 3
     medusa: MedusaSettings | None = field(default_factory=MedusaSettings)
     profile_k: int | None = 5  # host-time profile (spec_host_profile) of plain and n-gram at this k
@@ -61,7 +72,7 @@ def run(model_dir: Path, s: DemoSettings, work: Path, out: dict, log=print) -> d
     model directory (its own medusa/, if any, is never used: ngram rows stay n-gram)."""
     plain_dir = model_view(model_dir, work / "model-plain")
     es = s.engine
-    texts = demo_eval_texts(max(max(s.batches), s.min_requests))
+    texts = demo_eval_texts(max(max(s.batches) * max(1, s.continuous_waves), s.min_requests))
     plain: dict[int, dict] = {}
 
     def plain_section(engine) -> dict | None:
@@ -70,6 +81,9 @@ def run(model_dir: Path, s: DemoSettings, work: Path, out: dict, log=print) -> d
         for b in s.batches:
             plain[b] = _measure(engine, prompts, b, s)
             _row(out, "plain", b, 0, plain[b], plain[b], log)
+        for b in _continuous_batches(s):
+            plain[-b] = _measure(engine, prompts, b, s, continuous=True)
+            _row(out, "plain", b, 0, plain[-b], plain[-b], log, mode="continuous")
         _profile(engine, prompts, "plain", s, out)
         first = plain[s.batches[0]]["gen"].tokens[0]
         out["sample_output"] = engine.tokenizer.decode(first, skip_special_tokens=False)[:1200]
@@ -121,6 +135,9 @@ def _spec_section(engine, system: str, k: int, texts, plain, s: DemoSettings, ou
     for b in s.batches:
         got = _measure(engine, prompts, b, s)
         _row(out, system, b, k, got, plain[b], log)
+    for b in _continuous_batches(s):
+        got = _measure(engine, prompts, b, s, continuous=True)
+        _row(out, system, b, k, got, plain[-b], log, mode="continuous")
     if system == "ngram" and k == s.profile_k:
         _profile(engine, prompts, system, s, out)
 
@@ -134,24 +151,32 @@ def _profile(engine, prompts, system: str, s: DemoSettings, out: dict) -> None:
         out.setdefault("host_profile", []).append({"system": system, **got})
 
 
-def _measure(engine, prompts: list[list[int]], batch: int, s: DemoSettings) -> dict:
-    """max(batch, min_requests) requests, `batch` at a time: one untimed short pass (first replays,
-    allocator), then `reps` timed passes."""
-    reqs = prompts[: max(batch, s.min_requests)]
+def _continuous_batches(s: DemoSettings) -> list[int]:
+    return [b for b in s.batches if b > 1] if s.continuous_waves else []
+
+
+def _measure(engine, prompts: list[list[int]], batch: int, s: DemoSettings, continuous: bool = False) -> dict:
+    """Waves: max(batch, min_requests) requests, `batch` at a time, each wave decoded until its last
+    request ends (tok/s over Decode calls). Continuous: batch * continuous_waves requests, `batch`
+    running at a time, finished ones replaced (tok/s over the whole run, prefills included). One untimed
+    short pass first (first replays, allocator), then `reps` timed passes."""
+    n = batch * s.continuous_waves if continuous else max(batch, s.min_requests)
+    reqs = prompts[:n]
     ids = Ids()
     generate(engine, reqs[:batch], 4, batch, ids)
-    runs = [generate(engine, reqs, s.max_new, batch, ids) for _ in range(s.reps)]
+    gen = generate_continuous if continuous else generate
+    runs = [gen(engine, reqs, s.max_new, batch, ids) for _ in range(s.reps)]
     return {"gen": runs[0], "tok_s": [r.tok_s for r in runs], "tokens": [r.tokens for r in runs]}
 
 
-def _row(out: dict, system: str, batch: int, k: int, got: dict, ref: dict, log) -> None:
+def _row(out: dict, system: str, batch: int, k: int, got: dict, ref: dict, log, mode: str = "waves") -> None:
     g = got["gen"]
     tok_s = statistics.median(got["tok_s"])
     want = ref["tokens"][0]
     same = [all(t[i] == want[i] for t in got["tokens"]) for i in range(len(want))]
     diverge = [_first_difference(got["tokens"][0][i], want[i]) for i in range(len(want)) if not same[i]]
     row = {
-        "system": system, "batch": batch, "k": k, "tok_s": tok_s,
+        "system": system, "mode": mode, "batch": batch, "k": k, "tok_s": tok_s,
         "speedup": tok_s / statistics.median(ref["tok_s"]),
         "acceptance": g.acceptance, "tokens_per_step": g.tokens_per_step,
         "equal_to_plain": all(same), "equal_requests": f"{sum(same)}/{len(same)}",
@@ -171,14 +196,14 @@ def _first_difference(a: list[int], b: list[int]) -> int:
 
 # ---------------------------------------------------------------- report
 
-HEADER = (f"{'system':<7} {'batch':>5} {'k':>2} {'tok/s':>9} {'speedup':>7} {'accept':>6} {'tok/step':>8}  "
-          "equal")
+HEADER = (f"{'system':<7} {'mode':<10} {'batch':>5} {'k':>2} {'tok/s':>9} {'speedup':>7} {'accept':>6} "
+          f"{'tok/step':>8}  equal")
 
 
 def _fmt_row(r: dict) -> str:
     acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
-    return (f"{r['system']:<7} {r['batch']:>5} {r['k']:>2} {r['tok_s']:>9.1f} {r['speedup']:>7.2f} {acc:>6} "
-            f"{r['tokens_per_step']:>8.2f}  {r['equal_requests']}")  # fmt: skip
+    return (f"{r['system']:<7} {r.get('mode', 'waves'):<10} {r['batch']:>5} {r['k']:>2} {r['tok_s']:>9.1f} "
+            f"{r['speedup']:>7.2f} {acc:>6} {r['tokens_per_step']:>8.2f}  {r['equal_requests']}")  # fmt: skip
 
 
 def table(out: dict) -> str:
@@ -212,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", default="3,5,8", help="n-gram draft tokens per step, swept")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--continuous-waves", type=int, default=DemoSettings.continuous_waves,
+                    help="continuous batching rows: batch x this many requests (0: off)")
     ap.add_argument("--threads", type=int, default=8, help="CPU threads for the build")
     ap.add_argument("--profile-k", type=int, default=5, help="host profile of n-gram at this k (0: off)")
     ap.add_argument("--no-medusa", action="store_true")
@@ -239,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                         kv_bytes=(2 << 30) if cuda else (256 << 20))  # fmt: skip
     s = DemoSettings(engine=es, batches=batches, ks=tuple(int(x) for x in args.ks.split(",")),
                      max_new=args.max_new_tokens, reps=args.reps, medusa=medusa,
+                     continuous_waves=args.continuous_waves,
                      profile_k=args.profile_k or None)  # fmt: skip
     from bench.common import device_name, git_commit
 

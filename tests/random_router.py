@@ -88,3 +88,18 @@ def run_schedule(engine: ShardEngine, seed: int, n_adapters: int, steps: int = 6
         store(info, ids)
     assert engine.free_blocks() == engine.usable_blocks()
     return out
+
+
+def positional_oracle(reference: dict[int, list[int]], vocab: int = 512):
+    """Drafts = the plain run's next tokens, the second one spoiled at every third position: a function
+    of (request, position) alone, so engines get the same drafts however often they ask."""
+
+    def drafts(r, budget: int, ahead=()) -> list[int]:
+        g = len(r.tracker.generated_ids) + len(ahead)
+        future = reference.get(r.id, [])[g : g + budget]
+        future += [(7 * len(future) + 11) % vocab for _ in range(budget - len(future))]
+        if (r.id + g) % 3 == 0 and len(future) > 1:
+            future[1] = (future[1] + 1) % vocab
+        return future
+
+    return drafts

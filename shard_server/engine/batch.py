@@ -85,7 +85,9 @@ class Batch:
         positions: torch.Tensor,  # [B] int64: its position (= tokens already in the cache)
         block_tables: torch.Tensor,  # [B, max_blocks] int32
         pending: list[PendingPrefill] | None = None,
-        steps_ahead: int = 0,  # a lookahead's rows are one step past their requests' `length`
+        # A lookahead's rows are past their requests' `length`: by one step (a decode lookahead), or by
+        # each row's emitted tokens (a speculative one: a list, one count per row).
+        steps_ahead: int | list[int] = 0,
     ):
         self.id = batch_id
         self.steps_ahead = steps_ahead
@@ -128,9 +130,16 @@ class Batch:
         return [r.adapter_index for r in self.requests]
 
     @property
+    def max_cached(self) -> int:
+        """Longest KV length before the next step (host ints: no device sync)."""
+        if isinstance(self.steps_ahead, int):
+            return max(r.length for r in self.requests) + self.steps_ahead
+        return max(r.length + a for r, a in zip(self.requests, self.steps_ahead, strict=True))
+
+    @property
     def max_len(self) -> int:
         """Longest KV length after the next decode step (host ints: no device sync)."""
-        return max(r.length for r in self.requests) + 1 + self.steps_ahead
+        return self.max_cached + 1
 
     def info(self) -> CachedBatchInfo:
         return CachedBatchInfo(

@@ -38,11 +38,17 @@ class NgramIndex:
         self._next: dict[tuple[int, ...], int] = {}
 
     def sync(self, prompt: Sequence[int], generated: Sequence[int] = ()) -> None:
-        """Index the tokens of prompt + generated past the ones already indexed (it only ever grows;
-        only the new tail is read, so a step costs O(new tokens), not O(context))."""
+        """Index the tokens of prompt + generated past the ones already indexed (only the new tail is
+        read, so a step costs O(new tokens), not O(context)). Fewer tokens than indexed: a rebuild."""
         seq, nxt = self.tokens, self._next
         start, n_prompt = len(seq), len(prompt)
-        if start >= n_prompt + len(generated):
+        if start > n_prompt + len(generated):
+            # It indexed tokens a step emitted ahead of its commit (the speculative lookahead), and the
+            # step was never committed: start over from the committed tokens.
+            self.tokens, self._next = [], {}
+            self.sync(prompt, generated)
+            return
+        if start == n_prompt + len(generated):
             return
         new = [*prompt[start:], *generated] if start < n_prompt else generated[start - n_prompt :]
         if self.max_n != 3:

@@ -200,9 +200,12 @@ class ShardEngine:
             batch = Batch.concatenate(originals)
             out = host = chunks = ahead = spec = None
             if len(batch) and self.speculator is not None:
-                spec = self.speculator.compute(batch)  # None: nothing to verify, a plain step
+                spec = self.speculator.compute(batch, found)  # None: nothing to verify, a plain step
+                if spec is not None and self.overlap:  # the next verify runs while the host finishes
+                    ahead = self.speculator.look_ahead(batch, spec)
             if len(batch) and spec is None:
-                logits, used = logits_for(batch, found, self.runner.decode)  # [B, V]
+                plain = [la for la in found if isinstance(la, Lookahead)]
+                logits, used = logits_for(batch, plain, self.runner.decode)  # [B, V]
                 out = batch.chooser.choose(logits)
                 to_host = out.start_to_host()  # enqueued before the lookahead: its wait excludes it
                 if self.overlap:  # the next step's forward runs while the host finishes this one

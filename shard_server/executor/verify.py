@@ -55,7 +55,7 @@ def verify_forward(
             return out
     num_rows, q_len = tokens.shape
     bs = runner.block_size
-    max_k = max(r.length for r in batch.requests) + q_len  # host ints: no sync
+    max_k = batch.max_cached + q_len  # host ints: no sync
     # Widen the table with block 0 (the shard's reserved block) so padding positions index inside it.
     width = max(-(-max_k // bs), batch.block_tables.shape[1])
     tables = torch.nn.functional.pad(batch.block_tables, (0, width - batch.block_tables.shape[1]))
@@ -151,7 +151,7 @@ class VerifyGraphs(DecodeGraphs):
             return None
         b = bucket_of(n, self.buckets)
         width = batch.block_tables.shape[1]
-        max_k = max(r.length for r in batch.requests) + self.max_q
+        max_k = batch.max_cached + self.max_q
         if b is None or q_len > self.max_q or width > self.max_blocks or max_k > self.max_context:
             self._warn_once(
                 ("outside", b, q_len), f"a verify step of {n} rows x {q_len} tokens at context {max_k} is "

@@ -113,3 +113,32 @@ def test_speculation_on_equals_off(gpu_model, kv_cache_dtype):
     same = sum(plain[r.id] == spec[r.id] for r in reqs)
     assert same >= len(reqs) - 1, (plain, spec)
     assert engine.speculator.steps > 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_speculation_overlap_on_and_off_under_a_random_router(gpu_model, seed):
+    """The randomised router (tests/random_router.py) against speculative CUDA-graph engines: with the
+    overlap on, verify steps run ahead (whole batches, and beside rows that joined since); the tokens
+    and finish reasons equal the overlap-off engine's."""
+    import gc
+
+    from random_router import positional_oracle, run_schedule
+
+    model_dir, adapters = gpu_model
+    reference = run_schedule(_engine(model_dir, adapters, 0), seed, len(adapters))
+    runs, used = [], []
+    for overlap in (False, True):
+        gc.collect()
+        torch.cuda.empty_cache()
+        engine = _engine(model_dir, adapters, 4, overlap=overlap)
+        engine.speculator.ngram_drafts = positional_oracle({rid: o["ids"] for rid, o in reference.items()})
+        runs.append(run_schedule(engine, seed, len(adapters)))
+        used.append(engine.speculator.lookahead_steps)
+        assert engine.speculator.accepted > 0
+        del engine
+    assert used[0] == 0 and used[1] > 0
+    off, on = runs
+    assert on.keys() == off.keys()
+    for rid in off:
+        assert on[rid]["ids"] == off[rid]["ids"], f"request {rid}"
+        assert on[rid]["finish"] == off[rid]["finish"], f"request {rid}"

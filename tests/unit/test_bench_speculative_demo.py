@@ -32,19 +32,22 @@ def test_demo_bench_runs_plain_ngram_and_medusa(tiny_model_dir, tmp_path):
     ]) == 0  # fmt: skip
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert [(r["system"], r["batch"], r["k"]) for r in rows] == [
-        ("plain", 1, 0), ("plain", 2, 0), ("ngram", 1, 2), ("ngram", 2, 2), ("medusa", 1, 2), ("medusa", 2, 2)
+    # waves at batch 1 and 2, then continuous batching at batch 2 (2 x 4 requests, rows replaced)
+    assert [(r["system"], r["mode"], r["batch"], r["k"]) for r in rows] == [
+        (system, mode, b, k) for system, k in (("plain", 0), ("ngram", 2), ("medusa", 2))
+        for mode, b in (("waves", 1), ("waves", 2), ("continuous", 2))
     ]  # fmt: skip
     for r in rows:
         assert r["commit"] == "abc123" and r["device"] == "cpu"
         assert r["equal_to_plain"], r  # float32 on the CPU: speculation must not change a token
-        assert r["tok_s"] > 0 and r["speedup"] > 0 and r["requests"] == 4
-    assert all(r["tokens_per_step"] == 1.0 and r["acceptance"] is None for r in rows[:2])
-    for r in rows[2:]:
+        assert r["tok_s"] > 0 and r["speedup"] > 0
+        assert r["requests"] == (8 if r["mode"] == "continuous" else 4)
+    assert all(r["tokens_per_step"] == 1.0 and r["acceptance"] is None for r in rows[:3])
+    for r in rows[3:]:
         assert r["drafted"] > 0 and 0.0 <= r["acceptance"] <= 1.0
         assert 1.0 <= r["tokens_per_step"] <= 1 + r["k"]
-    assert all(r["medusa_drafted"] == 0 for r in rows[2:4])  # the n-gram engines never saw the heads
-    assert all(r["medusa_drafted"] > 0 for r in rows[4:])  # the Medusa engine loaded and used them
+    assert all(r["medusa_drafted"] == 0 for r in rows[3:6])  # the n-gram engines never saw the heads
+    assert all(r["medusa_drafted"] > 0 for r in rows[6:])  # the Medusa engine loaded and used them
     training = result["medusa_training"]
     assert training["steps"] == 3 and training["positions"] > 0 and len(training["best"]["val_top1"]) == 2
     heads = json.loads((tmp_path / "work" / "model-medusa" / "medusa" / "config.json").read_text())

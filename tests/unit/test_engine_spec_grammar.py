@@ -151,9 +151,9 @@ def oracle(reference: dict[int, list[int]]):
     almost always a token its grammar refuses there)."""
     calls = {"n": 0}
 
-    def drafts(r, budget: int) -> list[int]:
+    def drafts(r, budget: int, ahead=()) -> list[int]:
         calls["n"] += 1
-        g = len(r.tracker.generated_ids)
+        g = len(r.tracker.generated_ids) + len(ahead)
         future = reference.get(r.id, [])[g : g + budget]
         if calls["n"] % 3 == 0 and len(future) > 1:
             future[1] = (future[1] + 101) % 512
@@ -222,7 +222,7 @@ def test_medusa_drafts_of_a_schema_row(engines, heads):
     if heads == "oracle":
         real, calls = spec_engine.compute, {"n": 0}
 
-        def compute(batch):  # the heads' drafts for this step, as commit left them on the device
+        def compute(batch, found=()):  # the heads' drafts for this step, as commit left them on the device
             calls["n"] += 1
             for r in batch.requests:
                 if r.drafts is not None and r.drafts.medusa is not None:
@@ -231,7 +231,7 @@ def test_medusa_drafts_of_a_schema_row(engines, heads):
                     if calls["n"] % 3 == 0:
                         future[2] = (future[2] + 101) % 512
                     r.drafts.medusa = torch.tensor(future, dtype=torch.int64)
-            return real(batch)
+            return real(batch, found)
 
         spec_engine.compute = compute
     before = spec_engine.stats()

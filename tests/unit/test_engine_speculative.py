@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from random_router import positional_oracle, run_schedule
 
 from shard_server.config import ShardConfig
 from shard_server.engine.engine import ShardEngine
@@ -159,9 +160,9 @@ def oracle(reference: dict[int, list[int]], vocab: int = 512):
     the reference's end it proposes junk (what a stop or EOS must never let through)."""
     calls = {"n": 0}
 
-    def drafts(r, budget: int) -> list[int]:
+    def drafts(r, budget: int, ahead=()) -> list[int]:
         calls["n"] += 1
-        g = len(r.tracker.generated_ids)
+        g = len(r.tracker.generated_ids) + len(ahead)
         future = reference.get(r.id, [])[g : g + budget]
         future += [(7 * len(future) + 11) % vocab for _ in range(budget - len(future))]
         if calls["n"] % 3 == 0 and len(future) > 1:
@@ -321,9 +322,12 @@ def test_verify_graph_inputs_on_cpu(engines, monkeypatch):
 
 
 def test_decode_overlap_with_speculation(engines, window_model):
-    """With the decode overlap on, a speculative step takes no lookahead and drops the stale ones of the
-    batches it steps; plain steps between them (nothing to draft) still use theirs. Outputs equal plain
-    decoding through prefill joins, chunks and a filter."""
+    """With the decode overlap on, a speculative step enqueues the next step's verify forward before its
+    host work (SpecLookahead), and the next step uses it; plain steps between (nothing to draft) ignore
+    it and take their own lookaheads. Outputs equal plain decoding through prefill joins, chunks and a
+    filter."""
+    from shard_server.engine.speculation import SpecLookahead
+
     first = requests(4, seed=8)
     second = [replace(r, id=r.id + 100, chunk_len=5) for r in requests(4, seed=9)]
     groups = [first, second]
@@ -331,20 +335,78 @@ def test_decode_overlap_with_speculation(engines, window_model):
     engine = make_engine(*window_model, K, overlap=True)
     spec = engine.speculator
     spec.ngram_drafts = oracle({rid: o["ids"] for rid, o in plain.items()})
-    real_compute, real_decode, calls = spec.compute, engine.decode, {"n": 0}
+    real_compute, real_decode, calls = spec.compute, engine.decode, {"n": 0, "spec_ahead": 0}
 
-    def compute(batch):  # every third step speculates; the two between are plain steps
+    def compute(batch, found=()):  # two plain steps, two speculative ones, and again
         calls["n"] += 1
-        return real_compute(batch) if calls["n"] % 3 == 0 else None
+        return real_compute(batch, found) if calls["n"] % 4 >= 2 else None
 
     def decode(batch_ids):
-        steps = spec.steps
         result = real_decode(batch_ids)
-        if spec.steps > steps and result.batch is not None:
-            assert result.batch.id not in engine.lookaheads
+        if result.batch is not None:
+            calls["spec_ahead"] += isinstance(engine.lookaheads.get(result.batch.id), SpecLookahead)
         return result
 
     spec.compute, engine.decode = compute, decode
     assert_same(plain, drive(engine, groups, drop=3))
     assert spec.steps > 0 and spec.accepted > 0
-    assert engine.lookahead_rows_used > 0  # the plain step after a plain step used its lookahead
+    assert calls["spec_ahead"] > 0 and spec.lookahead_steps > 0  # speculative steps looked ahead, used it
+    assert spec.lookahead_steps < spec.steps  # and some ran fresh (after a plain step, a join)
+    assert engine.lookahead_rows_used > 0  # a plain step after a plain step used its lookahead
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_speculation_overlap_on_and_off_under_a_random_router(window_model, seed):
+    """The randomised router (new batches, chunked prefills, joins, concatenated Decodes, filters,
+    ClearCache, stop sequences, seeds) against speculation with the overlap on and off: the same tokens,
+    logprobs and finish reasons, and the overlap really used precomputed verify steps. (The router's
+    schedule follows the responses, and so do the requests it makes: plain decoding sees other requests
+    after a while. Its outputs serve as drafts: right ones for the first requests, junk later.)"""
+    model_dir, adapters = window_model
+    want = run_schedule(make_engine(model_dir, adapters, 0), seed, len(adapters))
+    reference = {rid: o["ids"] for rid, o in want.items()}
+
+    runs = {}
+    for overlap in (False, True):
+        engine = make_engine(model_dir, adapters, K, overlap=overlap)
+        engine.speculator.ngram_drafts = positional_oracle(reference)
+        runs[overlap] = run_schedule(engine, seed, len(adapters))
+        assert engine.speculator.stats()["accepted"] > 0
+        assert (engine.speculator.lookahead_steps > 0) == overlap
+    off, on = runs[False], runs[True]
+    assert on.keys() == off.keys()
+    for rid in off:
+        assert on[rid]["ids"] == off[rid]["ids"], rid
+        assert on[rid]["finish"] == off[rid]["finish"], rid
+        assert on[rid]["lps"] == pytest.approx(off[rid]["lps"], abs=1e-4), rid
+
+
+def test_cancelled_speculative_step_with_overlap(window_model):
+    """A speculative step the router never receives commits nothing: the batch keeps the verify lookahead
+    it had, the retry uses it, and the outputs equal plain decoding (the n-gram indexes forget the tokens
+    the cancelled lookahead indexed ahead of its commit)."""
+    from model import errors
+
+    reqs = requests(4, seed=3)
+    engine = make_engine(*window_model, K, overlap=True)
+    plain = drive(make_engine(*window_model, 0), [reqs])
+    spec = engine.speculator
+    spec.ngram_drafts = positional_oracle({rid: o["ids"] for rid, o in plain.items()})
+    running = engine.prefill(BatchSpec(id=50, requests=tuple(reqs))).batch
+    out: dict[int, list[int]] = {}
+    cancelled = 0
+    while running is not None:
+        had = engine.lookaheads.get(running.id)
+        if cancelled < 3 and had is not None:
+            with pytest.raises(errors.Cancelled):
+                engine.decode([running.id], still_wanted=lambda: False)
+            assert engine.lookaheads.get(running.id) is had
+            cancelled += 1
+        result = engine.decode([running.id])
+        for g in result.generations:
+            out.setdefault(g.request_id, []).extend(g.next_tokens.ids)
+        running = result.batch
+    assert cancelled == 3 and spec.lookahead_steps > 0
+    for rid, o in plain.items():
+        assert o["ids"][1:] == out[rid], rid
+    assert engine.free_blocks() == engine.usable_blocks()

@@ -46,3 +46,21 @@ def test_incremental_index_proposes_what_a_full_scan_proposes(max_n):
             assert idx.tokens == seq
             for k in (0, 1, 4):
                 assert idx.propose(k) == brute_force(seq, max_n, k), (trial, seq, k)
+
+
+def test_sync_with_fewer_tokens_than_indexed_rebuilds():
+    """The speculative lookahead indexes a step's emitted tokens before they are committed; when that
+    step is cancelled, the next sync has fewer (committed) tokens, and the index must forget the rest."""
+    rng = random.Random(5)
+    prompt = [rng.randrange(4) for _ in range(10)]
+    generated = [rng.randrange(4) for _ in range(8)]
+    idx = NgramIndex()
+    idx.sync(prompt, generated + [3, 3, 3, 3])  # tokens ahead of the commit
+    idx.sync(prompt, generated)  # the step was never committed
+    assert idx.tokens == prompt + generated
+    fresh = NgramIndex()
+    fresh.sync(prompt, generated)
+    assert all(idx.propose(k) == fresh.propose(k) for k in (1, 3, 6))
+    generated += [1, 2]
+    idx.sync(prompt, generated)
+    assert idx.tokens == prompt + generated and idx.propose(4) == brute_force(prompt + generated, 3, 4)
