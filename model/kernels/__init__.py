@@ -9,4 +9,5 @@ nothing eagerly: use `from model.kernels.paged_attention import paged_decode_att
                    grouped by adapter (plans built on the device for decode, from segments in prefill)
   rmsnorm          fused residual-add + RMSNorm
   rotary           rotary embedding fused with the paged K/V cache write
+  gemm             dense x @ W^T for small M (tl.dot tiles / GEMV, in-kernel split-K) and a dispatch table
 """

@@ -1,0 +1,318 @@
+"""Dense y = x @ W^T in Triton for the decode / verify matmuls (M = 1..256 tokens), with in-kernel split-K.
+
+    x [M, K], w [N, K] (row-major, K contiguous), out [M, N]; bf16/fp16 (fp32 for tests), fp32 accumulation.
+
+Semantics (`gemm_ref` is the reference):
+
+    for each output tile (m0, n0) of BLOCK_M x BLOCK_N, each split s of K (K_CHUNK = K / SPLIT_K):
+        acc[s] = x[m0:m0+BM, s*K_CHUNK:(s+1)*K_CHUNK] @ w[n0:n0+BN, s*K_CHUNK:(s+1)*K_CHUNK].T   fp32
+    out[m0:m0+BM, n0:n0+BN] = (sum_s acc[s]).to(out.dtype)            rows >= M are never written
+
+Two kernels, one config dataclass (`GemmConfig`):
+  * `_gemm_kernel` (tl.dot): programs ordered in GROUP_M bands so the programs that share a W column block
+    run together and meet it in L2. SWAP_AB computes the tile as (W @ x^T)^T: the W rows fill the MMA's
+    64-row side (wgmma needs 64 per warpgroup) while a few tokens fill its narrow side, for M in 16..64.
+  * `_gemv_kernel` (gemv=True, M <= 8 or so): no tl.dot. Each program streams a [BLOCK_N, BLOCK_K] tile of W
+    per step, multiplies it by every row of x (broadcast) into an fp32 accumulator that keeps the K lanes
+    apart, and reduces them once at the end (no shuffles in the loop).
+Split-K (SPLIT_K > 1) reduces inside the same launch: every split stores its fp32 partial to the caller's
+workspace; the last split of an output tile to arrive (an acq_rel atomic on a per-tile counter) sums the
+partials in split order (its own from registers, so the result does not depend on who came last), writes
+the bf16 tile and sets the counter back to 0, so the next call (a CUDA-graph replay) starts from zeros
+with no memset. Same protocol as model/kernels/lora.py.
+
+Dispatch hook (not wired into the model): `linear(x, w, table, workspace)` looks (N, K, M-bucket) up in a
+`GemmTable` and falls back to F.linear where it has no entry or the entry says "cublas".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    gemv: bool = False  # the broadcast-multiply kernel (no tl.dot): tiny M
+    swap_ab: bool = False  # tl.dot kernel: tile computed as (W @ x^T)^T (W rows on the MMA's wide side)
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k", "split_k", "group_m"):
+            v = getattr(self, name)
+            assert v >= 1 and v & (v - 1) == 0, f"GemmConfig.{name}={v} must be a power of two"
+        assert not (self.gemv and self.swap_ab), "swap_ab is a tl.dot variant"
+        assert self.gemv or min(self.block_m, self.block_n, self.block_k) >= 16, "tl.dot needs tiles >= 16"
+
+    def short(self) -> str:
+        kind = "gemv" if self.gemv else ("swap" if self.swap_ab else "dot")
+        return (f"{kind} m{self.block_m} n{self.block_n} k{self.block_k} s{self.split_k} g{self.group_m} "
+                f"w{self.num_warps} st{self.num_stages}")
+
+    def check(self, n: int, k: int) -> str | None:
+        """Why this config cannot run an [N, K] weight (None: it can)."""
+        if n % 64 or k % 64:
+            return f"N={n} and K={k} must be multiples of 64"
+        if n % self.block_n:
+            return f"N={n} is not a multiple of BLOCK_N={self.block_n}"
+        if k % (self.block_k * self.split_k):
+            return f"K={k} does not split into {self.split_k} chunks of whole BLOCK_K={self.block_k} blocks"
+        return None
+
+
+@dataclass
+class GemmWorkspace:
+    """Split-K scratch owned by the caller: fp32 partials and per-tile arrival counters (zero at rest).
+
+    Allocate once (outside any CUDA-graph capture) and pass to every call; calls on one stream may share it
+    (each call's last splits leave the counters at 0). Concurrent calls on different streams must not.
+    """
+
+    partials: torch.Tensor  # [P] float32
+    counters: torch.Tensor  # [C] int32, all zero between calls
+
+    @classmethod
+    def allocate(cls, device, partial_elems: int, num_counters: int) -> GemmWorkspace:
+        return cls(torch.empty(max(1, partial_elems), dtype=torch.float32, device=device),
+                   torch.zeros(max(1, num_counters), dtype=torch.int32, device=device))
+
+    @staticmethod
+    def needs(cfg: GemmConfig, m: int, n: int) -> tuple[int, int]:
+        """(partial elements, counters) one call with this config needs; (0, 0) without split-K."""
+        if cfg.split_k == 1:
+            return 0, 0
+        tiles = triton.cdiv(m, cfg.block_m) * (n // cfg.block_n)
+        return cfg.split_k * tiles * cfg.block_m * cfg.block_n, tiles
+
+    @classmethod
+    def for_shapes(cls, device, uses: Iterable[tuple[GemmConfig, int, int]]) -> GemmWorkspace:
+        """Big enough for every (config, M, N) in `uses`."""
+        p = c = 0
+        for cfg, m, n in uses:
+            pp, cc = cls.needs(cfg, m, n)
+            p, c = max(p, pp), max(c, cc)
+        return cls.allocate(device, p, c)
+
+
+def gemm_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The specification: fp32 (fp64 for fp32 inputs) product of x [M, K] and w [N, K]^T, in x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float32 else torch.float32
+    return (x.to(acc) @ w.to(acc).T).to(x.dtype)
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, num_tiles, split,
+              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # acc [BLOCK_M, BLOCK_N] fp32: this split's sum. Rows >= M are masked; N is a multiple of BLOCK_N.
+    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        # partials [SPLIT_K, num_tiles, BLOCK_M, BLOCK_N]: whole tiles, so no masks (the workspace is sized
+        # for the padded rows)
+        tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_part = part_ptr + tile.to(tl.int64) * tile_elems + local
+        split_stride = num_tiles.to(tl.int64) * tile_elems
+        tl.store(tile_part + split * split_stride, acc)
+        tl.debug_barrier()  # every thread's partial written before the arrival is counted
+        counter = cnt_ptr + tile
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+            # summed in split order whichever split arrives last (bitwise reproducible); its own partial
+            # is still in registers
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                other = tl.load(tile_part + s * split_stride, mask=(s != split) & ok, other=0.0,
+                                cache_modifier=".cg")  # fmt: skip
+                total += tl.where(s == split, acc, other)
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(counter, 0)  # ready for the next call: no memset, graph replays safe
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemm_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    # grid (tiles_m * tiles_n, SPLIT_K). x [M, K], w [N, K], out [M, N], all contiguous.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = N // BLOCK_N
+    # GROUP_M bands: consecutive programs walk GROUP_M row tiles of one W column block before the next
+    # block, so a W tile is fetched from HBM once and its other readers hit L2.
+    band = GROUP_M * tiles_n
+    first_m = (pid // band) * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_m
+    pid_n = (pid % band) // band_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_chunk = tl.multiple_of(K // SPLIT_K, BLOCK_K)  # the host checks K % (BLOCK_K * SPLIT_K) == 0
+    k_lo = split * k_chunk
+    rows = offs_m % M  # rows past M re-read valid rows (no load masks); their results are never stored
+    x_ptrs = x_ptr + rows[:, None] * K + (k_lo + offs_k)[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + offs_n[:, None] * K + (k_lo + offs_k)[None, :]  # [BN, BK]
+    if SWAP_AB:
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in range(0, k_chunk, BLOCK_K):
+        a = tl.load(x_ptrs)
+        b = tl.load(w_ptrs)
+        if SWAP_AB:
+            acc_t = tl.dot(b, tl.trans(a), acc_t, input_precision=DOT_PREC)  # [BN, BM]
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PREC)  # [BM, BN]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
+    _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_m * tiles_n + pid_n,
+              tiles_m * tiles_n, split, SPLIT_K, BLOCK_M, BLOCK_N)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr):  # fmt: skip
+    # grid (N // BLOCK_N, SPLIT_K, cdiv(M, BLOCK_M)): one W column block and K chunk per program, all of
+    # the (few) rows of x at once, so W is read once per row tile.
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_chunk = tl.multiple_of(K // SPLIT_K, BLOCK_K)  # the host checks K % (BLOCK_K * SPLIT_K) == 0
+    k_lo = split * k_chunk
+    m_ok = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None] * K + (k_lo + offs_k)[None, :]  # [BN, BK], 16-byte runs along K
+    if BLOCK_M == 1:
+        x_ptrs = x_ptr + offs_m * K + k_lo + offs_k  # [BK]
+        lanes = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for _ in range(0, k_chunk, BLOCK_K):
+            w = tl.load(w_ptrs).to(tl.float32)
+            xv = tl.load(x_ptrs, mask=m_ok, other=0.0).to(tl.float32)
+            lanes += w * xv[None, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = tl.sum(lanes, axis=1)[None, :]  # [1, BN]
+    else:
+        x_ptrs = x_ptr + offs_m[:, None] * K + (k_lo + offs_k)[None, :]  # [BM, BK]
+        lanes3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for _ in range(0, k_chunk, BLOCK_K):
+            w = tl.load(w_ptrs).to(tl.float32)
+            xv = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+            lanes3 += xv[:, None, :] * w[None, :, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = tl.sum(lanes3, axis=2)  # [BM, BN]
+    tiles_n = N // BLOCK_N
+    _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_m * tiles_n + pid_n,
+              tl.cdiv(M, BLOCK_M) * tiles_n, split, SPLIT_K, BLOCK_M, BLOCK_N)  # fmt: skip
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig, workspace: GemmWorkspace | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """out [M, N] = x [M, K] @ w [N, K]^T with `cfg` (module docstring). With split-K and no `workspace`
+    one is allocated for this call (not CUDA-graph safe); a passed one must be large enough."""
+    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
+    assert x.is_contiguous() and w.is_contiguous(), "gemm needs contiguous x [M, K] and w [N, K]"
+    assert x.dtype == w.dtype and x.device == w.device, (x.dtype, w.dtype)
+    (m, k), n = x.shape, w.shape[0]
+    why = cfg.check(n, k)
+    assert why is None, why
+    assert n * k < 2**31 and m * n < 2**31, "32-bit offsets"
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.dtype == x.dtype and out.is_contiguous(), out.shape
+    if m == 0:
+        return out
+    part_elems, counters = GemmWorkspace.needs(cfg, m, n)
+    if counters:
+        if workspace is None:
+            workspace = GemmWorkspace.allocate(x.device, part_elems, counters)
+        assert workspace.partials.numel() >= part_elems and workspace.counters.numel() >= counters, \
+            f"workspace too small: needs {part_elems} partials and {counters} counters"
+        part, cnt = workspace.partials, workspace.counters
+    else:
+        part = cnt = out  # unread without split-K; any pointer
+    if cfg.gemv:
+        grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, cfg.block_m))
+        _gemv_kernel[grid](x, w, out, part, cnt, m, n, k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)  # fmt: skip
+    else:
+        grid = (triton.cdiv(m, cfg.block_m) * (n // cfg.block_n), cfg.split_k)
+        _gemm_kernel[grid](x, w, out, part, cnt, m, n, k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
+                           SWAP_AB=cfg.swap_ab, DOT_PREC="ieee" if x.dtype == torch.float32 else None,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    return out
+
+
+CUBLAS = "cublas"
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 160, 192, 256)
+
+
+def m_bucket(m: int, buckets: tuple[int, ...] = M_BUCKETS) -> int | None:
+    """The smallest bucket >= m (None past the last: such calls go to cuBLAS)."""
+    return next((b for b in buckets if m <= b), None)
+
+
+@dataclass(frozen=True)
+class GemmTable:
+    """(N, K, M-bucket) -> GemmConfig or "cublas"; a call whose key is absent goes to cuBLAS too."""
+
+    entries: Mapping[tuple[int, int, int], GemmConfig | str] = field(default_factory=dict)
+    buckets: tuple[int, ...] = M_BUCKETS
+
+    def lookup(self, n: int, k: int, m: int) -> GemmConfig | None:
+        b = m_bucket(m, self.buckets)
+        entry = self.entries.get((n, k, b)) if b is not None else None
+        return entry if isinstance(entry, GemmConfig) else None
+
+    def workspace(self, device, max_m: int | None = None) -> GemmWorkspace:
+        """A workspace for every entry at its bucket's largest M (or `max_m`, whichever is smaller)."""
+        uses = [(cfg, min(b, max_m or b), n) for (n, _k, b), cfg in self.entries.items()
+                if isinstance(cfg, GemmConfig)]  # fmt: skip
+        return GemmWorkspace.for_shapes(device, uses)
+
+    @classmethod
+    def from_best(cls, best: Iterable[Mapping]) -> GemmTable:
+        """From bench/gemm_variants.py's "best" rows: {N, K, M, config (dict) or None (cuBLAS won)}.
+        Rows must use M values that are buckets."""
+        entries: dict[tuple[int, int, int], GemmConfig | str] = {}
+        for row in best:
+            cfg = row.get("config")
+            entries[(int(row["N"]), int(row["K"]), int(row["M"]))] = GemmConfig(**cfg) if cfg else CUBLAS
+        return cls(entries)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, table: GemmTable | None,
+           workspace: GemmWorkspace | None = None) -> torch.Tensor:  # fmt: skip
+    """F.linear(x, w) (no bias), through the Triton kernel where `table` has a config for (N, K, M)."""
+    cfg = table.lookup(w.shape[0], w.shape[1], x.shape[0]) if table is not None and x.dim() == 2 else None
+    if cfg is None or not x.is_cuda or not x.is_contiguous() or not w.is_contiguous() \
+            or cfg.check(w.shape[0], w.shape[1]) is not None:
+        return F.linear(x, w)
+    return gemm(x, w, cfg, workspace)
+
+
+def weight_fraction(n: int, k: int, elem_bytes: int, seconds: float, bandwidth_bytes_per_s: float) -> float:
+    """Weight bytes / time / copy bandwidth: 1.0 = the weight streamed at copy speed."""
+    return n * k * elem_bytes / seconds / bandwidth_bytes_per_s if seconds > 0 else math.nan

@@ -1,0 +1,140 @@
+"""The dense GEMM / GEMV kernels (model/kernels/gemm.py) under the Triton interpreter, small shapes.
+
+Accuracy is checked against the exact (fp64) product with a bound that holds for any summation order:
+|out - exact| <= K * 2^-24 * (|x| @ |w|^T) (fp32 accumulation of exact products: bf16 x bf16 fits in
+fp32's mantissa) plus, for bf16 outputs, half a bf16 ulp of the result (<= 2^-8 |exact|), i.e. the kernel
+is as exact as any fp32-accumulating GEMM; the torch reference meets the same bound. Split-K: counters
+back at 0 after each call, a second call bitwise equal, a NaN-poisoned output (and workspace) fully
+overwritten while the rows around the output stay untouched. The GPU runs real shapes in
+tests/gpu/test_gemm_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels_interpret import _INTERPRETED, interpreted
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/gpu runs them natively"),
+    pytest.mark.skipif(not _INTERPRETED, reason="triton compiled mode without CUDA"),
+]
+
+
+@pytest.fixture(scope="module")
+def gm():
+    with interpreted(("gemm",)) as mods:
+        yield mods["gemm"]
+
+
+def check_close(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    assert not torch.isnan(out).any(), "NaN: an output element was never written"
+    exact = x.double() @ w.double().T
+    bound = x.shape[1] * 2.0**-24 * (x.double().abs() @ w.double().abs().T) * 1.01
+    if out.dtype != torch.float32:
+        bound = bound + 2.0**-8 * exact.abs()
+    bad = (out.double() - exact).abs() > bound + 1e-30
+    assert not bad.any(), f"{int(bad.sum())} elements off; worst {(out.double() - exact).abs().max():.3g}"
+
+
+def cfg_of(gm, **kw):
+    return gm.GemmConfig(**kw)
+
+
+CASES = [
+    # M, N, K, config fields, dtype
+    (1, 128, 256, dict(gemv=True, block_m=1, block_n=32, block_k=64, split_k=1), torch.bfloat16),
+    (1, 64, 256, dict(gemv=True, block_m=1, block_n=32, block_k=32, split_k=4), torch.bfloat16),
+    (3, 128, 128, dict(gemv=True, block_m=4, block_n=16, block_k=32, split_k=2), torch.bfloat16),
+    (3, 64, 192, dict(gemv=True, block_m=2, block_n=64, block_k=64, split_k=1), torch.float32),
+    (17, 128, 256, dict(block_m=16, block_n=64, block_k=32, split_k=4, group_m=2), torch.bfloat16),
+    (17, 64, 128, dict(block_m=32, block_n=32, block_k=64, split_k=2, swap_ab=True), torch.bfloat16),
+    (17, 192, 64, dict(block_m=16, block_n=64, block_k=64, split_k=1), torch.float32),
+    (160, 128, 128, dict(block_m=64, block_n=64, block_k=32, split_k=2, group_m=2), torch.bfloat16),
+    (160, 256, 64, dict(block_m=64, block_n=128, block_k=64, split_k=1, group_m=4), torch.bfloat16),
+    (160, 64, 256, dict(block_m=32, block_n=64, block_k=64, split_k=4, swap_ab=True), torch.float32),
+    (64, 128, 128, dict(block_m=64, block_n=32, block_k=64, split_k=1, group_m=1), torch.bfloat16),
+]
+
+
+def _id(c):
+    m, n, k, f, dt = c
+    kind = "gemv" if f.get("gemv") else ("swap" if f.get("swap_ab") else "dot")
+    return f"{kind}-M{m}-N{n}-K{k}-s{f['split_k']}-{str(dt)[6:]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_gemm_matches_exact_product(gm, case):
+    m, n, k, fields, dtype = case
+    cfg = cfg_of(gm, **fields)
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    part, cnt = gm.GemmWorkspace.needs(cfg, m, n)
+    ws = gm.GemmWorkspace.allocate("cpu", part + 7, cnt + 3)
+    ws.partials.fill_(float("nan"))  # partials are written before they are read
+    guard = torch.full(((m + 2) * n,), float("nan")).to(dtype)
+    out = guard[n : n + m * n].view(m, n)  # the row above and the rows below must stay untouched
+    res = gm.gemm(x, w, cfg, ws, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    check_close(out, x, w)
+    check_close(gm.gemm_ref(x, w), x, w)
+    assert torch.isnan(guard[:n]).all() and torch.isnan(guard[n + m * n :]).all(), "wrote outside out"
+    assert ws.counters.eq(0).all(), "split-K counters not reset"
+    first = out.clone()
+    again = gm.gemm(x, w, cfg, ws)  # allocating path, same workspace: the reset counters work again
+    assert torch.equal(again, first)
+    assert ws.counters.eq(0).all()
+
+
+def test_shared_workspace_across_shapes(gm):
+    """One workspace serves calls of different shapes and configs in turn (as the layers would)."""
+    gen = torch.Generator().manual_seed(3)
+    calls = [(5, 128, 256, cfg_of(gm, gemv=True, block_m=8, block_n=16, block_k=64, split_k=4)),
+             (33, 64, 128, cfg_of(gm, block_m=32, block_n=32, block_k=32, split_k=2)),
+             (2, 128, 128, cfg_of(gm, gemv=True, block_m=2, block_n=64, block_k=32, split_k=2))]
+    ws = gm.GemmWorkspace.for_shapes("cpu", [(c, m, n) for m, n, _, c in calls])
+    for m, n, k, cfg in calls * 2:
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        w = torch.randn(n, k, generator=gen).bfloat16()
+        check_close(gm.gemm(x, w, cfg, ws), x, w)
+        assert ws.counters.eq(0).all()
+
+
+def test_gemm_rejects_bad_shapes(gm):
+    x = torch.randn(4, 96).bfloat16()
+    with pytest.raises(AssertionError, match="multiples of 64"):
+        gm.gemm(x, torch.randn(64, 96).bfloat16(), cfg_of(gm, block_n=32, block_k=32))
+    x = torch.randn(4, 128).bfloat16()
+    with pytest.raises(AssertionError, match="BLOCK_N"):
+        gm.gemm(x, torch.randn(64, 128).bfloat16(), cfg_of(gm, block_n=128))
+    with pytest.raises(AssertionError, match="chunks"):
+        gm.gemm(x, torch.randn(64, 128).bfloat16(), cfg_of(gm, block_n=64, block_k=64, split_k=4))
+    with pytest.raises(AssertionError, match="contiguous"):
+        gm.gemm(torch.randn(128, 4).bfloat16().T, torch.randn(64, 128).bfloat16(), cfg_of(gm, block_n=64))
+    small = gm.GemmWorkspace.allocate("cpu", 10, 1)
+    with pytest.raises(AssertionError, match="workspace too small"):
+        gm.gemm(x, torch.randn(64, 128).bfloat16(), cfg_of(gm, block_m=16, block_n=64, split_k=2), small)
+    with pytest.raises(AssertionError, match="power of two"):
+        cfg_of(gm, block_n=96)
+
+
+def test_table_lookup_and_linear_fallback(gm):
+    cfg = cfg_of(gm, gemv=True, block_m=1, block_n=64, block_k=64, split_k=2)
+    table = gm.GemmTable.from_best([
+        {"N": 128, "K": 256, "M": 1, "config": {**cfg.__dict__}},
+        {"N": 128, "K": 256, "M": 160, "config": None},  # cuBLAS won
+    ])
+    assert table.lookup(128, 256, 1) == cfg
+    assert table.lookup(128, 256, 2) is None  # bucket 2: no entry
+    assert table.lookup(128, 256, 150) is None  # bucket 160 says cuBLAS
+    assert table.lookup(128, 256, 300) is None  # past the last bucket
+    assert gm.m_bucket(1) == 1 and gm.m_bucket(3) == 4 and gm.m_bucket(161) == 192
+    assert gm.m_bucket(257) is None
+    ws = table.workspace("cpu")
+    assert ws.counters.numel() >= 2 and ws.counters.eq(0).all()
+    x, w = torch.randn(1, 256).bfloat16(), torch.randn(128, 256).bfloat16()
+    # the hook on a CPU tensor is F.linear itself (the Triton path is for CUDA tensors only)
+    assert torch.equal(gm.linear(x, w, table, ws), torch.nn.functional.linear(x, w))
+    assert torch.equal(gm.linear(x, w, None), torch.nn.functional.linear(x, w))
