@@ -86,7 +86,12 @@ class MistralAttention(nn.Module):
         v = qkv[:, q_size + k_size :]
         if step.adapter_data is not None:
             step.adapter_data.add_lora(self.layer_idx, "qkv_proj", x, qkv, (q_size, k_size, v_size))
-        if not step.is_prefill and kv is not None and self.rotary_kv_write is not None:
+        # A prefill without a cached prefix that caches every new token may write before it attends
+        # (it reads k and v from these tensors): then it takes the decode path's fused kernel too.
+        fused_prefill = step.is_prefill and step.prefill_cache_indices is None and not (
+            step.block_tables is not None and step.seqlen.has_cached_prefix()
+        )
+        if kv is not None and self.rotary_kv_write is not None and (not step.is_prefill or fused_prefill):
             # One kernel: rope on q, k in place and the K/V write by slot (decode writes before reading).
             q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)  # [T, H, D] views of qkv
             self.rotary_kv_write(
@@ -102,9 +107,14 @@ class MistralAttention(nn.Module):
                 k_scale=kv.k_scale,
                 v_scale=kv.v_scale,
             )
-            attn = self.attention.decode(
-                q, kv, step.seqlen, step.block_tables, step.max_s, scale=self.scale, window=self.window
-            )
+            if step.is_prefill:
+                attn = self.attention.prefill(
+                    q, k, v, kv, step.seqlen, step.block_tables, scale=self.scale, window=self.window
+                )
+            else:
+                attn = self.attention.decode(
+                    q, kv, step.seqlen, step.block_tables, step.max_s, scale=self.scale, window=self.window
+                )
             return self._project_out(attn, t, step)
         q, k = RotaryEmbedding.apply(q.view(t, -1, d), k.view(t, -1, d), step.cos, step.sin)  # [T, H, D]
         v = v.view(t, -1, d)  # [T, Hkv, D]

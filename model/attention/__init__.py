@@ -12,7 +12,7 @@ import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,13 @@ class Seqlen:
     cu_seqlen_k: torch.Tensor | None = None  # [B+1] int32: prefix sums of input_lengths (prefill)
     max_q: int = 0
     max_k: int = 0
+    # Does any sequence continue from cached tokens? Known on the host when built from host lists
+    # (from_lengths); None: `has_cached_prefix` asks the device once and remembers.
+    cached_prefix: bool | None = None
+    total_k: int | None = None  # sum of input_lengths, when known on the host (from_lengths)
+    # The prefix gather's indices (reference.gather_prefill_kv), the same for every layer of a step:
+    # computed by the first layer that needs them.
+    gather_plan: tuple | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.cache_lengths is None:
@@ -55,11 +62,16 @@ class Seqlen:
             cache_lengths=torch.tensor(cached, dtype=torch.int32, device=device),
             max_q=max(new_lengths, default=0),
             max_k=max(total, default=0),
+            cached_prefix=any(c > 0 for c in cached),
+            total_k=sum(total),
         )
 
     def has_cached_prefix(self) -> bool:
-        """Prefill only: does any sequence continue from cached tokens? (one host sync)"""
-        return bool((self.cache_lengths > 0).any())
+        """Prefill only: does any sequence continue from cached tokens? Every layer asks, so the answer
+        is known on the host (from_lengths) or fetched once (one host sync) and kept."""
+        if self.cached_prefix is None:
+            self.cached_prefix = bool((self.cache_lengths > 0).any())
+        return self.cached_prefix
 
 
 def _cumsum0(x: torch.Tensor) -> torch.Tensor:

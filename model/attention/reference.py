@@ -20,21 +20,33 @@ def gather_prefill_kv(
     Positions below cache_length come from the cache (through the block table), the rest from this
     step's k/v [T, Hkv, D], which are not cached yet (and with a window only their last W will be).
     Cached positions older than the window were never written; they read as zeros and are masked out.
-    Returns ([Tk, Hkv, D], [Tk, Hkv, D]). One host sync (Tk), acceptable in prefill.
+    Returns ([Tk, Hkv, D], [Tk, Hkv, D]). The indices are the same for every layer of a step: the first
+    layer computes them (no host sync when Tk is known on the host, one otherwise) and keeps them on
+    `seqlen`; each layer then only gathers.
     """
-    bs = kv.block_size
+    plan = seqlen.gather_plan
+    key = (block_tables, kv.block_size, k.shape[0])
+    if plan is None or plan[0] is not key[0] or plan[1:3] != key[1:]:
+        plan = seqlen.gather_plan = (*key, *_gather_indices(seqlen, block_tables, kv.block_size, k.shape[0]))
+    slot, new_row, sel = plan[3:]
+    k_old, v_old = kv.read(slot, k.dtype)  # [Tk, Hkv, D]
+    return torch.where(sel, k_old, k[new_row]), torch.where(sel, v_old, v[new_row])
+
+
+def _gather_indices(seqlen: Seqlen, block_tables: torch.Tensor, bs: int, new_tokens: int):
+    """-> (slot [Tk]: cache slot of each cached position, new_row [Tk]: row of this step's k/v for the
+    others, sel [Tk, 1, 1]: True where the position comes from the cache)."""
+    dev = block_tables.device
     lengths = seqlen.input_lengths.long()  # [B]
-    tk = int(seqlen.cu_seqlen_k[-1])
-    seq = torch.repeat_interleave(torch.arange(lengths.shape[0], device=k.device), lengths, output_size=tk)
-    pos = torch.arange(tk, device=k.device) - seqlen.cu_seqlen_k.long()[seq]  # [Tk] position in its sequence
+    tk = seqlen.total_k if seqlen.total_k is not None else int(seqlen.cu_seqlen_k[-1])
+    seq = torch.repeat_interleave(torch.arange(lengths.shape[0], device=dev), lengths, output_size=tk)
+    pos = torch.arange(tk, device=dev) - seqlen.cu_seqlen_k.long()[seq]  # [Tk] position in its sequence
     cached = seqlen.cache_lengths.long()[seq]
     from_cache = pos < cached
     block = block_tables.long()[seq, torch.where(from_cache, pos, 0) // bs].clamp(min=0)
     slot = torch.where(from_cache, block * bs + pos % bs, 0)
-    k_old, v_old = kv.read(slot, k.dtype)  # [Tk, Hkv, D]
-    new_row = (seqlen.cu_seqlen_q.long()[seq] + pos - cached).clamp(0, max(k.shape[0] - 1, 0))
-    sel = from_cache[:, None, None]
-    return torch.where(sel, k_old, k[new_row]), torch.where(sel, v_old, v[new_row])
+    new_row = (seqlen.cu_seqlen_q.long()[seq] + pos - cached).clamp(0, max(new_tokens - 1, 0))
+    return slot, new_row, from_cache[:, None, None]
 
 
 def attend(

@@ -42,14 +42,14 @@ class TorchCudaBackend(AttentionBackend):
         if q.shape[1] != k.shape[1]:
             if self._native_gqa:
                 extra["enable_gqa"] = True
-            else:
+            else:  # kv head j serves query heads j*g .. j*g+g-1 (repeat_interleave), one copy each
                 g = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [Tk, Hq, D]
+                k, v = (x[:, :, None].expand(-1, -1, g, -1).flatten(1, 2) for x in (k, v))  # [Tk, Hq, D]
         # (-1, 0) is plain causal; (W - 1, 0) keeps W keys including the query (see package docstring).
         window_size = (-1, 0) if window is None else (window - 1, 0)
-        # v (and k without a prefix) are column slices of the fused qkv output: make rows dense.
+        # v (and q, k after the fused rope) are column slices of the fused qkv output: make rows dense.
         return varlen_attn(
-            q,
+            q.contiguous(),
             k.contiguous(),
             v.contiguous(),
             seqlen.cu_seqlen_q,

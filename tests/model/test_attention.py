@@ -43,6 +43,12 @@ def test_seqlen_from_lengths():
     assert s.cu_seqlen_q.tolist() == [0, 3, 4, 8] and s.cu_seqlen_k.tolist() == [0, 3, 9, 15]
     assert (s.max_q, s.max_k) == (4, 6) and s.has_cached_prefix()
     assert Seqlen(input_lengths=torch.tensor([2], dtype=torch.int32)).cache_lengths.tolist() == [0]
+    # Every prefill layer asks: from host lists the answer is known without the device.
+    assert Seqlen.from_lengths([3, 1], [0, 0]).cached_prefix is False
+    assert Seqlen.from_lengths([3, 1], [0, 2]).cached_prefix is True
+    lengths = torch.tensor([4], dtype=torch.int32)
+    made = Seqlen(input_lengths=lengths, cache_lengths=torch.tensor([1], dtype=torch.int32))
+    assert made.cached_prefix is None and made.has_cached_prefix() and made.cached_prefix is True
 
 
 def test_decode_has_no_host_sync(model_pair, monkeypatch):
