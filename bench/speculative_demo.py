@@ -76,8 +76,10 @@ def run(model_dir: Path, s: DemoSettings, work: Path, out: dict, log=print) -> d
         if s.medusa is None:
             return None
         t0 = time.perf_counter()
+        b = max(s.batches)  # the heads offline on the plain outputs of the evaluation's requests
+        evaluation = (prompts[: max(b, s.min_requests)], plain[b]["tokens"][0], s.max_new)
         report = _guarded(out, "medusa_training", log, train_medusa, engine, work / "medusa-heads", s.medusa,
-                          log)  # fmt: skip
+                          log, evaluation)  # fmt: skip
         if report is not None:
             report["seconds"] = time.perf_counter() - t0
         return report
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", default=None, help="recorded in every row (default: git HEAD)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--ks", default="3,5,8", help="n-gram draft tokens per step, swept")
+    ap.add_argument("--ks", default="3,5,8", help="n-gram draft tokens per step, swept ('': no n-gram)")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=8, help="CPU threads for the build")
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     es = EngineSettings(device=dev.type, dtype="bfloat16" if cuda else "float32", max_batch=max(batches),
                         max_input=768, max_new=max(args.max_new_tokens, 256), cuda_graphs=cuda,
                         kv_bytes=(2 << 30) if cuda else (256 << 20))  # fmt: skip
-    s = DemoSettings(engine=es, batches=batches, ks=tuple(int(x) for x in args.ks.split(",")),
+    s = DemoSettings(engine=es, batches=batches, ks=tuple(int(x) for x in args.ks.split(",") if x),
                      max_new=args.max_new_tokens, reps=args.reps, medusa=medusa,
                      profile_k=args.profile_k or None)  # fmt: skip
     from bench.common import device_name, git_commit
@@ -260,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         best = out["medusa_training"]["best"]
         print(f"medusa training: {out['medusa_training']['steps']} steps, validation top-1 per head "
               f"{[round(a, 3) for a in best.get('val_top1', [])]}")  # fmt: skip
+        ev = out["medusa_training"].get("eval")
+        if ev:  # what the medusa rows must show (at the largest batch) if the engine drafts as trained
+            print(f"medusa heads offline on the plain outputs: top-1 per head {ev['top1']}, simulated "
+                  f"acceptance {ev['acceptance'] or 0:.3f}, tokens per step {ev['tokens_per_step']:.2f}")  # fmt: skip
     for r in out.get("host_profile", []):
         print(f"host profile {r['system']} k={r['k']} batch {r['batch']}, ms per step (wall): "
               + " ".join(f"{n} {v:.2f}" for n, v in r["wall_ms_per_step"].items()))  # fmt: skip
