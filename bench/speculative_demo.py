@@ -264,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{[round(a, 3) for a in best.get('val_top1', [])]}")  # fmt: skip
         ev = out["medusa_training"].get("eval")
         if ev:  # what the medusa rows must show (at the largest batch) if the engine drafts as trained
+            acc = ev["acceptance"] or 0.0
             print(f"medusa heads offline on the plain outputs: top-1 per head {ev['top1']}, simulated "
-                  f"acceptance {ev['acceptance'] or 0:.3f}, tokens per step {ev['tokens_per_step']:.2f}")  # fmt: skip
+                  f"acceptance {acc:.3f}, tokens per step {ev['tokens_per_step']:.2f}")  # fmt: skip
     for r in out.get("host_profile", []):
         print(f"host profile {r['system']} k={r['k']} batch {r['batch']}, ms per step (wall): "
               + " ".join(f"{n} {v:.2f}" for n, v in r["wall_ms_per_step"].items()))  # fmt: skip
