@@ -48,7 +48,7 @@ class MedusaSettings:
     passage_tokens: int = 160
     max_new: int = 192
     gen_batch: int = 64
-    seconds: float = 60.0  # training time bound
+    seconds: float = 120.0  # training time bound
     max_steps: int = 4000
     batch_positions: int = 2048
     lr: float = 1e-3
@@ -337,12 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=MedusaSettings.layers)
     ap.add_argument("--v1", action="store_true", help="heads with their own LM head")
     ap.add_argument("--topics", type=int, default=MedusaSettings.topics)
+    ap.add_argument("--sampled-passages", type=int, default=MedusaSettings.sampled_passages)
     ap.add_argument("--max-new-tokens", type=int, default=MedusaSettings.max_new)
     ap.add_argument("--seconds", type=float, default=MedusaSettings.seconds)
     ap.add_argument("--steps", type=int, default=MedusaSettings.max_steps)
     ap.add_argument("--lr", type=float, default=MedusaSettings.lr)
     args = ap.parse_args(argv)
     s = MedusaSettings(heads=args.heads, layers=args.layers, v1=args.v1, topics=args.topics,
+                       sampled_passages=args.sampled_passages,
                        max_new=args.max_new_tokens, seconds=args.seconds, max_steps=args.steps, lr=args.lr)
     cuda = args.device == "cuda"
     es = EngineSettings(device=args.device, dtype="bfloat16" if cuda else "float32", max_batch=s.gen_batch,

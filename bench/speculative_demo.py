@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--medusa-heads", type=int, default=MedusaSettings.heads)
     ap.add_argument("--medusa-v1", action="store_true", help="heads with their own LM head")
     ap.add_argument("--medusa-topics", type=int, default=MedusaSettings.topics)
+    ap.add_argument("--medusa-sampled-passages", type=int, default=MedusaSettings.sampled_passages,
+                    help="passages sampled per topic and request beyond the greedy one (training data)")
     ap.add_argument("--medusa-seconds", type=float, default=MedusaSettings.seconds)
     ap.add_argument("--medusa-steps", type=int, default=MedusaSettings.max_steps)
     ap.add_argument("--medusa-lr", type=float, default=MedusaSettings.lr)
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         heads=args.medusa_heads, v1=args.medusa_v1, topics=args.medusa_topics, max_new=args.max_new_tokens,
         passage_tokens=min(MedusaSettings.passage_tokens, args.max_new_tokens),
         seconds=args.medusa_seconds, max_steps=args.medusa_steps, lr=args.medusa_lr,
-        gen_batch=64 if cuda else 4,
+        sampled_passages=args.medusa_sampled_passages, gen_batch=64 if cuda else 4,
     )  # fmt: skip
     es = EngineSettings(device=dev.type, dtype="bfloat16" if cuda else "float32", max_batch=max(batches),
                         max_input=768, max_new=max(args.max_new_tokens, 256), cuda_graphs=cuda,

@@ -28,6 +28,7 @@ def test_demo_bench_runs_plain_ngram_and_medusa(tiny_model_dir, tmp_path):
         "--model-dir", str(tiny_model_dir), "--out", str(out), "--work-dir", str(tmp_path / "work"),
         "--device", "cpu", "--batches", "1,2", "--ks", "2", "--max-new-tokens", "8", "--reps", "1",
         "--medusa-heads", "2", "--medusa-topics", "1", "--medusa-steps", "3", "--commit", "abc123",
+        "--medusa-sampled-passages", "1",
         "--profile-k", "2",
     ]) == 0  # fmt: skip
     result = json.loads(out.read_text())
