@@ -90,8 +90,10 @@ def run(model_dir: Path, s: DemoSettings, work: Path, out: dict, log=print) -> d
         if s.medusa is None:
             return None
         t0 = time.perf_counter()
+        b = max(s.batches)  # the heads offline on the plain outputs of the evaluation's requests
+        evaluation = (prompts[: max(b, s.min_requests)], plain[b]["tokens"][0], s.max_new)
         report = _guarded(out, "medusa_training", log, train_medusa, engine, work / "medusa-heads", s.medusa,
-                          log)  # fmt: skip
+                          log, evaluation)  # fmt: skip
         if report is not None:
             report["seconds"] = time.perf_counter() - t0
         return report
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", default=None, help="recorded in every row (default: git HEAD)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--ks", default="3,5,8", help="n-gram draft tokens per step, swept")
+    ap.add_argument("--ks", default="3,5,8", help="n-gram draft tokens per step, swept ('': no n-gram)")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--continuous-waves", type=int, default=DemoSettings.continuous_waves,
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--medusa-heads", type=int, default=MedusaSettings.heads)
     ap.add_argument("--medusa-v1", action="store_true", help="heads with their own LM head")
     ap.add_argument("--medusa-topics", type=int, default=MedusaSettings.topics)
+    ap.add_argument("--medusa-sampled-passages", type=int, default=MedusaSettings.sampled_passages,
+                    help="passages sampled per topic and request beyond the greedy one (training data)")
     ap.add_argument("--medusa-seconds", type=float, default=MedusaSettings.seconds)
     ap.add_argument("--medusa-steps", type=int, default=MedusaSettings.max_steps)
     ap.add_argument("--medusa-lr", type=float, default=MedusaSettings.lr)
@@ -259,12 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         heads=args.medusa_heads, v1=args.medusa_v1, topics=args.medusa_topics, max_new=args.max_new_tokens,
         passage_tokens=min(MedusaSettings.passage_tokens, args.max_new_tokens),
         seconds=args.medusa_seconds, max_steps=args.medusa_steps, lr=args.medusa_lr,
-        gen_batch=64 if cuda else 4,
+        sampled_passages=args.medusa_sampled_passages, gen_batch=64 if cuda else 4,
     )  # fmt: skip
     es = EngineSettings(device=dev.type, dtype="bfloat16" if cuda else "float32", max_batch=max(batches),
                         max_input=768, max_new=max(args.max_new_tokens, 256), cuda_graphs=cuda,
                         kv_bytes=(2 << 30) if cuda else (256 << 20))  # fmt: skip
-    s = DemoSettings(engine=es, batches=batches, ks=tuple(int(x) for x in args.ks.split(",")),
+    s = DemoSettings(engine=es, batches=batches, ks=tuple(int(x) for x in args.ks.split(",") if x),
                      max_new=args.max_new_tokens, reps=args.reps, medusa=medusa,
                      continuous_waves=args.continuous_waves,
                      profile_k=args.profile_k or None)  # fmt: skip
@@ -288,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         best = out["medusa_training"]["best"]
         print(f"medusa training: {out['medusa_training']['steps']} steps, validation top-1 per head "
               f"{[round(a, 3) for a in best.get('val_top1', [])]}")  # fmt: skip
+        ev = out["medusa_training"].get("eval")
+        if ev:  # what the medusa rows must show (at the largest batch) if the engine drafts as trained
+            acc = ev["acceptance"] or 0.0
+            print(f"medusa heads offline on the plain outputs: top-1 per head {ev['top1']}, simulated "
+                  f"acceptance {acc:.3f}, tokens per step {ev['tokens_per_step']:.2f}")  # fmt: skip
     for r in out.get("host_profile", []):
         print(f"host profile {r['system']} k={r['k']} batch {r['batch']}, ms per step (wall): "
               + " ".join(f"{n} {v:.2f}" for n, v in r["wall_ms_per_step"].items()))  # fmt: skip

@@ -28,6 +28,7 @@ def test_demo_bench_runs_plain_ngram_and_medusa(tiny_model_dir, tmp_path):
         "--model-dir", str(tiny_model_dir), "--out", str(out), "--work-dir", str(tmp_path / "work"),
         "--device", "cpu", "--batches", "1,2", "--ks", "2", "--max-new-tokens", "8", "--reps", "1",
         "--medusa-heads", "2", "--medusa-topics", "1", "--medusa-steps", "3", "--commit", "abc123",
+        "--medusa-sampled-passages", "1",
         "--profile-k", "2",
     ]) == 0  # fmt: skip
     result = json.loads(out.read_text())
@@ -50,6 +51,9 @@ def test_demo_bench_runs_plain_ngram_and_medusa(tiny_model_dir, tmp_path):
     assert all(r["medusa_drafted"] > 0 for r in rows[6:])  # the Medusa engine loaded and used them
     training = result["medusa_training"]
     assert training["steps"] == 3 and training["positions"] > 0 and len(training["best"]["val_top1"]) == 2
+    assert training["base_top1"] == 1.0  # float32: the features are the states that chose the tokens
+    ev = training["eval"]  # the heads offline on the plain outputs of the medusa rows' requests
+    assert len(ev["top1"]) == 2 and ev["base_top1"] == 1.0 and ev["steps"] > 0 and ev["drafted"] > 0
     heads = json.loads((tmp_path / "work" / "model-medusa" / "medusa" / "config.json").read_text())
     assert heads["medusa_num_heads"] == 2 and heads["medusa_num_layers"] == 1
     assert not (tmp_path / "work" / "model-plain" / "medusa").exists()
