@@ -23,13 +23,17 @@ from bench.common import median
 from bench.spec_engine import EngineSettings, with_engine
 
 
-def _prefill_calls(engine, rows: int, tokens: int, calls: int, first_id: int) -> list[float]:
+def _prefill_calls(engine, rows: int, tokens: int, calls: int, first_id: int,
+                   fresh: bool = False) -> list[float]:  # fmt: skip
+    """Wall ms of `calls` Prefill calls of `rows` x `tokens`. The same prompts every call (after the first,
+    the block manager's prefix cache serves all but the last block), or `fresh` ones (no prefix hit)."""
     from shard_server.types import BatchSpec, RequestSpec, StoppingParams
 
     out = []
     for c in range(calls):
         reqs = tuple(RequestSpec(id=first_id + 100 * c + i,
-                                 input_ids=tuple(5 + (7 * j + i) % 400 for j in range(tokens)),
+                                 input_ids=tuple(5 + (7 * j + i + (13 * c if fresh else 0)) % 400
+                                                 for j in range(tokens)),
                                  stopping=StoppingParams(max_new_tokens=4)) for i in range(rows))  # fmt: skip
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
@@ -43,17 +47,33 @@ def _prefill_calls(engine, rows: int, tokens: int, calls: int, first_id: int) ->
 
 def run(engine, out: dict) -> None:
     next_id = 1000
-    for rows, tokens in ((1, 250), (1, 251), (4, 250), (16, 250)):
-        ms = _prefill_calls(engine, rows, tokens, 8, next_id)
+    for rows, tokens, fresh in ((1, 250, False), (1, 250, True), (4, 250, False), (16, 250, False),
+                                (16, 250, True)):
+        ms = _prefill_calls(engine, rows, tokens, 8, next_id, fresh)
         next_id += 10_000
-        out["calls"].append({"rows": rows, "tokens": tokens, "ms": ms, "median_ms": median(ms[2:])})
-        print(f"prefill {rows:2d} x {tokens} tokens: median {median(ms[2:]):7.2f} ms  (calls: "
+        out["calls"].append({"rows": rows, "tokens": tokens, "fresh_prompts": fresh, "ms": ms,
+                             "median_ms": median(ms[2:])})  # fmt: skip
+        print(f"prefill {rows:2d} x {tokens} tokens, {'fresh' if fresh else 'same'} prompts: median "
+              f"{median(ms[2:]):7.2f} ms  (calls: "
               + " ".join(f"{m:.1f}" for m in ms) + ")", flush=True)  # fmt: skip
+    # Python's view: which functions of ours the host time is spent under (cumulative).
+    import cProfile
+    import io
+    import pstats
+
+    prof_py = cProfile.Profile()
+    prof_py.enable()
+    _prefill_calls(engine, 1, 250, 3, next_id - 5000, fresh=True)
+    prof_py.disable()
+    text = io.StringIO()
+    pstats.Stats(prof_py, stream=text).sort_stats("cumulative").print_stats(40)
+    out["python_cumulative"] = text.getvalue()
+    print(out["python_cumulative"][-6000:])
     acts = [torch.profiler.ProfilerActivity.CPU]
     if engine.device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
-        _prefill_calls(engine, 1, 250, 3, next_id)
+        _prefill_calls(engine, 1, 250, 3, next_id, fresh=True)
     ka = prof.key_averages()
     by_cpu = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:30]
     out["top_host"] = [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3 / 3}
