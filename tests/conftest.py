@@ -81,3 +81,13 @@ def fake_s3():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core host: torch's CPU thread pool only adds wake-up latency (tens of
+    ms per op on a loaded machine), so modules of tiny-model tests run with one thread. Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

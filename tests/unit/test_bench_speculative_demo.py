@@ -5,21 +5,13 @@ profile of bench/spec_host_profile.py."""
 import json
 
 import pytest
-import torch
 
 from bench import speculative_demo
 from bench.spec_data import DEMO_TASKS, demo_eval_texts, with_typos
 from bench.spec_engine import EngineSettings, chat_ids, with_engine
 from bench.spec_host_profile import profile
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core host: one thread is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def test_demo_bench_runs_plain_ngram_and_medusa(tiny_model_dir, tmp_path):

@@ -35,12 +35,7 @@ NAMES = ["person", "enum_field", "int_array", "tuple", "nested_2", "tool_call"]
 PROMPTS = ["Reply in JSON. ", "The answer, as a JSON document: ", "x", "Fill in the form below please: "]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread-pool wake-ups would dominate
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

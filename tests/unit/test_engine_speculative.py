@@ -24,14 +24,7 @@ WINDOW = 8  # shorter than every sequence here (prompts of 20+ tokens)
 K = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: torch's CPU thread pool only adds wake-up latency (tens of ms per softmax on a
-    loaded machine); one thread keeps this module fast. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

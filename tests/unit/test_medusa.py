@@ -20,12 +20,7 @@ from shard_server.types import AdapterSpec, BatchSpec, RequestSpec, SamplingPara
 H, V = 64, 512  # the default tiny model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread-pool wake-ups would dominate
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def test_draft_is_argmax_of_the_documented_heads(tmp_path):

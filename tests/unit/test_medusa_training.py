@@ -5,19 +5,12 @@ predict there (tests/medusa_cases.py says how and why)."""
 from __future__ import annotations
 
 import pytest
-import torch
 from medusa_cases import HEADS, train_and_compare, walk_model
 
 from shard_server.config import ShardConfig
 from shard_server.engine.engine import ShardEngine
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread-pool wake-ups would dominate
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def engine_for(model_dir, k: int) -> ShardEngine:

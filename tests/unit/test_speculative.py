@@ -23,13 +23,7 @@ from shard_server.types import SamplingParams
 V = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one CPU thread avoids thread-pool wake-ups (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def logits_fn(prefix_token: torch.Tensor, pos: int) -> torch.Tensor:

@@ -51,12 +51,7 @@ CASES = {"greedy": GREEDY, "alternatives": ALTERNATIVES, "sampled": SAMPLED, "pe
          "watermark": WATERMARK, "mixed": MIXED}  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def batch_of(kinds: list[SamplingParams], rows: int, seed: int):
