@@ -140,6 +140,12 @@ class EngineStats:
     computed_prefill_tokens: int  # totals since start (prefix reuse: since the last KV cache resize)
     reused_prefill_tokens: int
     resident_adapters: tuple[int, ...]  # adapter indices in device memory
+    # Speculative decoding totals since start (0 when off): verify steps, of those the ones whose forward
+    # a previous Decode had enqueued (the overlap), draft tokens verified and accepted.
+    spec_steps: int = 0
+    spec_lookahead_steps: int = 0
+    spec_drafted: int = 0
+    spec_accepted: int = 0
 
 
 @dataclass(frozen=True)

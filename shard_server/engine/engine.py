@@ -150,6 +150,7 @@ class ShardEngine:
             computed_prefill_tokens=self.computed_prefill_tokens,
             reused_prefill_tokens=self.blocks.num_reused_tokens,
             resident_adapters=tuple(self.adapters.resident_indices()),
+            **({} if self.speculator is None else self.speculator.totals()),
         )
 
     # ---- batches ---------------------------------------------------------------------------------------

@@ -224,6 +224,11 @@ class Speculator:
             for j, b in enumerate(step.medusa_rows):
                 batch.requests[b].drafts.medusa = nxt[j]
 
+    def totals(self) -> dict[str, int]:
+        """The counters EngineStats reports (metrics)."""
+        return {"spec_steps": self.steps, "spec_lookahead_steps": self.lookahead_steps,
+                "spec_drafted": self.drafted, "spec_accepted": self.accepted}  # fmt: skip
+
     def stats(self) -> dict[str, float]:
         rate = self.accepted / self.drafted if self.drafted else 0.0
         return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted, "acceptance": rate,

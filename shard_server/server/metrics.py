@@ -21,6 +21,9 @@ several shards in one process (tests) never share counters. Names follow vLLM/TG
     lorax_shard_adapter_offloads_total{adapter}
     lorax_shard_adapter_device_loads_total{adapter}       host -> device placements (first load, reloads)
     lorax_shard_adapter_evictions_total{adapter}          device -> host evictions (LRU, budget)
+    lorax_shard_speculative_verify_steps_total            speculative Decode steps (verify forwards)
+    lorax_shard_speculative_lookahead_steps_total         of those, forwards enqueued by the Decode before
+    lorax_shard_speculative_draft_tokens_total / _accepted_tokens_total   drafts verified / accepted
 
 `adapter` is the adapter id ("+"-joined for merges, cut to 120 characters), "base" for index 0; ids are
 chosen by the router, so at most MAX_ADAPTER_LABELS distinct values are used and later ones are counted
@@ -88,6 +91,11 @@ class ShardMetrics:
         self.adapter_offloads = counter("adapter_offloads", "Successful OffloadAdapter calls", ("adapter",))
         self.device_loads = counter("adapter_device_loads", "Host -> device placements", ("adapter",))
         self.evictions = counter("adapter_evictions", "Device -> host evictions", ("adapter",))
+        self.spec_steps = counter("speculative_verify_steps", "Speculative Decode steps")
+        self.spec_lookahead_steps = counter("speculative_lookahead_steps",
+                                            "Speculative steps whose verify forward ran ahead")  # fmt: skip
+        self.spec_drafted = counter("speculative_draft_tokens", "Draft tokens verified")
+        self.spec_accepted = counter("speculative_accepted_tokens", "Draft tokens accepted")
         self._labels: set[str] = set()
         self._lock = threading.Lock()
         self._server = None
