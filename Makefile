@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 # make run keeps the demo model in the user cache (~/.cache/lorax-mistral-shard) unless DEMO_DIR is set.
 DEMO_DIR ?=
 
-.PHONY: install proto test test-fast test-gpu fuzz run bench bench-cpu lint clean
+.PHONY: install proto test test-fast test-gpu fuzz fuzz-speculative run bench bench-cpu lint clean
 
 install:
 	@# The CPU build of torch from this machine's disk, unless some torch is already there (GPU machine).
@@ -29,6 +29,10 @@ FUZZ_EXAMPLES ?= 100000
 fuzz:
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(PYTHON) -m pytest tests/integration/test_fuzz.py -s -p no:cacheprovider \
 		-o addopts="" --timeout 0 $(PYTEST_ARGS)
+
+# The same against a speculative shard whose steps run ahead of the host (--speculative-tokens 3 --overlap).
+fuzz-speculative:
+	FUZZ_SPECULATIVE=3 $(MAKE) fuzz
 
 # The inner loop (under 2 minutes on 2 cores): unit and model tests without those marked slow.
 test-fast:

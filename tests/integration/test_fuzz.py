@@ -12,7 +12,9 @@ valid message's bytes mutated, or random bytes. Properties:
   free blocks (its /metrics gauge) back to all usable blocks; then a new bystander starts.
 
 Case count: FUZZ_EXAMPLES examples (default 1000, ~1,700 calls, ~60 s: the CI run, derandomized so it is the
-same every time); `make fuzz` runs 100,000 with fresh randomness (FUZZ_RANDOM=1).
+same every time); `make fuzz` runs 100,000 with fresh randomness (FUZZ_RANDOM=1). FUZZ_SPECULATIVE=N
+serves with `--speculative-tokens N --overlap` (speculative steps run ahead of the host wherever n-gram
+drafts exist: the tiny model's outputs repeat themselves), as `make fuzz-speculative` does.
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ from shard_server.types import AdapterSpec
 
 pytest.importorskip("hypothesis")  # a dev dependency; the GPU machine may lack it
 from fuzz_strategies import Call, calls  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 BYSTANDER_ID = 2**62 + 12_345  # outside every pool the strategies draw batch ids from
-BYSTANDER = {2**62 + 1: ((1, 17, 99, 250, 3, 42), 0), 2**62 + 2: ((1, 400, 401, 402), 1)}
+# The bystander's adapter row uses its own index, outside the pools the fuzzer loads and offloads: with
+# speculation its rows end at different steps, and once that row is done the fuzzer may legally offload
+# or replace whatever adapter it used.
+BYSTANDER_ADAPTER = 7
+BYSTANDER = {2**62 + 1: ((1, 17, 99, 250, 3, 42), 0), 2**62 + 2: ((1, 400, 401, 402), BYSTANDER_ADAPTER)}
 BYSTANDER_TOKENS = 24
 STEP_EVERY = 8  # fuzz calls between two bystander steps
 ALLOWED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
@@ -102,6 +108,7 @@ class Fuzzer:
         self.cycles = 0
         self.rpc_seconds = 0.0  # time in the fuzzed calls themselves (the rest: generation, bystander)
         self.method_seconds: collections.Counter = collections.Counter()
+        self.recent: collections.deque = collections.deque(maxlen=24)  # (call, code): told on a failure
         self.start_bystander()
 
     def start_bystander(self) -> None:
@@ -110,20 +117,29 @@ class Fuzzer:
         self.cached = resp.batch
 
     def step_bystander(self) -> None:
-        resp = self.stub.Decode(pb.DecodeRequest(batches=[self.cached]), timeout=60)
+        try:
+            resp = self.stub.Decode(pb.DecodeRequest(batches=[self.cached]), timeout=60)
+        except grpc.RpcError as e:
+            raise AssertionError(f"the bystander's Decode failed ({e.code().name}: {e.details()}) after "
+                                 f"{self.calls} calls{self.last_calls()}") from None  # fmt: skip
         for g in resp.generations:
             self.tokens[g.request_id].extend(g.next_tokens.ids)
         for rid, got in self.tokens.items():
-            assert got == self.expected[rid][: len(got)], f"bystander {rid} diverged after {self.calls} calls"
+            assert got == self.expected[rid][: len(got)], (
+                f"bystander {rid} diverged after {self.calls} calls{self.last_calls()}"
+            )
         if resp.HasField("batch"):
             self.cached = resp.batch
             return
         assert all(len(t) == BYSTANDER_TOKENS for t in self.tokens.values())
         self.stub.ClearCache(pb.ClearCacheRequest(), timeout=60)  # every fuzz batch too
         free, usable = self.blocks()
-        assert free == usable, f"{usable - free} KV blocks leaked after {self.calls} calls"
+        assert free == usable, f"{usable - free} KV blocks leaked after {self.calls} calls{self.last_calls()}"
         self.cycles += 1
         self.start_bystander()
+
+    def last_calls(self) -> str:
+        return "; the last calls:\n" + "\n".join(f"  {code}: {call!r}"[:400] for call, code in self.recent)
 
     def blocks(self) -> tuple[float, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10).read().decode()
@@ -154,6 +170,7 @@ class Fuzzer:
         self.method_seconds[call.method] += time.monotonic() - t0
         assert self.sp.proc.poll() is None, f"the shard died on {call!r}:\n{self.sp.log()[-3000:]}"
         self.codes[(call.method, "raw" if call.raw is not None else "msg", code)] += 1
+        self.recent.append((call, code))
         if code == "INTERNAL":
             assert call.raw is not None and details == UNDECODABLE, f"INTERNAL on {call!r}: {details}"
         else:
@@ -178,11 +195,14 @@ def test_fuzz_every_rpc(tiny_model_dir, adapter_dirs, tmp_path, monkeypatch):
     bad = [str(p) for p in bad_adapters(adapter_dirs[1], tmp_path)]
     port = free_port()
     args = ("--max-kv-cache-bytes", str(2 << 20), "--metrics-port", str(port))
+    speculative = int(os.environ.get("FUZZ_SPECULATIVE", "0"))
+    if speculative:
+        args += ("--speculative-tokens", str(speculative), "--overlap")
     with running_shard(tiny_model_dir, *args) as sp:
         with sp.router(LIMITS) as router:
             router.warmup()
-            for index in (1, 2):
-                assert router.load_adapter(index, AdapterSpec(adapter_ids=(good[index - 1],), source="local"))
+            for index, path in ((1, good[0]), (2, good[1]), (BYSTANDER_ADAPTER, good[0])):
+                assert router.load_adapter(index, AdapterSpec(adapter_ids=(path,), source="local"))
         stub = sp.stub()
         expected = {rid: [] for rid in BYSTANDER}  # the bystander's tokens without the fuzzer
         resp = stub.Prefill(pb.PrefillRequest(batch=bystander_batch(99)), timeout=60)
@@ -194,7 +214,10 @@ def test_fuzz_every_rpc(tiny_model_dir, adapter_dirs, tmp_path, monkeypatch):
             resp = stub.Decode(pb.DecodeRequest(batches=[resp.batch]), timeout=60)
         fuzzer = Fuzzer(sp, stub, port, expected)
 
+        # No shrinking: the shard's state carries over from call to call, so replaying smaller examples
+        # would not reproduce a failure; the first one is reported as it happened (with the calls before).
         @settings(max_examples=examples, deadline=None, database=None, derandomize=not fresh,
+                  phases=(Phase.explicit, Phase.reuse, Phase.generate),
                   suppress_health_check=list(HealthCheck), print_blob=True)  # fmt: skip
         @given(call=calls(good + bad, good))
         def one_call(call: Call) -> None:
@@ -219,3 +242,10 @@ def test_fuzz_every_rpc(tiny_model_dir, adapter_dirs, tmp_path, monkeypatch):
             print(f"  {key}: {dict(counts)}")
         print("  seconds by method:", {m: round(s, 1) for m, s in fuzzer.method_seconds.most_common()})
         assert fuzzer.calls >= examples
+        if speculative:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            spec = {line.split(" ")[0].removeprefix("lorax_shard_speculative_"): float(line.split(" ")[1])
+                    for line in text.splitlines() if line.startswith("lorax_shard_speculative_")
+                    and line.split(" ")[0].endswith("_total")}  # fmt: skip
+            print("  speculative:", spec)
+            assert spec["verify_steps_total"] > 0 and spec["lookahead_steps_total"] > 0
