@@ -6,7 +6,8 @@ enqueued, before the step's commit, stopping, detokenization and response.
                 -> look_ahead: n-gram drafts over emitted N, enqueue verify N+1    (device: runs N+1)
                 -> commit N, stopping, detokenization, response                  (host, meanwhile)
     Decode N+1: Precomputed.of: rows held at their KV length take the logits of verify N+1; rows
-                that joined since are verified now beside them; score N+1 with the committed chooser
+                that joined since get a verify forward of their own now (one more weight read on a
+                large model, as for new rows of a plain lookahead); score N+1 with the committed chooser
 
 Sampling and acceptance are never precomputed: scoring runs with the chooser as committed, so seeds,
 penalties and grammars see exactly the committed history. Rows that end this step by length are left
