@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from shard_server.engine.speculation import BASE_MEDUSA_DIR
+from shard_server.engine.speculative.speculator import BASE_MEDUSA_DIR
 
 T = TypeVar("T")
 

@@ -57,8 +57,8 @@ PARENT = {"decode": None, "prefill": None, "compute": "decode", "forward": "deco
 
 
 def _phases():
-    from shard_server.engine import speculation
     from shard_server.engine.engine import ShardEngine
+    from shard_server.engine.speculative import speculator
     from shard_server.executor.runner import ModelRunner
     from shard_server.generation.sampling import NextTokenChooser
     from shard_server.generation.speculative import VerifySample
@@ -66,15 +66,15 @@ def _phases():
     return [
         (ShardEngine, "decode", "decode"),
         (ShardEngine, "prefill", "prefill"),
-        (speculation.Speculator, "look_ahead", "look_ahead"),
-        (speculation.Speculator, "compute", "compute"),
-        (speculation.Speculator, "ngram_drafts", "ngram"),
-        (speculation, "verify_forward", "verify"),
+        (speculator.Speculator, "look_ahead", "look_ahead"),
+        (speculator.Speculator, "compute", "compute"),
+        (speculator.Speculator, "ngram_drafts", "ngram"),
+        (speculator, "verify_forward", "verify"),
         (ModelRunner, "decode", "forward"),
-        (speculation, "choose_positions", "choose_positions"),
+        (speculator, "choose_positions", "choose_positions"),
         (NextTokenChooser, "choose", "choose"),
         (VerifySample, "to_host", "to_host"),
-        (speculation.Speculator, "commit", "commit"),
+        (speculator.Speculator, "commit", "commit"),
         (ShardEngine, "emit", "emit"),
     ]
 

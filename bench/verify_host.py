@@ -148,8 +148,8 @@ def engine_steps(rows: int, k: int, steps: int) -> dict[str, float]:
     from collections import defaultdict
 
     from shard_server.config import ShardConfig
-    from shard_server.engine import speculation
     from shard_server.engine.engine import ShardEngine
+    from shard_server.engine.speculative import speculator
     from shard_server.tools.tiny_model import make_tiny_model
     from shard_server.types import BatchSpec, RequestSpec, StoppingParams
 
@@ -178,9 +178,9 @@ def engine_steps(rows: int, k: int, steps: int) -> dict[str, float]:
         )  # fmt: skip
         spec = engine.speculator
         patches = [
-            (speculation, "verify_forward", timed("forward", speculation.verify_forward)),
-            (speculation, "choose_positions", timed("score", speculation.choose_positions)),
-            (speculation.VerifySample, "to_host", timed("to_host", speculation.VerifySample.to_host)),
+            (speculator, "verify_forward", timed("forward", speculator.verify_forward)),
+            (speculator, "choose_positions", timed("score", speculator.choose_positions)),
+            (speculator.VerifySample, "to_host", timed("to_host", speculator.VerifySample.to_host)),
             (spec, "compute", timed("compute", spec.compute)),
             (spec, "commit", timed("commit", spec.commit)),
             (engine, "emit", timed("emit", engine.emit)),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from model.errors import FailedPrecondition, NotFound, shown
-from shard_server.engine import speculation
+from shard_server.engine.speculative import speculator
 from shard_server.types import AdapterSpec
 
 
@@ -20,7 +20,7 @@ def load_adapter(engine, index: int, spec: AdapterSpec, prepared: object | None 
     """`prepared`: prepare_adapter(spec)'s result, so that the model thread reads no file."""
     if index == 0:
         raise FailedPrecondition("adapter_index 0 is the base model; load adapters at index >= 1")
-    heads = speculation.adapter_heads(engine.speculator, engine.adapters, spec)  # bad files refuse here
+    heads = speculator.adapter_heads(engine.speculator, engine.adapters, spec)  # bad files refuse here
     engine.adapters.load(index, spec, host=prepared)
     if engine.speculator is not None:  # its requests draft with these heads, or with the base's
         engine.speculator.medusa.by_adapter.pop(index, None)

@@ -48,7 +48,7 @@ class RequestState:
     # Prompt logprobs gathered chunk by chunk (prefill_logprobs only), reported with the first token.
     prompt_logprobs: list[float] | None = None
     skipped_tokens: int = 0  # generated tokens that came as accepted speculative drafts
-    drafts: Any = None  # speculative decoding's per-request state (engine/speculation.py)
+    drafts: Any = None  # speculative decoding's per-request state (engine/speculative/speculator.py)
     grammar: RequestGrammar | None = None  # the JSON schema's matcher; advances on emitted tokens only
 
     @property

@@ -24,7 +24,7 @@ from model.config import MistralConfig
 from model.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from model.flash_mistral import FlashMistralForCausalLM
 from shard_server.config import ShardConfig
-from shard_server.engine import adapter_ops, admission, prefilling, speculation, warmup
+from shard_server.engine import adapter_ops, admission, prefilling, warmup
 from shard_server.engine.batch import Batch, PendingPrefill
 from shard_server.engine.bootstrap import (
     build_adapter_store,
@@ -35,6 +35,7 @@ from shard_server.engine.bootstrap import (
 from shard_server.engine.kv_setup import KVScaleKeeper, KVSizing
 from shard_server.engine.lookahead import Lookahead, logits_for, look_ahead, restore_lookaheads
 from shard_server.engine.outputs import emit_step
+from shard_server.engine.speculative import speculator
 from shard_server.engine.stepping import StillWanted, check_unique_ids, commit_or_cancel, in_order
 from shard_server.executor.runner import ModelRunner
 from shard_server.generation.grammar import SchemaCompiler
@@ -96,7 +97,7 @@ class ShardEngine:
             deterministic_only=self.tp.world_size > 1,
             pin_memory=self.device.type == "cuda",
         )
-        self.speculator = speculation.build(self) if config.speculative_tokens else None
+        self.speculator = speculator.build(self) if config.speculative_tokens else None
         self.batches: dict[int, Batch] = {}
         # Decode overlap (lookahead.py): each cached batch's next step, already enqueued.
         self.overlap = config.overlap

@@ -240,7 +240,7 @@ def test_fp8_kv_cache(engines):
 def test_info_reports_speculate_and_limits_are_checked(tiny_model_dir, tmp_path):
     from types import SimpleNamespace
 
-    from shard_server.engine import speculation
+    from shard_server.engine.speculative import speculator
 
     assert ShardEngine(ShardConfig(model_dir=tiny_model_dir, speculative_tokens=3)).info().speculate == 3
     assert ShardEngine(ShardConfig(model_dir=tiny_model_dir)).info().speculate == 0
@@ -255,9 +255,9 @@ def test_info_reports_speculate_and_limits_are_checked(tiny_model_dir, tmp_path)
         adapters=SimpleNamespace(preloaded_adapters=lambda: ()),
     )
     with pytest.raises(ValueError, match="exceeds the KV block size 4"):
-        speculation.build(small_blocks)
+        speculator.build(small_blocks)
     small_blocks.model_config.sliding_window = None
-    assert speculation.build(small_blocks).k == 8
+    assert speculator.build(small_blocks).k == 8
 
 
 def test_verify_graph_inputs_on_cpu(engines, monkeypatch):
@@ -319,7 +319,7 @@ def test_decode_overlap_with_speculation(engines, window_model):
     host work (SpecLookahead), and the next step uses it; plain steps between (nothing to draft) ignore
     it and take their own lookaheads. Outputs equal plain decoding through prefill joins, chunks and a
     filter."""
-    from shard_server.engine.speculation import SpecLookahead
+    from shard_server.engine.speculative.speculator import SpecLookahead
 
     first = requests(4, seed=8)
     second = [replace(r, id=r.id + 100, chunk_len=5) for r in requests(4, seed=9)]

@@ -1,6 +1,6 @@
-"""NgramIndex (engine/drafts.py), synced incrementally in chunks of every size, proposes exactly what a
-brute-force scan of the whole token list proposes, for the default n <= 3 (an unrolled loop) and for
-other maximum lengths (the general loop)."""
+"""NgramIndex (engine/speculative/drafts.py), synced incrementally in chunks of every size, proposes
+exactly what a brute-force scan of the whole token list proposes, for the default n <= 3 (an unrolled
+loop) and for other maximum lengths (the general loop)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from shard_server.engine.drafts import NgramIndex
+from shard_server.engine.speculative.drafts import NgramIndex
 
 
 def brute_force(seq: list[int], max_n: int, k: int) -> list[int]:

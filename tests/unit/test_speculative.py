@@ -1,4 +1,5 @@
-"""Speculative acceptance (generation/speculative.py) and n-gram drafts (engine/drafts.py), on tensors.
+"""Speculative acceptance (generation/speculative.py) and n-gram drafts (engine/speculative/drafts.py),
+on tensors.
 
 The acceptance rule scores position i of a row as one-token decoding would score the token after the
 row's first i drafts, and accepts drafts while they equal those targets. Checked here against a plain
@@ -15,7 +16,7 @@ import random
 import pytest
 import torch
 
-from shard_server.engine.drafts import NgramIndex, draft_budget
+from shard_server.engine.speculative.drafts import NgramIndex, draft_budget
 from shard_server.generation.sampling import NextTokenChooser
 from shard_server.generation.speculative import advance_chooser, choose_positions
 from shard_server.types import SamplingParams

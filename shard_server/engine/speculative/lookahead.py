@@ -1,4 +1,4 @@
-"""Speculative steps overlap the host as plain ones do (lookahead.py): right after a step's one host
+"""Speculative steps overlap the host as plain ones do (engine/lookahead.py): right after a step's one host
 sync, the next step's drafts are taken over the tokens it just emitted and its verify forward is
 enqueued, before the step's commit, stopping, detokenization and response.
 
@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from shard_server.engine.drafts import draft_budget
+from shard_server.engine.speculative.drafts import draft_budget
 from shard_server.executor.verify import verify_forward
 
 
 @dataclass
 class SpecLookahead:
     """The verify forward of a batch's next speculative step, enqueued before this step's host work
-    (the decode overlap, lookahead.py, for speculative steps): row j is `requests[j]` at KV length
+    (the decode overlap of engine/lookahead.py, for speculative steps): row j is `requests[j]` at KV length
     `lengths[j]`, verifying its next input token and `drafts[j]`."""
 
     requests: list  # [RequestState]
@@ -106,7 +106,7 @@ def look_ahead(spec, batch, step) -> SpecLookahead | None:
     continues from its emitted tokens with n-gram drafts over them. Reads the batch, mutates no
     batch or chooser state (n-gram indexes grow by the emitted tokens: `NgramIndex.sync` rebuilds
     one whose tokens were never committed). Rows that end this step by length are left out; rows
-    that stop on EOS or a stop sequence are verified in vain, never reported (lookahead.py). None
+    that stop on EOS or a stop sequence are verified in vain, never reported (engine/lookahead.py). None
     (no lookahead) for Medusa or grammar rows, whose next drafts need committed state, and when
     no row has a draft."""
     if step.medusa_rows or batch.chooser.grammar is not None:

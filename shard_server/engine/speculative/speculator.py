@@ -10,7 +10,7 @@
                       Medusa rows compute their next drafts from the hidden state of their last kept
                       position; stopping cuts the emitted tokens where one-token steps would stop.
     look_ahead(batch): with the decode overlap, the next step's verify forward, enqueued between the two
-                      (spec_lookahead.py); `compute` of the next Decode takes it as `found`.
+                      (lookahead.py); `compute` of the next Decode takes it as `found`.
 
 `compute` returns None when no row has anything to verify (no n-gram match, no Medusa heads): the
 engine then runs its plain decode step (CUDA graphs included). Rows with a JSON schema take part: each
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from model.adapters.medusa import MedusaHeads
-from shard_server.engine.drafts import NgramIndex, draft_budget
-from shard_server.engine.spec_lookahead import Precomputed, SpecLookahead, look_ahead
+from shard_server.engine.speculative.drafts import NgramIndex, draft_budget
+from shard_server.engine.speculative.lookahead import Precomputed, SpecLookahead, look_ahead
 from shard_server.executor.verify import VerifyGraphs, verify_forward
 from shard_server.generation.grammar_drafts import DraftMasks
 from shard_server.generation.speculative import (
@@ -154,7 +154,7 @@ class Speculator:
         return r.drafts.ngram.propose(budget)
 
     def look_ahead(self, batch, step: SpecStep) -> SpecLookahead | None:
-        """The next step's verify forward, enqueued now (spec_lookahead.look_ahead)."""
+        """The next step's verify forward, enqueued now (lookahead.look_ahead)."""
         return look_ahead(self, batch, step)
 
     def commit(self, batch, step: SpecStep) -> None:
