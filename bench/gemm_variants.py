@@ -174,9 +174,8 @@ def bench_shape(name, n, k, ms, dev, copies, bw, out):
 
 
 def pick_best(rows):
-    """Per (shape, M): the fastest of everything, and the table row (cuBLAS default vs the best Triton
-    config, Triton only when >= 3% faster: what model.kernels.gemm.GemmTable.from_best reads)."""
-    best, table = [], []
+    """Per (shape, M): the fastest of everything, with cuBLAS's time beside it."""
+    best = []
     keys = dict.fromkeys((r["shape"], r["M"]) for r in rows)
     for shape, m in keys:
         mine = [r for r in rows if (r["shape"], r["M"]) == (shape, m) and r["us"] and r.get("ok", True)]
@@ -184,12 +183,8 @@ def pick_best(rows):
             continue
         top = min(mine, key=lambda r: r["us"])
         cublas = next((r for r in mine if r["variant"] == "cublas"), None)
-        tri = min((r for r in mine if r["variant"] == "triton"), key=lambda r: r["us"], default=None)
         best.append({**top, "cublas_us": cublas["us"] if cublas else None})
-        use = tri if tri and (cublas is None or tri["us"] < 0.97 * cublas["us"]) else None
-        table.append(dict(shape=shape, N=top["N"], K=top["K"], M=m, config=use["config"] if use else None,
-                          us=(use or cublas or top)["us"], cublas_us=cublas["us"] if cublas else None))
-    return best, table
+    return best
 
 
 def layer_sums(rows, best, ms=(1, 160)):
@@ -254,7 +249,7 @@ def main() -> None:
         copies = 1 if args.no_rotate else max(1, min(8, math.ceil(2.5 * l2 / (n * k * ELEM))))
         out["weight_copies"][name] = copies
         bench_shape(name, n, k, ms, dev, copies, bw, out)
-        out["best"], out["table"] = pick_best(out["rows"])
+        out["best"] = pick_best(out["rows"])
         print_shape(name, out["rows"], out["best"])
         if args.out:
             with open(args.out, "w") as f:

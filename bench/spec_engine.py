@@ -149,11 +149,7 @@ def generate(engine, prompts: list[list[int]], max_new: int, batch: int, ids: Id
         _sync(engine.device)
         out.prefill_s += t1 - t0
         out.decode_s += time.perf_counter() - t1
-    if spec0 is not None:
-        spec1 = engine.speculator.stats()
-        out.drafted = spec1["drafted"] - spec0["drafted"]
-        out.accepted = spec1["accepted"] - spec0["accepted"]
-        out.medusa_drafted = spec1["medusa_drafted"] - spec0["medusa_drafted"]
+    _count_drafts(engine, spec0, out)
     return out
 
 
@@ -205,12 +201,17 @@ def generate_continuous(engine, prompts: list[list[int]], max_new: int, batch: i
         running = res.batch
     _sync(engine.device)
     out.decode_s = time.perf_counter() - t0
-    if spec0 is not None:
-        spec1 = engine.speculator.stats()
-        out.drafted = spec1["drafted"] - spec0["drafted"]
-        out.accepted = spec1["accepted"] - spec0["accepted"]
-        out.medusa_drafted = spec1["medusa_drafted"] - spec0["medusa_drafted"]
+    _count_drafts(engine, spec0, out)
     return out
+
+
+def _count_drafts(engine, before: dict | None, out: Generation) -> None:
+    """The speculator's counters grown since `before` (its stats() when the generation began)."""
+    if before is not None:
+        now = engine.speculator.stats()
+        out.drafted = now["drafted"] - before["drafted"]
+        out.accepted = now["accepted"] - before["accepted"]
+        out.medusa_drafted = now["medusa_drafted"] - before["medusa_drafted"]
 
 
 def _sync(dev: torch.device) -> None:

@@ -35,8 +35,8 @@ class Seqlen:
     # (from_lengths); None: `has_cached_prefix` asks the device once and remembers.
     cached_prefix: bool | None = None
     total_k: int | None = None  # sum of input_lengths, when known on the host (from_lengths)
-    # The prefix gather's indices (reference.gather_prefill_kv), the same for every layer of a step:
-    # computed by the first layer that needs them.
+    # (block table, slot, new_row, sel): the prefix gather's indices (reference.gather_prefill_kv), the
+    # same for every layer of a step, computed by the first layer that needs them.
     gather_plan: tuple | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -25,10 +25,10 @@ def gather_prefill_kv(
     `seqlen`; each layer then only gathers.
     """
     plan = seqlen.gather_plan
-    key = (block_tables, kv.block_size, k.shape[0])
-    if plan is None or plan[0] is not key[0] or plan[1:3] != key[1:]:
-        plan = seqlen.gather_plan = (*key, *_gather_indices(seqlen, block_tables, kv.block_size, k.shape[0]))
-    slot, new_row, sel = plan[3:]
+    if plan is None or plan[0] is not block_tables:  # a Seqlen belongs to one step, hence one table
+        indices = _gather_indices(seqlen, block_tables, kv.block_size, k.shape[0])
+        plan = seqlen.gather_plan = (block_tables, *indices)
+    _, slot, new_row, sel = plan
     k_old, v_old = kv.read(slot, k.dtype)  # [Tk, Hkv, D]
     return torch.where(sel, k_old, k[new_row]), torch.where(sel, v_old, v[new_row])
 

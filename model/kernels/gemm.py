@@ -21,18 +21,18 @@ partials in split order (its own from registers, so the result does not depend o
 the bf16 tile and sets the counter back to 0, so the next call (a CUDA-graph replay) starts from zeros
 with no memset. Same protocol as model/kernels/lora.py.
 
-Dispatch hook (not wired into the model): `linear(x, w, table, workspace)` looks (N, K, M-bucket) up in a
-`GemmTable` and falls back to F.linear where it has no entry or the entry says "cublas".
+Not used by the model: bench/gemm_variants.py measures it against cuBLAS. On an H200
+(bench/results/h200-gemm-variants-2026-12-01.json) its best configs saved 0.08 ms of a 7B decode step at
+M = 1 and were slower than cuBLAS from M = 64 up, too little to route the model's matmuls through it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -263,54 +263,6 @@ def gemm(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig, workspace: GemmWorks
                            SWAP_AB=cfg.swap_ab, DOT_PREC="ieee" if x.dtype == torch.float32 else None,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
     return out
-
-
-CUBLAS = "cublas"
-M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 160, 192, 256)
-
-
-def m_bucket(m: int, buckets: tuple[int, ...] = M_BUCKETS) -> int | None:
-    """The smallest bucket >= m (None past the last: such calls go to cuBLAS)."""
-    return next((b for b in buckets if m <= b), None)
-
-
-@dataclass(frozen=True)
-class GemmTable:
-    """(N, K, M-bucket) -> GemmConfig or "cublas"; a call whose key is absent goes to cuBLAS too."""
-
-    entries: Mapping[tuple[int, int, int], GemmConfig | str] = field(default_factory=dict)
-    buckets: tuple[int, ...] = M_BUCKETS
-
-    def lookup(self, n: int, k: int, m: int) -> GemmConfig | None:
-        b = m_bucket(m, self.buckets)
-        entry = self.entries.get((n, k, b)) if b is not None else None
-        return entry if isinstance(entry, GemmConfig) else None
-
-    def workspace(self, device, max_m: int | None = None) -> GemmWorkspace:
-        """A workspace for every entry at its bucket's largest M (or `max_m`, whichever is smaller)."""
-        uses = [(cfg, min(b, max_m or b), n) for (n, _k, b), cfg in self.entries.items()
-                if isinstance(cfg, GemmConfig)]  # fmt: skip
-        return GemmWorkspace.for_shapes(device, uses)
-
-    @classmethod
-    def from_best(cls, best: Iterable[Mapping]) -> GemmTable:
-        """From bench/gemm_variants.py's "best" rows: {N, K, M, config (dict) or None (cuBLAS won)}.
-        Rows must use M values that are buckets."""
-        entries: dict[tuple[int, int, int], GemmConfig | str] = {}
-        for row in best:
-            cfg = row.get("config")
-            entries[(int(row["N"]), int(row["K"]), int(row["M"]))] = GemmConfig(**cfg) if cfg else CUBLAS
-        return cls(entries)
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, table: GemmTable | None,
-           workspace: GemmWorkspace | None = None) -> torch.Tensor:  # fmt: skip
-    """F.linear(x, w) (no bias), through the Triton kernel where `table` has a config for (N, K, M)."""
-    cfg = table.lookup(w.shape[0], w.shape[1], x.shape[0]) if table is not None and x.dim() == 2 else None
-    if cfg is None or not x.is_cuda or not x.is_contiguous() or not w.is_contiguous() \
-            or cfg.check(w.shape[0], w.shape[1]) is not None:
-        return F.linear(x, w)
-    return gemm(x, w, cfg, workspace)
 
 
 def weight_fraction(n: int, k: int, elem_bytes: int, seconds: float, bandwidth_bytes_per_s: float) -> float:

@@ -92,10 +92,8 @@ class Telemetry:
         self._hits += reused
         self._queries += computed + reused
         m.prefix_hit_rate.set(self._hits / self._queries if self._queries else 0.0)
-        spec = {m.spec_steps: "spec_steps", m.spec_lookahead_steps: "spec_lookahead_steps",
-                m.spec_drafted: "spec_drafted", m.spec_accepted: "spec_accepted"}  # fmt: skip
-        for counter, name in spec.items():
-            counter.inc(_growth(last and getattr(last, name), getattr(stats, name)))
+        for name in ("spec_steps", "spec_lookahead_steps", "spec_drafted", "spec_accepted"):  # same names
+            getattr(m, name).inc(_growth(last and getattr(last, name), getattr(stats, name)))
         before = set(last.resident_adapters) if last is not None else set()
         now = set(stats.resident_adapters)
         for index in now - before:

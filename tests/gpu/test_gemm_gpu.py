@@ -2,7 +2,7 @@
 
 Same bound as tests/unit/test_gemm_interpret.py: |out - exact| <= K * 2^-24 * (|x| @ |w|^T) + 2^-8 |exact|
 (fp32 accumulation of exact bf16 products, then one bf16 rounding), exact = the fp64 product. Also: split-K
-counters back at zero, repeated calls bitwise equal, a CUDA graph replayed on new inputs, the `linear` hook.
+counters back at zero, repeated calls bitwise equal, a CUDA graph replayed on new inputs.
 Run on the GPU machine: python -m pytest -m gpu tests/gpu/test_gemm_gpu.py -p no:cacheprovider
 """
 
@@ -86,16 +86,3 @@ def test_gemm_in_cuda_graph():
         check_close(out, x, w)
         assert ws.counters.eq(0).all()
 
-
-def test_linear_hook_uses_table():
-    from model.kernels import gemm as gm
-
-    n, k = SHAPES["o"]
-    cfg = gm.GemmConfig(gemv=True, block_m=1, block_n=32, block_k=128, split_k=4)
-    table = gm.GemmTable({(n, k, 1): cfg, (n, k, 64): gm.CUBLAS})
-    ws = table.workspace(DEV)
-    w = (torch.randn(n, k, device=DEV) * 0.02).bfloat16()
-    for m in (1, 40, 300):  # Triton, cuBLAS by entry, cuBLAS past the buckets
-        x = torch.randn(m, k, device=DEV).bfloat16()
-        check_close(gm.linear(x, w, table, ws), x, w)
-    assert ws.counters.eq(0).all()

@@ -119,22 +119,3 @@ def test_gemm_rejects_bad_shapes(gm):
     with pytest.raises(AssertionError, match="power of two"):
         cfg_of(gm, block_n=96)
 
-
-def test_table_lookup_and_linear_fallback(gm):
-    cfg = cfg_of(gm, gemv=True, block_m=1, block_n=64, block_k=64, split_k=2)
-    table = gm.GemmTable.from_best([
-        {"N": 128, "K": 256, "M": 1, "config": {**cfg.__dict__}},
-        {"N": 128, "K": 256, "M": 160, "config": None},  # cuBLAS won
-    ])
-    assert table.lookup(128, 256, 1) == cfg
-    assert table.lookup(128, 256, 2) is None  # bucket 2: no entry
-    assert table.lookup(128, 256, 150) is None  # bucket 160 says cuBLAS
-    assert table.lookup(128, 256, 300) is None  # past the last bucket
-    assert gm.m_bucket(1) == 1 and gm.m_bucket(3) == 4 and gm.m_bucket(161) == 192
-    assert gm.m_bucket(257) is None
-    ws = table.workspace("cpu")
-    assert ws.counters.numel() >= 2 and ws.counters.eq(0).all()
-    x, w = torch.randn(1, 256).bfloat16(), torch.randn(128, 256).bfloat16()
-    # the hook on a CPU tensor is F.linear itself (the Triton path is for CUDA tensors only)
-    assert torch.equal(gm.linear(x, w, table, ws), torch.nn.functional.linear(x, w))
-    assert torch.equal(gm.linear(x, w, None), torch.nn.functional.linear(x, w))
