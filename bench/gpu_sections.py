@@ -224,6 +224,10 @@ class Bench:
         steps: list[tuple[int, float]] = []
         try:
             bid = self.prefill(specs, p.prefill_chunk_tokens)
+            graphs = self.engine.runner.graphs
+            if graphs is not None:  # which decode graph variant (executor/graphs.py) these steps replay
+                slots = self.engine.adapters.request_slots(self.engine.batches[bid].adapter_indices)
+                extra["graph_variant"] = ("base", "lora", "lora_few")[graphs.variant_for(slots)]
             # The model forward alone (incl. LoRA, no sampling or host bookkeeping), for the split.
             fwd = common.time_ms(lambda: self.engine.runner.decode(self.engine.batches[bid]), p.device, 2, 5)
             # No device sync between steps: each Decode ends with its own host sync of the step's tokens,

@@ -2,9 +2,11 @@
 
     python -m bench.profile_lora [--out FILE] [--sections lora,verify,gemm]
 
-lora    CUDA-graph decode forward (model only) at batch 1 / 32 / 128 with no adapter data, with adapter
-        data but every row on the base model, with 1 and with 32 distinct rank-16 adapters (32 resident
-        slots, all seven projections); per case the replay time and the top kernels of one replay.
+lora    CUDA-graph decode forward (model only) at batch 1 / 32 / 128: the base model under cuBLAS and under
+        the decode graphs' matmul policy; with adapter data but every row on the base model; with 1, 2,
+        4, 8 and 32 distinct rank-16 adapters (32 resident slots, all seven projections), each added in
+        place and on the LoRA side stream (executor/graphs.py's LORA and LORA_FEW variants); per case
+        the replay time and, at 32 and 128 rows, the top kernels of one replay.
 verify  decode forward vs verify forward (k = 4: 5 query tokens per row) at batch 8 / 16 / 32, both
         graph-replayed, kernels of each; the scoring of a verify step (choose_positions + host copy),
         eager, with its kernel count.
@@ -69,40 +71,57 @@ def lora_stacks(model, slots: int, rank: int, dev) -> dict:
     return stacks
 
 
-def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32) -> None:
+def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
+             adapter_counts: tuple[int, ...] = (1, 2, 4, 8, 32)) -> None:  # fmt: skip
+    """Per batch: the base graph under cuBLAS and under the decode graphs' matmul policy, every row on
+    the base model inside a LoRA graph, then for each adapter count (rows round-robin over that many
+    adapters) LoRA added in place (graphs.LORA) and on the side stream with 32 SMs left to it
+    (graphs.LORA_FEW), each under its policy (executor/gemm_policy.py)."""
     from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
     from model.forward_batch import ForwardBatch
+    from shard_server.executor.gemm_policy import DEFAULT, SIDE_STREAM_SMS, decode_policy
 
     stacks = lora_stacks(model, slots, 16, dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    side = torch.cuda.Stream(dev, priority=-100)  # as AdapterStore makes its LoRA stream
     res = out.setdefault("lora", [])
     for b in batches:
         case = DecodeCase(model, b, 544)
+        cases = [("none", "cublas", DEFAULT), ("none", "policy", decode_policy(b, sms)),
+                 ("base_rows", "in_place", decode_policy(b, sms))]  # fmt: skip
+        for n in adapter_counts:
+            cases += [(n, "in_place", decode_policy(b, sms)), (n, "side_stream", decode_policy(b, sms, True))]
         base_ms = None
-        for used in ("none", "base_rows", 1, 32):
+        for used, mode, policy in cases:
             if used == "none":
                 data = None
             else:
                 meta = AdapterBatchMetadata.for_cuda_graph(b, dev)
                 if used != "base_rows":
                     meta.token_slots.copy_(torch.arange(b, device=dev, dtype=torch.int32) % int(used))
-                data = AdapterBatchData(meta, stacks, is_prefill=False)
+                on_side = mode == "side_stream"
+                data = AdapterBatchData(meta, stacks, is_prefill=False, concurrent=on_side,
+                                        stream=side if on_side else None,
+                                        lora_sms=SIDE_STREAM_SMS if on_side else None)  # fmt: skip
 
             def step(c=case, d=data):
                 fb = ForwardBatch.decode(c.input_ids, c.positions, c.tables, block_size=model.block_size,
                                          max_s=MAX_S, adapter_data=d)  # fmt: skip
                 return fb.run(model, c.kv.layers)
 
-            g = graph_of(step)
+            with policy.applied():
+                g = graph_of(step)
             ms = median(time_ms(g.replay, dev, 3, 20))
-            if used == "none":
+            if base_ms is None:
                 base_ms = ms
-            row = {"batch": b, "adapters": used, "replay_ms": ms, "vs_none": ms / base_ms}
-            if b in (1, 32, 128):
+            row = {"batch": b, "adapters": used, "mode": mode, "replay_ms": ms, "vs_none": ms / base_ms,
+                   "blas": policy.library or "default", "sm_carveout": policy.sm_carveout}
+            if b in (32, 128) and used in ("none", 1, 32):
                 row["kernels"] = kernel_table(g.replay)
             res.append(row)
-            print(f"lora batch {b:4d} adapters {used!s:>9}: replay {ms:7.3f} ms ({ms / base_ms:.3f} x none)")
-            if "kernels" in row:
-                print_kernels(f"batch {b} adapters {used}", row["kernels"])
+            print(f"lora batch {b:4d} adapters {used!s:>9} {mode:11s} {row['blas']:8s} carveout "
+                  f"{policy.sm_carveout:2d}: replay {ms:7.3f} ms ({ms / base_ms:.3f} x cuBLAS "
+                  "none)")  # fmt: skip
             del g
         del case
         torch.cuda.empty_cache()

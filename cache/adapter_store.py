@@ -96,8 +96,15 @@ class AdapterStore:
                  sources: AdapterSources | None = None, preloaded: Sequence[tuple[int, object]] = (),
                  host_cache_entries: int = 8, min_slots: int = 1,
                  base_weights: Callable[[int, str], torch.Tensor] | None = None,
-                 reserve: SlotReservation | None = None):  # fmt: skip
+                 reserve: SlotReservation | None = None, concurrent_lora: bool = True):  # fmt: skip
         self.device = torch.device(device)
+        # Decode LoRA as a delta for the consumer kernel, computed on a side stream of high priority on
+        # CUDA (model/adapters/batch.py); its kernels then take SMs as soon as a base matmul frees some.
+        self.concurrent_lora = concurrent_lora
+        self.lora_stream = None
+        if concurrent_lora and self.device.type == "cuda":
+            # priority: lower is higher; torch clamps a value past the device's range to its highest
+            self.lora_stream = torch.cuda.Stream(self.device, priority=-100)
         self.dtype = dtype
         self.config = config
         self.tp = tp
@@ -242,7 +249,8 @@ class AdapterStore:
         """
         meta = AdapterBatchMetadata.from_requests(self._slots(adapter_indices), tokens, self.device)
         return AdapterBatchData(meta, self.layout.stacks, is_prefill, self.tp, lm_head_indices,
-                                self.layout.scales, ready=self.layout.ready_events())  # fmt: skip
+                                self.layout.scales, ready=self.layout.ready_events(),
+                                concurrent=self.concurrent_lora, stream=self.lora_stream)  # fmt: skip
 
     def request_slots(self, adapter_indices: Sequence[int]) -> list[int]:
         """Device slot per request (-1: base), after making every adapter of the batch resident.
@@ -263,9 +271,14 @@ class AdapterStore:
         self.layout.ensure_resident(required)
         return self.layout.slots(adapter_indices)
 
-    def graph_batch_data(self, meta: AdapterBatchMetadata) -> AdapterBatchData:
-        """Decode AdapterBatchData over the current stacks for a graph bucket's static metadata."""
-        return AdapterBatchData(meta, self.layout.stacks, False, self.tp, scales=self.layout.scales)
+    def graph_batch_data(self, meta: AdapterBatchMetadata, side_stream: bool = False,
+                         lora_sms: int | None = None) -> AdapterBatchData:  # fmt: skip
+        """Decode AdapterBatchData over the current stacks for a graph bucket's static metadata; LoRA added
+        in place, or (`side_stream`, when the store has a LoRA stream) computed on the LoRA stream with
+        kernels sized for `lora_sms` SMs (executor/graphs.py picks per graph)."""
+        stream = self.lora_stream if side_stream else None
+        return AdapterBatchData(meta, self.layout.stacks, False, self.tp, scales=self.layout.scales,
+                                concurrent=stream is not None, stream=stream, lora_sms=lora_sms)
 
     # ---- host side ------------------------------------------------------------------------------------
     def _host_weights(self, spec) -> HostAdapter:

@@ -1,10 +1,13 @@
 """Mistral on a paged KV cache: flattened tokens, fused projections, pluggable attention, LoRA hooks.
 
 Tokens of all sequences are flattened to [T]; `cu_seqlen_prefill` is None in decode (one token per
-sequence). Every LoRA-targetable projection group calls `adapter_data.add_lora(layer_idx, group, x, out,
-widths)` once after its base matmul (after the all-reduce for row-parallel ones), `out` being the fused
-output of the group (q|k|v, gate|up) with its members' column widths, so the adapter adds every member's
-delta in place with one shrink and one expand.
+sequence). Every LoRA-targetable projection group calls `pending = adapter_data.begin_lora(layer_idx,
+group, x, widths)` before its base matmul and `delta = pending.finish(out)` after it (after the all-reduce
+for row-parallel ones), `out` being the fused output of the group (q|k|v, gate|up) with its members' column
+widths: the adapter either adds every member's delta to out in place (delta None) or returns it for out's
+consumer to add, fused into the kernel that reads out next (rope + KV write, silu_and_mul, the next
+RMSNorm), so that its work can run beside the base matmul (model/adapters/batch.py). lm_head calls
+`add_lora(-1, "lm_head", hidden, logits)` after its matmul.
 """
 
 from __future__ import annotations
@@ -33,9 +36,26 @@ from model.layers.fused import FusedOps
 from model.parallel import TPGroup
 
 
+class PendingLora(Protocol):
+    def finish(self, out: torch.Tensor) -> torch.Tensor | None: ...
+
+
 class AdapterHook(Protocol):
+    def begin_lora(self, layer_idx: int, target: str, x: torch.Tensor,
+                   widths: tuple[int, ...]) -> PendingLora | None: ...  # fmt: skip
+
     def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor,
                  widths: tuple[int, ...] | None = None) -> None: ...
+
+
+def _lora_output(pending: PendingLora | None, out: torch.Tensor) -> torch.Tensor | None:
+    """The delta out's consumer must add (None: nothing, or already added in place)."""
+    return None if pending is None else pending.finish(out)
+
+
+def _begin_lora(adapter_data: AdapterHook | None, layer_idx: int, target: str, x: torch.Tensor,
+                widths) -> PendingLora | None:  # fmt: skip
+    return None if adapter_data is None else adapter_data.begin_lora(layer_idx, target, x, tuple(widths))
 
 
 @dataclass
@@ -77,23 +97,33 @@ class MistralAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, tp, **dd)
         self.rotary_kv_write = None  # FusedOps.rotary_kv_write on CUDA (see use_fused_ops)
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | None, step: StepInputs) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: LayerKV | None, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (o_proj's output [T, hidden], its LoRA delta for the next norm to add, or None)."""
         t, d = x.shape[0], self.head_dim
-        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
         q_size, k_size, v_size = self.qkv_proj.local_sizes()
+        lora = _begin_lora(step.adapter_data, self.layer_idx, "qkv_proj", x, (q_size, k_size, v_size))
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        delta = _lora_output(lora, qkv)  # [T, (Hq + 2 Hkv) * D] or None
         q = qkv[:, :q_size]
         k = qkv[:, q_size : q_size + k_size]
         v = qkv[:, q_size + k_size :]
-        if step.adapter_data is not None:
-            step.adapter_data.add_lora(self.layer_idx, "qkv_proj", x, qkv, (q_size, k_size, v_size))
         # A prefill without a cached prefix that caches every new token may write before it attends
         # (it reads k and v from these tensors): then it takes the decode path's fused kernel too.
         fused_prefill = step.is_prefill and step.prefill_cache_indices is None and not (
             step.block_tables is not None and step.seqlen.has_cached_prefix()
         )
         if kv is not None and self.rotary_kv_write is not None and (not step.is_prefill or fused_prefill):
-            # One kernel: rope on q, k in place and the K/V write by slot (decode writes before reading).
+            # One kernel: rope on q, k in place and the K/V write by slot (decode writes before reading);
+            # it adds the LoRA delta of q, k and v first.
             q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)  # [T, H, D] views of qkv
+            if delta is not None:
+                delta = (
+                    delta[:, :q_size].view(t, -1, d),
+                    delta[:, q_size : q_size + k_size].view(t, -1, d),
+                    delta[:, q_size + k_size :].view(t, -1, d),
+                )
             self.rotary_kv_write(
                 q,
                 k,
@@ -106,6 +136,7 @@ class MistralAttention(nn.Module):
                 step.slots,
                 k_scale=kv.k_scale,
                 v_scale=kv.v_scale,
+                delta=delta,
             )
             if step.is_prefill:
                 attn = self.attention.prefill(
@@ -116,6 +147,8 @@ class MistralAttention(nn.Module):
                     q, kv, step.seqlen, step.block_tables, step.max_s, scale=self.scale, window=self.window
                 )
             return self._project_out(attn, t, step)
+        if delta is not None:
+            qkv.add_(delta)  # q, k, v are views of qkv
         q, k = RotaryEmbedding.apply(q.view(t, -1, d), k.view(t, -1, d), step.cos, step.sin)  # [T, H, D]
         v = v.view(t, -1, d)  # [T, Hkv, D]
 
@@ -133,12 +166,13 @@ class MistralAttention(nn.Module):
             )
         return self._project_out(attn, t, step)
 
-    def _project_out(self, attn: torch.Tensor, t: int, step: StepInputs) -> torch.Tensor:
+    def _project_out(
+        self, attn: torch.Tensor, t: int, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn = attn.reshape(t, -1)  # [T, Hq * D]
+        lora = _begin_lora(step.adapter_data, self.layer_idx, "o_proj", attn, (self.o_proj.output_size,))
         out = self.o_proj(attn)  # [T, hidden]
-        if step.adapter_data is not None:
-            step.adapter_data.add_lora(self.layer_idx, "o_proj", attn, out)
-        return out
+        return out, _lora_output(lora, out)
 
     @staticmethod
     def _write_cache(kv: LayerKV | None, k: torch.Tensor, v: torch.Tensor, step: StepInputs) -> None:
@@ -158,19 +192,25 @@ class MistralMLP(nn.Module):
         self.silu_and_mul = None  # FusedOps.silu_and_mul on CUDA (see use_fused_ops)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, tp, **dd)
 
-    def forward(self, x: torch.Tensor, adapter_data: AdapterHook | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, adapter_data: AdapterHook | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (down_proj's output [T, hidden], its LoRA delta for the next norm to add, or None)."""
+        lora = _begin_lora(adapter_data, self.layer_idx, "gate_up_proj", x, self.gate_up_proj.local_sizes())
         gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
-        gate, up = gate_up.chunk(2, dim=-1)  # views, so LoRA deltas land in gate_up
-        if adapter_data is not None:
-            adapter_data.add_lora(self.layer_idx, "gate_up_proj", x, gate_up, (gate.shape[1], up.shape[1]))
+        delta = _lora_output(lora, gate_up)
         if self.silu_and_mul is not None and gate_up.is_cuda:
-            act = self.silu_and_mul(gate_up)  # [T, I / world], one kernel
+            act = self.silu_and_mul(gate_up, delta=delta)  # [T, I / world], one kernel
         else:
+            if delta is not None:
+                gate_up = gate_up + delta
+            gate, up = gate_up.chunk(2, dim=-1)
             act = nn.functional.silu(gate) * up  # [T, I / world]
+        lora = _begin_lora(adapter_data, self.layer_idx, "down_proj", act, (self.down_proj.output_size,))
         out = self.down_proj(act)
-        if adapter_data is not None:
-            adapter_data.add_lora(self.layer_idx, "down_proj", act, out)
-        return out
+        # finish here, not in the next layer's norm: act may be freed (and its memory reused) once the
+        # current stream has waited for the LoRA work that reads it
+        return out, _lora_output(lora, out)
 
 
 class MistralLayer(nn.Module):
@@ -182,13 +222,16 @@ class MistralLayer(nn.Module):
         self.mlp = MistralMLP(config, layer_idx, tp, **dd)
 
     def forward(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None, kv: LayerKV | None, step: StepInputs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this block's output, residual stream before it); the next norm adds them."""
-        normed, residual = self.input_layernorm(hidden, residual)
-        attn = self.self_attn(normed, kv, step)
-        normed, residual = self.post_attention_layernorm(attn, residual)
-        return self.mlp(normed, step.adapter_data), residual
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, delta: torch.Tensor | None,
+        kv: LayerKV | None, step: StepInputs,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (this block's output, residual stream before it, the output's LoRA delta or None); the
+        next norm adds the three."""
+        normed, residual = self.input_layernorm(hidden, residual, delta)
+        attn, delta = self.self_attn(normed, kv, step)
+        normed, residual = self.post_attention_layernorm(attn, residual, delta)
+        out, delta = self.mlp(normed, step.adapter_data)
+        return out, residual, delta
 
 
 class MistralModel(nn.Module):
@@ -211,10 +254,11 @@ class MistralModel(nn.Module):
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         step.cos, step.sin = self.rotary.cos_sin(position_ids, hidden.dtype)  # once for all layers
         step.token_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        residual = None
+        residual = delta = None
         for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, None if kv_cache is None else kv_cache[i], step)
-        hidden, _ = self.norm(hidden, residual)
+            kv = None if kv_cache is None else kv_cache[i]
+            hidden, residual, delta = layer(hidden, residual, delta, kv, step)
+        hidden, _ = self.norm(hidden, residual, delta)
         return hidden
 
 

@@ -71,6 +71,9 @@ class ShardConfig:
     # Decode overlap: enqueue the next step's forward before this step's response leaves (no change in
     # tokens; on a CPU it only moves work earlier, so the CLI turns it on for cuda by default).
     overlap: bool = False
+    # Decode LoRA beside the base matmuls: each projection group's shrink and expand run on a side stream
+    # into a delta that the next kernel adds (model/adapters/batch.py); off: added in place, in order.
+    lora_stream: bool = True
     attention_backend: str = "auto"  # or one name of ATTENTION_BACKENDS (an error says why it cannot run)
     # Tensor parallelism (torch.distributed, env:// style rendezvous values passed explicitly).
     rank: int = 0

@@ -15,6 +15,21 @@ One shrink and one expand per call, over every member of the group (lora_ops.py:
 CPU, Triton on CUDA: tokens grouped by adapter so each adapter's weights are read once per step).
 DoRA members then scale their output columns: out[t, member] *= scales[slot(t)] (model/adapters/dora.py),
 one step per member with a scale stack after the group's expand, so it composes with either backend.
+
+The model reaches add_lora through two calls, so that a decode step's LoRA can run beside the base matmul:
+
+    pending = adapter_data.begin_lora(layer_idx, name, x, widths)   # before the base matmul (None: no LoRA)
+    out = base(x)
+    delta = pending.finish(out)   # None: added to out in place; else [T, cols] that out's consumer adds
+
+Decode batches of a store with `concurrent` LoRA take the delta path: begin_lora forks a side stream (high
+priority) from the current one, zeroes a delta buffer and runs the group's shrink and expand into it there,
+while the base matmul runs on the current stream; finish makes the current stream wait for that work and
+returns the buffer, which the consumer kernel adds (fused: the next RMSNorm, silu_and_mul, the rope + KV
+write). A small adapter then costs about its bytes instead of its launches (docs/lora.md). Everything else
+(prefill, lm_head, DoRA members, row-parallel groups under TP whose shrink needs an all-reduce, stacks per
+member) is added in place at finish, as before. On the CPU the delta path runs inline (no streams): its
+tests check the plumbing the GPU relies on.
 """
 
 from __future__ import annotations
@@ -96,8 +111,12 @@ class AdapterBatchMetadata:
 
 
 class AdapterBatchData:
-    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None, scales=None, ready=None):
-    forward's adapter_data (`scales`: the store's DoRA scale stacks, if any).
+    """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None, scales=None, ready=None,
+    concurrent=False, stream=None): forward's adapter_data (`scales`: the store's DoRA scale stacks, if any).
+
+    `concurrent`: decode groups return their delta for the consumer to add (module docstring), computed
+    on `stream` when given (CUDA: the store's LoRA stream), else inline. `lora_sms`: the SMs the Triton
+    kernels' grids are sized for (a graph whose matmuls leave that many free; None: the device's).
 
     `stacks` is the store's current layout (AdapterStore.batch_data builds this object); it is valid until
     the store's `layout_version` changes. `tp`: anything with rank / world_size / group (model.parallel.
@@ -109,13 +128,14 @@ class AdapterBatchData:
     def __init__(
         self, meta: AdapterBatchMetadata, stacks: LoraStacks, is_prefill: bool, tp=None,
         lm_head_indices: torch.Tensor | None = None, scales: ScaleStacks | None = None,
-        ready: Mapping[int, object] | None = None,
+        ready: Mapping[int, object] | None = None, concurrent: bool = False,
+        stream: torch.cuda.Stream | None = None, lora_sms: int | None = None,
     ):  # fmt: skip
         self.meta = meta
         self.stacks = stacks
         self.scales = scales or {}
         self.is_prefill = is_prefill
-        self.ops = lora_ops_for(meta.token_slots.device)
+        self.ops = lora_ops_for(meta.token_slots.device, lora_sms)
         self.tp = tp
         # The same rows as forward(lm_head_indices=...): lm_head then sees [N] rows, not [T] tokens.
         self.lm_head_indices = lm_head_indices
@@ -124,6 +144,43 @@ class AdapterBatchData:
         self.ready = dict(ready or {})
         self._rows: dict[tuple[bool, int], object] = {}  # token grouping, built once per batch
         self._single: dict[tuple[int, str], LoraGroupStack] = {}
+        self.concurrent = concurrent and not is_prefill
+        self.stream = stream if self.concurrent else None
+        self._side_used = False  # work (plans included) was enqueued on `stream`
+
+    def begin_lora(self, layer_idx: int, target: str, x: torch.Tensor,
+                   widths: tuple[int, ...]) -> PendingLora | None:  # fmt: skip
+        """Start `target`'s LoRA of x before its base matmul, whose output columns `widths` splits into
+        the group's members (one width for one member); None when the batch has no adapter rows."""
+        if not self.meta.has_lora:
+            return None
+        members = LORA_GROUPS.get(target, (target,))
+        widths = tuple(widths)
+        if len(widths) != len(members):
+            raise ValueError(f"{target}: widths {widths} do not name one width per member of {members}")
+        stack = self._stack(layer_idx, target) if self.concurrent else None
+        in_place = (
+            stack is None
+            or layer_idx == LM_HEAD_LAYER
+            or (target in ROW_PARALLEL and self.tp is not None and self.tp.world_size > 1)
+            or any((layer_idx, m) in self.scales for m in members)
+        )
+        if in_place:
+            return InPlaceLora(self, layer_idx, target, x, widths)
+        delta = x.new_empty((x.shape[0], sum(widths)))  # on the current stream, before the fork
+        if self.stream is None:
+            delta.zero_()
+            self._add(layer_idx, target, x, delta, widths, members, stack)
+            return DeltaLora(delta, None)
+        current = torch.cuda.current_stream(x.device)
+        self.stream.wait_stream(current)  # x is ready; the base matmul is enqueued after this point
+        self._side_used = True
+        with torch.cuda.stream(self.stream):
+            delta.zero_()
+            self._add(layer_idx, target, x, delta, widths, members, stack)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return DeltaLora(delta, done)
 
     def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor,
                  widths: tuple[int, ...] | None = None) -> None:  # fmt: skip
@@ -142,7 +199,12 @@ class AdapterBatchData:
                     self.add_lora(layer_idx, m, x, out[:, y0 : y0 + w])
                     y0 += w
             return
-        stack = found
+        if self._side_used:  # plans or uploads it waited for live on the side stream
+            torch.cuda.current_stream(x.device).wait_stream(self.stream)
+        self._add(layer_idx, target, x, out, widths, members, found)
+
+    def _add(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor, widths: tuple[int, ...],
+             members: tuple[str, ...], stack: LoraGroupStack) -> None:  # fmt: skip
         event = self.ready.pop(layer_idx, None)
         if event is not None:
             torch.cuda.current_stream(x.device).wait_event(event)
@@ -203,3 +265,38 @@ def dora_scale_op_for(device: torch.device):
 
         return scale_rows
     return reference_ops.scale_rows
+
+
+class InPlaceLora:
+    """A begun LoRA that adds itself to the base output in place at finish (`hook.add_lora`)."""
+
+    def __init__(self, hook, layer_idx: int, target: str, x: torch.Tensor, widths: tuple[int, ...] | None):
+        self.hook, self.layer_idx, self.target, self.x, self.widths = hook, layer_idx, target, x, widths
+
+    def finish(self, out: torch.Tensor) -> None:
+        self.hook.add_lora(self.layer_idx, self.target, self.x, out, self.widths)
+        return None
+
+
+class DeltaLora:
+    """A begun LoRA computed into its own buffer (on a side stream when `done` is an event)."""
+
+    def __init__(self, delta: torch.Tensor, done: torch.cuda.Event | None):
+        self.delta, self.done = delta, done
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        """-> delta [T, cols] for out's consumer to add; the current stream waits for it first."""
+        if self.done is not None:
+            torch.cuda.current_stream(out.device).wait_event(self.done)
+        return self.delta
+
+
+PendingLora = InPlaceLora | DeltaLora
+
+
+class InPlaceHook:
+    """Mixin for hooks that only implement add_lora (test doubles): begin_lora adds in place at finish."""
+
+    def begin_lora(self, layer_idx: int, target: str, x: torch.Tensor,
+                   widths: tuple[int, ...]) -> InPlaceLora:  # fmt: skip
+        return InPlaceLora(self, layer_idx, target, x, widths)

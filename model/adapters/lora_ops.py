@@ -65,10 +65,11 @@ class TritonLoraOps:
 
     name = "triton"
 
-    def __init__(self, kernels=None):
+    def __init__(self, kernels=None, sms: int | None = None):
         if kernels is None:  # tests pass an interpreted copy of the module
             from model.kernels import lora as kernels
         self.k = kernels
+        self.sms = sms  # the SMs the kernels' grids are sized for (None: the device's)
 
     def rows(self, meta, is_prefill: bool, num_slots: int, row_slots: torch.Tensor | None):
         if row_slots is not None:
@@ -81,18 +82,20 @@ class TritonLoraOps:
         return self.k.plan_from_slots(meta.token_slots, num_slots)
 
     def shrink(self, x: torch.Tensor, stack: LoraGroupStack, plan) -> torch.Tensor:
-        return self.k.lora_shrink(x, stack.a, stack.ranks, plan, rank=stack.rank)  # [SPLITS, T, NT*R]
+        # [1, T, NT*R]
+        return self.k.lora_shrink(x, stack.a, stack.ranks, plan, rank=stack.rank, sms=self.sms)
 
     @staticmethod
     def reduced(v: torch.Tensor) -> torch.Tensor:
         return v.sum(0, keepdim=True) if v.shape[0] > 1 else v
 
     def expand(self, y: torch.Tensor, v: torch.Tensor, stack: LoraGroupStack, slices, plan) -> None:
-        self.k.lora_expand(y, v, stack.b, stack.ranks, plan, rank=stack.rank, slices=slices)
+        self.k.lora_expand(y, v, stack.b, stack.ranks, plan, rank=stack.rank, slices=slices, sms=self.sms)
 
 
-def lora_ops_for(device: torch.device):
-    """The one place that picks the LoRA backend: Triton on CUDA when importable, else torch reference."""
+def lora_ops_for(device: torch.device, sms: int | None = None):
+    """The one place that picks the LoRA backend: Triton on CUDA when importable, else torch reference.
+    `sms`: Triton grids sized for that many SMs (None: the device's)."""
     if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return TritonLoraOps()
+        return TritonLoraOps(sms=sms)
     return TorchLoraOps()

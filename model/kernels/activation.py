@@ -15,33 +15,50 @@ import triton.language as tl
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
-    t = tl.program_id(0)
+def _silu_mul_kernel(x_ptr, out_ptr, d_ptr, I, stride_x, stride_o, stride_d, BLOCK: tl.constexpr,
+                     HAS_DELTA: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < I
-    gate = tl.load(x_ptr + t * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.load(x_ptr + t * stride_x + offs, mask=ok, other=0.0)
     up = tl.load(x_ptr + t * stride_x + I + offs, mask=ok, other=0.0)
+    if HAS_DELTA:  # gate_up's LoRA delta, added (and rounded) as PEFT adds it to the projection's output
+        dg = tl.load(d_ptr + t * stride_d + offs, mask=ok, other=0.0)
+        du = tl.load(d_ptr + t * stride_d + I + offs, mask=ok, other=0.0)
+        gate = (gate.to(tl.float32) + dg.to(tl.float32)).to(up.dtype)
+        up = (up.to(tl.float32) + du.to(tl.float32)).to(up.dtype)
+    gate = gate.to(tl.float32)
     # silu in float32, rounded to the input dtype before the product, as torch computes silu(g) * u.
     act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    tl.store(out_ptr + t * stride_o + offs, act * up, mask=ok)
+    # the product in float32, rounded once: what a bf16/fp16 multiply gives (and the interpreter, which
+    # keeps bf16 as raw bits, can check)
+    tl.store(out_ptr + t * stride_o + offs, (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype), mask=ok)
 
 
-def silu_and_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """gate_up [T, 2I] (last dim contiguous) -> silu(gate) * up [T, I]."""
+def silu_and_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
+                 delta: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up [T, 2I] (last dim contiguous) -> silu(gate) * up [T, I]; with `delta` [T, 2I] (gate_up's
+    LoRA delta), of gate_up + delta rounded to its dtype."""
     T, two_i = gate_up.shape
     assert two_i % 2 == 0 and gate_up.stride(-1) == 1
+    assert delta is None or (delta.shape == gate_up.shape and delta.stride(-1) == 1)
     inter = two_i // 2
     out = torch.empty((T, inter), dtype=gate_up.dtype, device=gate_up.device) if out is None else out
     if T == 0:
         return out
     BLOCK = 1024
+    d = gate_up if delta is None else delta  # unread placeholder without HAS_DELTA
     _silu_mul_kernel[(T, triton.cdiv(inter, BLOCK))](
-        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=BLOCK, num_warps=4
+        gate_up, out, d, inter, gate_up.stride(0), out.stride(0), d.stride(0), BLOCK=BLOCK,
+        HAS_DELTA=delta is not None, num_warps=4,
     )
     return out
 
 
-def silu_and_mul_ref(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def silu_and_mul_ref(gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
+                     delta: torch.Tensor | None = None) -> torch.Tensor:
+    if delta is not None:
+        gate_up = gate_up + delta
     gate, up = gate_up.chunk(2, dim=-1)
     result = torch.nn.functional.silu(gate) * up
     if out is not None:

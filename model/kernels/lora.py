@@ -362,14 +362,16 @@ MAX_SHRINK_BLOCKS = 8  # column blocks of a shrink (NT * R <= 4 members * rank 2
 
 
 def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                out: torch.Tensor | None = None, sms: int | None = None) -> torch.Tensor:  # fmt: skip
     """x [T, in], lora_a [S, N, in] (N = NT*rank), ranks [S] int32 -> v [1, T, N] float32.
 
         for tile (slot, rows): v[0, rows] = x[rows] @ lora_a[slot].T
         (columns n with n % R >= ranks[slot] are 0; rows in no tile are not written)
 
     `splits`: split-K factor (default: `choose_splits`); the partial sums are reduced inside the kernel.
-    `out`: [1, T, N] float32 to write into (tests poison it).
+    `out`: [1, T, N] float32 to write into (tests poison it). `sms`: the SMs to size the persistent grid
+    and the split-K factor for (default: the device's; fewer when the kernel runs beside matmuls that
+    leave only those free, executor/gemm_policy.py).
     """
     _check(plan, x, lora_a)
     t, k = x.shape
@@ -378,7 +380,7 @@ def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | No
     nblk = triton.cdiv(n, block_n)
     assert nblk <= MAX_SHRINK_BLOCKS, (n, block_n)
     block_k = 64 if k <= 1024 else 128
-    sms = _num_sms(x.device)
+    sms = sms or _num_sms(x.device)
     if splits is None:
         splits = choose_splits(plan, n, k, block_n, sms)
     splits = max(1, min(int(splits), MAX_SPLITS))
@@ -404,10 +406,11 @@ def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | No
 
 
 def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
-                slices: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:  # fmt: skip
+                slices: Sequence[tuple[int, int, int]] | None = None,
+                sms: int | None = None) -> torch.Tensor:  # fmt: skip
     """y += expand(v) in place.  y [T, cols], v [SPLITS, T, NT*rank] (lora_shrink's: SPLITS = 1; partial
     sums are added), lora_b [S, N, rank]; slices: (b_start, b_end, y_start) per member, in B-row order
-    (default: one member, all of y).
+    (default: one member, all of y). `sms`: as lora_shrink's.
 
         for tile (slot, rows), member i: y[rows, y_i + c] += sum_s(v[s, rows, i*R:(i+1)*R]) @ B[slot, b_i + c]
     """
@@ -433,7 +436,7 @@ def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
     nblk = triton.cdiv(n, block_n)
     # Twice the shrink's programs per SM: an expand item is one short dependent chain (tile -> v, B, y),
     # so with many adapters (32 tiles x 224 column blocks of gate_up) concurrency is what hides it.
-    grid = (persistent_programs(plan, nblk, 2 * _num_sms(y.device)),)
+    grid = (persistent_programs(plan, nblk, 2 * (sms or _num_sms(y.device))),)
     _expand_kernel[grid](
         v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, y, n, plan.num_tiles, *bounds[:3], *shifts,
         v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),

@@ -17,11 +17,15 @@ class RMSNorm(nn.Module):
         self.fused = None  # model.layers.fused.FusedOps.add_rmsnorm on CUDA: one kernel instead of ~7
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, delta: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (norm(x + residual), x + residual): the sum is the next block's residual stream."""
+        """Returns (norm(x + residual), x + residual): the sum is the next block's residual stream.
+        `delta`: a LoRA delta of the projection that produced x, added to x first (model/adapters/batch.py).
+        """
         if self.fused is not None and x.is_cuda:
-            return self.fused(x, residual, self.weight, self.eps)
+            return self.fused(x, residual, self.weight, self.eps, delta=delta)
+        if delta is not None:
+            x = x + delta
         if residual is not None:
             x = x + residual  # in the model dtype, as transformers adds the residual
         dtype = x.dtype

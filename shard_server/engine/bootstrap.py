@@ -86,5 +86,5 @@ def build_adapter_store(
         reserve = SlotReservation(config.adapter_slots, config.adapter_slot_rank)
     return AdapterStore(
         model_config, device, dtype, budget_bytes=budget, tp=tp, sources=sources, preloaded=preloaded,
-        min_slots=8, base_weights=base_weights, reserve=reserve,
+        min_slots=8, base_weights=base_weights, reserve=reserve, concurrent_lora=config.lora_stream,
     )

@@ -18,6 +18,17 @@ since every capture runs collectives. Count, seconds and device bytes are logged
 
 A Decode never captures: a step with no graph for its key runs eagerly and logs one warning per key.
 
+Variants (the key's third part), each captured under its own GemmPolicy (executor/gemm_policy.py):
+- BASE: no LoRA; cuBLASLt with 16 SMs left free from 64 rows up, else cuBLAS.
+- LORA: LoRA added in place after each projection, the same matmul policy as BASE.
+- LORA_FEW (when the store has a LoRA stream, --lora-stream): each projection's LoRA runs on the side
+  stream beside its base matmul (model/adapters/batch.py), the matmuls leave 32 SMs free for it and the
+  LoRA kernels' grids are sized to those. A batch of at most FEW_ADAPTERS distinct adapters replays it.
+  Measured on an H200 (Mistral-7B shape, rank-16 adapters, bench/profile_lora.py, replay ms over the
+  cuBLAS base step at 32 / 64 / 128 rows): one adapter 1.14 / 1.07 / 1.10 against 1.31 / 1.22 / 1.21 in
+  place, eight 1.17 / 1.10 / 1.16 against 1.33 / 1.26 / 1.25; but 32 adapters' 2.7 GB do not stream
+  through 32 SMs in time (1.85 / 1.78 / 1.59 against 1.52 / 1.42 / 1.39), so larger mixes replay LORA.
+
 What a graph holds pointers to, and when it is dropped:
 - the KV cache: replaced only inside Warmup (`ModelRunner.kv_cache` drops every graph), which then
   captures again;
@@ -41,6 +52,7 @@ import torch
 
 from model.adapters.batch import AdapterBatchMetadata
 from model.forward_batch import ForwardBatch
+from shard_server.executor.gemm_policy import SIDE_STREAM_SMS, GemmPolicy, decode_policy
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +63,9 @@ CAPTURE_SECONDS = 60.0  # per capture session (Warmup, or one refresh after an a
 # sampler buffers and fragmentation (engine/kv_setup.py); graphs may take at most part of it.
 CAPTURE_MIN_FREE_FRACTION = 0.02
 
-Key = tuple[int, int, bool]  # (batch bucket, context bucket, any LoRA)
+BASE, LORA, LORA_FEW = 0, 1, 2  # graph variants (module docstring); LoRA variants are truthy
+FEW_ADAPTERS = 8  # a LoRA batch of at most this many distinct adapters replays LORA_FEW (measured below)
+Key = tuple[int, int, int]  # (batch bucket, context bucket, variant)
 
 
 def bucket_of(n: int, buckets: tuple[int, ...]) -> int | None:
@@ -111,6 +125,7 @@ class DecodeGraphs:
         self.captured = 0  # graphs captured over the engine's life (tests: none inside a Decode)
         self.capture_seconds = 0.0  # time spent capturing over the engine's life (benchmarks)
         self.replayed = 0
+        self.lora_variants = self._lora_variants()  # what a LoRA batch may replay
 
     def context_bucket(self, max_len: int) -> int:
         return context_bucket(max_len, self.max_context, self.window)
@@ -125,8 +140,8 @@ class DecodeGraphs:
         self.contexts = context_buckets(limit, self.max_context, self.window)
         self._kv_version = self.runner.kv_version
         self._lora_layout = self.runner.adapters.layout_version
-        lora = [False, True] if self.runner.adapters.device_bytes() else [False]
-        self._capture_keys([k for variant in lora for k in self._keys(variant)], "at Warmup")
+        variants = [BASE, *self.lora_variants] if self.runner.adapters.device_bytes() else [BASE]
+        self._capture_keys([k for variant in variants for k in self._keys(variant)], "at Warmup")
 
     def refresh_lora(self) -> None:
         """After LoadAdapter / OffloadAdapter: if the adapter stacks were re-laid out since the LoRA
@@ -139,7 +154,8 @@ class DecodeGraphs:
         self._drop(lambda key: key[2])
         self._lora_layout = version
         if self.runner.adapters.device_bytes():  # stacks exist: a batch may use LoRA
-            self._capture_keys(self._keys(True), "after an adapter re-layout")
+            keys = [k for variant in self.lora_variants for k in self._keys(variant)]
+            self._capture_keys(keys, "after an adapter re-layout")
 
     def clear(self) -> None:
         """Drop every graph (the KV cache they point into is being replaced)."""
@@ -147,8 +163,26 @@ class DecodeGraphs:
         self.contexts = ()
         self._kv_version = None
 
-    def _keys(self, lora: bool) -> list[Key]:
-        return [(b, ctx, lora) for ctx in reversed(self.contexts) for b in reversed(self.buckets)]
+    def _keys(self, variant: int) -> list[Key]:
+        return [(b, ctx, variant) for ctx in reversed(self.contexts) for b in reversed(self.buckets)]
+
+    def _lora_variants(self) -> list[int]:
+        side = self.runner.adapters.lora_stream is not None
+        return [LORA, LORA_FEW] if side and self._sms() >= 4 * SIDE_STREAM_SMS else [LORA]
+
+    def _sms(self) -> int:
+        dev = torch.device(self.runner.device)
+        return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+
+    def _policy(self, b: int, variant: int) -> GemmPolicy:
+        return decode_policy(b, self._sms(), side_stream=variant == LORA_FEW)
+
+    def variant_for(self, request_slots: list[int]) -> int:
+        """The graph variant a batch with these adapter slots (-1: base) replays."""
+        used = {s for s in request_slots if s >= 0}
+        if not used:
+            return BASE
+        return LORA_FEW if len(used) <= FEW_ADAPTERS and LORA_FEW in self.lora_variants else LORA
 
     def _drop(self, which) -> None:
         for key in [k for k in self.graphs if which(k)]:
@@ -180,7 +214,7 @@ class DecodeGraphs:
         self.capture_seconds += time.monotonic() - start
         log.info(
             "captured %d %s CUDA graphs %s in %.2f s, %.1f MiB of device memory (batch buckets %s, "
-            "context buckets %s, LoRA %s)",
+            "context buckets %s, variants %s)",
             done, self.kind, when, time.monotonic() - start, used / 2**20, _span(self.buckets),
             list(self.contexts), sorted({k[2] for k in keys}),
         )  # fmt: skip
@@ -211,7 +245,7 @@ class DecodeGraphs:
         self.block_tables.zero_()
         self.meta.token_slots.fill_(-1)
 
-    def _forward(self, b: int, ctx: int, lora: bool) -> torch.Tensor:
+    def _forward(self, b: int, ctx: int, variant: int) -> torch.Tensor:
         r = self.runner
         meta = AdapterBatchMetadata(
             self.meta.token_slots[:b],
@@ -219,31 +253,34 @@ class DecodeGraphs:
             self.meta.segment_ends,
             self.meta.segment_slots,
             (),
-            has_lora=lora,
+            has_lora=variant != BASE,
         )
+        few = variant == LORA_FEW
         fb = ForwardBatch.decode(
             self.input_ids[:b],
             self.positions[:b],
             self.block_tables[:b],
             block_size=self.block_size,
             max_s=ctx,
-            adapter_data=r.adapters.graph_batch_data(meta),
-        )
+            adapter_data=r.adapters.graph_batch_data(meta, side_stream=few,
+                                                     lora_sms=SIDE_STREAM_SMS if few else None),
+        )  # fmt: skip
         return fb.run(r.model, r.kv_cache.layers)
 
-    def _capture(self, b: int, ctx: int, lora: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, b: int, ctx: int, variant: int) -> torch.cuda.CUDAGraph:
         dev = self.runner.device
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):  # warm up allocators and autotuners outside the capture
-            logits = self._forward(b, ctx, lora)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        if self.out is None:
-            self.out = torch.empty(self.buckets[-1], logits.shape[1], dtype=logits.dtype, device=dev)
-        del logits
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.out[:b].copy_(self._forward(b, ctx, lora))
+        with self._policy(b, variant).applied():  # cuBLAS picks its kernels at call time
+            with torch.cuda.stream(stream):  # warm up allocators and autotuners outside the capture
+                logits = self._forward(b, ctx, variant)
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            if self.out is None:
+                self.out = torch.empty(self.buckets[-1], logits.shape[1], dtype=logits.dtype, device=dev)
+            del logits
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.out[:b].copy_(self._forward(b, ctx, variant))
         self.captured += 1
         return graph
 
@@ -257,8 +294,8 @@ class DecodeGraphs:
         if not self.contexts:
             return None  # before Warmup (or while it replaces the KV cache): eager, as expected
         n = len(batch)
-        lora = any(s >= 0 for s in request_slots)
-        if lora and self._lora_layout != self.runner.adapters.layout_version:
+        variant = self.variant_for(request_slots)
+        if variant != BASE and self._lora_layout != self.runner.adapters.layout_version:
             self._drop(lambda key: key[2])
             self._warn_once(
                 ("relayout", self.runner.adapters.layout_version),
@@ -275,12 +312,12 @@ class DecodeGraphs:
                 "outside every CUDA graph bucket: it runs eagerly",
             )
             return None
-        graph = self.graphs.get((b, ctx, lora))
+        graph = self.graphs.get((b, ctx, variant))
         if graph is None:
             self._warn_once(
-                (b, ctx, lora),
+                (b, ctx, variant),
                 f"no CUDA graph for batch bucket {b}, context bucket {ctx}, "
-                f"LoRA {lora} (Warmup did not capture it): those steps run eagerly",
+                f"variant {variant} (Warmup did not capture it): those steps run eagerly",
             )
             return None
         width = batch.block_tables.shape[1]

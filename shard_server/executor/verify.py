@@ -91,6 +91,9 @@ class VerifyGraphs(DecodeGraphs):
         # a step's KV length includes its Q new tokens (padding ones too)
         super().capture(max_total_tokens + self.max_q if max_total_tokens else 0)
 
+    def _lora_variants(self) -> list[int]:
+        return [1]  # LoRA added in place (graphs.LORA); verify graphs keep the default matmul policy
+
     def _reset_static_inputs(self) -> None:
         super()._reset_static_inputs()
         self.n_valid.zero_()
@@ -159,7 +162,7 @@ class VerifyGraphs(DecodeGraphs):
             )  # fmt: skip
             return None
         ctx = self.context_bucket(max_k)
-        graph = self.graphs.get((b, ctx, lora))
+        graph = self.graphs.get((b, ctx, int(lora)))
         if graph is None:
             self._warn_once(
                 (b, ctx, lora), f"no verify CUDA graph for batch bucket {b}, context bucket {ctx}, "

@@ -170,6 +170,12 @@ OPTIONS: tuple[Option, ...] = (
         default=None,
     ),
     Option(
+        "--lora-stream",
+        "shard.lora_stream",
+        "decode: run each projection's LoRA on a side stream beside its base matmul (CUDA)",
+        switch=True,
+    ),
+    Option(
         "--speculative-tokens",
         "shard.speculative_tokens",
         "speculative decoding: draft tokens verified per decode step (n-gram / Medusa); 0 = off",

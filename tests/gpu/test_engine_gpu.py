@@ -10,6 +10,7 @@ import torch
 
 from shard_server.config import ShardConfig
 from shard_server.engine.engine import ShardEngine
+from shard_server.executor.graphs import BASE, FEW_ADAPTERS, LORA, LORA_FEW
 from shard_server.types import AdapterSpec, BatchSpec, RequestSpec, SamplingParams, StoppingParams
 
 pytestmark = pytest.mark.gpu
@@ -79,19 +80,31 @@ def gpu_model(tiny_model_factory, adapter_factory):
     return model_dir, adapters
 
 
-@pytest.mark.parametrize("batch_size", [1, 5, 33])
-def test_graph_decode_equals_eager_with_mixed_adapters(gpu_model, batch_size):
+MANY = list(range(11))  # ten adapters (and base rows): more than FEW_ADAPTERS
+
+
+@pytest.mark.parametrize("batch_size,indices", [
+    (1, [0, 1, 2]), (5, [0, 1, 2]), (33, [0, 1, 2]), (70, [0, 1, 2]), (33, MANY), (70, MANY),
+])  # fmt: skip
+def test_graph_decode_equals_eager_with_mixed_adapters(gpu_model, batch_size, indices):
+    """Two adapters in the batch replay the side-stream LoRA graph (LORA_FEW), ten the in-place one;
+    70 rows take the cuBLASLt matmul policy (executor/gemm_policy.py)."""
     model_dir, adapters = gpu_model
     engine = _engine(model_dir)
-    for i, path in enumerate(adapters, start=1):
-        engine.load_adapter(i, _spec(path))
+    for i in range(1, 11):  # ten device slots, two distinct files
+        engine.load_adapter(i, _spec(adapters[(i - 1) % 2]))
     assert engine.runner.graphs is not None and engine.runner.graphs.captured == 0
     _warmup(engine)
     graphs = engine.runner.graphs
-    # Every batch bucket, with and without LoRA, at context bucket 256 (requests up to 128 + 32 tokens).
-    assert set(graphs.graphs) == {(b, 256, lora) for b in graphs.buckets for lora in (False, True)}
+    # Every batch bucket and variant (base; LoRA in place; few adapters' LoRA on the side stream), at
+    # context bucket 256 (requests up to 128 + 32 tokens).
+    assert set(graphs.graphs) == {(b, 256, v) for b in graphs.buckets for v in (BASE, LORA, LORA_FEW)}
     assert graphs.captured == len(graphs.graphs)
-    engine.prefill(BatchSpec(id=1, requests=_requests(batch_size, [0, 1, 2])))
+    engine.prefill(BatchSpec(id=1, requests=_requests(batch_size, indices)))
+    slots = engine.adapters.request_slots(engine.batches[1].adapter_indices)
+    used = {i for i in engine.batches[1].adapter_indices if i}
+    want = BASE if not used else LORA_FEW if len(used) <= FEW_ADAPTERS else LORA
+    assert graphs.variant_for(slots) == want
     _graph_equals_eager_each_step(engine, 1, steps=12)
     assert 1 in engine.batches
     engine.clear_cache()
@@ -168,6 +181,39 @@ def test_overlap_on_and_off_give_the_same_tokens_with_graphs(gpu_model, seed):
     for rid in want:
         assert got[rid]["ids"] == want[rid]["ids"], f"request {rid}"
         assert got[rid]["finish"] == want[rid]["finish"], f"request {rid}"
+
+
+def test_lora_side_stream_on_and_off_agree_in_graphs_and_eagerly(gpu_model):
+    """Decode LoRA on the side stream (deltas added by the next kernel) against LoRA added in place after
+    each projection: the same first-step logits within bf16 rounding (the delta is rounded once more, as
+    PEFT rounds it), and in each engine graph replay equals eager at every step, for a batch mixing base
+    rows and two adapters. (Later steps are not compared across engines: a bf16 near-tie may pick another
+    token, after which that row's inputs differ.)"""
+    model_dir, adapters = gpu_model
+    logits = {}
+    for lora_stream in (False, True):
+        gc.collect()
+        torch.cuda.empty_cache()
+        engine = _engine(model_dir, lora_stream=lora_stream)
+        for i, path in enumerate(adapters, start=1):
+            engine.load_adapter(i, _spec(path))
+        assert (engine.adapters.lora_stream is not None) == lora_stream
+        _warmup(engine)
+        engine.prefill(BatchSpec(id=1, requests=_requests(7, [0, 1, 2])))
+        steps = []
+        for _ in range(6):
+            batch = engine.batches[1]
+            slots = engine.adapters.request_slots(batch.adapter_indices)
+            replayed = engine.runner.graphs.run(batch, slots).clone()
+            steps.append((replayed, engine.runner.decode_eager(batch, slots)))
+            engine.decode([1])
+        logits[lora_stream] = steps
+        del engine
+    for steps in logits.values():
+        for graph_logits, eager_logits in steps:
+            assert torch.isfinite(graph_logits).all()
+            assert _rel(graph_logits, eager_logits) < 2e-2
+    assert _rel(logits[True][0][0], logits[False][0][0]) < 2e-2
 
 
 def test_decode_past_warmup_contexts_runs_eagerly_without_capturing(gpu_model):

@@ -295,17 +295,19 @@ def test_lora_grouped_cuda_graph():
 @pytest.mark.parametrize("H", [1024, 4096, 5120])
 @pytest.mark.parametrize("with_res", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_add_rmsnorm(T, H, with_res, dtype):
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_fused_add_rmsnorm(T, H, with_res, dtype, with_delta):
     from model.kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref
 
-    gen = gen_for("rms", T, H, with_res, str(dtype))
+    gen = gen_for("rms", T, H, with_res, str(dtype), with_delta)
     x = torch.randn(T, H, generator=gen, device=DEV).to(dtype)
     res = torch.randn(T, H, generator=gen, device=DEV).to(dtype) if with_res else None
+    delta = (0.3 * torch.randn(T, H, generator=gen, device=DEV)).to(dtype) if with_delta else None
     w = (1 + 0.1 * torch.randn(H, generator=gen, device=DEV)).to(dtype)
     out = torch.full_like(x, float("nan"))
-    res_out = torch.full_like(x, float("nan")) if with_res else None
-    normed, new_res = fused_add_rmsnorm(x, res, w, 1e-5, out=out, residual_out=res_out)
-    ref_normed, ref_res = fused_add_rmsnorm_ref(x, res, w, 1e-5)
+    res_out = torch.full_like(x, float("nan")) if with_res or with_delta else None
+    normed, new_res = fused_add_rmsnorm(x, res, w, 1e-5, out=out, residual_out=res_out, delta=delta)
+    ref_normed, ref_res = fused_add_rmsnorm_ref(x, res, w, 1e-5, delta=delta)
     assert rel_err(normed, ref_normed) <= 1e-2
     assert torch.equal(new_res, ref_res)
 
@@ -313,7 +315,7 @@ def test_fused_add_rmsnorm(T, H, with_res, dtype):
 @pytest.mark.parametrize("T", [1, 64, 4096])
 @pytest.mark.parametrize("heads", [(32, 8), (32, 32), (8, 1)])
 @pytest.mark.parametrize("D,bs", [(64, 256), (128, 16)])
-@pytest.mark.parametrize("variant", ["half-table", "full-table", "fp8"])
+@pytest.mark.parametrize("variant", ["half-table", "full-table", "fp8", "lora-delta"])
 def test_rotary_kv_write(T, heads, D, bs, variant):
     from model.kernels.rotary import rotary_kv_write, rotary_kv_write_ref
 
@@ -339,11 +341,14 @@ def test_rotary_kv_write(T, heads, D, bs, variant):
     def views(t):
         return t[:, :Hq], t[:, Hq:Hq + Hkv], t[:, Hq + Hkv:]
 
+    if variant == "lora-delta":  # the qkv projection's LoRA delta, added to q, k and v first
+        scales["delta"] = views((0.3 * torch.randn(qkv.shape, generator=gen, device=DEV)).to(qkv.dtype))
     mine, ref = qkv.clone(), qkv.clone()
     rotary_kv_write(*views(mine), positions, cos, sin, caches[0], caches[1], slots, **scales)
     rotary_kv_write_ref(*views(ref), positions, cos, sin, caches[2], caches[3], slots, **scales)
     torch.cuda.synchronize()
     assert rel_err(mine, ref) <= 1e-2
+    assert torch.equal(views(mine)[2], views(ref)[2])  # v: untouched, or + its delta rounded as torch
     written = torch.zeros(num_blocks * bs, dtype=torch.bool, device=DEV)
     written[slots[slots >= 0]] = True
     for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):

@@ -14,12 +14,13 @@ import torch
 from mistral_harness import PagedRunner, hf_logits, random_prompts
 
 from cache.kv_cache import KVCache
+from model.adapters.batch import InPlaceHook
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-class DeltaAdapter:
+class DeltaAdapter(InPlaceHook):
     """add_lora double: out[:, member columns] += x @ delta[(layer, member)].T, recording every call."""
 
     def __init__(self, deltas: dict[tuple[int, str], torch.Tensor]):
@@ -67,9 +68,9 @@ def test_hook_called_with_correct_slices_in_prefill_and_decode(model_pair):
     h = cfg.hidden_size
     per_layer = [  # (group, x cols, out cols, member widths)
         ("qkv_proj", h, q + 2 * kv, (q, kv, kv)),
-        ("o_proj", q, h, None),
+        ("o_proj", q, h, (h,)),
         ("gate_up_proj", h, 2 * inter, (inter, inter)),
-        ("down_proj", inter, h, None),
+        ("down_proj", inter, h, (h,)),
     ]
     expected = [(i, g, (t, xc), (t, oc), w) for i in range(2) for g, xc, oc, w in per_layer]
     expected.append((-1, "lm_head", (t, cfg.hidden_size), (t, cfg.vocab_size), None))

@@ -51,9 +51,12 @@ def _spec(d) -> AdapterSpec:
 
 
 @pytest.mark.slow
-def test_mixed_adapter_batch_prefill_and_16_decode_steps_equal_peft(setup):
+@pytest.mark.parametrize("concurrent", [True, False], ids=["decode-deltas", "in-place"])
+def test_mixed_adapter_batch_prefill_and_16_decode_steps_equal_peft(setup, concurrent):
+    """`concurrent`: decode LoRA returned as deltas that the next kernel adds (the store's default), or
+    added in place after each projection."""
     ours, truth, dirs = setup
-    store = AdapterStore(ours.config, device="cpu", dtype=torch.float32)
+    store = AdapterStore(ours.config, device="cpu", dtype=torch.float32, concurrent_lora=concurrent)
     for i, d in dirs.items():
         store.load(i, _spec(d))
     runner = PagedRunner(ours, KVCache.for_model(ours, num_blocks=64), seed=7)

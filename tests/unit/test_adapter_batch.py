@@ -46,6 +46,56 @@ def test_add_lora_adds_each_tokens_delta_in_place_and_ignores_other_modules(is_p
     assert torch.equal(fused, before)
 
 
+@pytest.mark.parametrize("is_prefill,concurrent", [(False, True), (False, False), (True, True)])
+def test_begin_lora_returns_the_delta_for_decode_and_adds_in_place_otherwise(is_prefill, concurrent):
+    """Decode with concurrent LoRA: finish returns out's delta (zero on base rows) and leaves out alone;
+    prefill, or concurrent off: finish adds it to out in place. Either way out + delta is the same."""
+    gen = torch.Generator().manual_seed(3)
+    stacks, a, b = _stacks(gen)
+    meta = AdapterBatchMetadata.from_requests([2, -1, 0, 0], [3, 2, 1, 4] if is_prefill else [1, 1, 1, 1])
+    data = AdapterBatchData(meta, stacks, is_prefill, concurrent=concurrent)
+    t = meta.token_slots.shape[0]
+    x, out = torch.randn(t, 10, generator=gen), torch.randn(t, 6, generator=gen)
+    expected = out.clone()
+    for i, slot in enumerate(meta.token_slots.tolist()):
+        if slot >= 0:
+            expected[i] += x[i] @ (b[slot] @ a[slot]).T
+    pending = data.begin_lora(0, "q_proj", x, (6,))
+    before = out.clone()
+    delta = pending.finish(out)
+    if concurrent and not is_prefill:
+        assert torch.equal(out, before)  # untouched: the consumer adds the delta
+        assert torch.equal(delta[meta.token_slots < 0], torch.zeros_like(delta[meta.token_slots < 0]))
+        out = out + delta
+    else:
+        assert delta is None
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert data.begin_lora(0, "k_proj", x, (6,)).finish(out) is None  # no stack: nothing to do
+    base_only = AdapterBatchData(AdapterBatchMetadata.from_requests([-1], [1]), stacks, is_prefill)
+    assert base_only.begin_lora(0, "q_proj", x[:1], (6,)) is None
+    with pytest.raises(ValueError, match="one width per member"):
+        data.begin_lora(0, "qkv_proj", x, (6,))
+
+
+def test_begin_lora_keeps_lm_head_dora_and_tp_row_parallel_in_place():
+    """Deltas only where a consumer adds them and nothing must follow the expand: lm_head (no consumer),
+    DoRA members (scaled after the expand), row-parallel under TP (the shrink's all-reduce)."""
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 4, 10, generator=gen), torch.randn(2, 6, 4, generator=gen)
+    meta = AdapterBatchMetadata.from_requests([1, 0], [1, 1])
+    x = torch.randn(2, 10, generator=gen)
+    stacks = {(0, "o_proj"): (a, b), (-1, "lm_head"): (a, b), (0, "down_proj"): (a, b)}
+    plain = AdapterBatchData(meta, stacks, False, concurrent=True)
+    assert type(plain.begin_lora(0, "o_proj", x, (6,))).__name__ == "DeltaLora"
+    assert type(plain.begin_lora(-1, "lm_head", x, (6,))).__name__ == "InPlaceLora"
+    dora = AdapterBatchData(meta, stacks, False, concurrent=True, scales={(0, "o_proj"): torch.ones(2, 6)})
+    assert type(dora.begin_lora(0, "o_proj", x, (6,))).__name__ == "InPlaceLora"
+    assert type(dora.begin_lora(0, "down_proj", x, (6,))).__name__ == "DeltaLora"
+    tp = SimpleNamespace(world_size=2, rank=0, group=None)
+    sharded = AdapterBatchData(meta, stacks, False, tp, concurrent=True)
+    assert type(sharded.begin_lora(0, "o_proj", x, (6,))).__name__ == "InPlaceLora"
+
+
 CFG = SimpleNamespace(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
                       intermediate_size=24, vocab_size=10)  # fmt: skip
 

@@ -24,7 +24,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from model.kernels import lora, paged_attention as pa, rmsnorm, rotary
+from model.kernels import activation, lora, paged_attention as pa, rmsnorm, rotary
 
 PTR = {"bt": "*i32", "lens": "*i32", "idx": "*i32", "starts": "*i32", "ends": "*i32", "slots": "*i32",
        "part_o": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "k_scale": "*fp32", "v_scale": "*fp32",
@@ -46,10 +46,13 @@ CASES = [
     (lora._expand_kernel, dict(HAS_PERM=False, SPLITS=1, NBLK=64, R=128, NT=1, NT_PAD=1, R_PAD=128,
                                UNIFORM=True, BLOCK_M=64, BLOCK_N=64)),
     (lora._plan_kernel, dict(T_PAD=256, CHUNK=32, BLOCK_M=16, J_PAD=16, TILES_PAD=512, SEM_PAD=4096)),
-    (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True)),
-    (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=False, SCALE_FROM_PTR=False)),
-    (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=True, SCALE_FROM_PTR=True),
-     {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv"}),
+    (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True, HAS_DELTA=False, STORE_SUM=True)),
+    (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True, HAS_DELTA=True, STORE_SUM=True)),
+    (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=False, SCALE_FROM_PTR=False,
+                                    HAS_DELTA=False)),
+    (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=True, SCALE_FROM_PTR=True,
+                                    HAS_DELTA=True), {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv"}),
+    (activation._silu_mul_kernel, dict(BLOCK=1024, HAS_DELTA=True)),
 ]
 for fn, consts, *types in CASES:
     sig, attrs = {}, {}
@@ -74,4 +77,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 12
+    assert proc.stdout.count("compiled") == 14

@@ -121,8 +121,9 @@ def interpreted(names):
 
 @pytest.fixture(scope="module")
 def kernels():
-    """name -> interpreted module (paged_attention, rmsnorm, rotary, dora; LoRA: its own test file)."""
-    with interpreted(("paged_attention", "rmsnorm", "rotary", "dora")) as mods:
+    """name -> interpreted module (paged_attention, rmsnorm, rotary, dora, activation; LoRA: its own test
+    file)."""
+    with interpreted(("paged_attention", "rmsnorm", "rotary", "dora", "activation")) as mods:
         yield mods
 
 
@@ -254,24 +255,37 @@ def test_dora_scale_rows_interpret(kernels, dtype):
 # ------------------------------------------------------------------------------------ RMSNorm, rotary
 
 
-@pytest.mark.parametrize("T,H,with_res,dtype", [
-    (1, 64, True, torch.bfloat16), (5, 96, False, torch.bfloat16),
-    (9, 256, True, torch.float16), (3, 4096, True, torch.bfloat16),
+@pytest.mark.parametrize("T,H,with_res,dtype,with_delta", [
+    (1, 64, True, torch.bfloat16, False), (5, 96, False, torch.bfloat16, False),
+    (9, 256, True, torch.float16, False), (3, 4096, True, torch.bfloat16, False),
+    (4, 96, True, torch.bfloat16, True), (2, 64, False, torch.bfloat16, True),
 ])
-def test_fused_add_rmsnorm_interpret(kernels, T, H, with_res, dtype):
+def test_fused_add_rmsnorm_interpret(kernels, T, H, with_res, dtype, with_delta):
     rms = kernels["rmsnorm"]
     gen = torch.Generator().manual_seed(T * H)
     x = torch.randn(T, H, generator=gen).to(dtype)
     res = torch.randn(T, H, generator=gen).to(dtype) if with_res else None
+    delta = (0.3 * torch.randn(T, H, generator=gen)).to(dtype) if with_delta else None  # a LoRA delta of x
     w = (1 + 0.1 * torch.randn(H, generator=gen)).to(dtype)
     out = torch.full_like(x, float("nan"))
-    res_out = torch.full_like(x, float("nan")) if with_res else None
-    normed, new_res = rms.fused_add_rmsnorm(x, res, w, 1e-5, out=out, residual_out=res_out)
-    ref_normed, ref_res = rms.fused_add_rmsnorm_ref(x, res, w, 1e-5)
+    res_out = torch.full_like(x, float("nan")) if with_res or with_delta else None
+    normed, new_res = rms.fused_add_rmsnorm(x, res, w, 1e-5, out=out, residual_out=res_out, delta=delta)
+    ref_normed, ref_res = rms.fused_add_rmsnorm_ref(x, res, w, 1e-5, delta=delta)
     assert normed is out and rel_err(normed, ref_normed) <= 1e-2
-    assert torch.equal(new_res, ref_res)  # the sum is rounded exactly as torch rounds it
-    normed2, _ = rms.fused_add_rmsnorm(x, res, w, 1e-5)  # allocating path
+    assert torch.equal(new_res, ref_res)  # the sums are rounded exactly as torch rounds them
+    normed2, _ = rms.fused_add_rmsnorm(x, res, w, 1e-5, delta=delta)  # allocating path
     assert rel_err(normed2, ref_normed) <= 1e-2
+
+
+@pytest.mark.parametrize("T,inter,with_delta", [(1, 64, False), (3, 1500, True), (2, 2048, True)])
+def test_silu_and_mul_interpret(kernels, T, inter, with_delta):
+    act = kernels["activation"]
+    gen = torch.Generator().manual_seed(T + inter)
+    gate_up = torch.randn(T, 2 * inter, generator=gen).bfloat16()
+    delta = (0.3 * torch.randn(T, 2 * inter, generator=gen)).bfloat16() if with_delta else None
+    out = torch.full((T, inter), float("nan")).bfloat16()
+    act.silu_and_mul(gate_up, out=out, delta=delta)
+    assert torch.equal(out, act.silu_and_mul_ref(gate_up, delta=delta))  # rounded as torch rounds
 
 
 def test_rmsnorm_ref_matches_transformers(kernels):
@@ -309,11 +323,12 @@ def make_rotary_case(gen, T, Hq, Hkv, D, block_size, dtype, full_table, fp8=Fals
     return q, k, v, positions, freqs.cos(), freqs.sin(), k_cache, v_cache, slots
 
 
-@pytest.mark.parametrize("T,Hq,Hkv,D,bs,full,fp8", [
-    (1, 4, 2, 64, 16, False, False), (13, 8, 2, 128, 16, True, False),
-    (7, 6, 3, 64, 32, False, True), (20, 4, 4, 32, 64, True, False),
+@pytest.mark.parametrize("T,Hq,Hkv,D,bs,full,fp8,with_delta", [
+    (1, 4, 2, 64, 16, False, False, False), (13, 8, 2, 128, 16, True, False, False),
+    (7, 6, 3, 64, 32, False, True, False), (20, 4, 4, 32, 64, True, False, False),
+    (5, 8, 2, 64, 16, False, False, True), (6, 6, 3, 64, 32, False, True, True),
 ])
-def test_rotary_kv_write_interpret(kernels, T, Hq, Hkv, D, bs, full, fp8):
+def test_rotary_kv_write_interpret(kernels, T, Hq, Hkv, D, bs, full, fp8, with_delta):
     rot = kernels["rotary"]
     gen = torch.Generator().manual_seed(T + D)
     case = make_rotary_case(gen, T, Hq, Hkv, D, bs, torch.bfloat16, full, fp8)
@@ -322,12 +337,18 @@ def test_rotary_kv_write_interpret(kernels, T, Hq, Hkv, D, bs, full, fp8):
     mine[:3] = fused[:, :Hq], fused[:, Hq:Hq + Hkv], fused[:, Hq + Hkv:]
     theirs = [x.clone() for x in case]
     scales = {"k_scale": 0.05, "v_scale": 0.02} if fp8 else {}
-    rot.rotary_kv_write(*mine, **scales)
-    rot.rotary_kv_write_ref(*theirs, **scales)
+    delta = None
+    if with_delta:  # the qkv projection's LoRA delta: views of one [T, H, D] buffer, as the model passes
+        d = (0.3 * torch.randn(T, Hq + 2 * Hkv, D, generator=gen)).bfloat16()
+        delta = (d[:, :Hq], d[:, Hq:Hq + Hkv], d[:, Hq + Hkv:])
+    rot.rotary_kv_write(*mine, **scales, delta=delta)
+    rot.rotary_kv_write_ref(*theirs, **scales, delta=delta)
+    if with_delta:
+        assert torch.equal(mine[2], theirs[2])  # v + its delta, in place
     if fp8:  # the same with device-resident scales (the CUDA-graph path)
         again = [x.clone() for x in case]
         again[:3] = (t.clone() for t in case[:3])
-        rot.rotary_kv_write(*again, k_scale=torch.tensor([0.05]), v_scale=torch.tensor([0.02]))
+        rot.rotary_kv_write(*again, k_scale=torch.tensor([0.05]), v_scale=torch.tensor([0.02]), delta=delta)
         assert torch.equal(again[6].view(torch.uint8), mine[6].view(torch.uint8))
         assert torch.equal(again[7].view(torch.uint8), mine[7].view(torch.uint8))
     for i in (0, 1):  # q, k rotated in place

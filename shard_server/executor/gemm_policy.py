@@ -1,0 +1,64 @@
+"""How cuBLAS runs the matmuls captured into one CUDA graph: the library and the SMs they may use.
+
+A captured matmul keeps the kernel cuBLAS chose when it was captured, so a graph can be captured under
+settings that would be wrong process-wide. Two settings of torch matter (both read at call time):
+
+    library      torch.backends.cuda.preferred_blas_library: "cublas" (torch's default) or "cublaslt"
+    sm_carveout  torch._C._set_sm_carveout_experimental: SMs cuBLASLt leaves free (its SM count target)
+
+Measured on an H200, Mistral-7B shape, decode forward graph-replayed (bench/profile_lora.py, results in
+bench/results/h200-profile-lora-2026-12-01-stream.json): cuBLASLt with 16 SMs left free takes 5.78 ms
+against cuBLAS's 6.01 ms at 64 rows (0.961) and 7.24 against 7.46 ms at 128 rows (0.971): its heuristics
+then pick tiles that need no split-K reduce kernel. At 32 rows it is 1.017 (worse), so smaller buckets
+keep the default. Leaving 32 SMs free costs the base matmuls 1-2% and is what lets a LoRA side stream
+run beside them without waiting for SMs (model/adapters/batch.py; DecodeGraphs' few-adapter graphs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemmPolicy:
+    library: str | None = None  # None: leave torch's choice
+    sm_carveout: int = 0  # SMs the matmuls leave free (cuBLASLt only)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """These settings for the matmuls called inside (a capture); the previous ones restored after."""
+        if self.library is None and not self.sm_carveout:
+            yield
+            return
+        library = torch.backends.cuda.preferred_blas_library()
+        carveout = torch._C._get_sm_carveout_experimental()
+        try:
+            if self.library is not None:
+                torch.backends.cuda.preferred_blas_library(self.library)
+            if self.sm_carveout:
+                torch._C._set_sm_carveout_experimental(self.sm_carveout)
+            yield
+        finally:
+            torch._C._set_sm_carveout_experimental(carveout)
+            torch.backends.cuda.preferred_blas_library(library)
+
+
+DEFAULT = GemmPolicy()
+LT_ROWS = 64  # decode buckets of at least this many rows capture with cuBLASLt (module docstring)
+LT_CARVEOUT = 16
+SIDE_STREAM_SMS = 32  # few-adapter LoRA graphs: SMs left to the LoRA side stream
+
+
+def decode_policy(rows: int, sms: int, side_stream: bool = False) -> GemmPolicy:
+    """The policy of a decode graph of `rows` rows on a device of `sms` SMs; `side_stream`: the graph runs
+    LoRA on a side stream, which gets SIDE_STREAM_SMS of them. Devices much smaller than an H100 keep
+    torch's default (the carveouts would take too large a share)."""
+    if sms < 4 * SIDE_STREAM_SMS:
+        return DEFAULT
+    if side_stream:
+        return GemmPolicy("cublaslt", SIDE_STREAM_SMS)
+    return GemmPolicy("cublaslt", LT_CARVEOUT) if rows >= LT_ROWS else DEFAULT
