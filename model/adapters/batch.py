@@ -23,7 +23,8 @@ The model reaches add_lora through two calls, so that a decode step's LoRA can r
     delta = pending.finish(out)   # None: added to out in place; else [T, cols] that out's consumer adds
 
 Decode batches of a store with `concurrent` LoRA take the delta path: begin_lora forks a side stream (high
-priority) from the current one, zeroes a delta buffer and runs the group's shrink and expand into it there,
+priority) from the current one and runs the group's shrink and expand there into a delta buffer (the expand
+stores the delta, zero on base rows, so the buffer needs no memset when the stack covers all its columns),
 while the base matmul runs on the current stream; finish makes the current stream wait for that work and
 returns the buffer, which the consumer kernel adds (fused: the next RMSNorm, silu_and_mul, the rope + KV
 write). A small adapter then costs about its bytes instead of its launches (docs/lora.md). Everything else
@@ -168,16 +169,21 @@ class AdapterBatchData:
         if in_place:
             return InPlaceLora(self, layer_idx, target, x, widths)
         delta = x.new_empty((x.shape[0], sum(widths)))  # on the current stream, before the fork
+        # The expand stores the delta (zero on base rows) when the stack's members cover every column;
+        # otherwise the columns of members no resident adapter targets need zeros first.
+        store = sum(stack.widths) == sum(widths)
         if self.stream is None:
-            delta.zero_()
-            self._add(layer_idx, target, x, delta, widths, members, stack)
+            if not store:
+                delta.zero_()
+            self._add(layer_idx, target, x, delta, widths, members, stack, store)
             return DeltaLora(delta, None)
         current = torch.cuda.current_stream(x.device)
         self.stream.wait_stream(current)  # x is ready; the base matmul is enqueued after this point
         self._side_used = True
         with torch.cuda.stream(self.stream):
-            delta.zero_()
-            self._add(layer_idx, target, x, delta, widths, members, stack)
+            if not store:
+                delta.zero_()
+            self._add(layer_idx, target, x, delta, widths, members, stack, store)
             done = torch.cuda.Event()
             done.record(self.stream)
         return DeltaLora(delta, done)
@@ -204,7 +210,7 @@ class AdapterBatchData:
         self._add(layer_idx, target, x, out, widths, members, found)
 
     def _add(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor, widths: tuple[int, ...],
-             members: tuple[str, ...], stack: LoraGroupStack) -> None:  # fmt: skip
+             members: tuple[str, ...], stack: LoraGroupStack, store: bool = False) -> None:  # fmt: skip
         event = self.ready.pop(layer_idx, None)
         if event is not None:
             torch.cuda.current_stream(x.device).wait_event(event)
@@ -228,7 +234,7 @@ class AdapterBatchData:
             # Row-parallel: each rank holds A's columns for its input slice, so v is a partial sum.
             v = self.ops.reduced(v)
             torch.distributed.all_reduce(v, group=self.tp.group)
-        self.ops.expand(out, v, stack, slices, rows)
+        self.ops.expand(out, v, stack, slices, rows, store=store)
         if self.scales:
             slots = self.meta.token_slots[self.lm_head_indices] if selected else self.meta.token_slots
             for t, (b0, b1, y0) in zip(stack.targets, slices, strict=True):

@@ -6,6 +6,7 @@ Both apply one projection group (model/adapters/stacks.py) with one shrink and o
     v = backend.shrink(x, stack, rows)                # [.., T, NT*R] (Triton: split-K partials)
     v = backend.reduced(v)                            # the partial sums folded, before an all-reduce
     backend.expand(y, v, stack, slices, rows)         # y [T, cols] += per member, in place
+    backend.expand(y, v, stack, slices, rows, store=True)  # y[:, members] = the delta (decode rows)
 
 `slices` are (b_start, b_end, y_start) per stack member: B rows -> output columns of y.
 
@@ -49,11 +50,14 @@ class TorchLoraOps:
         return v
 
     @staticmethod
-    def expand(y: torch.Tensor, v: torch.Tensor, stack: LoraGroupStack, slices, rows) -> None:
+    def expand(y: torch.Tensor, v: torch.Tensor, stack: LoraGroupStack, slices, rows,
+               store: bool = False) -> None:  # fmt: skip
         kind, arg = rows
         r = stack.rank
         for i, (b0, b1, y0) in enumerate(slices):
             out, vi, bi = y[:, y0 : y0 + b1 - b0], v[:, i * r : (i + 1) * r], stack.b[:, b0:b1]
+            if store:  # the delta itself, zero on rows without an adapter
+                out.zero_()
             if kind == "sgmv":
                 reference_ops.sgmv_expand(out, vi, bi, *arg)
             else:
@@ -89,8 +93,10 @@ class TritonLoraOps:
     def reduced(v: torch.Tensor) -> torch.Tensor:
         return v.sum(0, keepdim=True) if v.shape[0] > 1 else v
 
-    def expand(self, y: torch.Tensor, v: torch.Tensor, stack: LoraGroupStack, slices, plan) -> None:
-        self.k.lora_expand(y, v, stack.b, stack.ranks, plan, rank=stack.rank, slices=slices, sms=self.sms)
+    def expand(self, y: torch.Tensor, v: torch.Tensor, stack: LoraGroupStack, slices, plan,
+               store: bool = False) -> None:  # fmt: skip
+        self.k.lora_expand(y, v, stack.b, stack.ranks, plan, rank=stack.rank, slices=slices, sms=self.sms,
+                           store=store)  # fmt: skip
 
 
 def lora_ops_for(device: torch.device, sms: int | None = None):

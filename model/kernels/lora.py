@@ -59,6 +59,8 @@ class LoraPlan:
     block_m: int
     num_rows: int  # T
     min_tiles: int  # tiles when every row uses one adapter (prefill: the exact count); sizes the grids
+    # [1] int32: rows with an adapter, which come first in perm order (decode plans; None: no such order)
+    lora_rows: torch.Tensor | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -81,18 +83,19 @@ def plan_from_slots(token_slots: torch.Tensor, num_slots: int, block_m: int = 16
     num_tiles = min(t, s) + -(-t // block_m)
     perm = torch.empty(t, dtype=torch.int32, device=token_slots.device)
     n_sem = num_tiles * MAX_SHRINK_BLOCKS
-    buf = torch.empty(3 * num_tiles + 1 + n_sem, dtype=torch.int32, device=token_slots.device)
+    buf = torch.empty(3 * num_tiles + 2 + n_sem, dtype=torch.int32, device=token_slots.device)
     tiles, count = buf[: 3 * num_tiles].view(3, num_tiles), buf[3 * num_tiles : 3 * num_tiles + 1]
-    semaphores = buf[3 * num_tiles + 1 :]
+    lora_rows, semaphores = buf[3 * num_tiles + 1 : 3 * num_tiles + 2], buf[3 * num_tiles + 2 :]
     scratch = torch.empty(t, dtype=torch.int32, device=token_slots.device)
     t_pad = triton.next_power_of_2(t)
     _plan_kernel[(1,)](
-        token_slots, perm, tiles, count, scratch, semaphores, t, s, num_tiles, n_sem, T_PAD=t_pad,
+        token_slots, perm, tiles, count, lora_rows, scratch, semaphores, t, s, num_tiles, n_sem, T_PAD=t_pad,
         CHUNK=min(32, t_pad), BLOCK_M=block_m, J_PAD=triton.next_power_of_2(-(-t // block_m)),
         TILES_PAD=triton.next_power_of_2(num_tiles), SEM_PAD=triton.next_power_of_2(n_sem),
         num_warps=4 if t_pad <= 256 else 8,
     )  # fmt: skip
-    return LoraPlan(perm, tiles, count, semaphores, block_m, t, min_tiles=-(-t // block_m))
+    return LoraPlan(perm, tiles, count, semaphores, block_m, t, min_tiles=-(-t // block_m),
+                    lora_rows=lora_rows)
 
 
 PLAN_KERNEL_MAX_ROWS = 512
@@ -119,7 +122,9 @@ def plan_from_slots_ref(token_slots: torch.Tensor, num_slots: int, block_m: int 
     tiles = torch.stack([torch.where(real, seg_c, 0), first, rows]).to(torch.int32)
     count = ntiles.sum().reshape(1).to(torch.int32)
     semaphores = torch.zeros(num_tiles * MAX_SHRINK_BLOCKS, dtype=torch.int32, device=dev)
-    return LoraPlan(perm, tiles, count, semaphores, block_m, t, min_tiles=-(-t // block_m))
+    lora_rows = (token_slots >= 0).sum().reshape(1).to(torch.int32)
+    return LoraPlan(perm, tiles, count, semaphores, block_m, t, min_tiles=-(-t // block_m),
+                    lora_rows=lora_rows)
 
 
 @triton.jit
@@ -130,7 +135,8 @@ def _plan_keys(slots_ptr, idx, T, S):
 
 
 @triton.jit
-def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, count_ptr, scratch_ptr, sem_ptr, T, S, num_tiles, n_sem,
+def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, count_ptr, lora_rows_ptr, scratch_ptr, sem_ptr, T, S,
+                 num_tiles, n_sem,
                  T_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, J_PAD: tl.constexpr,
                  TILES_PAD: tl.constexpr, SEM_PAD: tl.constexpr):  # fmt: skip
     # One program: a stable counting sort of the rows by slot through all-pairs comparisons (T <= 512).
@@ -151,6 +157,7 @@ def _plan_kernel(slots_ptr, perm_ptr, tiles_ptr, count_ptr, scratch_ptr, sem_ptr
     ntiles = tl.where(lead, (count + BLOCK_M - 1) // BLOCK_M, 0)
     tl.store(scratch_ptr + i, ntiles, mask=i < T)
     tl.store(count_ptr, tl.sum(ntiles, axis=0))
+    tl.store(lora_rows_ptr, tl.sum(((key_i < S) & (i < T)).to(tl.int32), axis=0))
     t_all = tl.arange(0, TILES_PAD)
     empty = t_all < num_tiles
     tl.store(tiles_ptr + t_all, tl.zeros([TILES_PAD], dtype=tl.int32), mask=empty)
@@ -271,22 +278,32 @@ def _shrink_kernel(x_ptr, a_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, sem_
 
 
 @triton.jit
-def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_ptr, N, num_tiles, b1, b2, b3,
+def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, lora_rows_ptr, y_ptr, N, T,
+                   num_tiles, b1, b2, b3,
                    d0, d1, d2, d3, stride_vs, stride_vt, stride_bs, stride_bn, stride_yt,
                    HAS_PERM: tl.constexpr,
                    SPLITS: tl.constexpr, NBLK: tl.constexpr, R: tl.constexpr, NT: tl.constexpr,
                    NT_PAD: tl.constexpr, R_PAD: tl.constexpr, UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):  # fmt: skip
+                   BLOCK_N: tl.constexpr, STORE: tl.constexpr):  # fmt: skip
     total = tl.load(count_ptr) * NBLK
+    n_items = total
+    lora_rows = 0
+    if STORE:  # then zero items: the rows without an adapter (last in perm order), BLOCK_M at a time
+        lora_rows = tl.load(lora_rows_ptr)
+        n_items = total + tl.cdiv(T - lora_rows, BLOCK_M) * NBLK
     # Persistent: work items (tile, column block) of the real tiles, tile-major so that neighbouring
     # programs share a tile's v and slot.
-    for w in range(tl.program_id(0), total, tl.num_programs(0)):
-        tile = w // NBLK
+    for w in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        is_zero = w >= total
+        wz = tl.where(is_zero, w - total, w)
+        tile = tl.where(is_zero, 0, wz // NBLK)
         slot = tl.load(tiles_ptr + tile)
-        rank = tl.load(ranks_ptr + slot)  # 0: the slot's adapter targets none of these members
-        n_rows = tl.load(tiles_ptr + 2 * num_tiles + tile)
-        rows, m_ok = _tile_rows(perm_ptr, tl.load(tiles_ptr + num_tiles + tile), n_rows, HAS_PERM, BLOCK_M)
-        col0 = (w % NBLK) * BLOCK_N
+        # 0: the slot's adapter targets none of these members (and a zero item reads nothing)
+        rank = tl.where(is_zero, 0, tl.load(ranks_ptr + slot))
+        first = tl.where(is_zero, lora_rows + (wz // NBLK) * BLOCK_M, tl.load(tiles_ptr + num_tiles + tile))
+        n_rows = tl.where(is_zero, tl.minimum(T - first, BLOCK_M), tl.load(tiles_ptr + 2 * num_tiles + tile))
+        rows, m_ok = _tile_rows(perm_ptr, first, n_rows, HAS_PERM, BLOCK_M)
+        col0 = (wz % NBLK) * BLOCK_N
         offs_n = col0 + tl.arange(0, BLOCK_N)
         n_ok = (offs_n < N) & (rank > 0)
         b_base = b_ptr + slot.to(tl.int64) * stride_bs
@@ -323,9 +340,12 @@ def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, y_pt
             delta = tl.dot(v.to(b_ptr.dtype.element_ty), bt)
             shift = tl.where(member == 0, d0, tl.where(member == 1, d1, tl.where(member == 2, d2, d3)))
             y_ptrs = y_ptr + rows[:, None] * stride_yt + (offs_n + shift)[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
-        y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
+        if STORE:  # y = delta (zero for rank 0 and zero items): every row and column of the members
+            tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
+        else:
+            ok = m_ok[:, None] & n_ok[None, :]
+            y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _perm_arg(plan: LoraPlan) -> torch.Tensor:
@@ -407,12 +427,15 @@ def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | No
 
 def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
                 slices: Sequence[tuple[int, int, int]] | None = None,
-                sms: int | None = None) -> torch.Tensor:  # fmt: skip
+                sms: int | None = None, store: bool = False) -> torch.Tensor:  # fmt: skip
     """y += expand(v) in place.  y [T, cols], v [SPLITS, T, NT*rank] (lora_shrink's: SPLITS = 1; partial
     sums are added), lora_b [S, N, rank]; slices: (b_start, b_end, y_start) per member, in B-row order
     (default: one member, all of y). `sms`: as lora_shrink's.
 
         for tile (slot, rows), member i: y[rows, y_i + c] += sum_s(v[s, rows, i*R:(i+1)*R]) @ B[slot, b_i + c]
+
+    `store` (a decode plan, whose rows without an adapter come last): y[:, members' columns] = the delta
+    instead, zero for rows without an adapter — a LoRA delta buffer needs no memset first.
     """
     _check(plan, v, lora_b, y)
     n = lora_b.shape[1]
@@ -436,12 +459,16 @@ def lora_expand(y, v, lora_b, ranks, plan: LoraPlan, *, rank: int,
     nblk = triton.cdiv(n, block_n)
     # Twice the shrink's programs per SM: an expand item is one short dependent chain (tile -> v, B, y),
     # so with many adapters (32 tiles x 224 column blocks of gate_up) concurrency is what hides it.
+    if store:
+        assert plan.perm is not None and plan.lora_rows is not None, "store needs a decode plan"
+    lora_rows = plan.lora_rows if store else plan.count  # unread without STORE
     grid = (persistent_programs(plan, nblk, 2 * (sms or _num_sms(y.device))),)
     _expand_kernel[grid](
-        v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, y, n, plan.num_tiles, *bounds[:3], *shifts,
+        v, lora_b, ranks, _perm_arg(plan), plan.tiles, plan.count, lora_rows, y, n, y.shape[0],
+        plan.num_tiles, *bounds[:3], *shifts,
         v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
         HAS_PERM=plan.perm is not None, SPLITS=v.shape[0], NBLK=nblk, R=rank, NT=nt, NT_PAD=nt_pad,
         R_PAD=r_pad,
-        UNIFORM=uniform, BLOCK_M=plan.block_m, BLOCK_N=block_n, num_warps=4,
+        UNIFORM=uniform, BLOCK_M=plan.block_m, BLOCK_N=block_n, STORE=store, num_warps=4,
     )  # fmt: skip
     return y

@@ -29,7 +29,8 @@ from model.kernels import activation, lora, paged_attention as pa, rmsnorm, rota
 PTR = {"bt": "*i32", "lens": "*i32", "idx": "*i32", "starts": "*i32", "ends": "*i32", "slots": "*i32",
        "part_o": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "k_scale": "*fp32", "v_scale": "*fp32",
        "cos": "*fp32", "sin": "*fp32", "pos": "*i64", "slot": "*i64", "ranks": "*i32", "perm": "*i32",
-       "tiles": "*i32", "v": "*fp32", "scratch": "*i32", "count": "*i32", "sem": "*i32", "part": "*fp32"}
+       "tiles": "*i32", "v": "*fp32", "scratch": "*i32", "count": "*i32", "sem": "*i32", "part": "*fp32",
+       "lora_rows": "*i32"}
 FLOATS = {"qk_scale", "v_scale_val", "eps", "k_inv", "v_inv"}
 CASES = [
     (pa._paged_decode_kernel, dict(G=4, G_PAD=16, D=128, BLOCK_SIZE=16, BLOCK_N=64, SCALE_FROM_PTR=False,
@@ -40,11 +41,11 @@ CASES = [
     (lora._shrink_kernel, dict(HAS_PERM=True, SPLITS=8, NBLK=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
     (lora._shrink_kernel, dict(HAS_PERM=False, SPLITS=1, NBLK=2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
     (lora._expand_kernel, dict(HAS_PERM=True, SPLITS=1, NBLK=48, R=16, NT=3, NT_PAD=4, R_PAD=16, UNIFORM=True,
-                               BLOCK_M=16, BLOCK_N=128)),
+                               BLOCK_M=16, BLOCK_N=128, STORE=True)),
     (lora._expand_kernel, dict(HAS_PERM=True, SPLITS=2, NBLK=7, R=16, NT=3, NT_PAD=4, R_PAD=16, UNIFORM=False,
-                               BLOCK_M=16, BLOCK_N=128)),
+                               BLOCK_M=16, BLOCK_N=128, STORE=True)),
     (lora._expand_kernel, dict(HAS_PERM=False, SPLITS=1, NBLK=64, R=128, NT=1, NT_PAD=1, R_PAD=128,
-                               UNIFORM=True, BLOCK_M=64, BLOCK_N=64)),
+                               UNIFORM=True, BLOCK_M=64, BLOCK_N=64, STORE=False)),
     (lora._plan_kernel, dict(T_PAD=256, CHUNK=32, BLOCK_M=16, J_PAD=16, TILES_PAD=512, SEM_PAD=4096)),
     (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True, HAS_DELTA=False, STORE_SUM=True)),
     (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True, HAS_DELTA=True, STORE_SUM=True)),

@@ -75,6 +75,27 @@ def test_grouped_shrink_expand_interpret(lora, case, plan_kind):
     assert torch.equal(y[:, c.untouched_cols], y0[:, c.untouched_cols])  # members no adapter targets
 
 
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("plan_kernel", [True, False], ids=["plan-kernel", "plan-torch"])
+def test_expand_store_writes_the_delta_and_zeros_for_base_rows_interpret(lora, case, plan_kernel):
+    """store=True (a LoRA delta buffer, no memset first): every row of the members' columns is written,
+    the delta on adapter rows (ranks 1..128, gaps), zero on base rows; other columns are left as they are."""
+    T, S, R, fan_in, widths, present, dtype, splits = case
+    gen = torch.Generator().manual_seed(zlib.crc32(f"store-{_id(case)}".encode()))
+    c = make_group_case(gen, T, S, R, fan_in, widths, present, dtype)
+    plan = lora.plan_from_slots(c.slots, S, block_m=16, use_kernel=plan_kernel)
+    assert int(plan.lora_rows) == int((c.slots >= 0).sum())
+    v = lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=R, splits=splits)
+    y = torch.full((T, c.y_cols), float("nan")).to(dtype)
+    lora.lora_expand(y, v, c.b, c.ranks, plan, rank=R, slices=c.slices, store=True)
+    members = ~c.untouched_cols
+    want = c.oracle(torch.zeros(T, c.y_cols, dtype=dtype))  # the delta, zero on base rows
+    assert torch.isfinite(y[:, members]).all()
+    assert rel_err(y[:, members].double(), want[:, members]) <= 1e-2
+    assert torch.equal(y[c.slots < 0][:, members], torch.zeros_like(y[c.slots < 0][:, members]))
+    assert torch.isnan(y[:, c.untouched_cols]).all()
+
+
 @pytest.mark.parametrize("plan_kind", ["decode", "prefill"])
 def test_a_poisoned_slot_stays_in_its_own_rows_interpret(lora, plan_kind):
     """Slots of NaN weights (slot 0 too) reach no other row: tiles read their own slot only, base rows
