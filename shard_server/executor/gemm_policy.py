@@ -6,12 +6,14 @@ settings that would be wrong process-wide. Two settings of torch matter (both re
     library      torch.backends.cuda.preferred_blas_library: "cublas" (torch's default) or "cublaslt"
     sm_carveout  torch._C._set_sm_carveout_experimental: SMs cuBLASLt leaves free (its SM count target)
 
-Measured on an H200, Mistral-7B shape, decode forward graph-replayed (bench/profile_lora.py, results in
-bench/results/h200-profile-lora-2026-12-01-stream.json): cuBLASLt with 16 SMs left free takes 5.78 ms
-against cuBLAS's 6.01 ms at 64 rows (0.961) and 7.24 against 7.46 ms at 128 rows (0.971): its heuristics
-then pick tiles that need no split-K reduce kernel. At 32 rows it is 1.017 (worse), so smaller buckets
-keep the default. Leaving 32 SMs free costs the base matmuls 1-2% and is what lets a LoRA side stream
-run beside them without waiting for SMs (model/adapters/batch.py; DecodeGraphs' few-adapter graphs).
+Measured on an H200, Mistral-7B shape, decode forward graph-replayed (bench/profile_lora.py; results in
+bench/results/h200-profile-lora-2026-12-01-{carveouts,stream,store}.json): cuBLASLt with 16 SMs left free
+against cuBLAS, three runs: 0.961 / 0.995 / 0.998 of the step at 64 rows, 0.971 / 0.985 / 1.003 at 128
+(about 1.5% on average, near this card's run-to-run noise; its heuristics pick tiles that need no
+split-K reduce kernel). At 32 rows it was 1.010-1.023 (worse), so smaller buckets keep the default.
+Leaving 32 SMs free costs the base matmuls 1-2% and is what lets a LoRA side stream run beside them
+without waiting for SMs (model/adapters/batch.py; DecodeGraphs' few-adapter graphs): that is the gain
+that matters here (docs/lora.md).
 """
 
 from __future__ import annotations
