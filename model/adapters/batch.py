@@ -113,7 +113,8 @@ class AdapterBatchMetadata:
 
 class AdapterBatchData:
     """AdapterBatchData(meta, stacks, is_prefill, tp=None, lm_head_indices=None, scales=None, ready=None,
-    concurrent=False, stream=None): forward's adapter_data (`scales`: the store's DoRA scale stacks, if any).
+    concurrent=False, stream=None, lora_sms=None): forward's adapter_data (`scales`: the store's DoRA scale
+    stacks, if any).
 
     `concurrent`: decode groups return their delta for the consumer to add (module docstring), computed
     on `stream` when given (CUDA: the store's LoRA stream), else inline. `lora_sms`: the SMs the Triton
@@ -150,7 +151,7 @@ class AdapterBatchData:
         self._side_used = False  # work (plans included) was enqueued on `stream`
 
     def begin_lora(self, layer_idx: int, target: str, x: torch.Tensor,
-                   widths: tuple[int, ...]) -> PendingLora | None:  # fmt: skip
+                   widths: tuple[int, ...]) -> InPlaceLora | DeltaLora | None:  # fmt: skip
         """Start `target`'s LoRA of x before its base matmul, whose output columns `widths` splits into
         the group's members (one width for one member); None when the batch has no adapter rows."""
         if not self.meta.has_lora:
@@ -281,7 +282,6 @@ class InPlaceLora:
 
     def finish(self, out: torch.Tensor) -> None:
         self.hook.add_lora(self.layer_idx, self.target, self.x, out, self.widths)
-        return None
 
 
 class DeltaLora:
@@ -295,9 +295,6 @@ class DeltaLora:
         if self.done is not None:
             torch.cuda.current_stream(out.device).wait_event(self.done)
         return self.delta
-
-
-PendingLora = InPlaceLora | DeltaLora
 
 
 class InPlaceHook:

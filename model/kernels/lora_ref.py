@@ -1,7 +1,7 @@
 """Torch references of the grouped LoRA kernels (model/kernels/lora.py): same arguments, same semantics
 (that module's docstring), plain per-tile matmuls in float32. What the kernel tests compare against.
 
-`plan` is a lora.LoraPlan (duck-typed here: this module imports nothing from the kernels' module).
+`plan` is a lora_plan.LoraPlan (duck-typed here: this module imports nothing from the kernels' module).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ CAPTURE_SECONDS = 60.0  # per capture session (Warmup, or one refresh after an a
 CAPTURE_MIN_FREE_FRACTION = 0.02
 
 BASE, LORA, LORA_FEW = 0, 1, 2  # graph variants (module docstring); LoRA variants are truthy
-FEW_ADAPTERS = 8  # a LoRA batch of at most this many distinct adapters replays LORA_FEW (measured below)
+FEW_ADAPTERS = 8  # a LoRA batch of at most this many distinct adapters replays LORA_FEW (module docstring)
 Key = tuple[int, int, int]  # (batch bucket, context bucket, variant)
 
 
@@ -125,6 +125,7 @@ class DecodeGraphs:
         self.captured = 0  # graphs captured over the engine's life (tests: none inside a Decode)
         self.capture_seconds = 0.0  # time spent capturing over the engine's life (benchmarks)
         self.replayed = 0
+        self.sms = self._sms()
         self.lora_variants = self._lora_variants()  # what a LoRA batch may replay
 
     def context_bucket(self, max_len: int) -> int:
@@ -168,14 +169,14 @@ class DecodeGraphs:
 
     def _lora_variants(self) -> list[int]:
         side = self.runner.adapters.lora_stream is not None
-        return [LORA, LORA_FEW] if side and self._sms() >= 4 * SIDE_STREAM_SMS else [LORA]
+        return [LORA, LORA_FEW] if side and self.sms >= 4 * SIDE_STREAM_SMS else [LORA]
 
     def _sms(self) -> int:
         dev = torch.device(self.runner.device)
         return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
 
     def _policy(self, b: int, variant: int) -> GemmPolicy:
-        return decode_policy(b, self._sms(), side_stream=variant == LORA_FEW)
+        return decode_policy(b, self.sms, side_stream=variant == LORA_FEW)
 
     def variant_for(self, request_slots: list[int]) -> int:
         """The graph variant a batch with these adapter slots (-1: base) replays."""

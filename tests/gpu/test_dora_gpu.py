@@ -13,7 +13,6 @@ Run on the GPU machine: `make test-gpu` or `python -m pytest -m gpu tests/gpu/te
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
@@ -21,9 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from mistral_harness import PagedRunner, hf_logits, random_prompts  # noqa: E402
-
-from cache.kv_cache import KVCache  # noqa: E402
+from mistral_harness import assert_batch_matches_peft, max_row_rel_err, peft_truth  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -81,20 +78,13 @@ def test_scale_rows_kernel_in_a_cuda_graph_with_slots_changed_in_place():
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_factory, adapter_factory):
-    from peft import PeftModel
-    from transformers import MistralForCausalLM
-
     from cache.adapter_store import AdapterStore
     from model.flash_mistral import FlashMistralForCausalLM
     from shard_server.types import AdapterSpec
 
     model_dir = tiny_model_factory(heads=4, kv_heads=2, head_dim=64, init_std=0.02)
     dirs = {i: adapter_factory(model_dir, init_std=0.02, **kw) for i, kw in ADAPTERS.items()}
-
-    def base():
-        return MistralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
-
-    truth = {0: base(), **{i: PeftModel.from_pretrained(base(), d).eval() for i, d in dirs.items()}}
+    truth = peft_truth(model_dir, dirs, device="cuda")
     ours = FlashMistralForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device="cuda")
     store = AdapterStore(
         ours.config, device="cuda", dtype=torch.bfloat16, base_weights=ours.projection_weight
@@ -104,11 +94,6 @@ def setup(tiny_model_factory, adapter_factory):
     return model_dir, dirs, ours, store, truth
 
 
-def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got = got.float().cpu()
-    return float(((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
-
-
 def test_mixed_lora_dora_batch_bf16_triton_equals_peft_fp32(setup):
     from model.adapters.batch import dora_scale_op_for, lora_ops_for
 
@@ -116,27 +101,8 @@ def test_mixed_lora_dora_batch_bf16_triton_equals_peft_fp32(setup):
     assert dora_scale_op_for(torch.device("cuda")).__module__ == "model.kernels.dora"
     assert lora_ops_for(torch.device("cuda")).name == "triton"
     assert len(store.layout.scales) > 0
-    runner = PagedRunner(ours, KVCache.for_model(ours, 48), seed=3)
-    prompts = random_prompts([13, 5, 22, 1, 9, 17], VOCAB, seed=2)
-    data = store.batch_data(REQUESTS, [len(p) for p in prompts], is_prefill=True)
-    logits, cu = runner.prefill(prompts, adapter_data=data)
-    for b, (p, idx) in enumerate(zip(prompts, REQUESTS, strict=True)):
-        ref = hf_logits(truth[idx], p)
-        err = _rel(logits[cu[b] : cu[b + 1]], ref)
-        assert err <= RTOL, f"prefill request {b} (adapter {idx}): relative error {err:.4f}"
-        if idx:  # the adapter moves the logits by far more than our error: equality is not vacuous
-            assert _rel(logits[cu[b] : cu[b + 1]], hf_logits(truth[0], p)) > 3 * err
-    g = random.Random(4)
-    start = [len(s) for s in runner.seqs]
-    got = []
-    for _ in range(12):
-        tokens = [g.randrange(3, VOCAB) for _ in runner.seqs]
-        data = store.batch_data(REQUESTS + [0, 0], [1] * (len(tokens) + 2), is_prefill=False)
-        got.append(runner.decode(tokens, pad_rows=2, adapter_data=data)[: len(tokens)].float().cpu())
-    for b, (seq, idx) in enumerate(zip(runner.seqs, REQUESTS, strict=True)):
-        ref = hf_logits(truth[idx], seq)[start[b] : start[b] + len(got)]
-        err = _rel(torch.stack([x[b] for x in got]), ref)
-        assert err <= RTOL, f"decode request {b} (adapter {idx}): relative error {err:.4f}"
+    assert_batch_matches_peft(ours, store, truth, REQUESTS, [13, 5, 22, 1, 9, 17], VOCAB, RTOL, seed=3,
+                              blocks=48)  # fmt: skip
 
 
 def test_engine_graph_decode_equals_eager_with_dora_adapters(setup):
@@ -178,7 +144,7 @@ def test_engine_graph_decode_equals_eager_with_dora_adapters(setup):
         graph_logits = graph_logits.clone()
         eager_logits = engine.runner.decode_eager(batch, slots)
         assert torch.isfinite(graph_logits).all()
-        assert _rel(graph_logits.float().cpu(), eager_logits.float().cpu()) < RTOL
+        assert max_row_rel_err(graph_logits, eager_logits.float().cpu()) < RTOL
         captured, replayed = graphs.captured, graphs.replayed
         engine.decode([1])
         assert graphs.captured == captured and graphs.replayed == replayed + 1

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cache.kv_cache import KVCache
 from model.forward_batch import ForwardBatch, PrefillSeq, pad_block_tables
 
 # (heads, kv_heads, head_dim): GQA ratios 1, 2 and 4; head_dim != hidden/heads (64/4 = 16) in two.
@@ -139,3 +140,51 @@ def verify_batch(runner: PagedRunner, tokens: list[list[int]], adapter_data=None
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     g = random.Random(seed)
     return [[g.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def peft_truth(model_dir, adapter_dirs: dict, device="cpu") -> dict:
+    """index -> the float32 reference model: 0 the base, i `PeftModel` over adapter_dirs[i]."""
+    from peft import PeftModel
+
+    truth = {0: hf_model(model_dir, device=device)}
+    for i, d in adapter_dirs.items():
+        truth[i] = PeftModel.from_pretrained(hf_model(model_dir, device=device), d).eval()
+    return truth
+
+
+def max_row_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max over rows of ||got - ref|| / ||ref|| (ref on the CPU, float32)."""
+    got = got.float().cpu()
+    return float(((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+
+
+def assert_batch_matches_peft(ours, store, truth: dict, requests: list[int], prompt_lengths: list[int],
+                              vocab: int, rtol: float, *, seed: int, blocks: int, steps: int = 12,
+                              each_step=None) -> None:  # fmt: skip
+    """A batch of requests over adapter indices `requests` (0: base), ragged prefill then `steps` decode
+    steps with two padding rows, through `store`'s adapter data: per request, the relative error of every
+    row against its PEFT model is at most `rtol`, and each adapter moves the prefill logits by far more
+    than that error (equality is not vacuous). `each_step(data)`: called with each decode step's data."""
+    runner = PagedRunner(ours, KVCache.for_model(ours, blocks), seed=seed)
+    prompts = random_prompts(prompt_lengths, vocab, seed=seed + 1)
+    data = store.batch_data(requests, [len(p) for p in prompts], is_prefill=True)
+    logits, cu = runner.prefill(prompts, adapter_data=data)
+    for b, (p, idx) in enumerate(zip(prompts, requests, strict=True)):
+        ref = hf_logits(truth[idx], p)
+        err = max_row_rel_err(logits[cu[b] : cu[b + 1]], ref)
+        assert err <= rtol, f"prefill request {b} (adapter {idx}): relative error {err:.4f}"
+        if idx:
+            assert max_row_rel_err(logits[cu[b] : cu[b + 1]], hf_logits(truth[0], p)) > 3 * err
+    g = random.Random(seed + 2)
+    start = [len(s) for s in runner.seqs]
+    got = []
+    for _ in range(steps):
+        tokens = [g.randrange(3, vocab) for _ in runner.seqs]
+        data = store.batch_data(requests + [0, 0], [1] * (len(tokens) + 2), is_prefill=False)
+        if each_step is not None:
+            each_step(data)
+        got.append(runner.decode(tokens, pad_rows=2, adapter_data=data)[: len(tokens)].float().cpu())
+    for b, (seq, idx) in enumerate(zip(runner.seqs, requests, strict=True)):
+        ref = hf_logits(truth[idx], seq)[start[b] : start[b] + len(got)]
+        err = max_row_rel_err(torch.stack([x[b] for x in got]), ref)
+        assert err <= rtol, f"decode request {b} (adapter {idx}): relative error {err:.4f}"

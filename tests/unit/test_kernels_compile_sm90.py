@@ -24,7 +24,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from model.kernels import activation, lora, paged_attention as pa, rmsnorm, rotary
+from model.kernels import activation, lora, lora_plan, paged_attention as pa, rmsnorm, rotary
 
 PTR = {"bt": "*i32", "lens": "*i32", "idx": "*i32", "starts": "*i32", "ends": "*i32", "slots": "*i32",
        "part_o": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "k_scale": "*fp32", "v_scale": "*fp32",
@@ -46,7 +46,7 @@ CASES = [
                                BLOCK_M=16, BLOCK_N=128, STORE=True)),
     (lora._expand_kernel, dict(HAS_PERM=False, SPLITS=1, NBLK=64, R=128, NT=1, NT_PAD=1, R_PAD=128,
                                UNIFORM=True, BLOCK_M=64, BLOCK_N=64, STORE=False)),
-    (lora._plan_kernel, dict(T_PAD=256, CHUNK=32, BLOCK_M=16, J_PAD=16, TILES_PAD=512, SEM_PAD=4096)),
+    (lora_plan._plan_kernel, dict(T_PAD=256, CHUNK=32, BLOCK_M=16, J_PAD=16, TILES_PAD=512, SEM_PAD=4096)),
     (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True, HAS_DELTA=False, STORE_SUM=True)),
     (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True, HAS_DELTA=True, STORE_SUM=True)),
     (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=False, SCALE_FROM_PTR=False,
