@@ -72,14 +72,17 @@ def lora_stacks(model, slots: int, rank: int, dev) -> dict:
 
 
 def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
-             adapter_counts: tuple[int, ...] = (1, 2, 4, 8, 32)) -> None:  # fmt: skip
+             adapter_counts: tuple[int, ...] = (1, 2, 4, 8, 32),
+             side_carveouts: tuple[int, ...] = ()) -> None:  # fmt: skip
     """Per batch: the base graph under cuBLAS and under the decode graphs' matmul policy, every row on
     the base model inside a LoRA graph, then for each adapter count (rows round-robin over that many
     adapters) LoRA added in place (graphs.LORA) and on the side stream with 32 SMs left to it
-    (graphs.LORA_FEW), each under its policy (executor/gemm_policy.py)."""
+    (graphs.LORA_FEW), each under its policy (executor/gemm_policy.py). `side_carveouts`: the side
+    stream again with that many SMs left to it instead (matmuls under cuBLASLt's SM count target, the
+    LoRA grids sized to the same SMs), to choose the policy's SIDE_STREAM_SMS and FEW_ADAPTERS."""
     from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
     from model.forward_batch import ForwardBatch
-    from shard_server.executor.gemm_policy import DEFAULT, SIDE_STREAM_SMS, decode_policy
+    from shard_server.executor.gemm_policy import DEFAULT, SIDE_STREAM_SMS, GemmPolicy, decode_policy
 
     stacks = lora_stacks(model, slots, 16, dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -91,6 +94,8 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
                  ("base_rows", "in_place", decode_policy(b, sms))]  # fmt: skip
         for n in adapter_counts:
             cases += [(n, "in_place", decode_policy(b, sms)), (n, "side_stream", decode_policy(b, sms, True))]
+            extra = [c for c in side_carveouts if c != SIDE_STREAM_SMS]
+            cases += [(n, "side_stream", GemmPolicy("cublaslt", c)) for c in extra]
         graphs = []
         for used, mode, policy in cases:
             if used == "none":
@@ -102,7 +107,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
                 on_side = mode == "side_stream"
                 data = AdapterBatchData(meta, stacks, is_prefill=False, concurrent=on_side,
                                         stream=side if on_side else None,
-                                        lora_sms=SIDE_STREAM_SMS if on_side else None)  # fmt: skip
+                                        lora_sms=policy.sm_carveout if on_side else None)  # fmt: skip
 
             def step(c=case, d=data):
                 fb = ForwardBatch.decode(c.input_ids, c.positions, c.tables, block_size=model.block_size,
@@ -110,15 +115,16 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
                 return fb.run(model, c.kv.layers)
 
             with policy.applied():
-                graphs.append(graph_of(step))
+                # the step keeps its adapter data (plan, counters, partials) alive: the graph reads them
+                graphs.append((graph_of(step), step))
         # Interleaved rounds: one configuration measured twice in a row drifted by up to 4% on the H200
         # (clocks, placement); rounds spread that drift over every case alike.
         samples: list[list[float]] = [[] for _ in cases]
         for _ in range(ROUNDS):
-            for i, g in enumerate(graphs):
+            for i, (g, _) in enumerate(graphs):
                 samples[i] += time_ms(g.replay, dev, 1, REPLAYS_PER_ROUND)
         base_ms = median(samples[0])
-        for (used, mode, policy), g, ms_all in zip(cases, graphs, samples, strict=True):
+        for (used, mode, policy), (g, _), ms_all in zip(cases, graphs, samples, strict=True):
             ms, ordered = median(ms_all), sorted(ms_all)
             row = {"batch": b, "adapters": used, "mode": mode, "replay_ms": ms, "vs_none": ms / base_ms,
                    "replay_ms_p10_p90": [ordered[len(ordered) // 10], ordered[9 * len(ordered) // 10]],
@@ -213,6 +219,8 @@ def main() -> None:
     ap.add_argument("--sections", default="lora,verify,gemm")
     ap.add_argument("--lora-batches", default="1,32,128")
     ap.add_argument("--verify-batches", default="8,16,32")
+    ap.add_argument("--lora-counts", default="1,2,4,8,32", help="distinct adapters per lora case")
+    ap.add_argument("--side-carveouts", default="", help="extra SM counts left to the LoRA side stream")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
@@ -224,7 +232,9 @@ def main() -> None:
         for name in sections:
             try:
                 if name == "lora":
-                    sec_lora(model, dev, out, [int(x) for x in args.lora_batches.split(",")])
+                    sec_lora(model, dev, out, [int(x) for x in args.lora_batches.split(",")],
+                             adapter_counts=tuple(int(x) for x in args.lora_counts.split(",")),
+                             side_carveouts=tuple(int(x) for x in args.side_carveouts.split(",") if x))
                 elif name == "verify":
                     sec_verify(model, dev, out, [int(x) for x in args.verify_batches.split(",")])
                 elif name == "gemm":

@@ -12,7 +12,8 @@ Semantics (torch references in lora_ref.py, same arguments, re-exported here):
                  v[0, rows, :] = x[rows] @ A[slot].T                      v [1, T, NT*R] fp32
                  (rows of no tile are not written)
     expand:  for tile, for member i with B rows [b0_i, b1_i) and output columns from y0_i:
-                 y[rows, y0_i + c] += v[0, rows, i*R:(i+1)*R] @ B[slot, b0_i + c].T   in place
+                 y[rows, y0_i + c] += round(v[0, rows, i*R:(i+1)*R] @ B[slot, b0_i + c].T)   in place
+             (round: to y's dtype, as PEFT adds a delta; store=True writes the rounded delta instead)
 
 Each tile reads its slot's A and B once, whatever the batch size (BGMV read them once per token). Decode
 plans have static shapes, so a CUDA graph serves every mix of adapters. Both kernels are
@@ -198,8 +199,12 @@ def _expand_kernel(v_ptr, b_ptr, ranks_ptr, perm_ptr, tiles_ptr, count_ptr, lora
             tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
         else:
             ok = m_ok[:, None] & n_ok[None, :]
+            # The delta rounded to y's dtype before the add, as PEFT adds it and as the consumers of a
+            # stored delta do: in place and side stream give the same bits (speculative verify steps add
+            # in place what decode steps added on the side stream).
             y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=ok)
+            d = delta.to(y_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(y_ptrs, (y + d).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _perm_arg(plan: LoraPlan) -> torch.Tensor:

@@ -35,5 +35,5 @@ def lora_expand_ref(y, v, lora_b, ranks, plan, *, rank: int, slices=None) -> tor
         for i, (b0, b1, y0) in enumerate(slices):
             delta = vs[:, i * rank : (i + 1) * rank] @ lora_b[slot, b0:b1].float().T
             cols = slice(y0, y0 + b1 - b0)
-            y[rows, cols] = (y[rows, cols].float() + delta).to(y.dtype)
+            y[rows, cols] = (y[rows, cols].float() + delta.to(y.dtype).float()).to(y.dtype)  # delta rounded
     return y

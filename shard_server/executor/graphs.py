@@ -24,10 +24,14 @@ Variants (the key's third part), each captured under its own GemmPolicy (executo
 - LORA_FEW (when the store has a LoRA stream, --lora-stream): each projection's LoRA runs on the side
   stream beside its base matmul (model/adapters/batch.py), the matmuls leave 32 SMs free for it and the
   LoRA kernels' grids are sized to those. A batch of at most FEW_ADAPTERS distinct adapters replays it.
-  Measured on an H200 (Mistral-7B shape, rank-16 adapters, bench/profile_lora.py, replay ms over the
-  cuBLAS base step at 32 / 64 / 128 rows): one adapter 1.14 / 1.07 / 1.10 against 1.31 / 1.22 / 1.21 in
-  place, eight 1.17 / 1.10 / 1.16 against 1.33 / 1.26 / 1.25; but 32 adapters' 2.7 GB do not stream
-  through 32 SMs in time (1.85 / 1.78 / 1.59 against 1.52 / 1.42 / 1.39), so larger mixes replay LORA.
+  Measured on an H200 (Mistral-7B shape, rank-16 adapters, bench/profile_lora.py with the cases timed in
+  interleaved rounds, replay ms over the base graph at 32 / 64 / 128 rows;
+  bench/results/h200-profile-lora-2026-12-01-sweep.json): one adapter 1.07 / 1.11 / 1.14 against
+  1.26 / 1.26 / 1.23 in place, eight 1.11 / 1.14 / 1.15 against 1.30 / 1.29 / 1.24, sixteen 1.17 / 1.24 /
+  1.20 against 1.36 / 1.35 / 1.28; but 32 adapters' 2.7 GB do not stream through 32 SMs in time (1.67 /
+  1.65 / 1.47 against 1.47 / 1.45 / 1.36), so larger mixes replay LORA. (Leaving 48 SMs beat in place
+  at 32 adapters by 1-4%, and lost 4-10% at one adapter; 16 or 24 SMs won at one adapter at some batch
+  sizes and lost at others: cuBLASLt picks other tiles per SM target.)
 
 What a graph holds pointers to, and when it is dropped:
 - the KV cache: replaced only inside Warmup (`ModelRunner.kv_cache` drops every graph), which then
@@ -64,7 +68,7 @@ CAPTURE_SECONDS = 60.0  # per capture session (Warmup, or one refresh after an a
 CAPTURE_MIN_FREE_FRACTION = 0.02
 
 BASE, LORA, LORA_FEW = 0, 1, 2  # graph variants (module docstring); LoRA variants are truthy
-FEW_ADAPTERS = 8  # a LoRA batch of at most this many distinct adapters replays LORA_FEW (module docstring)
+FEW_ADAPTERS = 16  # a LoRA batch of at most this many distinct adapters replays LORA_FEW (module docstring)
 Key = tuple[int, int, int]  # (batch bucket, context bucket, variant)
 
 

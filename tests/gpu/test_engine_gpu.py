@@ -80,18 +80,18 @@ def gpu_model(tiny_model_factory, adapter_factory):
     return model_dir, adapters
 
 
-MANY = list(range(11))  # ten adapters (and base rows): more than FEW_ADAPTERS
+MANY = list(range(FEW_ADAPTERS + 2))  # base rows and FEW_ADAPTERS + 1 adapters: the in-place variant
 
 
 @pytest.mark.parametrize("batch_size,indices", [
     (1, [0, 1, 2]), (5, [0, 1, 2]), (33, [0, 1, 2]), (70, [0, 1, 2]), (33, MANY), (70, MANY),
 ])  # fmt: skip
 def test_graph_decode_equals_eager_with_mixed_adapters(gpu_model, batch_size, indices):
-    """Two adapters in the batch replay the side-stream LoRA graph (LORA_FEW), ten the in-place one;
-    70 rows take the cuBLASLt matmul policy (executor/gemm_policy.py)."""
+    """Two adapters in the batch replay the side-stream LoRA graph (LORA_FEW), FEW_ADAPTERS + 1 the
+    in-place one; 70 rows take the cuBLASLt matmul policy (executor/gemm_policy.py)."""
     model_dir, adapters = gpu_model
     engine = _engine(model_dir)
-    for i in range(1, 11):  # ten device slots, two distinct files
+    for i in MANY[1:]:  # a device slot each, two distinct files
         engine.load_adapter(i, _spec(adapters[(i - 1) % 2]))
     assert engine.runner.graphs is not None and engine.runner.graphs.captured == 0
     _warmup(engine)
