@@ -96,6 +96,29 @@ def test_expand_store_writes_the_delta_and_zeros_for_base_rows_interpret(lora, c
     assert torch.isnan(y[:, c.untouched_cols]).all()
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[6] != torch.float32][:4], ids=_id)
+def test_in_place_adds_exactly_the_stored_delta_interpret(lora, case):
+    """In place, y + delta is rounded as the side stream's consumers round it (y + the stored, already
+    rounded delta) and as PEFT adds it: a speculative verify step (in place) and a decode step (delta on
+    the side stream) give the same bits. y is as large as the delta, so a float32 add would differ."""
+    T, S, R, fan_in, widths, present, dtype, splits = case
+    gen = torch.Generator().manual_seed(zlib.crc32(f"in-place-{_id(case)}".encode()))
+    c = make_group_case(gen, T, S, R, fan_in, widths, present, dtype)
+    plan = lora.plan_from_slots(c.slots, S, block_m=16)
+    v = lora.lora_shrink(c.x, c.a, c.ranks, plan, rank=R, splits=splits)
+    delta = torch.zeros(T, c.y_cols, dtype=dtype)
+    lora.lora_expand(delta, v, c.b, c.ranks, plan, rank=R, slices=c.slices, store=True)
+    y0 = (delta.float().std() * torch.randn(T, c.y_cols, generator=gen)).to(dtype)
+    y = y0.clone()
+    lora.lora_expand(y, v, c.b, c.ranks, plan, rank=R, slices=c.slices)
+    members = ~c.untouched_cols
+    want = (y0.float() + delta.float()).to(dtype)
+    assert torch.equal(y[:, members], want[:, members])
+    exact = lora.lora_expand_ref(torch.zeros(T, c.y_cols), v, c.b, c.ranks, plan, rank=R, slices=c.slices)
+    assert not torch.equal((y0.float() + exact).to(dtype)[:, members], want[:, members])  # a float32 add
+    assert torch.equal(y[:, c.untouched_cols], y0[:, c.untouched_cols])
+
+
 @pytest.mark.parametrize("plan_kind", ["decode", "prefill"])
 def test_a_poisoned_slot_stays_in_its_own_rows_interpret(lora, plan_kind):
     """Slots of NaN weights (slot 0 too) reach no other row: tiles read their own slot only, base rows
