@@ -73,13 +73,14 @@ def lora_stacks(model, slots: int, rank: int, dev) -> dict:
 
 def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
              adapter_counts: tuple[int, ...] = (1, 2, 4, 8, 32),
-             side_carveouts: tuple[int, ...] = ()) -> None:  # fmt: skip
+             side_carveouts: tuple[int, ...] = (), base_carveouts: tuple[int, ...] = ()) -> None:  # fmt: skip
     """Per batch: the base graph under cuBLAS and under the decode graphs' matmul policy, every row on
     the base model inside a LoRA graph, then for each adapter count (rows round-robin over that many
     adapters) LoRA added in place (graphs.LORA) and on the side stream with 32 SMs left to it
     (graphs.LORA_FEW), each under its policy (executor/gemm_policy.py). `side_carveouts`: the side
     stream again with that many SMs left to it instead (matmuls under cuBLASLt's SM count target, the
-    LoRA grids sized to the same SMs), to choose the policy's SIDE_STREAM_SMS and FEW_ADAPTERS."""
+    LoRA grids sized to the same SMs), to choose the policy's SIDE_STREAM_SMS and FEW_ADAPTERS;
+    `base_carveouts`: the base graph under cuBLASLt leaving that many SMs free (the BASE policy)."""
     from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
     from model.forward_batch import ForwardBatch
     from shard_server.executor.gemm_policy import DEFAULT, SIDE_STREAM_SMS, GemmPolicy, decode_policy
@@ -92,6 +93,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
         case = DecodeCase(model, b, 544)
         cases = [("none", "cublas", DEFAULT), ("none", "policy", decode_policy(b, sms)),
                  ("base_rows", "in_place", decode_policy(b, sms))]  # fmt: skip
+        cases += [("none", f"cublaslt-{c}", GemmPolicy("cublaslt", c)) for c in base_carveouts]
         for n in adapter_counts:
             cases += [(n, "in_place", decode_policy(b, sms)), (n, "side_stream", decode_policy(b, sms, True))]
             extra = [c for c in side_carveouts if c != SIDE_STREAM_SMS]
@@ -129,7 +131,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
             row = {"batch": b, "adapters": used, "mode": mode, "replay_ms": ms, "vs_none": ms / base_ms,
                    "replay_ms_p10_p90": [ordered[len(ordered) // 10], ordered[9 * len(ordered) // 10]],
                    "blas": policy.library or "default", "sm_carveout": policy.sm_carveout}
-            if b in (32, 128) and used in ("none", 1, 32):
+            if b in (32, 128) and used in ("none", 1, 32) and not mode.startswith("cublaslt-"):
                 row["kernels"] = kernel_table(g.replay)
             res.append(row)
             print(f"lora batch {b:4d} adapters {used!s:>9} {mode:11s} {row['blas']:8s} carveout "
@@ -221,6 +223,7 @@ def main() -> None:
     ap.add_argument("--verify-batches", default="8,16,32")
     ap.add_argument("--lora-counts", default="1,2,4,8,32", help="distinct adapters per lora case")
     ap.add_argument("--side-carveouts", default="", help="extra SM counts left to the LoRA side stream")
+    ap.add_argument("--base-carveouts", default="", help="SM counts cuBLASLt leaves free, base graph")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
@@ -234,7 +237,8 @@ def main() -> None:
                 if name == "lora":
                     sec_lora(model, dev, out, [int(x) for x in args.lora_batches.split(",")],
                              adapter_counts=tuple(int(x) for x in args.lora_counts.split(",")),
-                             side_carveouts=tuple(int(x) for x in args.side_carveouts.split(",") if x))
+                             side_carveouts=tuple(int(x) for x in args.side_carveouts.split(",") if x),
+                             base_carveouts=tuple(int(x) for x in args.base_carveouts.split(",") if x))
                 elif name == "verify":
                     sec_verify(model, dev, out, [int(x) for x in args.verify_batches.split(",")])
                 elif name == "gemm":

@@ -51,7 +51,13 @@ class GemmPolicy:
 
 DEFAULT = GemmPolicy()
 LT_ROWS = 64  # decode buckets of at least this many rows capture with cuBLASLt (module docstring)
-LT_CARVEOUT = 16
+# SMs cuBLASLt leaves free from LT_CARVEOUT_ROWS rows up (below: none). Measured on an H200, the base
+# graph's replay over cuBLAS's in one process, cases in interleaved rounds (bench/results/
+# h200-profile-lora-2026-12-01-base-carveouts.json), leaving 0 / 8 / 16 / 24 / 32 SMs free: 0.959 / 0.976 /
+# 0.976 / 0.970 / 0.990 at 64 rows, 0.989 / 0.970 / 0.968 / 0.991 / 0.991 at 128. The isolated matmuls
+# agree (h200-gemm-variants-2026-12-01.json: cuBLASLt's own heuristics 0.24 ms faster a step than cuBLAS
+# at M = 64, 0.08 ms slower at M = 128).
+LT_CARVEOUT, LT_CARVEOUT_ROWS = 16, 128
 SIDE_STREAM_SMS = 32  # few-adapter LoRA graphs: SMs left to the LoRA side stream
 
 
@@ -63,4 +69,6 @@ def decode_policy(rows: int, sms: int, side_stream: bool = False) -> GemmPolicy:
         return DEFAULT
     if side_stream:
         return GemmPolicy("cublaslt", SIDE_STREAM_SMS)
-    return GemmPolicy("cublaslt", LT_CARVEOUT) if rows >= LT_ROWS else DEFAULT
+    if rows < LT_ROWS:
+        return DEFAULT
+    return GemmPolicy("cublaslt", LT_CARVEOUT if rows >= LT_CARVEOUT_ROWS else 0)

@@ -40,7 +40,8 @@ def test_without_a_lora_stream_or_on_a_small_device_lora_graphs_add_in_place(mon
 
 def test_decode_policy_by_rows_and_side_stream():
     assert decode_policy(32, 132) == DEFAULT
-    assert decode_policy(64, 132) == GemmPolicy("cublaslt", 16)
+    assert decode_policy(64, 132) == decode_policy(112, 132) == GemmPolicy("cublaslt", 0)
+    assert decode_policy(128, 132) == decode_policy(256, 132) == GemmPolicy("cublaslt", 16)
     assert decode_policy(1, 132, side_stream=True) == GemmPolicy("cublaslt", 32)
     assert decode_policy(128, 78) == DEFAULT and decode_policy(8, 78, side_stream=True) == DEFAULT
 
