@@ -11,6 +11,7 @@ bench/results/h200-profile-lora-2026-12-01-{carveouts,stream,store}.json): cuBLA
 against cuBLAS, three runs: 0.961 / 0.995 / 0.998 of the step at 64 rows, 0.971 / 0.985 / 1.003 at 128
 (about 1.5% on average, near this card's run-to-run noise; its heuristics pick tiles that need no
 split-K reduce kernel). At 32 rows it was 1.010-1.023 (worse), so smaller buckets keep the default.
+From 64 to 112 rows no SMs are left free (LT_CARVEOUT_ROWS below: measured better at 64 rows, worse at 128).
 Leaving 32 SMs free costs the base matmuls 1-2% and is what lets a LoRA side stream run beside them
 without waiting for SMs (model/adapters/batch.py; DecodeGraphs' few-adapter graphs): that is the gain
 that matters here (docs/lora.md).

@@ -19,7 +19,7 @@ since every capture runs collectives. Count, seconds and device bytes are logged
 A Decode never captures: a step with no graph for its key runs eagerly and logs one warning per key.
 
 Variants (the key's third part), each captured under its own GemmPolicy (executor/gemm_policy.py):
-- BASE: no LoRA; cuBLASLt with 16 SMs left free from 64 rows up, else cuBLAS.
+- BASE: no LoRA; cuBLASLt from 64 rows up (leaving 16 SMs free from 128 rows), else cuBLAS.
 - LORA: LoRA added in place after each projection, the same matmul policy as BASE.
 - LORA_FEW (when the store has a LoRA stream, --lora-stream): each projection's LoRA runs on the side
   stream beside its base matmul (model/adapters/batch.py), the matmuls leave 32 SMs free for it and the
