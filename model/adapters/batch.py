@@ -173,20 +173,18 @@ class AdapterBatchData:
         # The expand stores the delta (zero on base rows) when the stack's members cover every column;
         # otherwise the columns of members no resident adapter targets need zeros first.
         store = sum(stack.widths) == sum(widths)
-        if self.stream is None:
+        done = None
+        if self.stream is not None:
+            # x is ready; the base matmul is enqueued on the current stream after this point
+            self.stream.wait_stream(torch.cuda.current_stream(x.device))
+            self._side_used = True
+        with torch.cuda.stream(self.stream):  # no stream (the CPU): inline, a no-op context
             if not store:
                 delta.zero_()
             self._add(layer_idx, target, x, delta, widths, members, stack, store)
-            return DeltaLora(delta, None)
-        current = torch.cuda.current_stream(x.device)
-        self.stream.wait_stream(current)  # x is ready; the base matmul is enqueued after this point
-        self._side_used = True
-        with torch.cuda.stream(self.stream):
-            if not store:
-                delta.zero_()
-            self._add(layer_idx, target, x, delta, widths, members, stack, store)
-            done = torch.cuda.Event()
-            done.record(self.stream)
+            if self.stream is not None:
+                done = torch.cuda.Event()
+                done.record(self.stream)
         return DeltaLora(delta, done)
 
     def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor,

@@ -62,11 +62,17 @@ LT_CARVEOUT, LT_CARVEOUT_ROWS = 16, 128
 SIDE_STREAM_SMS = 32  # few-adapter LoRA graphs: SMs left to the LoRA side stream
 
 
+def side_stream_fits(sms: int) -> bool:
+    """Whether a device of `sms` SMs can leave SIDE_STREAM_SMS to a LoRA side stream: devices much smaller
+    than an H100 keep torch's default (the carveouts would take too large a share)."""
+    return sms >= 4 * SIDE_STREAM_SMS
+
+
 def decode_policy(rows: int, sms: int, side_stream: bool = False) -> GemmPolicy:
     """The policy of a decode graph of `rows` rows on a device of `sms` SMs; `side_stream`: the graph runs
-    LoRA on a side stream, which gets SIDE_STREAM_SMS of them. Devices much smaller than an H100 keep
-    torch's default (the carveouts would take too large a share)."""
-    if sms < 4 * SIDE_STREAM_SMS:
+    LoRA on a side stream, which gets SIDE_STREAM_SMS of them (its kernels' grids are sized to the
+    policy's sm_carveout)."""
+    if not side_stream_fits(sms):
         return DEFAULT
     if side_stream:
         return GemmPolicy("cublaslt", SIDE_STREAM_SMS)

@@ -56,7 +56,7 @@ import torch
 
 from model.adapters.batch import AdapterBatchMetadata
 from model.forward_batch import ForwardBatch
-from shard_server.executor.gemm_policy import SIDE_STREAM_SMS, GemmPolicy, decode_policy
+from shard_server.executor.gemm_policy import GemmPolicy, decode_policy, side_stream_fits
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class DecodeGraphs:
 
     def _lora_variants(self) -> list[int]:
         side = self.runner.adapters.lora_stream is not None
-        return [LORA, LORA_FEW] if side and self.sms >= 4 * SIDE_STREAM_SMS else [LORA]
+        return [LORA, LORA_FEW] if side and side_stream_fits(self.sms) else [LORA]
 
     def _sms(self) -> int:
         dev = torch.device(self.runner.device)
@@ -250,7 +250,7 @@ class DecodeGraphs:
         self.block_tables.zero_()
         self.meta.token_slots.fill_(-1)
 
-    def _forward(self, b: int, ctx: int, variant: int) -> torch.Tensor:
+    def _forward(self, b: int, ctx: int, variant: int, policy: GemmPolicy) -> torch.Tensor:
         r = self.runner
         meta = AdapterBatchMetadata(
             self.meta.token_slots[:b],
@@ -260,7 +260,7 @@ class DecodeGraphs:
             (),
             has_lora=variant != BASE,
         )
-        few = variant == LORA_FEW
+        few = variant == LORA_FEW  # its LoRA kernels get the SMs its matmuls leave free
         fb = ForwardBatch.decode(
             self.input_ids[:b],
             self.positions[:b],
@@ -268,7 +268,7 @@ class DecodeGraphs:
             block_size=self.block_size,
             max_s=ctx,
             adapter_data=r.adapters.graph_batch_data(meta, side_stream=few,
-                                                     lora_sms=SIDE_STREAM_SMS if few else None),
+                                                     lora_sms=policy.sm_carveout if few else None),
         )  # fmt: skip
         return fb.run(r.model, r.kv_cache.layers)
 
@@ -276,16 +276,17 @@ class DecodeGraphs:
         dev = self.runner.device
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
-        with self._policy(b, variant).applied():  # cuBLAS picks its kernels at call time
+        policy = self._policy(b, variant)
+        with policy.applied():  # cuBLAS picks its kernels at call time
             with torch.cuda.stream(stream):  # warm up allocators and autotuners outside the capture
-                logits = self._forward(b, ctx, variant)
+                logits = self._forward(b, ctx, variant, policy)
             torch.cuda.current_stream(dev).wait_stream(stream)
             if self.out is None:
                 self.out = torch.empty(self.buckets[-1], logits.shape[1], dtype=logits.dtype, device=dev)
             del logits
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.out[:b].copy_(self._forward(b, ctx, variant))
+                self.out[:b].copy_(self._forward(b, ctx, variant, policy))
         self.captured += 1
         return graph
 

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_interpret import _INTERPRETED, interpreted
+from test_kernels_interpret import INTERPRETER_MARKS, interpreted
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/gpu runs them natively"),
-    pytest.mark.skipif(not _INTERPRETED, reason="triton compiled mode without CUDA"),
-]
+pytestmark = INTERPRETER_MARKS
 
 
 @pytest.fixture(scope="module")

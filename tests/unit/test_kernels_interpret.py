@@ -31,7 +31,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 _INTERPRETED = type(triton.language.standard.cdiv).__name__ == "InterpretedFunction"
-pytestmark = [
+# Every interpreter test module's marks (test_lora_kernels_interpret.py and test_gemm_interpret.py too)
+INTERPRETER_MARKS = [
     pytest.mark.slow,  # ~30-60 s: the interpreter runs every program of every grid in numpy
     pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/gpu runs them natively"),
     pytest.mark.skipif(
@@ -39,6 +40,7 @@ pytestmark = [
         reason="triton was imported before TRITON_INTERPRET=1 could be set (compiled mode, no CUDA)",
     ),
 ]
+pytestmark = INTERPRETER_MARKS
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "model" / "kernels"
 

@@ -11,13 +11,9 @@ import zlib
 import pytest
 import torch
 from lora_kernel_cases import make_group_case, ragged_segments, slots_of_segments
-from test_kernels_interpret import _INTERPRETED, interpreted, rel_err
+from test_kernels_interpret import INTERPRETER_MARKS, interpreted, rel_err
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/gpu runs them natively"),
-    pytest.mark.skipif(not _INTERPRETED, reason="triton compiled mode without CUDA"),
-]
+pytestmark = INTERPRETER_MARKS
 
 
 @pytest.fixture(scope="module")
