@@ -169,8 +169,6 @@ def parse_args(argv):
     p.add_argument("--commit", default=None, help="default: git HEAD, or 'unknown' without .git")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="in-process engine: force decode CUDA graphs on/off (default: the engine's)")
-    p.add_argument("--gemm-tuning", action=argparse.BooleanOptionalAction, default=None,
-                   help="in-process engine: tuned matmul algorithms in the graphs (default: the engine's)")
     p.add_argument("--deadline-seconds", type=float, default=540.0,
                    help="sections that would start later than this are skipped (rows say so)")  # fmt: skip
     for name, kind in [("decode-batches", _ints), ("adapter-batches", _ints), ("adapter-counts", _ints),

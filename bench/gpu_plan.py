@@ -54,7 +54,6 @@ class Plan:
     copy_bytes: int = 1 << 30
     matmul_n: int = 8192
     cuda_graphs: bool | None = None  # None: the engine's default (ShardConfig.cuda_graphs)
-    gemm_tuning: bool | None = None  # None: the engine's default (ShardConfig.gemm_tuning)
     rotation_adapters: int = 1000  # registered adapters in the rotation (bench/gpu_rotation.py)
     rotation_running: int = 64  # requests running at a time
     rotation_slots: int = 64  # device slots at most (smaller than the working set)

@@ -111,8 +111,6 @@ class Bench:
         # for the adapter stacks (32 rank-16 adapters: 2.7 GB) loaded after it.
         kv_bytes = int(1.25 * tokens * p.shape.kv_bytes_per_token(p.elem)) + (64 << 20)
         extra = {} if p.cuda_graphs is None else {"cuda_graphs": p.cuda_graphs}
-        if p.gemm_tuning is not None:
-            extra["gemm_tuning"] = p.gemm_tuning
         t0 = time.perf_counter()
         self.engine = ShardEngine(
             ShardConfig(
@@ -128,13 +126,7 @@ class Bench:
             BatchSpec(id=next(self.batch_ids), requests=tuple(warm)),
             p.prefill_len, p.prefill_prompts * p.prefill_len, 2,
         )  # fmt: skip
-        log(f"engine: warmup done, KV cache {usable} tokens, {time.perf_counter() - t0:.1f}s in all; "
-            f"matmul tuning {self.gemm_tuning()}")
-
-    def gemm_tuning(self) -> dict | None:
-        """The engine's matmul tuner so far (executor/gemm_tuning.py), None when it has none."""
-        tuner = self.engine.runner.gemm_tuner
-        return None if tuner is None else tuner.summary()
+        log(f"engine: warmup done, KV cache {usable} tokens, {time.perf_counter() - t0:.1f}s in all")
 
     def drop_engine(self) -> None:
         self.engine = None
@@ -263,8 +255,7 @@ class Bench:
         return self.report.add("decode", "shard", **values, forward_ms=median(fwd), steps=len(timed),
                                prompt=p.prompt, new_tokens=p.new_tokens,
                                cuda_graphs=self.engine.runner.graphs is not None, overlap=self.engine.overlap,
-                               backend=self.engine.model.attention.name, gemm_tuning=self.gemm_tuning(),
-                               **extra)  # fmt: skip
+                               backend=self.engine.model.attention.name, **extra)  # fmt: skip
 
     def decode_values(self, batch: int, n_adapters: int, step_s: float, mean_ctx: float,
                       adapter_bytes: int | None = None) -> dict:  # fmt: skip

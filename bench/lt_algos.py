@@ -1,5 +1,5 @@
 """Every candidate cuBLASLt's heuristic offers for the decode matmuls, timed: how far torch's pick is from
-the best the library has (model/kernels/cublaslt.py runs a chosen one).
+the best the library has (bench/cublaslt.py runs a chosen one).
 
     python -m bench.lt_algos --out FILE [--shapes qkv,o,gate_up,down] [--ms 1,32,64,128,160] [--side-sms 32]
 
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import copy_bandwidth_gbps
+from bench.cublaslt import LtPlan, LtProblem, LtRuntime
 from bench.gemm_variants import ELEM, SHAPES, _ulp_ok, per_launch_us
-from model.kernels.cublaslt import LtPlan, LtProblem, LtRuntime
 
 
 def torch_linear_us(x, weights, dev, library: str | None, carveout: int) -> float:

@@ -10,8 +10,6 @@ lora    CUDA-graph decode forward (model only) at batch 1 / 32 / 128: the base m
 verify  decode forward vs verify forward (k = 4: 5 query tokens per row) at batch 8 / 16 / 32, both
         graph-replayed, kernels of each; the scoring of a verify step (choose_positions + host copy),
         eager, with its kernel count.
---tuned adds every lora case with its matmuls tuned (executor/gemm_tuning.py) and a verify pass with
-        tuned graphs.
 gemm    the layer's matmul shapes at M = 1 .. 256 rows: time and the weight bandwidth it reaches.
 
 Prints a table per section and writes every number to --out (JSON).
@@ -20,7 +18,6 @@ Prints a table per section and writes every number to --out (JSON).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from functools import partial
 
@@ -76,16 +73,14 @@ def lora_stacks(model, slots: int, rank: int, dev) -> dict:
 
 def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
              adapter_counts: tuple[int, ...] = (1, 2, 4, 8, 32),
-             side_carveouts: tuple[int, ...] = (), base_carveouts: tuple[int, ...] = (),
-             tuner=None) -> None:  # fmt: skip
+             side_carveouts: tuple[int, ...] = (), base_carveouts: tuple[int, ...] = ()) -> None:  # fmt: skip
     """Per batch: the base graph under cuBLAS and under the decode graphs' matmul policy, every row on
     the base model inside a LoRA graph, then for each adapter count (rows round-robin over that many
     adapters) LoRA added in place (graphs.LORA) and on the side stream with 32 SMs left to it
     (graphs.LORA_FEW), each under its policy (executor/gemm_policy.py). `side_carveouts`: the side
     stream again with that many SMs left to it instead (matmuls under cuBLASLt's SM count target, the
     LoRA grids sized to the same SMs), to choose the policy's SIDE_STREAM_SMS and FEW_ADAPTERS;
-    `base_carveouts`: the base graph under cuBLASLt leaving that many SMs free (the BASE policy).
-    `tuner` (executor/gemm_tuning.GemmTuner): every case again, its matmuls tuned ("+tuned" modes)."""
+    `base_carveouts`: the base graph under cuBLASLt leaving that many SMs free (the BASE policy)."""
     from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
     from model.forward_batch import ForwardBatch
     from shard_server.executor.gemm_policy import DEFAULT, SIDE_STREAM_SMS, GemmPolicy, decode_policy
@@ -103,8 +98,6 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
             cases += [(n, "in_place", decode_policy(b, sms)), (n, "side_stream", decode_policy(b, sms, True))]
             extra = [c for c in side_carveouts if c != SIDE_STREAM_SMS]
             cases += [(n, "side_stream", GemmPolicy("cublaslt", c)) for c in extra]
-        if tuner is not None:
-            cases += [(used, mode + "+tuned", policy) for used, mode, policy in cases if mode != "cublas"]
         graphs = []
         for used, mode, policy in cases:
             if used == "none":
@@ -113,7 +106,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
                 meta = AdapterBatchMetadata.for_cuda_graph(b, dev)
                 if used != "base_rows":
                     meta.token_slots.copy_(torch.arange(b, device=dev, dtype=torch.int32) % int(used))
-                on_side = mode.startswith("side_stream")
+                on_side = mode == "side_stream"
                 data = AdapterBatchData(meta, stacks, is_prefill=False, concurrent=on_side,
                                         stream=side if on_side else None,
                                         lora_sms=policy.sm_carveout if on_side else None)  # fmt: skip
@@ -123,10 +116,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
                                          max_s=MAX_S, adapter_data=d)  # fmt: skip
                 return fb.run(model, c.kv.layers)
 
-            tuned = contextlib.nullcontext()
-            if mode.endswith("+tuned"):
-                tuned = tuner.installed(model, policy, policy.sm_carveout if mode.startswith("side") else 0)
-            with policy.applied(), tuned:
+            with policy.applied():
                 # the step keeps its adapter data (plan, counters, partials) alive: the graph reads them
                 graphs.append((graph_of(step), step))
         # Interleaved rounds: one configuration measured twice in a row drifted by up to 4% on the H200
@@ -141,8 +131,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
             row = {"batch": b, "adapters": used, "mode": mode, "replay_ms": ms, "vs_none": ms / base_ms,
                    "replay_ms_p10_p90": [ordered[len(ordered) // 10], ordered[9 * len(ordered) // 10]],
                    "blas": policy.library or "default", "sm_carveout": policy.sm_carveout}
-            if b in (32, 128) and used in ("none", 1, 32) and mode in ("cublas", "policy", "side_stream",
-                                                                      "policy+tuned", "side_stream+tuned"):
+            if b in (32, 128) and used in ("none", 1, 32) and not mode.startswith("cublaslt-"):
                 row["kernels"] = kernel_table(g.replay)
             res.append(row)
             print(f"lora batch {b:4d} adapters {used!s:>9} {mode:11s} {row['blas']:8s} carveout "
@@ -155,7 +144,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
 ROUNDS, REPLAYS_PER_ROUND = 6, 5
 
 
-def sec_verify(model, dev, out: dict, batches: list[int], k: int = 4, tuner=None) -> None:
+def sec_verify(model, dev, out: dict, batches: list[int], k: int = 4) -> None:
     from bench.speculative import _batch
     from cache.adapter_store import AdapterStore
     from cache.kv_cache import KVCache
@@ -171,7 +160,6 @@ def sec_verify(model, dev, out: dict, batches: list[int], k: int = 4, tuner=None
     runner.graphs = DecodeGraphs(runner, max_batch=max(batches), max_context=context + 64)
     graphs = VerifyGraphs(runner, k + 1, max_batch=max(batches), max_context=context + 64)
     runner.verify_graphs = graphs
-    runner.gemm_tuner = tuner
     runner.capture_graphs(context + 1)
     res = out.setdefault("verify", [])
     for rows in batches:
@@ -190,12 +178,11 @@ def sec_verify(model, dev, out: dict, batches: list[int], k: int = 4, tuner=None
         def score(b=batch, lg=logits, d=drafts):
             return choose_positions(b.chooser, lg, d).to_host([k] * len(b))
 
-        row = {"batch": rows, "k": k, "tuned": tuner is not None}
+        row = {"batch": rows, "k": k}
         for name, fn in (("decode_fwd", decode_fwd), ("verify_fwd", verify_fwd), ("score", score)):
             row[name + "_ms"] = median(time_ms(fn, dev, 3, 20))
             row[name + "_kernels"] = kernel_table(fn, 14)
-        tag = " tuned" if tuner else ""
-        print(f"verify batch {rows:3d}{tag}: decode fwd {row['decode_fwd_ms']:.3f}  verify fwd "
+        print(f"verify batch {rows:3d}: decode fwd {row['decode_fwd_ms']:.3f}  verify fwd "
               f"{row['verify_fwd_ms']:.3f} ({row['verify_fwd_ms'] / row['decode_fwd_ms']:.3f} x)  "
               f"score {row['score_ms']:.3f} ms ({row['score_kernels'][0]['count']} kernels)")  # fmt: skip
         for name in ("decode_fwd", "verify_fwd", "score"):
@@ -237,17 +224,10 @@ def main() -> None:
     ap.add_argument("--lora-counts", default="1,2,4,8,32", help="distinct adapters per lora case")
     ap.add_argument("--side-carveouts", default="", help="extra SM counts left to the LoRA side stream")
     ap.add_argument("--base-carveouts", default="", help="SM counts cuBLASLt leaves free, base graph")
-    ap.add_argument("--tuned", action="store_true",
-                    help="lora: each case also with tuned matmuls; verify: again with tuned graphs")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
     model = build_model(dev)
-    tuner = None
-    if args.tuned:
-        from shard_server.executor.gemm_tuning import GemmTuner
-
-        tuner = GemmTuner(dev, torch.cuda.get_device_properties(dev).multi_processor_count)
     out: dict = {"device": torch.cuda.get_device_name(dev), "bandwidth_GBps": bw / 1e9}
     print(f"copy {bw / 1e9:.0f} GB/s, backend {model.attention.name}")
     sections = args.sections.split(",")
@@ -258,13 +238,9 @@ def main() -> None:
                     sec_lora(model, dev, out, [int(x) for x in args.lora_batches.split(",")],
                              adapter_counts=tuple(int(x) for x in args.lora_counts.split(",")),
                              side_carveouts=tuple(int(x) for x in args.side_carveouts.split(",") if x),
-                             base_carveouts=tuple(int(x) for x in args.base_carveouts.split(",") if x),
-                             tuner=tuner)
+                             base_carveouts=tuple(int(x) for x in args.base_carveouts.split(",") if x))
                 elif name == "verify":
-                    batches = [int(x) for x in args.verify_batches.split(",")]
-                    sec_verify(model, dev, out, batches)
-                    if tuner is not None:
-                        sec_verify(model, dev, out, batches, tuner=tuner)
+                    sec_verify(model, dev, out, [int(x) for x in args.verify_batches.split(",")])
                 elif name == "gemm":
                     sec_gemm(model, dev, out, bw)
             except Exception as e:  # noqa: BLE001 - a failed section must not lose the others
@@ -272,8 +248,6 @@ def main() -> None:
 
                 traceback.print_exc()
                 out.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {e}")
-            if tuner is not None:
-                out["gemm_tuning"] = tuner.summary()
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(out, f, indent=1)

@@ -65,9 +65,6 @@ class ShardConfig:
     block_allocator: str = "shard"  # shard: the shard allocates KV blocks | router: requests bring them
     max_batch_size: int | None = None  # None: bounded by the KV cache only (graphs up to 256)
     cuda_graphs: bool = True  # decode replays CUDA graphs per batch bucket (CUDA only)
-    # CUDA graphs of >= 48 rows capture each projection's matmul with the cuBLASLt algorithm measured
-    # fastest on this device at Warmup (executor/gemm_tuning.py); off: torch's pick.
-    gemm_tuning: bool = True
     # Speculative decoding: draft tokens verified per decode step (n-gram lookup, or Medusa heads where
     # present); 0 = off. Reported as Info.speculate.
     speculative_tokens: int = 0

@@ -3,15 +3,9 @@
 Column-parallel splits the output features over ranks (each rank computes a slice of y, no
 communication); row-parallel splits the input features (each rank computes a partial sum of y, then an
 all-reduce). Attention and MLP pair them so that one all-reduce per block suffices.
-
-`matmul_override` (None but while a decode CUDA graph is captured): a callable (x, w) -> x @ w^T that
-runs the matmul instead of F.linear, with an algorithm measured fastest for the graph's shape
-(shard_server/executor/gemm_tuning.py). Same result up to the fp32 summation order.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +29,6 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
-MatmulOverride = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _matmul(module: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor) -> torch.Tensor:
-    override = module.matmul_override
-    return F.linear(x, module.weight) if override is None else override(x, module.weight)
-
-
 def _new_weight(rows: int, cols: int, dtype: torch.dtype | None, device) -> nn.Parameter:
     # empty: every element is overwritten by a weight loader (model/weights.py checks that all were).
     return nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device), requires_grad=False)
@@ -50,8 +36,6 @@ def _new_weight(rows: int, cols: int, dtype: torch.dtype | None, device) -> nn.P
 
 class ColumnParallelLinear(nn.Module):
     """y[:, rank's out slice] = x @ W[rank's rows].T   (W: [out, in] in the checkpoint)."""
-
-    matmul_override: MatmulOverride | None = None  # module docstring
 
     def __init__(self, input_size: int, output_size: int, tp: TPGroup, *, dtype=None, device=None):
         super().__init__()
@@ -66,7 +50,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _matmul(self, x)
+        return F.linear(x, self.weight)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -150,8 +134,6 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x[:, rank's in slice] @ W[:, rank's cols].T): the partial sums of every rank."""
 
-    matmul_override: MatmulOverride | None = None  # module docstring
-
     def __init__(self, input_size: int, output_size: int, tp: TPGroup, *, dtype=None, device=None):
         super().__init__()
         self.tp, self.input_size, self.output_size = tp, input_size, output_size
@@ -165,4 +147,4 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(_matmul(self, x))
+        return self.tp.all_reduce(F.linear(x, self.weight))

@@ -83,10 +83,6 @@ class ShardEngine:
             from shard_server.executor.graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.runner, max_batch=config.max_batch_size or 256)
-            if config.gemm_tuning:
-                from shard_server.executor.gemm_tuning import GemmTuner
-
-                self.runner.gemm_tuner = GemmTuner(self.device, self.runner.graphs.sms)
             if config.speculative_tokens:
                 from shard_server.executor.verify import VerifyGraphs
 

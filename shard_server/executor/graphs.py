@@ -48,7 +48,6 @@ What a graph holds pointers to, and when it is dropped:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -224,8 +223,6 @@ class DecodeGraphs:
             done, self.kind, when, time.monotonic() - start, used / 2**20, _span(self.buckets),
             list(self.contexts), sorted({k[2] for k in keys}),
         )  # fmt: skip
-        if self.runner.gemm_tuner is not None:
-            log.info("decode matmul tuning so far: %s", self.runner.gemm_tuner.summary())
         if why is not None:
             log.warning("stopped capturing after %d of %d graphs (%s): the rest decode eagerly", done,
                         len(keys), why)  # fmt: skip
@@ -280,8 +277,7 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         policy = self._policy(b, variant)
-        reserved = policy.sm_carveout if variant == LORA_FEW else 0  # SMs the LoRA side stream needs
-        with policy.applied(), self._tuned(policy, reserved):  # cuBLAS picks its kernels at call time
+        with policy.applied():  # cuBLAS picks its kernels at call time
             with torch.cuda.stream(stream):  # warm up allocators and autotuners outside the capture
                 logits = self._forward(b, ctx, variant, policy)
             torch.cuda.current_stream(dev).wait_stream(stream)
@@ -293,13 +289,6 @@ class DecodeGraphs:
                 self.out[:b].copy_(self._forward(b, ctx, variant, policy))
         self.captured += 1
         return graph
-
-    def _tuned(self, policy: GemmPolicy, reserved_sms: int):
-        """The runner's matmul tuner bound to the model's projections for one capture (gemm_tuning.py)."""
-        tuner = self.runner.gemm_tuner
-        if tuner is None:
-            return contextlib.nullcontext()
-        return tuner.installed(self.runner.model, policy, reserved_sms)
 
     # ---- replay --------------------------------------------------------------------------------------
 

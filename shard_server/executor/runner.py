@@ -44,7 +44,6 @@ class ModelRunner:
         self.model = model
         self.graphs = None  # shard_server.executor.graphs.DecodeGraphs on CUDA (captured at Warmup)
         self.verify_graphs = None  # executor.verify.VerifyGraphs on CUDA with speculative decoding
-        self.gemm_tuner = None  # executor.gemm_tuning.GemmTuner: the graphs' matmul algorithms (CUDA)
         self.kv_version = 0  # bumps whenever the cache tensors are replaced (CUDA graphs hold pointers)
         self.kv_cache = kv_cache
         self.adapters = adapters

@@ -27,7 +27,6 @@ import torch
 
 from model.adapters.batch import AdapterBatchMetadata
 from model.forward_batch import ForwardBatch
-from shard_server.executor.gemm_policy import DEFAULT
 from shard_server.executor.graphs import DecodeGraphs, bucket_of
 
 # Verify graphs hold logits for bucket * max_q rows: the largest bucket is cut to keep that buffer (and
@@ -121,18 +120,17 @@ class VerifyGraphs(DecodeGraphs):
         dev = self.runner.device
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
-        with self._tuned(DEFAULT, 0):
-            with torch.cuda.stream(stream):  # warm up allocators and autotuners outside the capture
-                logits, hidden = self._forward(b, ctx, lora)
-            torch.cuda.current_stream(dev).wait_stream(stream)
-            if self.out is None:
-                rows = self.buckets[-1] * self.max_q
-                self.out = torch.empty(rows, logits.shape[1], dtype=logits.dtype, device=dev)
-                self.hidden = torch.empty(rows, hidden.shape[1], dtype=hidden.dtype, device=dev)
-            del logits, hidden
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self._forward_into_outputs(b, ctx, lora)
+        with torch.cuda.stream(stream):  # warm up allocators and autotuners outside the capture
+            logits, hidden = self._forward(b, ctx, lora)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        if self.out is None:
+            rows = self.buckets[-1] * self.max_q
+            self.out = torch.empty(rows, logits.shape[1], dtype=logits.dtype, device=dev)
+            self.hidden = torch.empty(rows, hidden.shape[1], dtype=hidden.dtype, device=dev)
+        del logits, hidden
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward_into_outputs(b, ctx, lora)
         self.captured += 1
         return graph
 

@@ -157,12 +157,6 @@ OPTIONS: tuple[Option, ...] = (
         switch=True,
     ),
     Option(
-        "--gemm-tuning",
-        "shard.gemm_tuning",
-        "CUDA graphs of >= 48 rows: each matmul with the cuBLASLt algorithm timed fastest at Warmup",
-        switch=True,
-    ),
-    Option(
         "--attention-backend",
         "shard.attention_backend",
         "auto: the measured-fastest that can run (torch_cuda before flash_attn on CUDA)",

@@ -111,32 +111,6 @@ def test_graph_decode_equals_eager_with_mixed_adapters(gpu_model, batch_size, in
     assert engine.free_blocks() == engine.usable_blocks()
 
 
-@pytest.mark.parametrize("batch_size,indices", [(5, [0, 1, 2]), (40, [0, 1, 2]), (40, list(range(19)))])
-def test_tuned_decode_graphs_equal_eager_decode(gpu_model, batch_size, indices):
-    """Every bucket of every variant tuned (min_rows 1, min_weight_bytes 0, always a candidate): base rows
-    with two adapters replay the side-stream graph (its matmuls leave the side stream's SMs), 18 adapters
-    the in-place one; graph replay equals eager decode at each step."""
-    from shard_server.executor.gemm_tuning import GemmTuner
-
-    model_dir, adapters = gpu_model
-    engine = _engine(model_dir, max_batch_size=48)
-    for i in indices[1:]:
-        engine.load_adapter(i, _spec(adapters[(i - 1) % 2]))
-    graphs = engine.runner.graphs
-    tuner = GemmTuner(engine.device, graphs.sms, min_rows=1, min_weight_bytes=0, min_gain=-1.0)
-    engine.runner.gemm_tuner = tuner
-    _warmup(engine)
-    summary = tuner.summary()
-    assert summary["tuned"] == summary["shapes"] > 0 and tuner.broken is None, summary
-    side = [key for key, c in tuner.choices.items() if key.reserved_sms]
-    assert side
-    assert all(0 < tuner.choices[key].candidate.sm_target <= graphs.sms - key.reserved_sms for key in side)
-    engine.prefill(BatchSpec(id=1, requests=_requests(batch_size, indices)))
-    slots = engine.adapters.request_slots(engine.batches[1].adapter_indices)
-    assert graphs.variant_for(slots) == (LORA if len(set(indices) - {0}) > FEW_ADAPTERS else LORA_FEW)
-    _graph_equals_eager_each_step(engine, 1, steps=6)
-
-
 def test_graph_and_eager_engines_generate_the_same_tokens(gpu_model):
     model_dir, adapters = gpu_model
     outputs = []

@@ -1,17 +1,12 @@
-"""cuBLASLt candidates chosen per matmul (model/kernels/cublaslt.py, executor/gemm_tuning.py) on a GPU:
-every candidate computes x @ W^T; a captured call replays the eager one bit for bit; the tuner keeps
-the side stream's SMs free and never tunes inside a capture. (Tuned decode graphs against eager decode:
-test_engine_gpu.py.)"""
+"""The cuBLASLt candidates bench/lt_algos.py times (bench/cublaslt.py), on a GPU: every candidate
+computes x @ W^T; a captured call replays the eager one bit for bit; wrong tensors are refused."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from model.kernels.cublaslt import LtPlan, LtProblem, LtRuntime
-from shard_server.executor.gemm_policy import DEFAULT, GemmPolicy
-from shard_server.executor.gemm_tuning import GemmTuner
+from bench.cublaslt import LtPlan, LtProblem, LtRuntime
 
 pytestmark = pytest.mark.gpu
 
@@ -75,33 +70,3 @@ def test_run_refuses_tensors_the_plan_was_not_made_for():
         plan.run(x.half(), w, out, cand)
     with pytest.raises(ValueError, match="bf16 or fp16"):
         LtPlan.create(LtProblem(8, 256, 128, torch.float32), LtRuntime())
-
-
-def test_the_tuner_leaves_the_side_streams_sms_free_and_remembers_its_choice():
-    sms = _sms()
-    tuner = GemmTuner(DEV, sms, min_gain=-1.0)  # always a candidate, so the choice can be checked
-    weights = [torch.randn(4096, 4096, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
-    tuner._rotation[(4096, 4096)] = weights
-    x = torch.randn(128, 4096, device=DEV, dtype=torch.bfloat16)
-    side = GemmPolicy("cublaslt", 32)
-    choice = tuner.choice(x, weights[0], side, reserved_sms=32)
-    assert choice is not None and 0 < choice.candidate.sm_target <= sms - 32
-    assert tuner.choice(x, weights[0], side, reserved_sms=32) is choice  # cached: no second timing
-    base = tuner.choice(x, weights[0], DEFAULT, reserved_sms=0)
-    assert base is not None
-    y = base(x, weights[1])
-    assert (y.float() - F.linear(x, weights[1]).float()).abs().max() <= 8 * 2.0**-8 * y.float().abs().max()
-    small = torch.randn(8, 4096, device=DEV, dtype=torch.bfloat16)
-    assert tuner.choice(small, weights[0], DEFAULT, 0) is None  # below min_rows: F.linear
-    assert tuner.summary()["shapes"] == 2 and tuner.broken is None
-
-
-def test_a_capture_never_tunes():
-    tuner = GemmTuner(DEV, _sms(), min_gain=-1.0)
-    w = torch.randn(4096, 4096, device=DEV, dtype=torch.bfloat16)
-    x = torch.randn(64, 4096, device=DEV, dtype=torch.bfloat16)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        assert tuner.choice(x, w, DEFAULT, 0) is None
-    assert tuner.choices == {}
-

@@ -1,14 +1,14 @@
-"""cuBLASLt matmuls with a chosen algorithm: y[M, N] = x[M, K] @ W[N, K]^T, bf16/fp16 in and out.
+"""cuBLASLt matmuls with a chosen algorithm, for bench/lt_algos.py: y[M, N] = x[M, K] @ W[N, K]^T, bf16/fp16.
 
-torch runs each matmul with the first algorithm of cuBLAS(Lt)'s heuristic. For the GEMV-shaped decode
-matmuls that choice is often not the fastest the library has (measured: bench/lt_algos.py). This module
-asks cuBLASLt's heuristic for up to `count` candidates of one problem and runs the one a caller picked:
+torch runs each matmul with the first algorithm of cuBLAS(Lt)'s heuristic. This module asks cuBLASLt's
+heuristic for more candidates of one problem and runs the one a caller picked, so that a benchmark can
+time all of them:
 
     runtime = LtRuntime()                                   # one per process: library handle, workspaces
-    plan = LtPlan.create(LtProblem(m, n, k, torch.bfloat16, sm_target), runtime, count=32)  # candidates
-    plan.run(x, w, out, index)        # out = x @ w^T with candidate `index`, on torch's current stream
+    plan = LtPlan.create(LtProblem(m, n, k), runtime, sm_targets=(0, sms - 32))
+    plan.run(x, w, out, plan.candidates[i])                 # out = x @ w^T, on torch's current stream
 
-Semantics of run(x, w, out, i), in the column-major terms cuBLASLt speaks:
+Semantics of run(x, w, out, c), in the column-major terms cuBLASLt speaks:
     A = w seen as K x N (ld K), op(A) = A^T          -> N x K
     B = x seen as K x M (ld K), op(B) = B            -> K x M
     D = out seen as N x M (ld N) = op(A) @ op(B)     == (x @ w^T) row-major [M, N]
@@ -16,9 +16,14 @@ Semantics of run(x, w, out, i), in the column-major terms cuBLASLt speaks:
 Candidates differ in tile, split-K and reduction, so their results differ in the fp32 summation order
 (a few bf16 ulps), as torch's own choices between cuBLAS and cuBLASLt do.
 
-The library is the one torch already loaded (found in /proc/self/maps once torch has run a matmul), the
-workspace a torch tensor, the stream torch's current one: a plan's call is captured into CUDA graphs like
-torch's own matmuls. On machines without CUDA, `available()` is False and nothing here is loaded.
+The library is the one torch already loaded (found in /proc/self/maps), the workspace a torch tensor,
+the stream torch's current one: a call is captured into CUDA graphs like torch's own matmuls.
+
+Why a bench tool and not part of the shard: the decode graphs captured with the candidate timed fastest
+here (an experiment, commit ec6ab58) replayed no faster than with torch's pick at 64 and 128 rows
+(bench/results/h200-profile-lora-2026-12-01-tuned.json), although in isolation the best candidates
+summed to 0.15 ms a step less at 128 rows (h200-lt-algos-2026-12-01.json). README, "Decode" has the
+numbers.
 """
 
 from __future__ import annotations
