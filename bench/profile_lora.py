@@ -18,6 +18,7 @@ Prints a table per section and writes every number to --out (JSON).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from functools import partial
 
@@ -49,6 +50,72 @@ def graph_of(fn) -> torch.cuda.CUDAGraph:
     return g
 
 
+@contextlib.contextmanager
+def forced_splits(n: int):
+    """Inside (n > 0): every LoRA shrink splits its reduction n ways instead of lora.choose_splits's."""
+    from model.kernels import lora
+
+    if not n:
+        yield
+        return
+    chosen = lora.choose_splits
+    lora.choose_splits = lambda *args, **kwargs: n
+    try:
+        yield
+    finally:
+        lora.choose_splits = chosen
+
+
+def write_trace(fn, path: str) -> None:
+    """A Chrome trace of one call of `fn` (after one untraced call): CUDA kernels with their streams."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
+
+
+_KERNEL_KINDS = (("nvjet", "gemm"), ("_shrink", "shrink"), ("_expand", "expand"), ("_add_rmsnorm", "rmsnorm"),
+                 ("_rotary", "rotary"), ("_silu", "silu"))  # fmt: skip
+
+
+def trace_summary(path: str) -> dict:
+    """Per projection group of a decode trace (write_trace): median duration of its base matmul, of its
+    LoRA shrink and expand, of the side chain (shrink start to expand end), and how late the expand ends
+    after the matmul (> 0: the consumer waits for the LoRA). Groups are read off the kernel order of a
+    layer: rotary follows qkv, the norm after rotary follows o, silu follows gate_up, the next norm down."""
+    with open(path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    events.sort(key=lambda e: e["ts"])
+    found: dict[str, list[dict]] = {}
+    gemm = shrink = expand = None
+    after = None  # the consumer seen last: which group the next norm closes
+    for e in events:
+        kind = next((k for name, k in _KERNEL_KINDS if name in e["name"]), None)
+        if kind in ("gemm", "shrink", "expand"):
+            gemm, shrink, expand = (e if kind == "gemm" else gemm, e if kind == "shrink" else shrink,
+                                    e if kind == "expand" else expand)  # fmt: skip
+            continue
+        if kind not in ("rotary", "silu", "rmsnorm"):
+            continue
+        group = {"rotary": "qkv", "silu": "gate_up"}.get(kind) or {"rotary": "o", "silu": "down"}.get(after)
+        after = kind if kind != "rmsnorm" else None
+        if group and gemm is not None:
+            gemm_end = gemm["ts"] + gemm["dur"]
+            row = {"gemm_us": gemm["dur"]}
+            if expand is not None and shrink is not None and shrink["ts"] >= gemm["ts"] - 50:
+                row.update(shrink_us=shrink["dur"], expand_us=expand["dur"],
+                           chain_us=expand["ts"] + expand["dur"] - shrink["ts"],
+                           expand_end_after_gemm_us=expand["ts"] + expand["dur"] - gemm_end)  # fmt: skip
+            found.setdefault(group, []).append(row)
+        gemm = shrink = expand = None
+    return {g: {k: median([r[k] for r in rows if k in r]) for k in rows[0]} | {"layers": len(rows)}
+            for g, rows in found.items()}  # fmt: skip
+
+
 def lora_stacks(model, slots: int, rank: int, dev) -> dict:
     from model.adapters.stacks import LoraGroupStack
 
@@ -73,14 +140,24 @@ def lora_stacks(model, slots: int, rank: int, dev) -> dict:
 
 def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
              adapter_counts: tuple[int, ...] = (1, 2, 4, 8, 32),
-             side_carveouts: tuple[int, ...] = (), base_carveouts: tuple[int, ...] = ()) -> None:  # fmt: skip
+             side_carveouts: tuple[int, ...] = (), base_carveouts: tuple[int, ...] = (),
+             group_sets: tuple[tuple[str, ...], ...] = (), trace_dir: str = "",
+             side_priorities: bool = False, shrink_splits: tuple[int, ...] = ()) -> None:  # fmt: skip
     """Per batch: the base graph under cuBLAS and under the decode graphs' matmul policy, every row on
     the base model inside a LoRA graph, then for each adapter count (rows round-robin over that many
     adapters) LoRA added in place (graphs.LORA) and on the side stream with 32 SMs left to it
     (graphs.LORA_FEW), each under its policy (executor/gemm_policy.py). `side_carveouts`: the side
     stream again with that many SMs left to it instead (matmuls under cuBLASLt's SM count target, the
     LoRA grids sized to the same SMs), to choose the policy's SIDE_STREAM_SMS and FEW_ADAPTERS;
-    `base_carveouts`: the base graph under cuBLASLt leaving that many SMs free (the BASE policy)."""
+    `base_carveouts`: the base graph under cuBLASLt leaving that many SMs free (the BASE policy).
+    `group_sets`: one adapter on the side stream with LoRA on those projection groups only (the others'
+    stacks left out, so they run no LoRA at all): what each group's LoRA costs in the step.
+    `side_priorities`: one adapter on a side stream of default priority too ("side_stream@normal"; the
+    store's LoRA stream has the highest).
+    `shrink_splits`: one adapter on the side stream with every shrink split that many ways ("/splits=N";
+    default: lora.choose_splits).
+    `trace_dir`: a Chrome trace (kernels by stream, one replay) of the base graph under its policy and of
+    every one-adapter side-stream case, to see where the main stream waits."""
     from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
     from model.forward_batch import ForwardBatch
     from shard_server.executor.gemm_policy import DEFAULT, SIDE_STREAM_SMS, GemmPolicy, decode_policy
@@ -88,6 +165,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
     stacks = lora_stacks(model, slots, 16, dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     side = torch.cuda.Stream(dev, priority=-100)  # as AdapterStore makes its LoRA stream
+    side_normal = torch.cuda.Stream(dev)  # the "@normal" cases: the same at the default priority
     res = out.setdefault("lora", [])
     for b in batches:
         case = DecodeCase(model, b, 544)
@@ -98,6 +176,10 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
             cases += [(n, "in_place", decode_policy(b, sms)), (n, "side_stream", decode_policy(b, sms, True))]
             extra = [c for c in side_carveouts if c != SIDE_STREAM_SMS]
             cases += [(n, "side_stream", GemmPolicy("cublaslt", c)) for c in extra]
+        cases += [(1, "side_stream:" + "+".join(g), decode_policy(b, sms, True)) for g in group_sets]
+        if side_priorities:
+            cases += [(1, "side_stream@normal", decode_policy(b, sms, True))]
+        cases += [(1, f"side_stream/splits={n}", decode_policy(b, sms, True)) for n in shrink_splits]
         graphs = []
         for used, mode, policy in cases:
             if used == "none":
@@ -106,9 +188,14 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
                 meta = AdapterBatchMetadata.for_cuda_graph(b, dev)
                 if used != "base_rows":
                     meta.token_slots.copy_(torch.arange(b, device=dev, dtype=torch.int32) % int(used))
-                on_side = mode == "side_stream"
-                data = AdapterBatchData(meta, stacks, is_prefill=False, concurrent=on_side,
-                                        stream=side if on_side else None,
+                on_side = mode.startswith("side_stream")
+                groups = mode.partition(":")[2].split("+") if ":" in mode else None
+                used_stacks = stacks
+                if groups is not None:
+                    used_stacks = {k: st for k, st in stacks.items() if k[1] in groups}
+                stream = side_normal if mode.endswith("@normal") else side
+                data = AdapterBatchData(meta, used_stacks, is_prefill=False, concurrent=on_side,
+                                        stream=stream if on_side else None,
                                         lora_sms=policy.sm_carveout if on_side else None)  # fmt: skip
 
             def step(c=case, d=data):
@@ -116,7 +203,8 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
                                          max_s=MAX_S, adapter_data=d)  # fmt: skip
                 return fb.run(model, c.kv.layers)
 
-            with policy.applied():
+            splits = int(mode.partition("/splits=")[2] or 0)
+            with policy.applied(), forced_splits(splits):
                 # the step keeps its adapter data (plan, counters, partials) alive: the graph reads them
                 graphs.append((graph_of(step), step))
         # Interleaved rounds: one configuration measured twice in a row drifted by up to 4% on the H200
@@ -131,7 +219,13 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
             row = {"batch": b, "adapters": used, "mode": mode, "replay_ms": ms, "vs_none": ms / base_ms,
                    "replay_ms_p10_p90": [ordered[len(ordered) // 10], ordered[9 * len(ordered) // 10]],
                    "blas": policy.library or "default", "sm_carveout": policy.sm_carveout}
-            if b in (32, 128) and used in ("none", 1, 32) and not mode.startswith("cublaslt-"):
+            traced = (used == "none" and mode == "policy") or (used == 1 and mode.startswith("side"))
+            if trace_dir and traced:
+                path = f"{trace_dir}/trace-b{b}-{used}-{mode.replace(':', '-')}.json"
+                write_trace(g.replay, path)
+                row["trace"] = trace_summary(path)
+            extra_case = mode.startswith(("cublaslt-", "side_stream:"))
+            if b in (32, 128) and used in ("none", 1, 32) and not extra_case:
                 row["kernels"] = kernel_table(g.replay)
             res.append(row)
             print(f"lora batch {b:4d} adapters {used!s:>9} {mode:11s} {row['blas']:8s} carveout "
@@ -224,6 +318,13 @@ def main() -> None:
     ap.add_argument("--lora-counts", default="1,2,4,8,32", help="distinct adapters per lora case")
     ap.add_argument("--side-carveouts", default="", help="extra SM counts left to the LoRA side stream")
     ap.add_argument("--base-carveouts", default="", help="SM counts cuBLASLt leaves free, base graph")
+    ap.add_argument("--trace-dir", default="", help="lora: Chrome traces of the one-adapter cases here")
+    ap.add_argument("--shrink-splits", default="", help="lora: one adapter with the shrink split N ways")
+    ap.add_argument("--side-priorities", action="store_true",
+                    help="lora: one adapter on a side stream of default priority too")
+    ap.add_argument("--lora-groups", default="",
+                    help="1 adapter on the side stream, LoRA on these groups only: sets joined by ',', "
+                         "groups in a set by '+' (qkv_proj, o_proj, gate_up_proj, down_proj)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth_gbps(dev, 2 << 30) * 1e9
@@ -238,7 +339,10 @@ def main() -> None:
                     sec_lora(model, dev, out, [int(x) for x in args.lora_batches.split(",")],
                              adapter_counts=tuple(int(x) for x in args.lora_counts.split(",")),
                              side_carveouts=tuple(int(x) for x in args.side_carveouts.split(",") if x),
-                             base_carveouts=tuple(int(x) for x in args.base_carveouts.split(",") if x))
+                             base_carveouts=tuple(int(x) for x in args.base_carveouts.split(",") if x),
+                             group_sets=tuple(tuple(g.split("+")) for g in args.lora_groups.split(",") if g),
+                             trace_dir=args.trace_dir, side_priorities=args.side_priorities,
+                             shrink_splits=tuple(int(x) for x in args.shrink_splits.split(",") if x))
                 elif name == "verify":
                     sec_verify(model, dev, out, [int(x) for x in args.verify_batches.split(",")])
                 elif name == "gemm":
