@@ -87,7 +87,10 @@ class TritonLoraOps:
 
     def shrink(self, x: torch.Tensor, stack: LoraGroupStack, plan) -> torch.Tensor:
         # [1, T, NT*R]
-        return self.k.lora_shrink(x, stack.a, stack.ranks, plan, rank=stack.rank, sms=self.sms)
+        # sms given: the kernels run beside base matmuls on the SMs those leave (a side stream), where
+        # fewer split-K partials pay (lora.choose_splits)
+        return self.k.lora_shrink(x, stack.a, stack.ranks, plan, rank=stack.rank, sms=self.sms,
+                                  beside_matmuls=self.sms is not None)  # fmt: skip
 
     @staticmethod
     def reduced(v: torch.Tensor) -> torch.Tensor:

@@ -227,26 +227,35 @@ def persistent_programs(plan: LoraPlan, items_per_tile: int, sms: int) -> int:
     return max(1, min(plan.num_tiles * items_per_tile, PROGRAMS_PER_SM * sms))
 
 
-def choose_splits(plan: LoraPlan, n_cols: int, k: int, block_n: int, sms: int) -> int:
-    """Split-K factor of the shrink: enough items for ~2 waves when the batch has the fewest tiles, each
-    split at least 512 deep. Measured on an H200 (bench/tune_kernels.py, rank 16, T = 1..128, 1 or 32
+def choose_splits(plan: LoraPlan, n_cols: int, k: int, block_n: int, sms: int, waves: int = 2,
+                  max_splits: int | None = None) -> int:  # fmt: skip
+    """Split-K factor of the shrink: enough items for ~`waves` waves when the batch has the fewest tiles,
+    each split at least 512 deep. Measured on an H200 (bench/tune_kernels.py, rank 16, T = 1..128, 1 or 32
     adapters): 8 splits of a 4096-deep reduction and 16 of the 14336-deep down_proj were the fastest or
-    within 0.5 us of it; 16 splits of 4096 cost up to 4 us more with 32 adapters (more partials to sum)."""
+    within 0.5 us of it; 16 splits of 4096 cost up to 4 us more with 32 adapters (more partials to sum).
+    Beside the base matmuls (a LoRA side stream: waves=1, max_splits=SIDE_MAX_SPLITS) fewer splits pay,
+    as the partials the shrink writes and sums slow the matmul it runs beside (docs/lora.md). Measured
+    there (1-adapter graph replays, one process): 4 splits beat 8 by 3.1% at 128 rows; 8 beat 4 and 16
+    at 64 rows; 8 beat down_proj's 16 by 1.2% at 32 rows."""
     programs = max(plan.min_tiles, 1) * triton.cdiv(n_cols, block_n)
-    return max(1, min(MAX_SPLITS, k // 512, (2 * sms) // programs))
+    cap = MAX_SPLITS if max_splits is None else max_splits
+    return max(1, min(cap, k // 512, (waves * sms) // programs))
 
 
 MAX_SPLITS = 16
+SIDE_MAX_SPLITS = 8  # a shrink beside base matmuls (choose_splits)
 
 
 def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | None = None,
-                out: torch.Tensor | None = None, sms: int | None = None) -> torch.Tensor:  # fmt: skip
+                out: torch.Tensor | None = None, sms: int | None = None,
+                beside_matmuls: bool = False) -> torch.Tensor:  # fmt: skip
     """x [T, in], lora_a [S, N, in] (N = NT*rank), ranks [S] int32 -> v [1, T, N] float32.
 
         for tile (slot, rows): v[0, rows] = x[rows] @ lora_a[slot].T
         (columns n with n % R >= ranks[slot] are 0; rows in no tile are not written)
 
-    `splits`: split-K factor (default: `choose_splits`); the partial sums are reduced inside the kernel.
+    `splits`: split-K factor (default: `choose_splits`, for a kernel beside base matmuls when
+    `beside_matmuls`: one wave, at most SIDE_MAX_SPLITS); the partial sums are reduced inside the kernel.
     `out`: [1, T, N] float32 to write into (tests poison it). `sms`: the SMs to size the persistent grid
     and the split-K factor for (default: the device's; fewer when the kernel runs beside matmuls that
     leave only those free, executor/gemm_policy.py).
@@ -260,7 +269,8 @@ def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | No
     block_k = 64 if k <= 1024 else 128
     sms = sms or _num_sms(x.device)
     if splits is None:
-        splits = choose_splits(plan, n, k, block_n, sms)
+        side = dict(waves=1, max_splits=SIDE_MAX_SPLITS) if beside_matmuls else {}
+        splits = choose_splits(plan, n, k, block_n, sms, **side)
     splits = max(1, min(int(splits), MAX_SPLITS))
     k_chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_chunk)  # no empty split: the last of them reduces
