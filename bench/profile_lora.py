@@ -66,6 +66,22 @@ def forced_splits(n: int):
         lora.choose_splits = chosen
 
 
+@contextlib.contextmanager
+def forced_programs_per_sm(n: int):
+    """Inside (n > 0): the LoRA kernels' persistent grids hold n programs per SM."""
+    from model.kernels import lora
+
+    if not n:
+        yield
+        return
+    chosen = lora.PROGRAMS_PER_SM
+    lora.PROGRAMS_PER_SM = n
+    try:
+        yield
+    finally:
+        lora.PROGRAMS_PER_SM = chosen
+
+
 def write_trace(fn, path: str) -> None:
     """A Chrome trace of one call of `fn` (after one untraced call): CUDA kernels with their streams."""
     from torch.profiler import ProfilerActivity, profile
@@ -142,7 +158,8 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
              adapter_counts: tuple[int, ...] = (1, 2, 4, 8, 32),
              side_carveouts: tuple[int, ...] = (), base_carveouts: tuple[int, ...] = (),
              group_sets: tuple[tuple[str, ...], ...] = (), trace_dir: str = "",
-             side_priorities: bool = False, shrink_splits: tuple[int, ...] = ()) -> None:  # fmt: skip
+             side_priorities: bool = False, shrink_splits: tuple[int, ...] = (),
+             programs_per_sm: tuple[int, ...] = ()) -> None:  # fmt: skip
     """Per batch: the base graph under cuBLAS and under the decode graphs' matmul policy, every row on
     the base model inside a LoRA graph, then for each adapter count (rows round-robin over that many
     adapters) LoRA added in place (graphs.LORA) and on the side stream with 32 SMs left to it
@@ -156,6 +173,8 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
     store's LoRA stream has the highest).
     `shrink_splits`: one adapter on the side stream with every shrink split that many ways ("/splits=N";
     default: lora.choose_splits).
+    `programs_per_sm`: one adapter and the most adapters on the side stream with the LoRA kernels'
+    persistent grids sized for that many programs per SM ("/pps=N"; default lora.PROGRAMS_PER_SM).
     `trace_dir`: a Chrome trace (kernels by stream, one replay) of the base graph under its policy and of
     every one-adapter side-stream case, to see where the main stream waits."""
     from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
@@ -180,6 +199,8 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
         if side_priorities:
             cases += [(1, "side_stream@normal", decode_policy(b, sms, True))]
         cases += [(1, f"side_stream/splits={n}", decode_policy(b, sms, True)) for n in shrink_splits]
+        cases += [(n_ad, f"side_stream/pps={p}", decode_policy(b, sms, True))
+                  for p in programs_per_sm for n_ad in (1, max(adapter_counts))]  # fmt: skip
         graphs = []
         for used, mode, policy in cases:
             if used == "none":
@@ -204,7 +225,8 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
                 return fb.run(model, c.kv.layers)
 
             splits = int(mode.partition("/splits=")[2] or 0)
-            with policy.applied(), forced_splits(splits):
+            pps = int(mode.partition("/pps=")[2] or 0)
+            with policy.applied(), forced_splits(splits), forced_programs_per_sm(pps):
                 # the step keeps its adapter data (plan, counters, partials) alive: the graph reads them
                 graphs.append((graph_of(step), step))
         # Interleaved rounds: one configuration measured twice in a row drifted by up to 4% on the H200
@@ -320,6 +342,7 @@ def main() -> None:
     ap.add_argument("--base-carveouts", default="", help="SM counts cuBLASLt leaves free, base graph")
     ap.add_argument("--trace-dir", default="", help="lora: Chrome traces of the one-adapter cases here")
     ap.add_argument("--shrink-splits", default="", help="lora: one adapter with the shrink split N ways")
+    ap.add_argument("--programs-per-sm", default="", help="lora: LoRA grids of N programs per SM")
     ap.add_argument("--side-priorities", action="store_true",
                     help="lora: one adapter on a side stream of default priority too")
     ap.add_argument("--lora-groups", default="",
@@ -342,7 +365,8 @@ def main() -> None:
                              base_carveouts=tuple(int(x) for x in args.base_carveouts.split(",") if x),
                              group_sets=tuple(tuple(g.split("+")) for g in args.lora_groups.split(",") if g),
                              trace_dir=args.trace_dir, side_priorities=args.side_priorities,
-                             shrink_splits=tuple(int(x) for x in args.shrink_splits.split(",") if x))
+                             shrink_splits=tuple(int(x) for x in args.shrink_splits.split(",") if x),
+                             programs_per_sm=tuple(int(x) for x in args.programs_per_sm.split(",") if x))
                 elif name == "verify":
                     sec_verify(model, dev, out, [int(x) for x in args.verify_batches.split(",")])
                 elif name == "gemm":
