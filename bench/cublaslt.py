@@ -132,10 +132,6 @@ class LtRuntime:
         return self.workspaces[index]
 
 
-def available() -> bool:
-    return torch.cuda.is_available() and torch.version.cuda is not None
-
-
 @dataclass(frozen=True)
 class LtProblem:
     m: int

@@ -104,6 +104,13 @@ def layer_sums(summary, side_sms, layers=32):
     return sums
 
 
+def save(out: dict, path: str) -> None:
+    """Write the results so far (after every shape: a cut run keeps what it measured)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
@@ -129,18 +136,14 @@ def main() -> None:
         for m in [int(v) for v in args.ms.split(",")]:
             bench_problem(name, n, k, m, sms, args.side_sms, dev, weights, bw, runtime, out)
         del weights
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(out, f, indent=1)
+        save(out, args.out)
     out["layer_sums"] = layer_sums(out["summary"], args.side_sms)
     for key, d in out["layer_sums"].items():
         print(f"{key}: per layer " + " ".join(f"{k[:-3]} {v:.1f}" for k, v in d.items() if k.endswith("_us"))
               + f" us; saves {d['saved_all_ms']:.3f} ms a step (all SMs), {d['saved_side_ms']:.3f} (side)")
     out["total_s"] = time.perf_counter() - t0
     print(f"total {out['total_s']:.0f} s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    save(out, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.common import median
+from bench.common import median, time_ms
 
 
 @triton.jit
@@ -47,18 +47,9 @@ def _repeat(fn, k: int) -> None:
         fn()
 
 
-def timed(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return median(times)
+def timed(fn) -> float:
+    """Median ms of one call of `fn` (CUDA events, after one warm-up call)."""
+    return median(time_ms(fn, torch.device("cuda"), 1, 20))
 
 
 def main() -> None:
