@@ -98,8 +98,10 @@ class AdapterStore:
                  base_weights: Callable[[int, str], torch.Tensor] | None = None,
                  reserve: SlotReservation | None = None, concurrent_lora: bool = True):  # fmt: skip
         self.device = torch.device(device)
-        # Decode LoRA as a delta for the consumer kernel, computed on a side stream of high priority on
-        # CUDA (model/adapters/batch.py); its kernels then take SMs as soon as a base matmul frees some.
+        # Decode LoRA as a delta for the consumer kernel, computed on a side stream on CUDA
+        # (model/adapters/batch.py). The stream asks for the highest priority, which helps eager steps; in
+        # CUDA-graph replay it measured no effect (docs/lora.md): the SMs the decode graphs' matmuls leave
+        # free are what make room for its kernels.
         self.concurrent_lora = concurrent_lora
         self.lora_stream = None
         if concurrent_lora and self.device.type == "cuda":
