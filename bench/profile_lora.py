@@ -82,6 +82,32 @@ def forced_programs_per_sm(n: int):
         lora.PROGRAMS_PER_SM = chosen
 
 
+@contextlib.contextmanager
+def skipped_lora_part(part: str):
+    """Inside (part "shrink" or "expand"): the Triton LoRA ops launch no such kernel; a skipped shrink
+    returns an unwritten v of the right shape, a skipped expand leaves its output as it was."""
+    from model.adapters.lora_ops import TritonLoraOps
+
+    if not part:
+        yield
+        return
+    if part not in ("shrink", "expand"):
+        raise ValueError(f"no LoRA part {part!r} (shrink, expand)")
+    original = getattr(TritonLoraOps, part)
+
+    def shrink(self, x, stack, plan):
+        return torch.empty((1, x.shape[0], stack.a.shape[1]), device=x.device, dtype=torch.float32)
+
+    def expand(self, y, v, stack, slices, plan, store=False):
+        return None
+
+    setattr(TritonLoraOps, part, shrink if part == "shrink" else expand)
+    try:
+        yield
+    finally:
+        setattr(TritonLoraOps, part, original)
+
+
 def write_trace(fn, path: str) -> None:
     """A Chrome trace of one call of `fn` (after one untraced call): CUDA kernels with their streams."""
     from torch.profiler import ProfilerActivity, profile
@@ -159,7 +185,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
              side_carveouts: tuple[int, ...] = (), base_carveouts: tuple[int, ...] = (),
              group_sets: tuple[tuple[str, ...], ...] = (), trace_dir: str = "",
              side_priorities: bool = False, shrink_splits: tuple[int, ...] = (),
-             programs_per_sm: tuple[int, ...] = ()) -> None:  # fmt: skip
+             programs_per_sm: tuple[int, ...] = (), skip_parts: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Per batch: the base graph under cuBLAS and under the decode graphs' matmul policy, every row on
     the base model inside a LoRA graph, then for each adapter count (rows round-robin over that many
     adapters) LoRA added in place (graphs.LORA) and on the side stream with 32 SMs left to it
@@ -175,6 +201,9 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
     default: lora.choose_splits).
     `programs_per_sm`: one adapter and the most adapters on the side stream with the LoRA kernels'
     persistent grids sized for that many programs per SM ("/pps=N"; default lora.PROGRAMS_PER_SM).
+    `skip_parts` ("shrink", "expand"): one adapter on the side stream with that kernel not launched
+    ("/no-shrink", "/no-expand"): which of the two slows the matmuls beside them (timing only: the
+    skipped kernel's output is left unwritten, so the logits are garbage).
     `trace_dir`: a Chrome trace (kernels by stream, one replay) of the base graph under its policy and of
     every one-adapter side-stream case, to see where the main stream waits."""
     from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
@@ -199,6 +228,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
         if side_priorities:
             cases += [(1, "side_stream@normal", decode_policy(b, sms, True))]
         cases += [(1, f"side_stream/splits={n}", decode_policy(b, sms, True)) for n in shrink_splits]
+        cases += [(1, f"side_stream/no-{part}", decode_policy(b, sms, True)) for part in skip_parts]
         cases += [(n_ad, f"side_stream/pps={p}", decode_policy(b, sms, True))
                   for p in programs_per_sm for n_ad in (1, max(adapter_counts))]  # fmt: skip
         graphs = []
@@ -226,7 +256,9 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
 
             splits = int(mode.partition("/splits=")[2] or 0)
             pps = int(mode.partition("/pps=")[2] or 0)
-            with policy.applied(), forced_splits(splits), forced_programs_per_sm(pps):
+            skipped = mode.partition("/no-")[2]
+            knobs = (forced_splits(splits), forced_programs_per_sm(pps), skipped_lora_part(skipped))
+            with policy.applied(), knobs[0], knobs[1], knobs[2]:
                 # the step keeps its adapter data (plan, counters, partials) alive: the graph reads them
                 graphs.append((graph_of(step), step))
         # Interleaved rounds: one configuration measured twice in a row drifted by up to 4% on the H200
@@ -343,6 +375,7 @@ def main() -> None:
     ap.add_argument("--trace-dir", default="", help="lora: Chrome traces of the one-adapter cases here")
     ap.add_argument("--shrink-splits", default="", help="lora: one adapter with the shrink split N ways")
     ap.add_argument("--programs-per-sm", default="", help="lora: LoRA grids of N programs per SM")
+    ap.add_argument("--skip-parts", default="", help="lora: one adapter with shrink / expand not launched")
     ap.add_argument("--side-priorities", action="store_true",
                     help="lora: one adapter on a side stream of default priority too")
     ap.add_argument("--lora-groups", default="",
@@ -366,7 +399,8 @@ def main() -> None:
                              group_sets=tuple(tuple(g.split("+")) for g in args.lora_groups.split(",") if g),
                              trace_dir=args.trace_dir, side_priorities=args.side_priorities,
                              shrink_splits=tuple(int(x) for x in args.shrink_splits.split(",") if x),
-                             programs_per_sm=tuple(int(x) for x in args.programs_per_sm.split(",") if x))
+                             programs_per_sm=tuple(int(x) for x in args.programs_per_sm.split(",") if x),
+                             skip_parts=tuple(x for x in args.skip_parts.split(",") if x))
                 elif name == "verify":
                     sec_verify(model, dev, out, [int(x) for x in args.verify_batches.split(",")])
                 elif name == "gemm":

@@ -49,3 +49,29 @@ def test_a_base_graph_has_matmuls_and_no_lora(tmp_path):
     got = trace_summary(str(path))
     assert got["down"] == {"gemm_us": 36, "layers": 1}
     assert "chain_us" not in got["qkv"]
+
+
+def test_a_skipped_lora_part_launches_nothing_and_comes_back_after():
+    """profile_lora's skipped_lora_part: inside, TritonLoraOps runs no shrink (an unwritten v of the
+    right shape) or no expand (its output untouched); outside, the real methods again."""
+    import pytest
+    import torch
+
+    from bench.profile_lora import skipped_lora_part
+    from model.adapters.lora_ops import TritonLoraOps
+    from model.adapters.stacks import LoraGroupStack
+
+    ops = TritonLoraOps(kernels=object(), sms=32)  # a kernels module without kernels: any launch fails
+    stack = LoraGroupStack(torch.zeros(2, 48, 64), torch.zeros(2, 96, 16), torch.full((2,), 16),
+                           ("q_proj", "k_proj", "v_proj"), (32, 32, 32))  # fmt: skip
+    x, y = torch.ones(5, 64), torch.full((5, 96), 7.0)
+    with skipped_lora_part("shrink"):
+        v = ops.shrink(x, stack, plan=None)
+    assert v.shape == (1, 5, 48) and v.dtype == torch.float32
+    with skipped_lora_part("expand"):
+        ops.expand(y, v, stack, [(0, 32, 0), (32, 64, 32), (64, 96, 64)], plan=None, store=True)
+    assert y.eq(7.0).all()
+    with pytest.raises(AttributeError):  # the real shrink again: it reaches for the missing kernels
+        ops.shrink(x, stack, plan=None)
+    with pytest.raises(ValueError, match="no LoRA part"), skipped_lora_part("gemm"):
+        pass
