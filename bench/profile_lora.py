@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 from functools import partial
+from unittest import mock
 
 import torch
 
@@ -48,38 +49,6 @@ def graph_of(fn) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(g):
         fn()
     return g
-
-
-@contextlib.contextmanager
-def forced_splits(n: int):
-    """Inside (n > 0): every LoRA shrink splits its reduction n ways instead of lora.choose_splits's."""
-    from model.kernels import lora
-
-    if not n:
-        yield
-        return
-    chosen = lora.choose_splits
-    lora.choose_splits = lambda *args, **kwargs: n
-    try:
-        yield
-    finally:
-        lora.choose_splits = chosen
-
-
-@contextlib.contextmanager
-def forced_programs_per_sm(n: int):
-    """Inside (n > 0): the LoRA kernels' persistent grids hold n programs per SM."""
-    from model.kernels import lora
-
-    if not n:
-        yield
-        return
-    chosen = lora.PROGRAMS_PER_SM
-    lora.PROGRAMS_PER_SM = n
-    try:
-        yield
-    finally:
-        lora.PROGRAMS_PER_SM = chosen
 
 
 @contextlib.contextmanager
@@ -208,6 +177,7 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
     every one-adapter side-stream case, to see where the main stream waits."""
     from model.adapters.batch import AdapterBatchData, AdapterBatchMetadata
     from model.forward_batch import ForwardBatch
+    from model.kernels import lora
     from shard_server.executor.gemm_policy import DEFAULT, SIDE_STREAM_SMS, GemmPolicy, decode_policy
 
     stacks = lora_stacks(model, slots, 16, dev)
@@ -257,8 +227,12 @@ def sec_lora(model, dev, out: dict, batches: list[int], slots: int = 32,
             splits = int(mode.partition("/splits=")[2] or 0)
             pps = int(mode.partition("/pps=")[2] or 0)
             skipped = mode.partition("/no-")[2]
-            knobs = (forced_splits(splits), forced_programs_per_sm(pps), skipped_lora_part(skipped))
-            with policy.applied(), knobs[0], knobs[1], knobs[2]:
+            with policy.applied(), contextlib.ExitStack() as knobs:
+                if splits:  # every shrink split that many ways instead of lora.choose_splits's
+                    knobs.enter_context(mock.patch.object(lora, "choose_splits", lambda *a, n=splits, **k: n))
+                if pps:  # the LoRA kernels' persistent grids of that many programs per SM
+                    knobs.enter_context(mock.patch.object(lora, "PROGRAMS_PER_SM", pps))
+                knobs.enter_context(skipped_lora_part(skipped))
                 # the step keeps its adapter data (plan, counters, partials) alive: the graph reads them
                 graphs.append((graph_of(step), step))
         # Interleaved rounds: one configuration measured twice in a row drifted by up to 4% on the H200

@@ -86,9 +86,8 @@ class TritonLoraOps:
         return self.k.plan_from_slots(meta.token_slots, num_slots)
 
     def shrink(self, x: torch.Tensor, stack: LoraGroupStack, plan) -> torch.Tensor:
-        # [1, T, NT*R]
-        # sms given: the kernels run beside base matmuls on the SMs those leave (a side stream), where
-        # fewer split-K partials pay (lora.choose_splits)
+        # -> [1, T, NT*R]. sms given: the kernels run beside base matmuls on the SMs those leave (a side
+        # stream), where fewer split-K partials pay (lora.choose_splits)
         return self.k.lora_shrink(x, stack.a, stack.ranks, plan, rank=stack.rank, sms=self.sms,
                                   beside_matmuls=self.sms is not None)  # fmt: skip
 

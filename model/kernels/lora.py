@@ -227,18 +227,18 @@ def persistent_programs(plan: LoraPlan, items_per_tile: int, sms: int) -> int:
     return max(1, min(plan.num_tiles * items_per_tile, PROGRAMS_PER_SM * sms))
 
 
-def choose_splits(plan: LoraPlan, n_cols: int, k: int, block_n: int, sms: int, waves: int = 2,
-                  max_splits: int | None = None) -> int:  # fmt: skip
-    """Split-K factor of the shrink: enough items for ~`waves` waves when the batch has the fewest tiles,
-    each split at least 512 deep. Measured on an H200 (bench/tune_kernels.py, rank 16, T = 1..128, 1 or 32
-    adapters): 8 splits of a 4096-deep reduction and 16 of the 14336-deep down_proj were the fastest or
-    within 0.5 us of it; 16 splits of 4096 cost up to 4 us more with 32 adapters (more partials to sum).
-    Beside the base matmuls (a LoRA side stream: waves=1, max_splits=SIDE_MAX_SPLITS) fewer splits pay,
-    as the partials the shrink writes and sums slow the matmul it runs beside (docs/lora.md). Measured
-    there (1-adapter graph replays, one process): 4 splits beat 8 by 3.1% at 128 rows; 8 beat 4 and 16
-    at 64 rows; 8 beat down_proj's 16 by 1.2% at 32 rows."""
+def choose_splits(plan: LoraPlan, n_cols: int, k: int, block_n: int, sms: int,
+                  beside_matmuls: bool = False) -> int:  # fmt: skip
+    """Split-K factor of the shrink: enough items for ~2 waves (1 beside matmuls) when the batch has the
+    fewest tiles, each split at least 512 deep, at most MAX_SPLITS (SIDE_MAX_SPLITS beside matmuls).
+    Measured on an H200 (bench/tune_kernels.py, rank 16, T = 1..128, 1 or 32 adapters): 8 splits of a
+    4096-deep reduction and 16 of the 14336-deep down_proj were the fastest or within 0.5 us of it; 16
+    splits of 4096 cost up to 4 us more with 32 adapters (more partials to sum). Beside the base matmuls
+    (a LoRA side stream, whose kernels slow the matmul they run beside: docs/lora.md) fewer splits paid,
+    in 1-adapter graph replays in one process: 4 beat 8 by 3.1% at 128 rows; 8 beat 4 and 16 at 64 rows;
+    8 beat down_proj's 16 by 1.2% at 32 rows."""
     programs = max(plan.min_tiles, 1) * triton.cdiv(n_cols, block_n)
-    cap = MAX_SPLITS if max_splits is None else max_splits
+    waves, cap = (1, SIDE_MAX_SPLITS) if beside_matmuls else (2, MAX_SPLITS)
     return max(1, min(cap, k // 512, (waves * sms) // programs))
 
 
@@ -269,8 +269,7 @@ def lora_shrink(x, lora_a, ranks, plan: LoraPlan, *, rank: int, splits: int | No
     block_k = 64 if k <= 1024 else 128
     sms = sms or _num_sms(x.device)
     if splits is None:
-        side = dict(waves=1, max_splits=SIDE_MAX_SPLITS) if beside_matmuls else {}
-        splits = choose_splits(plan, n, k, block_n, sms, **side)
+        splits = choose_splits(plan, n, k, block_n, sms, beside_matmuls)
     splits = max(1, min(int(splits), MAX_SPLITS))
     k_chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_chunk)  # no empty split: the last of them reduces

@@ -169,11 +169,10 @@ def test_choose_splits_spreads_small_batches(lora):
     assert lora.choose_splits(many, 48, 4096, 64, 132) == 2
     assert lora.choose_splits(one, 16, 256, 16, 132) == 1  # short reduction: no split
     # beside the base matmuls (a side stream of 32 SMs): one wave and at most 8 splits
-    side = dict(waves=1, max_splits=lora.SIDE_MAX_SPLITS)
     rows = {t: lora.plan_from_slots(torch.zeros(t, dtype=torch.int32), 8) for t in (32, 64, 128)}
     assert [lora.choose_splits(rows[t], 16, 14336, 16, 32) for t in (32, 64, 128)] == [16, 16, 8]
-    assert [lora.choose_splits(rows[t], 16, 14336, 16, 32, **side) for t in (32, 64, 128)] == [8, 8, 4]
-    assert [lora.choose_splits(rows[t], 48, 4096, 64, 32, **side) for t in (32, 64, 128)] == [8, 8, 4]
+    assert [lora.choose_splits(rows[t], 16, 14336, 16, 32, True) for t in (32, 64, 128)] == [8, 8, 4]
+    assert [lora.choose_splits(rows[t], 48, 4096, 64, 32, True) for t in (32, 64, 128)] == [8, 8, 4]
 
 
 def test_triton_backend_equals_torch_backend_through_the_store(lora, tiny_model_dir, adapter_factory):
