@@ -18,14 +18,15 @@ Modes (how the side stream asks L2):
   pf    one `prefetch.global.L2::evict_last` per 128-B line (fire and forget)
   bulk  Hopper's `cp.async.bulk.prefetch.L2.global` of 4 KiB per lane (the TMA unit fetches)
   load  plain loads with eviction_policy="evict_last", summed (the kernel waits for its bytes)
+
+A third placement, extra programs inside the norm / rope / silu kernels that issue the prefetches (no
+graph node), was measured at commit ac69c5d and removed: README, "Benchmarks", has the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from functools import partial
 
 import torch
 import triton
@@ -144,36 +145,6 @@ class PrefetchHook:
             torch.cuda.current_stream().wait_stream(self.side)
 
 
-@contextlib.contextmanager
-def fused_prefetch(model, nbytes: int, programs: int, groups: tuple[str, ...]):
-    """Inside: each kernel before a projection group (input norm -> qkv, rope + KV write -> o, post-attention
-    norm -> gate_up, silu_and_mul -> down, final norm -> lm_head) launches `programs` extra programs that
-    ask L2 for the group's first `nbytes` (model/kernels/l2_prefetch.py): no extra graph node."""
-    from model.kernels.l2_prefetch import L2Prefetch
-
-    saved = []
-
-    def patch(module, attr, weight, group):
-        fn = getattr(module, attr)
-        if fn is None or group not in groups:
-            return
-        saved.append((module, attr, fn))
-        setattr(module, attr, partial(fn, prefetch=L2Prefetch(weight, nbytes, programs)))
-
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        patch(layer.input_layernorm, "fused", attn.qkv_proj.weight, "qkv_proj")
-        patch(attn, "rotary_kv_write", attn.o_proj.weight, "o_proj")
-        patch(layer.post_attention_layernorm, "fused", mlp.gate_up_proj.weight, "gate_up_proj")
-        patch(mlp, "silu_and_mul", mlp.down_proj.weight, "down_proj")
-    patch(model.model.norm, "fused", model.lm_head.weight, "qkv_proj")
-    try:
-        yield
-    finally:
-        for module, attr, fn in saved:
-            setattr(module, attr, fn)
-
-
 def graph_of(fn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """(graph of fn, the output tensor its replays write)."""
     fn()
@@ -215,10 +186,7 @@ def main() -> None:
                     cases.append((f"{mode}/{mb:g}MB/{progs}p", (mode, int(mb * 2**20), progs)))
         graphs = []
         for name, spec in cases:
-            fused = spec is not None and spec[0] == "fused"
-            hook = None
-            if spec is not None and not fused:
-                hook = PrefetchHook(model, side, spec[1], spec[0], spec[2], groups)
+            hook = None if spec is None else PrefetchHook(model, side, spec[1], spec[0], spec[2], groups)
 
             def step(c=case, h=hook):
                 fb = ForwardBatch.decode(c.input_ids, c.positions, c.tables, block_size=model.block_size,
@@ -226,8 +194,7 @@ def main() -> None:
                 return fb.run(model, c.kv.layers)
 
             try:
-                with policy.applied(), (fused_prefetch(model, spec[1], spec[2], groups) if fused
-                                        else contextlib.nullcontext()):
+                with policy.applied():
                     g, logits_out = graph_of(step)
             except Exception as e:  # a mode this card or triton cannot build: report, go on
                 print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}")

@@ -13,18 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from model.kernels.l2_prefetch import L2Prefetch, prefetch_lines
-
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, d_ptr, I, stride_x, stride_o, stride_d, pf_ptr, pf_lines, T,
-                     BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, PF_PROGRAMS: tl.constexpr,
-                     PF_LINE: tl.constexpr):
-    if PF_PROGRAMS > 0:
-        if tl.program_id(0) >= T:  # the extra programs only ask L2 for the next matmul's weight
-            if tl.program_id(1) == 0:
-                prefetch_lines(pf_ptr, pf_lines, tl.program_id(0) - T, PF_PROGRAMS, PF_LINE, 256)
-            return
+def _silu_mul_kernel(x_ptr, out_ptr, d_ptr, I, stride_x, stride_o, stride_d, BLOCK: tl.constexpr,
+                     HAS_DELTA: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < I
@@ -44,7 +36,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, d_ptr, I, stride_x, stride_o, stride_d, pf_
 
 
 def silu_and_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
-                 delta: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+                 delta: torch.Tensor | None = None) -> torch.Tensor:
     """gate_up [T, 2I] (last dim contiguous) -> silu(gate) * up [T, I]; with `delta` [T, 2I] (gate_up's
     LoRA delta), of gate_up + delta rounded to its dtype."""
     T, two_i = gate_up.shape
@@ -56,11 +48,9 @@ def silu_and_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
         return out
     BLOCK = 1024
     d = gate_up if delta is None else delta  # unread placeholder without HAS_DELTA
-    pf, pf_lines, pf_line = prefetch.args() if prefetch is not None else (gate_up, 0, 1)
-    pf_programs = prefetch.programs if prefetch is not None else 0
-    _silu_mul_kernel[(T + pf_programs, triton.cdiv(inter, BLOCK))](
-        gate_up, out, d, inter, gate_up.stride(0), out.stride(0), d.stride(0), pf, pf_lines, T, BLOCK=BLOCK,
-        HAS_DELTA=delta is not None, PF_PROGRAMS=pf_programs, PF_LINE=pf_line, num_warps=4,
+    _silu_mul_kernel[(T, triton.cdiv(inter, BLOCK))](
+        gate_up, out, d, inter, gate_up.stride(0), out.stride(0), d.stride(0), BLOCK=BLOCK,
+        HAS_DELTA=delta is not None, num_warps=4,
     )
     return out
 

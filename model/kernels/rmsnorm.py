@@ -15,19 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from model.kernels.l2_prefetch import L2Prefetch, prefetch_lines
-
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, d_ptr, H, eps,
                         stride_x, stride_r, stride_o, stride_ro, stride_d,
-                        pf_ptr, pf_lines, T,
                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr,
-                        STORE_SUM: tl.constexpr, PF_PROGRAMS: tl.constexpr, PF_LINE: tl.constexpr):
-    if PF_PROGRAMS > 0:
-        if tl.program_id(0) >= T:  # the extra programs only ask L2 for the next matmul's weight
-            prefetch_lines(pf_ptr, pf_lines, tl.program_id(0) - T, PF_PROGRAMS, PF_LINE, 256)
-            return
+                        STORE_SUM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
@@ -49,8 +42,7 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, d_ptr, H, e
     tl.store(out_ptr + row * stride_o + offs, normed.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def fused_add_rmsnorm(x, residual, weight, eps: float, *, out=None, residual_out=None, delta=None,
-                      prefetch: L2Prefetch | None = None):
+def fused_add_rmsnorm(x, residual, weight, eps: float, *, out=None, residual_out=None, delta=None):
     """(x [T, H], residual [T, H] | None, weight [H], eps) -> (normed [T, H], new_residual [T, H]).
 
         x = x + delta (rounded to x.dtype)      if delta is not None (a LoRA delta [T, H] of x's projection)
@@ -79,13 +71,10 @@ def fused_add_rmsnorm(x, residual, weight, eps: float, *, out=None, residual_out
         return out, residual_out
     BLOCK = triton.next_power_of_2(H)
     d = delta if has_delta else x  # unread placeholder without HAS_DELTA
-    pf, pf_lines, pf_line = prefetch.args() if prefetch is not None else (x, 0, 1)
-    pf_programs = prefetch.programs if prefetch is not None else 0
-    _add_rmsnorm_kernel[(T + pf_programs,)](
-        x, residual, weight, out, residual_out, d, H, eps, x.stride(0), residual.stride(0), out.stride(0),
-        residual_out.stride(0), d.stride(0), pf, pf_lines, T, BLOCK=BLOCK, HAS_RES=has_res,
-        HAS_DELTA=has_delta, STORE_SUM=has_res or has_delta, PF_PROGRAMS=pf_programs, PF_LINE=pf_line,
-        num_warps=min(max(BLOCK // 512, 1), 16))
+    _add_rmsnorm_kernel[(T,)](x, residual, weight, out, residual_out, d, H, eps, x.stride(0),
+                              residual.stride(0), out.stride(0), residual_out.stride(0), d.stride(0),
+                              BLOCK=BLOCK, HAS_RES=has_res, HAS_DELTA=has_delta,
+                              STORE_SUM=has_res or has_delta, num_warps=min(max(BLOCK // 512, 1), 16))
     return out, residual_out
 
 

@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from model.kernels.l2_prefetch import L2Prefetch, prefetch_lines
-
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -73,14 +71,8 @@ def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
                       stride_cos, stride_sin,
                       stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
-                      pf_ptr, pf_lines, T,
                       HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr, HALF: tl.constexpr,
-                      FP8: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, HAS_DELTA: tl.constexpr,
-                      PF_PROGRAMS: tl.constexpr, PF_LINE: tl.constexpr):
-    if PF_PROGRAMS > 0:
-        if tl.program_id(0) >= T:  # the extra programs only ask L2 for the next matmul's weight
-            prefetch_lines(pf_ptr, pf_lines, tl.program_id(0) - T, PF_PROGRAMS, PF_LINE, 256)
-            return
+                      FP8: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, HAS_DELTA: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, HALF)
@@ -109,7 +101,7 @@ def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc
 
 
 def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *, k_scale=None, v_scale=None,
-                    delta=None, prefetch: L2Prefetch | None = None):
+                    delta=None):
     """Rope on q and k in place, then k (rotated) and v into the paged cache.
 
     q [T, Hq, D], k/v [T, Hkv, D] (views of the fused qkv output are fine: last dim contiguous);
@@ -152,16 +144,13 @@ def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *, k_
         dq = dk = dv = q  # unread placeholders without HAS_DELTA
     if T == 0:
         return q, k
-    pf, pf_lines, pf_line = prefetch.args() if prefetch is not None else (q, 0, 1)
-    pf_programs = prefetch.programs if prefetch is not None else 0
-    _rotary_kv_kernel[(T + pf_programs,)](
+    _rotary_kv_kernel[(T,)](
         q, k, v, positions, cos, sin, k_cache, v_cache, slots, ks_t, vs_t, dq, dk, dv, k_inv, v_inv, Hq, Hkv,
         k_cache.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dq.stride(0), dq.stride(1), cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        pf, pf_lines, T, HQ_PAD=triton.next_power_of_2(Hq), HKV_PAD=triton.next_power_of_2(Hkv), HALF=D // 2,
-        FP8=fp8, SCALE_FROM_PTR=scale_ptr, HAS_DELTA=delta is not None, PF_PROGRAMS=pf_programs,
-        PF_LINE=pf_line, num_warps=4)
+        HQ_PAD=triton.next_power_of_2(Hq), HKV_PAD=triton.next_power_of_2(Hkv), HALF=D // 2,
+        FP8=fp8, SCALE_FROM_PTR=scale_ptr, HAS_DELTA=delta is not None, num_warps=4)
     return q, k
 
 
