@@ -16,6 +16,9 @@ matmul policy) with what the two would add, one process, interleaved rounds:
                written in the step): more bytes than design B reads (u and B) from 32 rows up, fewer below
   wide+delta   both: the bound on A + B (B's in-kernel dot not counted)
   side         the shipped 1-adapter side-stream graph (executor/graphs.py's LORA_FEW), for reference
+  hot/S=s      A + B built: every row on hot slot 0 of s, the widened matmul (model/adapters/hot.py's
+               HotLora.project) and the expand inside the consumers (model/kernels/lora_hot.py; qkv's
+               by one in-place kernel before the rope)
 
 Prediction, written before the run: wide/S=4 +0.16 GB a step (+1.1%, ~0.04 ms at 4.1 TB/s); delta at
 128 rows 11 MB a layer read, 0.35 GB a step (~0.09 ms); wide+delta/S=4 ~1.02 x the base graph at 128
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from bench.common import median, time_ms
 from bench.l2_prefetch import graph_of
 from bench.profile_decode import MAX_S, DecodeCase, build_model
-from bench.profile_lora import lora_stacks
+from bench.profile_lora import kernel_table, lora_stacks
 
 RANK = 16
 MEMBERS = {"qkv_proj": 3, "o_proj": 1, "gate_up_proj": 2, "down_proj": 1}
@@ -65,6 +68,30 @@ def widened(model, slots: int):
     finally:
         for mod in patched:
             del mod.forward  # the class's forward again
+
+
+class HotHook:
+    """AdapterHook serving every group from hot slots (model/adapters/hot.HotLora): weights widened by
+    `slots` hot slots' A rows (a copy per group, built once), B random, rows on `row_slot`."""
+
+    def __init__(self, model, slots: int, row_slot: torch.Tensor):
+        from model.adapters.hot import HotLora
+
+        self.hot_lora, self.row_slot, self.groups = HotLora, row_slot, {}
+        for i, layer in enumerate(model.model.layers):
+            for group, mod in projections(layer).items():
+                w = mod.weight
+                rows = MEMBERS[group] * RANK * slots
+                a = torch.randn(rows, w.shape[1], device=w.device, dtype=w.dtype) * 0.01
+                b = torch.randn(slots, RANK, w.shape[0], device=w.device, dtype=w.dtype) * 0.01
+                self.groups[(i, group)] = (torch.cat([w, a]), w.shape[0], b)
+
+    def begin_lora(self, layer_idx, target, x, widths):
+        wide, n, b = self.groups[(layer_idx, target)]
+        return self.hot_lora(wide, n, self.row_slot[: x.shape[0]], b, tuple(widths))
+
+    def add_lora(self, layer_idx, target, x, out, widths=None):
+        return None
 
 
 class _Static:
@@ -101,9 +128,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="32,64,128")
     ap.add_argument("--slots", default="1,4")
+    ap.add_argument("--cases", default="base,delta,side,wide,wide+delta,hot")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--norm-add", action="store_true",
+                    help="hot: o / down deltas added in place by the tiled kernel, then the plain norm")
+    ap.add_argument("--kernels", default="", help="cases whose kernel table is printed, e.g. hot/S=1")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.norm_add:
+        from model.kernels import lora_hot, rmsnorm
+
+        def add_then_norm(x, residual, weight, eps, hot, *, out=None, residual_out=None):
+            lora_hot.add_hot_delta_(x, hot)  # x: the projection's output (a view), read by this norm only
+            return rmsnorm.fused_add_rmsnorm(x, residual, weight, eps, out=out, residual_out=residual_out)
+
+        lora_hot.add_rmsnorm_hot = add_then_norm
     dev = torch.device("cuda")
     model = build_model(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -114,9 +153,11 @@ def main() -> None:
     with torch.no_grad():
         for b in [int(x) for x in args.batches.split(",")]:
             case = DecodeCase(model, b, 544)
-            cases = [("base", 0, False), ("delta", 0, True), ("side", 0, False)]
-            cases += [(f"wide/S={s}", s, False) for s in slot_counts]
-            cases += [(f"wide+delta/S={s}", s, True) for s in slot_counts]
+            kinds = args.cases.split(",")
+            cases = [(k, 0, k == "delta") for k in ("base", "delta", "side") if k in kinds or k == "base"]
+            for kind in ("wide", "wide+delta", "hot"):
+                if kind in kinds:
+                    cases += [(f"{kind}/S={s}", s, kind == "wide+delta") for s in slot_counts]
             graphs = []
             for name, slots, delta in cases:
                 policy = decode_policy(b, sms, side_stream=name == "side")
@@ -125,6 +166,8 @@ def main() -> None:
                     meta.token_slots.zero_()  # every row on slot 0: one adapter
                     hook = AdapterBatchData(meta, stacks, is_prefill=False, concurrent=True, stream=side,
                                             lora_sms=policy.sm_carveout)  # fmt: skip
+                elif name.startswith("hot/"):
+                    hook = HotHook(model, slots, torch.zeros(b, dtype=torch.int32, device=dev))
                 else:
                     hook = StaticDeltaHook(model, b) if delta else None
 
@@ -133,7 +176,8 @@ def main() -> None:
                                              max_s=MAX_S, adapter_data=h)  # fmt: skip
                     return fb.run(model, c.kv.layers)
 
-                wider = widened(model, slots) if slots else contextlib.nullcontext()
+                widen = slots and not name.startswith("hot/")  # HotHook brings its own widened weights
+                wider = widened(model, slots) if widen else contextlib.nullcontext()
                 with policy.applied(), wider as wides:
                     g, _ = graph_of(step)
                 graphs.append((name, g, (hook, wides)))
@@ -145,10 +189,15 @@ def main() -> None:
             for name, *_ in graphs:
                 ms, o = median(samples[name]), sorted(samples[name])
                 p = [o[len(o) // 10], o[9 * len(o) // 10]]
-                out["rows"].append({"batch": b, "case": name, "replay_ms": ms, "vs_base": ms / base,
-                                    "p10_p90": p})  # fmt: skip
+                row = {"batch": b, "case": name, "replay_ms": ms, "vs_base": ms / base, "p10_p90": p}
+                out["rows"].append(row)
                 print(f"batch {b:4d} {name:16s} {ms:7.3f} ms  {ms / base:.3f} x base  "
                       f"p10-p90 {p[0]:.3f}-{p[1]:.3f}")  # fmt: skip
+                if name in args.kernels.split(","):
+                    g = next(g for n, g, _ in graphs if n == name)
+                    row["kernels"] = kernel_table(g.replay, 12)
+                    for k in row["kernels"]:
+                        print(f"     {k['ms']:8.3f} ms  x{k['count']:5d}  {k['kernel']}")
             del graphs, case
             torch.cuda.empty_cache()
     if args.out:

@@ -8,6 +8,11 @@ lora    shrink split-K factors (and the heuristic's pick) and the expand, per pr
 launch  an empty Triton kernel, 20 in a graph: the per-launch floor every small kernel pays.
 verify  paged attention with Q = 5 query tokens per sequence (a k = 4 verify step) against Q = 1, at
         batch 8 / 16 / 32 and context 517: KV tile width, warps and split count.
+decode  paged attention with Q = 1 at batch 1 / 32 / 64 / 128 and context 545 (bench/profile_lora's
+        decode case), block size 16: KV tile width, warps, pipeline stages and split count, each with
+        the bandwidth it reaches on the K/V bytes (4 KiB a cached token a layer). (A grid with the KV
+        heads of a sequence next to each other was measured in a local variant and dropped: 73.6
+        against 74.6 us at 128 rows, h200-tune-decode-attention-2026-12-01b.json.)
 """
 
 from __future__ import annotations
@@ -123,6 +128,46 @@ def sec_verify(dev, out: dict) -> None:
                               f"splits={splits}: {ms * 1e3:6.1f} us{mark}")  # fmt: skip
 
 
+def sec_decode(dev, out: dict) -> None:
+    from model.kernels import paged_attention as pa
+
+    hq, hkv, d, bs, ctx = 32, 8, 128, 16, 545
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for batch in (1, 32, 64, 128):
+        blocks_per = -(-ctx // bs)
+        kc = torch.randn(batch * blocks_per + 1, bs, hkv, d, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        tables = (torch.arange(batch * blocks_per, device=dev, dtype=torch.int32) + 1).view(batch, -1)
+        lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
+        q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
+        o = torch.empty_like(q)
+        kv_bytes = 2 * batch * ctx * hkv * d * 2
+        default = pa.choose_num_splits(batch, hkv, 1024, None, sms)  # the graphs' context bucket
+        configs = [(bn, w, st, sp, hm) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)
+                   for sp in sorted({1, 2, 4, default}) for hm in (False,)]  # fmt: skip
+        for block_n, warps, stages, splits, head_major in configs:
+            run = partial(pa._launch, q, kc, vc, tables, lens, d**-0.5, 1024, None, None, None, o, splits,
+                          block_n=block_n, num_warps=warps, num_stages=stages)
+            try:
+                ms = per_launch_ms(run, dev)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                print(f"decode B={batch} bn={block_n} w={warps} st={stages} s={splits}: {type(e).__name__}")
+                continue
+            out.setdefault("decode", []).append(dict(
+                batch=batch, block_n=block_n, warps=warps, stages=stages, splits=splits,
+                head_major=head_major, default_splits=default, us=ms * 1e3,
+                kv_TBps=kv_bytes / ms / 1e9))  # fmt: skip
+        rows = sorted((r for r in out["decode"] if r["batch"] == batch), key=lambda r: r["us"])
+        shipped = (64, 4, 2, default, False)  # _launch's defaults
+        key = ("block_n", "warps", "stages", "splits", "head_major")
+        dflt = next(r for r in rows if tuple(r[k] for k in key) == shipped)
+        for r in rows[:5]:
+            print(f"decode B={batch:3d} bn={r['block_n']:3d} w={r['warps']} st={r['stages']} s={r['splits']} "
+                  f"head-major={r['head_major']:d}: {r['us']:6.1f} us {r['kv_TBps']:.2f} TB/s "
+                  f"(default: {dflt['us']:.1f} us)")  # fmt: skip
+        del kc, vc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
@@ -132,7 +177,8 @@ def main() -> None:
     out: dict = {"device": torch.cuda.get_device_name(dev)}
     for name in args.sections.split(","):
         try:
-            {"launch": sec_launch, "lora": sec_lora, "verify": sec_verify}[name](dev, out)
+            sections = {"launch": sec_launch, "lora": sec_lora, "verify": sec_verify, "decode": sec_decode}
+            sections[name](dev, out)
         except Exception as e:  # noqa: BLE001 - keep the other sections
             import traceback
 
