@@ -16,9 +16,8 @@ matmul policy) with what the two would add, one process, interleaved rounds:
                written in the step): more bytes than design B reads (u and B) from 32 rows up, fewer below
   wide+delta   both: the bound on A + B (B's in-kernel dot not counted)
   side         the shipped 1-adapter side-stream graph (executor/graphs.py's LORA_FEW), for reference
-  hot/S=s      A + B built: every row on hot slot 0 of s, the widened matmul (model/adapters/hot.py's
-               HotLora.project) and the expand inside the consumers (model/kernels/lora_hot.py; qkv's
-               by one in-place kernel before the rope)
+
+A + B as built and measured at commit ccd3042 (its "hot/S=s" cases, removed since): docs/lora.md.
 
 Prediction, written before the run: wide/S=4 +0.16 GB a step (+1.1%, ~0.04 ms at 4.1 TB/s); delta at
 128 rows 11 MB a layer read, 0.35 GB a step (~0.09 ms); wide+delta/S=4 ~1.02 x the base graph at 128
@@ -70,30 +69,6 @@ def widened(model, slots: int):
             del mod.forward  # the class's forward again
 
 
-class HotHook:
-    """AdapterHook serving every group from hot slots (model/adapters/hot.HotLora): weights widened by
-    `slots` hot slots' A rows (a copy per group, built once), B random, rows on `row_slot`."""
-
-    def __init__(self, model, slots: int, row_slot: torch.Tensor):
-        from model.adapters.hot import HotLora
-
-        self.hot_lora, self.row_slot, self.groups = HotLora, row_slot, {}
-        for i, layer in enumerate(model.model.layers):
-            for group, mod in projections(layer).items():
-                w = mod.weight
-                rows = MEMBERS[group] * RANK * slots
-                a = torch.randn(rows, w.shape[1], device=w.device, dtype=w.dtype) * 0.01
-                b = torch.randn(slots, RANK, w.shape[0], device=w.device, dtype=w.dtype) * 0.01
-                self.groups[(i, group)] = (torch.cat([w, a]), w.shape[0], b)
-
-    def begin_lora(self, layer_idx, target, x, widths):
-        wide, n, b = self.groups[(layer_idx, target)]
-        return self.hot_lora(wide, n, self.row_slot[: x.shape[0]], b, tuple(widths))
-
-    def add_lora(self, layer_idx, target, x, out, widths=None):
-        return None
-
-
 class _Static:
     def __init__(self, delta):
         self.delta = delta
@@ -128,21 +103,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="32,64,128")
     ap.add_argument("--slots", default="1,4")
-    ap.add_argument("--cases", default="base,delta,side,wide,wide+delta,hot")
+    ap.add_argument("--cases", default="base,delta,side,wide,wide+delta")
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--norm-add", action="store_true",
-                    help="hot: o / down deltas added in place by the tiled kernel, then the plain norm")
-    ap.add_argument("--kernels", default="", help="cases whose kernel table is printed, e.g. hot/S=1")
+    ap.add_argument("--kernels", default="", help="cases whose kernel table is printed, e.g. side")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    if args.norm_add:
-        from model.kernels import lora_hot, rmsnorm
-
-        def add_then_norm(x, residual, weight, eps, hot, *, out=None, residual_out=None):
-            lora_hot.add_hot_delta_(x, hot)  # x: the projection's output (a view), read by this norm only
-            return rmsnorm.fused_add_rmsnorm(x, residual, weight, eps, out=out, residual_out=residual_out)
-
-        lora_hot.add_rmsnorm_hot = add_then_norm
     dev = torch.device("cuda")
     model = build_model(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -155,7 +120,7 @@ def main() -> None:
             case = DecodeCase(model, b, 544)
             kinds = args.cases.split(",")
             cases = [(k, 0, k == "delta") for k in ("base", "delta", "side") if k in kinds or k == "base"]
-            for kind in ("wide", "wide+delta", "hot"):
+            for kind in ("wide", "wide+delta"):
                 if kind in kinds:
                     cases += [(f"{kind}/S={s}", s, kind == "wide+delta") for s in slot_counts]
             graphs = []
@@ -166,8 +131,6 @@ def main() -> None:
                     meta.token_slots.zero_()  # every row on slot 0: one adapter
                     hook = AdapterBatchData(meta, stacks, is_prefill=False, concurrent=True, stream=side,
                                             lora_sms=policy.sm_carveout)  # fmt: skip
-                elif name.startswith("hot/"):
-                    hook = HotHook(model, slots, torch.zeros(b, dtype=torch.int32, device=dev))
                 else:
                     hook = StaticDeltaHook(model, b) if delta else None
 
@@ -176,8 +139,7 @@ def main() -> None:
                                              max_s=MAX_S, adapter_data=h)  # fmt: skip
                     return fb.run(model, c.kv.layers)
 
-                widen = slots and not name.startswith("hot/")  # HotHook brings its own widened weights
-                wider = widened(model, slots) if widen else contextlib.nullcontext()
+                wider = widened(model, slots) if slots else contextlib.nullcontext()
                 with policy.applied(), wider as wides:
                     g, _ = graph_of(step)
                 graphs.append((name, g, (hook, wides)))

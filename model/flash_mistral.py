@@ -20,7 +20,6 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from model.adapters.hot import HotDelta, dense_delta
 from model.attention import AttentionBackend, Seqlen, select_attention_backend
 from model.attention.kv import LayerKV
 from model.config import MistralConfig
@@ -38,11 +37,7 @@ from model.parallel import TPGroup
 
 
 class PendingLora(Protocol):
-    # None, or the group's whole projection: x -> y from one matmul against the base weight widened by
-    # hot slots' A rows (model/adapters/hot.py); finish then returns a HotDelta
-    project: object
-
-    def finish(self, out: torch.Tensor) -> torch.Tensor | HotDelta | None: ...
+    def finish(self, out: torch.Tensor) -> torch.Tensor | None: ...
 
 
 class AdapterHook(Protocol):
@@ -56,12 +51,6 @@ class AdapterHook(Protocol):
 def _lora_output(pending: PendingLora | None, out: torch.Tensor) -> torch.Tensor | None:
     """The delta out's consumer must add (None: nothing, or already added in place)."""
     return None if pending is None else pending.finish(out)
-
-
-def _project(proj: nn.Module, x: torch.Tensor, lora: PendingLora | None) -> torch.Tensor:
-    """proj(x), or the begun LoRA's widened projection of x when it has one."""
-    project = getattr(lora, "project", None)
-    return proj(x) if project is None else project(x)
 
 
 def _begin_lora(adapter_data: AdapterHook | None, layer_idx: int, target: str, x: torch.Tensor,
@@ -107,7 +96,6 @@ class MistralAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, tp, **dd)
         self.rotary_kv_write = None  # FusedOps.rotary_kv_write on CUDA (see use_fused_ops)
-        self.add_hot_delta = None  # FusedOps.add_hot_delta on CUDA
 
     def forward(
         self, x: torch.Tensor, kv: LayerKV | None, step: StepInputs
@@ -116,14 +104,8 @@ class MistralAttention(nn.Module):
         t, d = x.shape[0], self.head_dim
         q_size, k_size, v_size = self.qkv_proj.local_sizes()
         lora = _begin_lora(step.adapter_data, self.layer_idx, "qkv_proj", x, (q_size, k_size, v_size))
-        qkv = _project(self.qkv_proj, x, lora)  # [T, (Hq + 2 Hkv) * D]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
         delta = _lora_output(lora, qkv)  # [T, (Hq + 2 Hkv) * D] or None
-        if isinstance(delta, HotDelta):  # expanded into qkv in place, before the rope reads it
-            if self.add_hot_delta is not None and qkv.is_cuda:
-                self.add_hot_delta(qkv, delta)
-            else:
-                qkv.add_(delta.dense(qkv.dtype))
-            delta = None
         q = qkv[:, :q_size]
         k = qkv[:, q_size : q_size + k_size]
         v = qkv[:, q_size + k_size :]
@@ -189,7 +171,7 @@ class MistralAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn = attn.reshape(t, -1)  # [T, Hq * D]
         lora = _begin_lora(step.adapter_data, self.layer_idx, "o_proj", attn, (self.o_proj.output_size,))
-        out = _project(self.o_proj, attn, lora)  # [T, hidden]
+        out = self.o_proj(attn)  # [T, hidden]
         return out, _lora_output(lora, out)
 
     @staticmethod
@@ -215,17 +197,17 @@ class MistralMLP(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (down_proj's output [T, hidden], its LoRA delta for the next norm to add, or None)."""
         lora = _begin_lora(adapter_data, self.layer_idx, "gate_up_proj", x, self.gate_up_proj.local_sizes())
-        gate_up = _project(self.gate_up_proj, x, lora)  # [T, 2 * I / world]
+        gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
         delta = _lora_output(lora, gate_up)
         if self.silu_and_mul is not None and gate_up.is_cuda:
             act = self.silu_and_mul(gate_up, delta=delta)  # [T, I / world], one kernel
         else:
             if delta is not None:
-                gate_up = gate_up + dense_delta(delta, gate_up.dtype)
+                gate_up = gate_up + delta
             gate, up = gate_up.chunk(2, dim=-1)
             act = nn.functional.silu(gate) * up  # [T, I / world]
         lora = _begin_lora(adapter_data, self.layer_idx, "down_proj", act, (self.down_proj.output_size,))
-        out = _project(self.down_proj, act, lora)
+        out = self.down_proj(act)
         # finish here, not in the next layer's norm: act may be freed (and its memory reused) once the
         # current stream has waited for the LoRA work that reads it
         return out, _lora_output(lora, out)
@@ -316,7 +298,6 @@ class FlashMistralForCausalLM(nn.Module):
                 module.fused = ops.add_rmsnorm
             elif isinstance(module, MistralAttention):
                 module.rotary_kv_write = ops.rotary_kv_write
-                module.add_hot_delta = ops.add_hot_delta
             elif isinstance(module, MistralMLP):
                 module.silu_and_mul = ops.silu_and_mul
 

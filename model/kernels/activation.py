@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from model.adapters.hot import HotDelta
-
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, d_ptr, I, stride_x, stride_o, stride_d, BLOCK: tl.constexpr,
@@ -41,10 +39,6 @@ def silu_and_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
                  delta: torch.Tensor | None = None) -> torch.Tensor:
     """gate_up [T, 2I] (last dim contiguous) -> silu(gate) * up [T, I]; with `delta` [T, 2I] (gate_up's
     LoRA delta), of gate_up + delta rounded to its dtype."""
-    if isinstance(delta, HotDelta):  # expanded inside the kernel (model/kernels/lora_hot.py)
-        from model.kernels.lora_hot import silu_and_mul_hot
-
-        return silu_and_mul_hot(gate_up, delta, out=out)
     T, two_i = gate_up.shape
     assert two_i % 2 == 0 and gate_up.stride(-1) == 1
     assert delta is None or (delta.shape == gate_up.shape and delta.stride(-1) == 1)

@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from model.adapters.hot import HotDelta
-
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, d_ptr, H, eps,
@@ -54,10 +52,6 @@ def fused_add_rmsnorm(x, residual, weight, eps: float, *, out=None, residual_out
     normed has weight's dtype promoted with x's (as in transformers); out/residual_out may be preallocated
     (residual_out may alias residual: each row is read before it is written).
     """
-    if isinstance(delta, HotDelta):  # expanded inside the kernel (model/kernels/lora_hot.py)
-        from model.kernels.lora_hot import add_rmsnorm_hot
-
-        return add_rmsnorm_hot(x, residual, weight, eps, delta, out=out, residual_out=residual_out)
     T, H = x.shape
     assert x.stride(-1) == 1 and weight.shape == (H,) and weight.stride(0) == 1
     has_res = residual is not None

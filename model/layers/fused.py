@@ -7,8 +7,6 @@ bench/profile_decode.py, H200, 2026-11-27). On CUDA with triton importable these
   add_rmsnorm      (x, residual, weight, eps) -> (normed, x + residual)   one kernel per norm
   rotary_kv_write  rope on q, k in place + K/V cache write by slot        one kernel per layer (decode)
   silu_and_mul     gate_up [T, 2I] -> silu(gate) * up [T, I]              one kernel instead of two
-  add_hot_delta    y += a hot-slot LoRA delta (model/adapters/hot.py) in place, before the rope
-(the norm and silu_and_mul kernels take a hot-slot delta too: model/kernels/lora_hot.py)
 
 Elsewhere (CPU, no triton, head dims the kernels are not built for) both are None and the layers run
 their torch code: the torch code is the specification the kernels are tested against.
@@ -28,14 +26,12 @@ class FusedOps:
     add_rmsnorm: Callable | None = None
     rotary_kv_write: Callable | None = None
     silu_and_mul: Callable | None = None
-    add_hot_delta: Callable | None = None
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> FusedOps:
         if device.type != "cuda" or importlib.util.find_spec("triton") is None:
             return cls()
         from model.kernels.activation import silu_and_mul
-        from model.kernels.lora_hot import add_hot_delta_
         from model.kernels.rmsnorm import fused_add_rmsnorm
 
         rotary = None
@@ -43,5 +39,4 @@ class FusedOps:
             from model.kernels.rotary import rotary_kv_write
 
             rotary = rotary_kv_write
-        return cls(add_rmsnorm=fused_add_rmsnorm, rotary_kv_write=rotary, silu_and_mul=silu_and_mul,
-                   add_hot_delta=add_hot_delta_)
+        return cls(add_rmsnorm=fused_add_rmsnorm, rotary_kv_write=rotary, silu_and_mul=silu_and_mul)

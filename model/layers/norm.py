@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.adapters.hot import dense_delta
 from model.layers.linear import default_weight_loader
 
 
@@ -26,7 +25,7 @@ class RMSNorm(nn.Module):
         if self.fused is not None and x.is_cuda:
             return self.fused(x, residual, self.weight, self.eps, delta=delta)
         if delta is not None:
-            x = x + dense_delta(delta, x.dtype)
+            x = x + delta
         if residual is not None:
             x = x + residual  # in the model dtype, as transformers adds the residual
         dtype = x.dtype
