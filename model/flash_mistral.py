@@ -33,6 +33,7 @@ from model.layers import (
     VocabParallelEmbedding,
 )
 from model.layers.fused import FusedOps
+from model.layers.gemv import GemvRouter, router_supported
 from model.parallel import TPGroup
 
 
@@ -285,11 +286,32 @@ class FlashMistralForCausalLM(nn.Module):
         dd = {"dtype": dtype, "device": device}
         self.model = MistralModel(config, tp, self.attention, **dd)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, **dd)
-        self.use_fused_ops(FusedOps.for_device(device, dtype, config.head_dim))
+        ops = FusedOps.for_device(device, dtype, config.head_dim)
+        gemv = None
+        if router_supported(device, dtype):  # one-row projections through the Triton GEMV
+            gemv = GemvRouter.for_shapes([tuple(m.weight.shape) for m in self.decoder_projections()], device)
+            ops = ops.with_pdl_trigger()
+        self.use_fused_ops(ops)
+        self.use_gemv(gemv)
         if weights is not None:
             from model.weights import load_weights
 
             load_weights(self, weights)
+
+    def decoder_projections(self) -> list[nn.Module]:
+        """The four projection modules of every decoder layer (not lm_head)."""
+        out = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            out += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        return out
+
+    def use_gemv(self, router: GemvRouter | None) -> None:
+        """Route the decoder projections' one-row matmuls through `router` (model/layers/gemv.py; None:
+        cuBLAS for all). With PDL the decode attention's last kernel triggers the o_proj GEMV early."""
+        for module in self.decoder_projections():
+            module.gemv = router
+        self.attention.pdl_trigger = router is not None and router.pdl
 
     def use_fused_ops(self, ops: FusedOps) -> None:
         """Route norms and the decode rope + KV write through `ops` (FusedOps() restores plain torch)."""

@@ -16,7 +16,9 @@ import triton.language as tl
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, d_ptr, I, stride_x, stride_o, stride_d, BLOCK: tl.constexpr,
-                     HAS_DELTA: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, PDL_TRIGGER: tl.constexpr = False):
+    if PDL_TRIGGER:  # let a programmatic dependent (the next matmul) launch now: it waits for us itself
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < I
@@ -36,7 +38,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, d_ptr, I, stride_x, stride_o, stride_d, BLO
 
 
 def silu_and_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
-                 delta: torch.Tensor | None = None) -> torch.Tensor:
+                 delta: torch.Tensor | None = None, pdl_trigger: bool = False) -> torch.Tensor:
     """gate_up [T, 2I] (last dim contiguous) -> silu(gate) * up [T, I]; with `delta` [T, 2I] (gate_up's
     LoRA delta), of gate_up + delta rounded to its dtype."""
     T, two_i = gate_up.shape
@@ -50,7 +52,7 @@ def silu_and_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
     d = gate_up if delta is None else delta  # unread placeholder without HAS_DELTA
     _silu_mul_kernel[(T, triton.cdiv(inter, BLOCK))](
         gate_up, out, d, inter, gate_up.stride(0), out.stride(0), d.stride(0), BLOCK=BLOCK,
-        HAS_DELTA=delta is not None, num_warps=4,
+        HAS_DELTA=delta is not None, PDL_TRIGGER=pdl_trigger, num_warps=4,
     )
     return out
 

@@ -21,9 +21,10 @@ partials in split order (its own from registers, so the result does not depend o
 the bf16 tile and sets the counter back to 0, so the next call (a CUDA-graph replay) starts from zeros
 with no memset. Same protocol as model/kernels/lora.py.
 
-Not used by the model: bench/gemm_variants.py measures it against cuBLAS. On an H200
-(bench/results/h200-gemm-variants-2026-12-01.json) its best configs saved 0.08 ms of a 7B decode step at
-M = 1 and were slower than cuBLAS from M = 64 up, too little to route the model's matmuls through it.
+The model runs its one-row projections through the GEMV on Hopper (model/layers/gemv.py: in the decode
+graph 4% faster than cuBLAS at batch 1, 5% launched as a programmatic dependent); bench/gemm_variants.py
+measures every config against cuBLAS (bench/results/h200-gemm-variants-2026-12-01.json: isolated, the
+best saved 0.08 ms of a 7B step at M = 1, and were slower than cuBLAS from M = 64 up).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def _gemm_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr):  # fmt: skip
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     # grid (N // BLOCK_N, SPLIT_K, cdiv(M, BLOCK_M)): one W column block and K chunk per program, all of
     # the (few) rows of x at once, so W is read once per row tile.
     pid_n = tl.program_id(0)
@@ -201,6 +202,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     k_lo = split * k_chunk
     m_ok = offs_m < M
     w_ptrs = w_ptr + offs_n[:, None] * K + (k_lo + offs_k)[None, :]  # [BN, BK], 16-byte runs along K
+    if PDL:  # launched early, beside the kernel before (programmatic dependent launch): wait for its
+        # output (x) to be complete and visible before the first read
+        tl.extra.cuda.gdc_wait()
     if BLOCK_M == 1:
         x_ptrs = x_ptr + offs_m * K + k_lo + offs_k  # [BK]
         lanes = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -221,15 +225,20 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         acc = tl.sum(lanes3, axis=2)  # [BM, BN]
+    if PDL:  # the kernel after us may launch now (it waits for us itself if it is a dependent)
+        tl.extra.cuda.gdc_launch_dependents()
     tiles_n = N // BLOCK_N
     _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_m * tiles_n + pid_n,
               tl.cdiv(M, BLOCK_M) * tiles_n, split, SPLIT_K, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig, workspace: GemmWorkspace | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+         out: torch.Tensor | None = None, *, pdl: bool = False) -> torch.Tensor:  # fmt: skip
     """out [M, N] = x [M, K] @ w [N, K]^T with `cfg` (module docstring). With split-K and no `workspace`
-    one is allocated for this call (not CUDA-graph safe); a passed one must be large enough."""
+    one is allocated for this call (not CUDA-graph safe); a passed one must be large enough.
+    `pdl` (gemv configs, sm_90+): launched as a programmatic dependent of the kernel before it, which
+    may then be still running (it must call gdc_launch_dependents early to let this one start): the
+    programs wait for it (gdc_wait) before reading x."""
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
     assert x.is_contiguous() and w.is_contiguous(), "gemm needs contiguous x [M, K] and w [N, K]"
     assert x.dtype == w.dtype and x.device == w.device, (x.dtype, w.dtype)
@@ -253,9 +262,10 @@ def gemm(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig, workspace: GemmWorks
         part = cnt = out  # unread without split-K; any pointer
     if cfg.gemv:
         grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, cfg.block_m))
+        extra = {"launch_pdl": True} if pdl else {}
         _gemv_kernel[grid](x, w, out, part, cnt, m, n, k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages)  # fmt: skip
+                           BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PDL=pdl,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)  # fmt: skip
     else:
         grid = (triton.cdiv(m, cfg.block_m) * (n // cfg.block_n), cfg.split_k)
         _gemm_kernel[grid](x, w, out, part, cnt, m, n, k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

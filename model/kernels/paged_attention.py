@@ -69,7 +69,10 @@ def _paged_decode_kernel(
     stride_btb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, SPLIT: tl.constexpr, Q: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr = False,
 ):
+    if PDL_TRIGGER:  # no merge after us: let a programmatic dependent (o_proj's GEMV) launch now
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)  # KV head
     s = tl.program_id(2)  # split
@@ -141,7 +144,9 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-                         D: tl.constexpr, S_PAD: tl.constexpr):
+                         D: tl.constexpr, S_PAD: tl.constexpr, PDL_TRIGGER: tl.constexpr = False):
+    if PDL_TRIGGER:  # let a programmatic dependent (the next matmul) launch now: it waits for us itself
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     hq = tl.program_id(1)
     row = b * tl.num_programs(1) + hq
@@ -165,7 +170,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_len, sliding_window,
-            k_scale, v_scale, out, num_splits, block_n=64, num_warps=4, num_stages=2):
+            k_scale, v_scale, out, num_splits, block_n=64, num_warps=4, num_stages=2, pdl_trigger=False):
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
     _, block_size, Hkv, Dk = k_cache.shape
@@ -209,18 +214,20 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, G_PAD=max(16, triton.next_power_of_2(G * Q)), D=D, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SCALE_FROM_PTR=scale_ptr, SPLIT=split, Q=Q, num_warps=num_warps, num_stages=num_stages,
+        SCALE_FROM_PTR=scale_ptr, SPLIT=split, Q=Q, PDL_TRIGGER=pdl_trigger and not split,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _merge_splits_kernel[(T, Hq)](part_o, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
-                                      D=D, S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+                                      D=D, S_PAD=max(2, triton.next_power_of_2(num_splits)),
+                                      PDL_TRIGGER=pdl_trigger, num_warps=4)
     return out
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale: float,
                            max_seq_len: int, *, sliding_window: int | None = None, k_scale=None,
                            v_scale=None, out: torch.Tensor | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, pdl_trigger: bool = False) -> torch.Tensor:
     """Decode attention of the Q newest query tokens of each sequence against its paged K/V history.
 
     q [B * Q, Hq, D] (rows of one sequence adjacent; Q = 1: plain decode, Q > 1: a speculative verify
@@ -240,7 +247,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, softmax_
     K/V row once, as plain decode does.
     """
     return _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_len, sliding_window,
-                   k_scale, v_scale, out, num_splits)
+                   k_scale, v_scale, out, num_splits, pdl_trigger=pdl_trigger)
 
 
 def _gather_pages(cache, tables):

@@ -20,7 +20,9 @@ import triton.language as tl
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, d_ptr, H, eps,
                         stride_x, stride_r, stride_o, stride_ro, stride_d,
                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr,
-                        STORE_SUM: tl.constexpr):
+                        STORE_SUM: tl.constexpr, PDL_TRIGGER: tl.constexpr = False):
+    if PDL_TRIGGER:  # let a programmatic dependent (the next matmul) launch now: it waits for us itself
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
@@ -42,7 +44,8 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, d_ptr, H, e
     tl.store(out_ptr + row * stride_o + offs, normed.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def fused_add_rmsnorm(x, residual, weight, eps: float, *, out=None, residual_out=None, delta=None):
+def fused_add_rmsnorm(x, residual, weight, eps: float, *, out=None, residual_out=None, delta=None,
+                      pdl_trigger: bool = False):
     """(x [T, H], residual [T, H] | None, weight [H], eps) -> (normed [T, H], new_residual [T, H]).
 
         x = x + delta (rounded to x.dtype)      if delta is not None (a LoRA delta [T, H] of x's projection)
@@ -74,7 +77,8 @@ def fused_add_rmsnorm(x, residual, weight, eps: float, *, out=None, residual_out
     _add_rmsnorm_kernel[(T,)](x, residual, weight, out, residual_out, d, H, eps, x.stride(0),
                               residual.stride(0), out.stride(0), residual_out.stride(0), d.stride(0),
                               BLOCK=BLOCK, HAS_RES=has_res, HAS_DELTA=has_delta,
-                              STORE_SUM=has_res or has_delta, num_warps=min(max(BLOCK // 512, 1), 16))
+                              STORE_SUM=has_res or has_delta, PDL_TRIGGER=pdl_trigger,
+                              num_warps=min(max(BLOCK // 512, 1), 16))
     return out, residual_out
 
 

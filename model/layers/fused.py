@@ -14,6 +14,8 @@ their torch code: the torch code is the specification the kernels are tested aga
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,15 @@ class FusedOps:
     add_rmsnorm: Callable | None = None
     rotary_kv_write: Callable | None = None
     silu_and_mul: Callable | None = None
+
+    def with_pdl_trigger(self) -> FusedOps:
+        """The same ops, the norm and silu_and_mul letting a programmatic dependent (the GEMV of
+        model/layers/gemv.py that reads their output) launch at their start."""
+        return dataclasses.replace(
+            self,
+            add_rmsnorm=self.add_rmsnorm and functools.partial(self.add_rmsnorm, pdl_trigger=True),
+            silu_and_mul=self.silu_and_mul and functools.partial(self.silu_and_mul, pdl_trigger=True),
+        )
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> FusedOps:

@@ -34,6 +34,12 @@ def _new_weight(rows: int, cols: int, dtype: torch.dtype | None, device) -> nn.P
     return nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device), requires_grad=False)
 
 
+def _matmul(gemv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T: through the GEMV router when it takes this shape, else cuBLAS."""
+    out = gemv(x, weight) if gemv is not None else None
+    return F.linear(x, weight) if out is None else out
+
+
 class ColumnParallelLinear(nn.Module):
     """y[:, rank's out slice] = x @ W[rank's rows].T   (W: [out, in] in the checkpoint)."""
 
@@ -43,6 +49,7 @@ class ColumnParallelLinear(nn.Module):
         _, local = tp.shard(output_size, "output features")
         self.weight = _new_weight(local, input_size, dtype, device)
         self.weight.weight_loader = self.weight_loader
+        self.gemv = None  # model.layers.gemv.GemvRouter for one-row inputs (CUDA, Hopper), see use_gemv
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         _check_shape(loaded, (self.output_size, self.input_size))
@@ -50,7 +57,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return _matmul(self.gemv, x, self.weight)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -140,6 +147,7 @@ class RowParallelLinear(nn.Module):
         _, local = tp.shard(input_size, "input features")
         self.weight = _new_weight(output_size, local, dtype, device)
         self.weight.weight_loader = self.weight_loader
+        self.gemv = None  # model.layers.gemv.GemvRouter for one-row inputs (CUDA, Hopper), see use_gemv
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         _check_shape(loaded, (self.output_size, self.input_size))
@@ -147,4 +155,4 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(_matmul(self.gemv, x, self.weight))

@@ -35,10 +35,12 @@ CASES = [
     gm.GemmConfig(block_m=64, block_n=128, block_k=64, split_k=1),
     gm.GemmConfig(block_m=128, block_n=128, block_k=64, split_k=2, num_warps=8),
 ]
-for cfg in CASES:
+for i, cfg in enumerate(CASES):
     fn = gm._gemv_kernel if cfg.gemv else gm._gemm_kernel
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k)
-    if not cfg.gemv:
+    if cfg.gemv:  # the first one as a programmatic dependent (griddepcontrol.wait / launch_dependents)
+        consts.update(PDL=i == 0)
+    else:
         consts.update(GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, DOT_PREC=None)
     split = cfg.split_k > 1
     types = {"part_ptr": "*fp32" if split else "*bf16", "cnt_ptr": "*i32" if split else "*bf16"}
@@ -58,7 +60,9 @@ for cfg in CASES:
         sass = subprocess.run([BIN, "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([BIN, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     stack = int(re.search(r"STACK:(\d+)", res).group(1))
-    print(f"RESULT {cfg.short()}|{sass.count('HGMMA')}|{sass.count('LDG.E.128')}|{sass.count('LDL')}|{stack}")
+    pdl = sass.count("ACQBULK") + sass.count("PREEXIT")  # griddepcontrol.wait / .launch_dependents
+    print(f"RESULT {cfg.short()}|{sass.count('HGMMA')}|{sass.count('LDG.E.128')}|{sass.count('LDL')}|{stack}"
+          f"|{pdl}")
 """
 
 
@@ -71,8 +75,9 @@ def test_gemm_kernels_compile_for_sm90_with_wgmma():
     lines = proc.stdout.splitlines()
     rows = [line.split(" ", 1)[1].split("|") for line in lines if line.startswith("RESULT")]
     assert len(rows) == 5, proc.stdout
-    for short, hgmma, ldg128, ldl, stack in rows:
+    for i, (short, hgmma, ldg128, ldl, stack, pdl) in enumerate(rows):
         assert int(ldl) == 0 and int(stack) == 0, f"{short}: local memory"
+        assert (int(pdl) > 0) == (i == 0), f"{short}: griddepcontrol only in the programmatic-dependent build"
         if short.startswith("gemv"):
             assert int(ldg128) > 0 and int(hgmma) == 0, f"{short}: W not in 16-byte loads"
         else:

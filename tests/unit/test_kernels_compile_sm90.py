@@ -36,8 +36,9 @@ CASES = [
     (pa._paged_decode_kernel, dict(G=4, G_PAD=16, D=128, BLOCK_SIZE=16, BLOCK_N=64, SCALE_FROM_PTR=False,
                                    SPLIT=True)),
     (pa._paged_decode_kernel, dict(G=8, G_PAD=16, D=64, BLOCK_SIZE=256, BLOCK_N=64, SCALE_FROM_PTR=True,
-                                   SPLIT=False), {"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"}),
-    (pa._merge_splits_kernel, dict(D=128, S_PAD=16)),
+                                   SPLIT=False, PDL_TRIGGER=True),
+     {"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"}),
+    (pa._merge_splits_kernel, dict(D=128, S_PAD=16, PDL_TRIGGER=True)),
     (lora._shrink_kernel, dict(HAS_PERM=True, SPLITS=8, NBLK=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
     (lora._shrink_kernel, dict(HAS_PERM=False, SPLITS=1, NBLK=2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
     (lora._expand_kernel, dict(HAS_PERM=True, SPLITS=1, NBLK=48, R=16, NT=3, NT_PAD=4, R_PAD=16, UNIFORM=True,
@@ -48,12 +49,13 @@ CASES = [
                                UNIFORM=True, BLOCK_M=64, BLOCK_N=64, STORE=False)),
     (lora_plan._plan_kernel, dict(T_PAD=256, CHUNK=32, BLOCK_M=16, J_PAD=16, TILES_PAD=512, SEM_PAD=4096)),
     (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True, HAS_DELTA=False, STORE_SUM=True)),
-    (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True, HAS_DELTA=True, STORE_SUM=True)),
+    (rmsnorm._add_rmsnorm_kernel, dict(BLOCK=4096, HAS_RES=True, HAS_DELTA=True, STORE_SUM=True,
+                                       PDL_TRIGGER=True)),
     (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=False, SCALE_FROM_PTR=False,
                                     HAS_DELTA=False)),
     (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=True, SCALE_FROM_PTR=True,
                                     HAS_DELTA=True), {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv"}),
-    (activation._silu_mul_kernel, dict(BLOCK=1024, HAS_DELTA=True)),
+    (activation._silu_mul_kernel, dict(BLOCK=1024, HAS_DELTA=True, PDL_TRIGGER=True)),
 ]
 for fn, consts, *types in CASES:
     sig, attrs = {}, {}

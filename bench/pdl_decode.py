@@ -1,0 +1,122 @@
+"""Batch-1 decode with the matmuls as Triton GEMVs launched early (programmatic dependent launch, PDL).
+
+    python -m bench.pdl_decode [--batches 1] [--out FILE]
+
+Why: at batch 1 the step (4.5 ms on an H200) is 1.3 x its weight floor (3.45 ms), yet the GEMVs alone
+stream at 0.94 of it. The rest is ~30 us a layer of small kernels (norms, rope + KV write, attention,
+silu_and_mul) during which HBM idles, plus launch gaps. cuBLAS kernels cannot be launched early; our
+GEMV (model/kernels/gemm.py, 2% faster than cuBLAS at M = 1 alone) can: launched as a programmatic
+dependent of the small kernel before it (which lets it start at once, gdc_launch_dependents), it asks L2
+for its W slice while that kernel runs, then waits for it (gdc_wait) before reading x.
+
+Prediction, written before the first run: the norm / merge / silu before each of the 4 GEMVs of a layer
+runs ~2 us, in which HBM could stream ~8 MB: ~8 us a layer hidden, 0.25 ms a step (4.53 -> ~4.25 ms,
+0.80 of the roofline), if L2 keeps the prefetched lines until the GEMV reads them. Measured: 4.298 ms,
+but from the GEMV itself (4.345 ms with plain launches) and the early launch, not the prefetch.
+
+Cases, replayed in interleaved rounds (decode graph, context 544, the base graph's policy):
+  cublas         every projection on cuBLAS (the model before the route)
+  gemv           projections through the Triton GEMV (model/layers/gemv.py), plain launches
+  gemv+pdl       ... launched as programmatic dependents, the norm / merge / silu before them trigger
+                 early: the model as shipped on Hopper
+(A first version also had each GEMV program ask L2 for the first 1 / 2 / 4 chunks of its weight slice
+before it waits: 0.949 / 0.969 / 1.049 x cuBLAS against 0.949 without, h200-pdl-decode-2026-12-01-
+prefetch.json; dropped.)
+gemv+pdl* must give the logits of gemv bit for bit (same kernels, only launch order): checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+import torch
+
+from bench.common import copy_bandwidth_gbps, median, time_ms
+from bench.l2_prefetch import graph_of
+from bench.profile_decode import MAX_S, DecodeCase, build_model
+
+
+@contextlib.contextmanager
+def route(model, router):
+    """Inside: the model's one-row projections through `router` (None: cuBLAS)."""
+    shipped = model.model.layers[0].self_attn.qkv_proj.gemv
+    model.use_gemv(router)
+    try:
+        yield
+    finally:
+        model.use_gemv(shipped)
+
+
+def main() -> None:
+    from model.forward_batch import ForwardBatch
+    from shard_server.executor.gemm_policy import decode_policy
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth_gbps(dev, 2 << 30)
+    model = build_model(dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes -= model.model.embed_tokens.weight.numel() * 2
+    out = {"device": torch.cuda.get_device_name(dev), "copy_gbps": bw, "rows": []}
+    print(f"{out['device']}: copy {bw:.0f} GB/s")
+    from model.layers.gemv import GemvRouter
+
+    shipped = model.model.layers[0].self_attn.qkv_proj.gemv
+    assert shipped is not None, "no GEMV route on this device (model/layers/gemv.py: Hopper and later)"
+    cases = {"cublas": None, "gemv": GemvRouter(shipped.configs, shipped.workspace, pdl=False),
+             "gemv+pdl": shipped}
+    with torch.no_grad():
+        for b in [int(x) for x in args.batches.split(",")]:
+            case = DecodeCase(model, b, 544)
+            floor_ms = (weight_bytes + b * 545 * 131072) / (bw * 1e9) * 1e3
+
+            def step(c=case):
+                fb = ForwardBatch.decode(c.input_ids, c.positions, c.tables, block_size=model.block_size,
+                                         max_s=MAX_S)  # fmt: skip
+                return fb.run(model, c.kv.layers)
+
+            graphs = {}
+            for name, spec in cases.items():
+                try:
+                    with decode_policy(b, sms).applied(), route(model, spec):
+                        graphs[name] = (*graph_of(step), spec)
+                except Exception as e:  # a variant this triton / driver cannot build: report, go on
+                    print(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}")
+                    torch.cuda.synchronize()
+            logits = {}
+            for name, (g, o, _) in graphs.items():
+                g.replay()
+                torch.cuda.synchronize()
+                logits[name] = o.float().clone()
+            samples = {name: [] for name in graphs}
+            for _ in range(args.rounds):
+                for name, (g, _, _) in graphs.items():
+                    samples[name] += time_ms(g.replay, dev, 1, 10)
+            base = median(samples["cublas"])
+            for name in graphs:
+                ms, o = median(samples[name]), sorted(samples[name])
+                same = bool(torch.equal(logits[name], logits["gemv"])) if "gemv" in logits else None
+                err = (logits[name] - logits["cublas"]).abs().max().item()
+                row = {"batch": b, "case": name, "replay_ms": ms, "vs_cublas": ms / base,
+                       "floor_ms": floor_ms, "roofline": floor_ms / ms,
+                       "p10_p90": [o[len(o) // 10], o[9 * len(o) // 10]], "logits_equal_gemv": same,
+                       "max_abs_diff_vs_cublas": err}  # fmt: skip
+                out["rows"].append(row)
+                print(f"batch {b:3d} {name:12s} {ms:7.3f} ms  {ms / base:.3f} x cublas  roofline "
+                      f"{floor_ms / ms:.3f}  = gemv bitwise: {same}  "
+                      f"max |diff| vs cublas {err:.3g}")  # fmt: skip
+            del graphs, case
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""One-row matmuls of the decoder's projections through our Triton GEMV, launched early (Hopper).
+
+At batch 1 a decode step is a chain of GEMVs and small kernels. Two things make it faster than cuBLAS
+there (H200, Mistral-7B shape, decode graph replay, bench/pdl_decode.py,
+bench/results/h200-pdl-decode-2026-12-01.json): the GEMV of model/kernels/gemm.py itself (4.345 against
+4.530 ms a step, where isolated it was only 2% faster: bench/gemm_variants.py), and launching it as a
+programmatic dependent (PDL) of the small kernel before it (4.298 ms), which then triggers its
+dependents at its start (`pdl_trigger` of the norm, silu_and_mul and attention-merge kernels): the GEMV
+is resident when that kernel ends and waits for it with griddepcontrol.wait before it reads x, so the
+values are those of the plain launch, bit for bit. Asking L2 for the GEMV's weight slice before the wait
+did not pay (2-4 chunks: 1-5% slower).
+
+    GemvRouter(x [M, K], w [N, K]) -> x @ w^T via the GEMV when M <= max_rows and (N, K) has a config;
+                                      None otherwise (the layer then calls F.linear)
+
+Installed by FlashMistralForCausalLM on CUDA devices of compute capability 9.0 and above (where it was
+measured; PDL needs it) for bf16 / fp16 weights; lm_head keeps cuBLAS. The split-K workspace is shared
+by every call: calls on one stream only (the model's forward), counters back at zero after each.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+# Measured best at M = 1 on an H200 (bench/results/h200-gemm-variants-2026-12-01.json), Mistral-7B (N, K)
+MEASURED = {
+    (6144, 4096): dict(block_n=64, block_k=128, split_k=4),
+    (4096, 4096): dict(block_n=32, block_k=256, split_k=4),
+    (28672, 4096): dict(block_n=64, block_k=128, split_k=1),
+    (4096, 14336): dict(block_n=32, block_k=256, split_k=4),
+}
+
+
+def gemv_shape_config(n: int, k: int) -> dict | None:
+    """GEMV tile settings for an [N, K] weight: the measured ones, else the rule they follow (64 output
+    rows a program, 128- or 64-wide K steps, K split 4 ways for N < 8192 so that a narrow matrix still
+    has programs for every SM); None when the kernel's divisibility rules cannot be met."""
+    if (n, k) in MEASURED:
+        return dict(MEASURED[(n, k)])
+    if n % 64 or k % 64:
+        return None
+    block_k = 128 if k % 128 == 0 else 64
+    split = next(s for s in (4, 2, 1) if k % (block_k * s) == 0 and (n < 8192 or s == 1))
+    return dict(block_n=64, block_k=block_k, split_k=split)
+
+
+def router_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("triton") is not None
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
+@dataclass
+class GemvRouter:
+    configs: dict  # (N, K) -> model.kernels.gemm.GemmConfig
+    workspace: object  # model.kernels.gemm.GemmWorkspace
+    pdl: bool = True
+    max_rows: int = 1
+
+    @classmethod
+    def for_shapes(cls, shapes, device: torch.device, *, pdl: bool = True, max_rows: int = 1) -> GemvRouter:
+        from model.kernels.gemm import GemmConfig, GemmWorkspace
+
+        configs = {}
+        for n, k in set(shapes):
+            kw = gemv_shape_config(n, k)
+            if kw is not None:
+                configs[(n, k)] = GemmConfig(block_m=1, gemv=True, num_warps=4, num_stages=1, **kw)
+        workspace = GemmWorkspace.for_shapes(device, [(c, max_rows, nk[0]) for nk, c in configs.items()])
+        return cls(configs, workspace, pdl, max_rows)
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        if x.shape[0] > self.max_rows or x.shape[0] == 0 or not x.is_cuda:
+            return None
+        cfg = self.configs.get(tuple(w.shape))
+        if cfg is None or not w.is_contiguous():
+            return None
+        from model.kernels.gemm import gemm
+
+        return gemm(x.contiguous(), w, cfg, self.workspace, pdl=self.pdl)
