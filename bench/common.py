@@ -137,6 +137,13 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def write_results(path: str, data: dict) -> None:
+    """A bench script's --out: its numbers as indented JSON (nothing written for an empty path)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> list[float]:
     """Per-call milliseconds of `fn`: CUDA events around each call on a GPU, the host clock otherwise."""
     for _ in range(warmup):

@@ -28,7 +28,7 @@ import json
 
 import torch
 
-from bench.common import median, time_ms
+from bench.common import median, time_ms, write_results
 from bench.l2_prefetch import graph_of
 from bench.profile_decode import DecodeCase, build_model
 from bench.profile_lora import kernel_table
@@ -145,9 +145,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.engine:
         out = engine_mode(args)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(out, f, indent=1)
+        write_results(args.out, out)
         return
     dev = torch.device("cuda")
     model = build_model(dev)
@@ -191,9 +189,7 @@ def main() -> None:
             out["rows"].append(row)
             del runner, graph, model_graph, case, cases
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    write_results(args.out, out)
 
 
 if __name__ == "__main__":

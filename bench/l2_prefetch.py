@@ -26,13 +26,12 @@ graph node), was measured at commit ac69c5d and removed: README, "Benchmarks", h
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
 import triton.language as tl
 
-from bench.common import copy_bandwidth_gbps, median, time_ms
+from bench.common import copy_bandwidth_gbps, median, time_ms, write_results
 from bench.profile_decode import MAX_S, DecodeCase, build_model
 
 LINE = 128  # bytes a prefetch instruction asks for
@@ -223,9 +222,7 @@ def main() -> None:
                   f"p10-p90 {o[len(o) // 10]:.3f}-{o[9 * len(o) // 10]:.3f}  logits equal {same}")
         del graphs, case
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    write_results(args.out, out)
 
 
 if __name__ == "__main__":

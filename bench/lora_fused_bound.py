@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import median, time_ms
+from bench.common import median, time_ms, write_results
 from bench.l2_prefetch import graph_of
 from bench.profile_decode import MAX_S, DecodeCase, build_model
 from bench.profile_lora import kernel_table, lora_stacks
@@ -162,9 +161,7 @@ def main() -> None:
                         print(f"     {k['ms']:8.3f} ms  x{k['count']:5d}  {k['kernel']}")
             del graphs, case
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    write_results(args.out, out)
 
 
 if __name__ == "__main__":

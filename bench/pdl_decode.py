@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 
 import torch
 
-from bench.common import copy_bandwidth_gbps, median, time_ms
+from bench.common import median, time_ms, write_results
 from bench.l2_prefetch import graph_of
-from bench.profile_decode import MAX_S, DecodeCase, build_model
+from bench.profile_decode import MAX_S, DecodeCase, bandwidth_model_and_weight_bytes
 
 
 @contextlib.contextmanager
@@ -59,11 +58,9 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    bw = copy_bandwidth_gbps(dev, 2 << 30)
-    model = build_model(dev)
+    bw_bytes, model, weight_bytes = bandwidth_model_and_weight_bytes(dev)
+    bw = bw_bytes / 1e9
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    weight_bytes -= model.model.embed_tokens.weight.numel() * 2
     out = {"device": torch.cuda.get_device_name(dev), "copy_gbps": bw, "rows": []}
     print(f"{out['device']}: copy {bw:.0f} GB/s")
     from model.layers.gemv import GemvRouter
@@ -113,9 +110,7 @@ def main() -> None:
                       f"{floor_ms / ms:.3f}  = gemv bitwise: {same}  "
                       f"max |diff| vs cublas {err:.3g}")  # fmt: skip
             del graphs, case
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    write_results(args.out, out)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,27 @@ def test_shapes_the_kernel_cannot_take_stay_on_cublas(n, k):
 def test_not_routed_off_hopper():
     assert not router_supported(torch.device("cpu"), torch.bfloat16)
     assert not router_supported(torch.device("cpu"), torch.float32)
+
+
+def test_layers_take_the_route_only_when_it_answers():
+    """A projection calls its router first and falls back to F.linear when the router declines (None);
+    row-parallel layers all-reduce whichever result (world size 1 here: the identity)."""
+    from model.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from model.parallel import TPGroup
+
+    calls = []
+
+    def router(x, w):
+        calls.append(x.shape[0])
+        return torch.full((x.shape[0], w.shape[0]), 7.0) if x.shape[0] == 1 else None
+
+    for cls in (ColumnParallelLinear, RowParallelLinear):
+        layer = cls(8, 4, TPGroup(), dtype=torch.float32)
+        layer.weight.data.normal_()
+        layer.gemv = router
+        one, two = torch.randn(1, 8), torch.randn(2, 8)
+        assert torch.equal(layer(one), torch.full((1, 4), 7.0))
+        assert torch.allclose(layer(two), two @ layer.weight.T)
+        layer.gemv = None
+        assert torch.allclose(layer(one), one @ layer.weight.T)
+    assert calls == [1, 2, 1, 2]
