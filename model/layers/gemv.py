@@ -10,7 +10,7 @@ is resident when that kernel ends and waits for it with griddepcontrol.wait befo
 values are those of the plain launch, bit for bit. Asking L2 for the GEMV's weight slice before the wait
 did not pay (2-4 chunks: 1-5% slower).
 
-    GemvRouter(x [M, K], w [N, K]) -> x @ w^T via the GEMV when M <= max_rows and (N, K) has a config;
+    GemvRouter(x [M, K], w [N, K]) -> x @ w^T via the GEMV when M == 1 and (N, K) has a config;
                                       None otherwise (the layer then calls F.linear)
 
 Installed by FlashMistralForCausalLM on CUDA devices of compute capability 9.0 and above (where it was
@@ -56,15 +56,18 @@ def router_supported(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+# Rows the route takes: its configs are one-row GEMVs (block_m 1), which would read W once per row.
+ROWS = 1
+
+
 @dataclass
 class GemvRouter:
     configs: dict  # (N, K) -> model.kernels.gemm.GemmConfig
     workspace: object  # model.kernels.gemm.GemmWorkspace
     pdl: bool = True
-    max_rows: int = 1
 
     @classmethod
-    def for_shapes(cls, shapes, device: torch.device, *, pdl: bool = True, max_rows: int = 1) -> GemvRouter:
+    def for_shapes(cls, shapes, device: torch.device, *, pdl: bool = True) -> GemvRouter:
         from model.kernels.gemm import GemmConfig, GemmWorkspace
 
         configs = {}
@@ -72,11 +75,11 @@ class GemvRouter:
             kw = gemv_shape_config(n, k)
             if kw is not None:
                 configs[(n, k)] = GemmConfig(block_m=1, gemv=True, num_warps=4, num_stages=1, **kw)
-        workspace = GemmWorkspace.for_shapes(device, [(c, max_rows, nk[0]) for nk, c in configs.items()])
-        return cls(configs, workspace, pdl, max_rows)
+        workspace = GemmWorkspace.for_shapes(device, [(c, ROWS, nk[0]) for nk, c in configs.items()])
+        return cls(configs, workspace, pdl)
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-        if x.shape[0] > self.max_rows or x.shape[0] == 0 or not x.is_cuda:
+        if x.shape[0] != ROWS:
             return None
         cfg = self.configs.get(tuple(w.shape))
         if cfg is None or not w.is_contiguous():

@@ -67,7 +67,7 @@ def test_router_is_installed_and_matches_cublas_eagerly():
         if rows == 1:
             assert _rel(routed, plain) < 2e-2
         else:
-            assert torch.equal(routed, plain)  # more than max_rows: cuBLAS either way
+            assert torch.equal(routed, plain)  # more than one row: cuBLAS either way
 
 
 def test_programmatic_dependent_launch_in_a_graph_equals_the_plain_launch():
