@@ -108,6 +108,8 @@ class PrefetchHook:
     for the next group's weight (qkv -> o -> gate_up -> down -> next layer's qkv -> ... -> lm_head);
     lm_head's add_lora joins `side` back (a capture must end joined)."""
 
+    has_lora = True  # the model's AdapterHook protocol: begin_lora is called for every group
+
     ORDER = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
     def __init__(self, model, side: torch.cuda.Stream, nbytes: int, mode: str, programs: int,

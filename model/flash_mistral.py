@@ -32,6 +32,7 @@ from model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from model.layers.deferred import NormedRow, SiluMulRow
 from model.layers.fused import FusedOps
 from model.layers.gemv import GemvRouter, router_supported
 from model.parallel import TPGroup
@@ -42,6 +43,8 @@ class PendingLora(Protocol):
 
 
 class AdapterHook(Protocol):
+    has_lora: bool  # False: no row of the batch has an adapter (begin_lora / add_lora do nothing)
+
     def begin_lora(self, layer_idx: int, target: str, x: torch.Tensor,
                    widths: tuple[int, ...]) -> PendingLora | None: ...  # fmt: skip
 
@@ -54,9 +57,15 @@ def _lora_output(pending: PendingLora | None, out: torch.Tensor) -> torch.Tensor
     return None if pending is None else pending.finish(out)
 
 
-def _begin_lora(adapter_data: AdapterHook | None, layer_idx: int, target: str, x: torch.Tensor,
+def _has_lora(adapter_data: AdapterHook | None) -> bool:
+    return adapter_data is not None and adapter_data.has_lora
+
+
+def _begin_lora(adapter_data: AdapterHook | None, layer_idx: int, target: str, x,
                 widths) -> PendingLora | None:  # fmt: skip
-    return None if adapter_data is None else adapter_data.begin_lora(layer_idx, target, x, tuple(widths))
+    if not _has_lora(adapter_data):
+        return None
+    return adapter_data.begin_lora(layer_idx, target, x, tuple(widths))
 
 
 @dataclass
@@ -99,13 +108,15 @@ class MistralAttention(nn.Module):
         self.rotary_kv_write = None  # FusedOps.rotary_kv_write on CUDA (see use_fused_ops)
 
     def forward(
-        self, x: torch.Tensor, kv: LayerKV | None, step: StepInputs
+        self, x: torch.Tensor | NormedRow, kv: LayerKV | None, step: StepInputs,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (o_proj's output [T, hidden], its LoRA delta for the next norm to add, or None)."""
-        t, d = x.shape[0], self.head_dim
+        """-> (o_proj's output [T, hidden], its LoRA delta for the next norm to add, or None).
+        `residual` (no LoRA): added to o_proj's output, by its GEMV's epilogue where the route takes it."""
         q_size, k_size, v_size = self.qkv_proj.local_sizes()
         lora = _begin_lora(step.adapter_data, self.layer_idx, "qkv_proj", x, (q_size, k_size, v_size))
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        t, d = qkv.shape[0], self.head_dim
         delta = _lora_output(lora, qkv)  # [T, (Hq + 2 Hkv) * D] or None
         q = qkv[:, :q_size]
         k = qkv[:, q_size : q_size + k_size]
@@ -147,7 +158,7 @@ class MistralAttention(nn.Module):
                 attn = self.attention.decode(
                     q, kv, step.seqlen, step.block_tables, step.max_s, scale=self.scale, window=self.window
                 )
-            return self._project_out(attn, t, step)
+            return self._project_out(attn, t, step, residual)
         if delta is not None:
             qkv.add_(delta)  # q, k, v are views of qkv
         q, k = RotaryEmbedding.apply(q.view(t, -1, d), k.view(t, -1, d), step.cos, step.sin)  # [T, H, D]
@@ -165,14 +176,15 @@ class MistralAttention(nn.Module):
             attn = self.attention.decode(
                 q, kv, step.seqlen, step.block_tables, step.max_s, scale=self.scale, window=self.window
             )
-        return self._project_out(attn, t, step)
+        return self._project_out(attn, t, step, residual)
 
     def _project_out(
-        self, attn: torch.Tensor, t: int, step: StepInputs
+        self, attn: torch.Tensor, t: int, step: StepInputs, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn = attn.reshape(t, -1)  # [T, Hq * D]
         lora = _begin_lora(step.adapter_data, self.layer_idx, "o_proj", attn, (self.o_proj.output_size,))
-        out = self.o_proj(attn)  # [T, hidden]
+        assert lora is None or residual is None, "the LoRA delta is added before the residual"
+        out = self.o_proj(attn, residual)  # [T, hidden]
         return out, _lora_output(lora, out)
 
     @staticmethod
@@ -194,13 +206,19 @@ class MistralMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, tp, **dd)
 
     def forward(
-        self, x: torch.Tensor, adapter_data: AdapterHook | None
+        self, x: torch.Tensor | NormedRow, adapter_data: AdapterHook | None, defer_act: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (down_proj's output [T, hidden], its LoRA delta for the next norm to add, or None)."""
+        """-> (down_proj's output [T, hidden], its LoRA delta for the next norm to add, or None).
+        `defer_act` (one row, no LoRA): down_proj's GEMV computes silu_and_mul itself; `residual` (no
+        LoRA): added to down_proj's output (by the GEMV's epilogue where the route takes it)."""
         lora = _begin_lora(adapter_data, self.layer_idx, "gate_up_proj", x, self.gate_up_proj.local_sizes())
         gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
         delta = _lora_output(lora, gate_up)
-        if self.silu_and_mul is not None and gate_up.is_cuda:
+        if defer_act:
+            assert delta is None, "a deferred activation has no LoRA delta to add"
+            act = SiluMulRow(gate_up, self.silu_and_mul)
+        elif self.silu_and_mul is not None and gate_up.is_cuda:
             act = self.silu_and_mul(gate_up, delta=delta)  # [T, I / world], one kernel
         else:
             if delta is not None:
@@ -208,7 +226,8 @@ class MistralMLP(nn.Module):
             gate, up = gate_up.chunk(2, dim=-1)
             act = nn.functional.silu(gate) * up  # [T, I / world]
         lora = _begin_lora(adapter_data, self.layer_idx, "down_proj", act, (self.down_proj.output_size,))
-        out = self.down_proj(act)
+        assert lora is None or residual is None, "the LoRA delta is added before the residual"
+        out = self.down_proj(act, residual)
         # finish here, not in the next layer's norm: act may be freed (and its memory reused) once the
         # current stream has waited for the LoRA work that reads it
         return out, _lora_output(lora, out)
@@ -221,6 +240,10 @@ class MistralLayer(nn.Module):
         self.self_attn = MistralAttention(config, layer_idx, tp, attention, **dd)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, config.rms_norm_eps, **dd)
         self.mlp = MistralMLP(config, layer_idx, tp, **dd)
+        # one row without LoRA: the norms and silu_and_mul go to the projections deferred, for their GEMV
+        # to compute, and o_proj / down_proj add the residual (model/layers/deferred.py); set by
+        # FlashMistralForCausalLM.use_gemv
+        self.defer_rows = False
 
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, delta: torch.Tensor | None,
@@ -228,6 +251,13 @@ class MistralLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Returns (this block's output, residual stream before it, the output's LoRA delta or None); the
         next norm adds the three."""
+        if (self.defer_rows and hidden.shape[0] == 1 and residual is None and delta is None
+                and not _has_lora(step.adapter_data)):  # fmt: skip
+            # hidden is the residual stream itself: each block's output arrives with it added
+            attn, _ = self.self_attn(NormedRow(self.input_layernorm, hidden), kv, step, residual=hidden)
+            normed = NormedRow(self.post_attention_layernorm, attn)
+            out, _ = self.mlp(normed, step.adapter_data, defer_act=True, residual=attn)
+            return out, None, None
         normed, residual = self.input_layernorm(hidden, residual, delta)
         attn, delta = self.self_attn(normed, kv, step)
         normed, residual = self.post_attention_layernorm(attn, residual, delta)
@@ -311,6 +341,8 @@ class FlashMistralForCausalLM(nn.Module):
         cuBLAS for all). With PDL the decode attention's last kernel triggers the o_proj GEMV early."""
         for module in self.decoder_projections():
             module.gemv = router
+        for layer in self.model.layers:
+            layer.defer_rows = router is not None and router.prologues and self.tp.world_size == 1
         self.attention.pdl_trigger = router is not None and router.pdl
 
     def use_fused_ops(self, ops: FusedOps) -> None:

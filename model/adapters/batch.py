@@ -150,6 +150,11 @@ class AdapterBatchData:
         self.stream = stream if self.concurrent else None
         self._side_used = False  # work (plans included) was enqueued on `stream`
 
+    @property
+    def has_lora(self) -> bool:
+        """Some row of the batch has an adapter (else begin_lora / add_lora do nothing)."""
+        return self.meta.has_lora
+
     def begin_lora(self, layer_idx: int, target: str, x: torch.Tensor,
                    widths: tuple[int, ...]) -> InPlaceLora | DeltaLora | None:  # fmt: skip
         """Start `target`'s LoRA of x before its base matmul, whose output columns `widths` splits into
@@ -297,6 +302,8 @@ class DeltaLora:
 
 class InPlaceHook:
     """Mixin for hooks that only implement add_lora (test doubles): begin_lora adds in place at finish."""
+
+    has_lora = True  # a test double may add to any row
 
     def begin_lora(self, layer_idx: int, target: str, x: torch.Tensor,
                    widths: tuple[int, ...]) -> InPlaceLora:  # fmt: skip

@@ -21,6 +21,10 @@ partials in split order (its own from registers, so the result does not depend o
 the bf16 tile and sets the counter back to 0, so the next call (a CUDA-graph replay) starts from zeros
 with no memset. Same protocol as model/kernels/lora.py.
 
+One-row GEMVs can compute the row they multiply (PROLOGUE: gemv_rmsnorm, gemv_silu_mul) and add a residual
+to their output (`add`), so that the norm / silu_and_mul kernels around them are not launched at batch 1
+(model/layers/deferred.py).
+
 The model runs its one-row projections through the GEMV on Hopper (model/layers/gemv.py: in the decode
 graph 4% faster than cuBLAS at batch 1, 5% launched as a programmatic dependent); bench/gemm_variants.py
 measures every config against cuBLAS (bench/results/h200-gemm-variants-2026-12-01.json: isolated, the
@@ -114,13 +118,25 @@ def gemm_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _store_out(out_ptrs, add_ptrs, total, ok, ADD: tl.constexpr):
+    # out = total rounded to out's dtype; ADD: plus the addend, the sum rounded again (a projection's
+    # output added to the residual stream in the activation dtype, as transformers adds it)
+    y = total.to(out_ptrs.dtype.element_ty)
+    if ADD:
+        y = (y.to(tl.float32) + tl.load(add_ptrs, mask=ok, other=0.0).to(tl.float32)).to(y.dtype)
+    tl.store(out_ptrs, y, mask=ok)
+
+
+@triton.jit
 def _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, num_tiles, split,
-              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              add_ptr, ADD: tl.constexpr):  # fmt: skip
     # acc [BLOCK_M, BLOCK_N] fp32: this split's sum. Rows >= M are masked; N is a multiple of BLOCK_N.
     out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    add_ptrs = add_ptr + offs_m[:, None] * N + offs_n[None, :]  # read only with ADD
     ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        _store_out(out_ptrs, add_ptrs, acc, ok, ADD)
     else:
         # partials [SPLIT_K, num_tiles, BLOCK_M, BLOCK_N]: whole tiles, so no masks (the workspace is sized
         # for the padded rows)
@@ -139,7 +155,7 @@ def _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, num_t
                 other = tl.load(tile_part + s * split_stride, mask=(s != split) & ok, other=0.0,
                                 cache_modifier=".cg")  # fmt: skip
                 total += tl.where(s == split, acc, other)
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=ok)
+            _store_out(out_ptrs, add_ptrs, total, ok, ADD)
             tl.atomic_xchg(counter, 0)  # ready for the next call: no memset, graph replays safe
 
 
@@ -183,15 +199,47 @@ def _gemm_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     if SWAP_AB:
         acc = tl.trans(acc_t)
     _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_m * tiles_n + pid_n,
-              tiles_m * tiles_n, split, SPLIT_K, BLOCK_M, BLOCK_N)  # fmt: skip
+              tiles_m * tiles_n, split, SPLIT_K, BLOCK_M, BLOCK_N, out_ptr, False)  # fmt: skip
+
+
+# What the one-row GEMV multiplies W by (`PROLOGUE`), computed by every program from its inputs so that the
+# kernel that would have produced it (a norm, silu_and_mul) is not launched at all:
+ROW_PLAIN, ROW_RMSNORM, ROW_SILU_MUL = 0, 1, 2
+
+
+@triton.jit
+def _row_rstd(x_ptr, K, eps, FULL_K: tl.constexpr):
+    # ROW_RMSNORM: 1 / rms of the whole row x [K] (each program reads all of it: 8 KB from L2 for a
+    # 4096-wide row, issued at once)
+    offs = tl.arange(0, FULL_K)
+    xf = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+
+
+@triton.jit
+def _row_chunk(x_ptr, nw_ptr, k, K, rstd, PROLOGUE: tl.constexpr):
+    # elements k ([BLOCK_K] offsets) of the row W is multiplied by, in fp32, rounded as the unfused
+    # kernels round them (model/kernels/rmsnorm.py, activation.py)
+    if PROLOGUE == 1:  # weight * (x * rstd).to(dtype), rounded
+        x = tl.load(x_ptr + k)
+        normed = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * tl.load(nw_ptr + k).to(tl.float32)
+        return normed.to(x.dtype).to(tl.float32)
+    elif PROLOGUE == 2:  # x = gate_up [2K]: silu(gate) rounded, times up, rounded
+        up = tl.load(x_ptr + K + k)
+        gate = tl.load(x_ptr + k).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+        return (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype).to(tl.float32)
+    else:
+        return tl.load(x_ptr + k).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, nw_ptr, add_ptr, eps,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, PROLOGUE: tl.constexpr = 0,
+                 FULL_K: tl.constexpr = 16, ADD: tl.constexpr = False):  # fmt: skip
     # grid (N // BLOCK_N, SPLIT_K, cdiv(M, BLOCK_M)): one W column block and K chunk per program, all of
-    # the (few) rows of x at once, so W is read once per row tile.
+    # the (few) rows of x at once, so W is read once per row tile. PROLOGUE != ROW_PLAIN or ADD: M == 1.
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -206,14 +254,17 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
         # output (x) to be complete and visible before the first read
         tl.extra.cuda.gdc_wait()
     if BLOCK_M == 1:
-        x_ptrs = x_ptr + offs_m * K + k_lo + offs_k  # [BK]
+        rstd = 1.0
+        if PROLOGUE == 1:
+            rstd = _row_rstd(x_ptr, K, eps, FULL_K)
+        k = k_lo + offs_k  # [BK]
         lanes = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for _ in range(0, k_chunk, BLOCK_K):
             w = tl.load(w_ptrs).to(tl.float32)
-            xv = tl.load(x_ptrs, mask=m_ok, other=0.0).to(tl.float32)
+            xv = _row_chunk(x_ptr, nw_ptr, k, K, rstd, PROLOGUE)
             lanes += w * xv[None, :]
             w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
+            k += BLOCK_K
         acc = tl.sum(lanes, axis=1)[None, :]  # [1, BN]
     else:
         x_ptrs = x_ptr + offs_m[:, None] * K + (k_lo + offs_k)[None, :]  # [BM, BK]
@@ -229,26 +280,60 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
         tl.extra.cuda.gdc_launch_dependents()
     tiles_n = N // BLOCK_N
     _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_m * tiles_n + pid_n,
-              tl.cdiv(M, BLOCK_M) * tiles_n, split, SPLIT_K, BLOCK_M, BLOCK_N)  # fmt: skip
+              tl.cdiv(M, BLOCK_M) * tiles_n, split, SPLIT_K, BLOCK_M, BLOCK_N, add_ptr, ADD)  # fmt: skip
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig, workspace: GemmWorkspace | None = None,
-         out: torch.Tensor | None = None, *, pdl: bool = False) -> torch.Tensor:  # fmt: skip
+         out: torch.Tensor | None = None, *, pdl: bool = False,
+         add: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """out [M, N] = x [M, K] @ w [N, K]^T with `cfg` (module docstring). With split-K and no `workspace`
     one is allocated for this call (not CUDA-graph safe); a passed one must be large enough.
     `pdl` (gemv configs, sm_90+): launched as a programmatic dependent of the kernel before it, which
     may then be still running (it must call gdc_launch_dependents early to let this one start): the
-    programs wait for it (gdc_wait) before reading x."""
-    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
-    assert x.is_contiguous() and w.is_contiguous(), "gemm needs contiguous x [M, K] and w [N, K]"
+    programs wait for it (gdc_wait) before reading x.
+    `add` [1, N] (one-row GEMV configs): out = (x @ w^T rounded) + add, rounded (the residual add)."""
+    assert x.dim() == 2 and x.is_contiguous(), "gemm needs a contiguous x [M, K]"
+    return _launch(x, x.shape[0], x.shape[1], w, cfg, workspace, out, pdl, add=add)
+
+
+def gemv_rmsnorm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: torch.Tensor, cfg: GemmConfig,
+                 workspace: GemmWorkspace | None = None, *, pdl: bool = False) -> torch.Tensor:  # fmt: skip
+    """out [1, N] = rmsnorm(x) @ w^T for one row x [1, K], the norm computed by the GEMV's programs (no
+    norm kernel): each reads the whole row for 1/rms, then normalises its K chunk as it streams W.
+
+        h = norm_weight * (x.float() * rsqrt(mean(x.float() ** 2) + eps)).to(x.dtype)   (rounded)
+        out = h @ w^T
+    (The residual add before the norm is the epilogue of the GEMV that produced x: `gemm(..., add=)`.)"""
+    assert cfg.gemv and cfg.block_m == 1, "a GEMV config of one row"
+    assert x.shape == (1, w.shape[1]) and x.is_contiguous() and norm_weight.shape == (x.shape[1],)
+    assert norm_weight.dtype == x.dtype and norm_weight.is_contiguous(), "norm weight in x's dtype"
+    return _launch(x, 1, x.shape[1], w, cfg, workspace, None, pdl, prologue=ROW_RMSNORM,
+                   norm=(norm_weight, float(eps)))  # fmt: skip
+
+
+def gemv_silu_mul(gate_up: torch.Tensor, w: torch.Tensor, cfg: GemmConfig,
+                  workspace: GemmWorkspace | None = None, *, pdl: bool = False,
+                  add: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """out [1, N] = (silu(gate) * up) @ w^T (+ add) for gate_up = [gate | up] [1, 2K], the activation
+    computed by the GEMV's programs as they stream W (no silu_and_mul kernel), rounded as it rounds."""
+    assert cfg.gemv and cfg.block_m == 1, "a GEMV config of one row"
+    assert gate_up.shape == (1, 2 * w.shape[1]) and gate_up.is_contiguous(), (gate_up.shape, w.shape)
+    return _launch(gate_up, 1, w.shape[1], w, cfg, workspace, None, pdl, prologue=ROW_SILU_MUL, add=add)
+
+
+def _launch(x, m, k, w, cfg, workspace, out, pdl, *, prologue=ROW_PLAIN, norm=None, add=None):
+    assert w.dim() == 2 and w.shape[1] == k and w.is_contiguous(), f"w [N, {k}] contiguous, got {w.shape}"
     assert x.dtype == w.dtype and x.device == w.device, (x.dtype, w.dtype)
-    (m, k), n = x.shape, w.shape[0]
+    n = w.shape[0]
     why = cfg.check(n, k)
     assert why is None, why
     assert n * k < 2**31 and m * n < 2**31, "32-bit offsets"
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.is_contiguous(), out.shape
+    if add is not None:
+        assert cfg.gemv and cfg.block_m == 1 and m == 1, "add: one-row GEMV configs"
+        assert add.shape == (1, n) and add.dtype == x.dtype and add.is_contiguous(), add.shape
     if m == 0:
         return out
     part_elems, counters = GemmWorkspace.needs(cfg, m, n)
@@ -262,10 +347,14 @@ def gemm(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig, workspace: GemmWorks
         part = cnt = out  # unread without split-K; any pointer
     if cfg.gemv:
         grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, cfg.block_m))
-        extra = {"launch_pdl": True} if pdl else {}
-        _gemv_kernel[grid](x, w, out, part, cnt, m, n, k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PDL=pdl,
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)  # fmt: skip
+        launch = {"launch_pdl": True} if pdl else {}
+        nw, eps = norm if norm is not None else (x, 0.0)  # unread without ROW_RMSNORM
+        _gemv_kernel[grid](x, w, out, part, cnt, m, n, k, nw, out if add is None else add, eps,
+                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                           SPLIT_K=cfg.split_k, PDL=pdl, PROLOGUE=prologue,
+                           FULL_K=triton.next_power_of_2(k) if prologue == ROW_RMSNORM else 16,
+                           ADD=add is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                           **launch)  # fmt: skip
     else:
         grid = (triton.cdiv(m, cfg.block_m) * (n // cfg.block_n), cfg.split_k)
         _gemm_kernel[grid](x, w, out, part, cnt, m, n, k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

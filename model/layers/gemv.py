@@ -13,6 +13,11 @@ did not pay (2-4 chunks: 1-5% slower).
     GemvRouter(x [M, K], w [N, K]) -> x @ w^T via the GEMV when M == 1 and (N, K) has a config;
                                       None otherwise (the layer then calls F.linear)
 
+With `prologues` (the default) a one-row layer without LoRA on one rank also hands its projections the
+norms and silu_and_mul deferred (model/layers/deferred.py): the GEMV computes them in its programs, and
+o_proj / down_proj add the residual in their epilogue, three kernels a layer fewer (decode graph at batch
+1: 4.206 against 4.357 ms, bench/results/h200-pdl-decode-2026-12-01-rows-epilogue.json).
+
 Installed by FlashMistralForCausalLM on CUDA devices of compute capability 9.0 and above (where it was
 measured; PDL needs it) for bf16 / fp16 weights; lm_head keeps cuBLAS. The split-K workspace is shared
 by every call: calls on one stream only (the model's forward), counters back at zero after each.
@@ -65,9 +70,13 @@ class GemvRouter:
     configs: dict  # (N, K) -> model.kernels.gemm.GemmConfig
     workspace: object  # model.kernels.gemm.GemmWorkspace
     pdl: bool = True
+    # one-row layers hand their projections the norms / silu_and_mul deferred (model/layers/deferred.py)
+    # for the GEMV to compute in its programs: three kernels a layer fewer
+    prologues: bool = True
 
     @classmethod
-    def for_shapes(cls, shapes, device: torch.device, *, pdl: bool = True) -> GemvRouter:
+    def for_shapes(cls, shapes, device: torch.device, *, pdl: bool = True,
+                   prologues: bool = True) -> GemvRouter:  # fmt: skip
         from model.kernels.gemm import GemmConfig, GemmWorkspace
 
         configs = {}
@@ -76,9 +85,11 @@ class GemvRouter:
             if kw is not None:
                 configs[(n, k)] = GemmConfig(block_m=1, gemv=True, num_warps=4, num_stages=1, **kw)
         workspace = GemmWorkspace.for_shapes(device, [(c, ROWS, nk[0]) for nk, c in configs.items()])
-        return cls(configs, workspace, pdl)
+        return cls(configs, workspace, pdl, prologues)
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, w: torch.Tensor,
+                 add: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
+        """x @ w^T (+ add [1, N], rounded as the activation dtype adds) for one row; None otherwise."""
         if x.shape[0] != ROWS:
             return None
         cfg = self.configs.get(tuple(w.shape))
@@ -86,4 +97,13 @@ class GemvRouter:
             return None
         from model.kernels.gemm import gemm
 
-        return gemm(x.contiguous(), w, cfg, self.workspace, pdl=self.pdl)
+        return gemm(x.contiguous(), w, cfg, self.workspace, pdl=self.pdl,
+                    add=None if add is None else add.contiguous())  # fmt: skip
+
+    def deferred(self, row, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor | None:
+        """row @ w^T (+ add) for a DeferredRow (model/layers/deferred.py), its norm or activation computed
+        by the GEMV's programs; None when (N, K) has no config (the caller materialises the row)."""
+        cfg = self.configs.get(tuple(w.shape))
+        if cfg is None or not w.is_contiguous():
+            return None
+        return row.gemv(w, cfg, self.workspace, self.pdl, None if add is None else add.contiguous())

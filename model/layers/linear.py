@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.layers.deferred import DeferredRow
 from model.parallel import TPGroup
 
 
@@ -34,10 +35,22 @@ def _new_weight(rows: int, cols: int, dtype: torch.dtype | None, device) -> nn.P
     return nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device), requires_grad=False)
 
 
-def _matmul(gemv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T: through the GEMV router when it takes this shape, else cuBLAS."""
-    out = gemv(x, weight) if gemv is not None else None
-    return F.linear(x, weight) if out is None else out
+def _matmul(gemv, x: torch.Tensor | DeferredRow, weight: torch.Tensor,
+            add: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x @ weight^T (+ add, in the activation dtype): through the GEMV router when it takes this shape,
+    else cuBLAS. A deferred row (model/layers/deferred.py) goes to the router's fused GEMV, or is
+    computed first when it declines."""
+    if isinstance(x, DeferredRow):
+        out = gemv.deferred(x, weight, add) if gemv is not None else None
+        if out is None:
+            out = F.linear(x.materialize(), weight)
+            return out if add is None else out + add
+        return out
+    out = gemv(x, weight, add) if gemv is not None else None
+    if out is None:
+        out = F.linear(x, weight)
+        return out if add is None else out + add
+    return out
 
 
 class ColumnParallelLinear(nn.Module):
@@ -154,5 +167,10 @@ class RowParallelLinear(nn.Module):
         start, n = self.tp.shard(self.input_size, "input features")
         param.data.copy_(loaded.narrow(1, start, n))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(_matmul(self.gemv, x, self.weight))
+    def forward(self, x: torch.Tensor | DeferredRow, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`residual`: added to the (all-reduced) output, in the activation dtype; on one rank the GEMV
+        route adds it in its epilogue."""
+        if self.tp.world_size == 1:
+            return _matmul(self.gemv, x, self.weight, residual)
+        out = self.tp.all_reduce(_matmul(self.gemv, x, self.weight))
+        return out if residual is None else out + residual

@@ -89,3 +89,58 @@ def test_programmatic_dependent_launch_in_a_graph_equals_the_plain_launch():
         eager = run()
         assert _rel(out, eager) < 1e-6
     assert torch.equal(outs[0], outs[1])
+
+
+def test_deferred_rows_match_the_unfused_route():
+    """One row without LoRA: the norms and silu_and_mul computed by the GEMVs (model/layers/deferred.py)
+    give the unfused route's logits within bf16 (the fused 1/rms sums the row in another order)."""
+    model = _model()
+    shipped = model.model.layers[0].self_attn.qkv_proj.gemv
+    assert shipped.prologues and all(layer.defer_rows for layer in model.model.layers)
+    _, run = _step(model, 1)
+    fused = run().clone()
+    model.use_gemv(GemvRouter(shipped.configs, shipped.workspace, pdl=True, prologues=False))
+    unfused = run().clone()
+    assert torch.isfinite(fused).all()
+    assert _rel(fused, unfused) < 1e-2
+
+
+@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096)])
+def test_norm_prologue_matches_norm_then_gemv_at_7b_shapes(n, k):
+    from model.kernels.gemm import GemmConfig, GemmWorkspace, gemm, gemv_rmsnorm
+    from model.kernels.rmsnorm import fused_add_rmsnorm
+    from model.layers.gemv import gemv_shape_config
+
+    torch.manual_seed(n)
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    nw = (1 + 0.1 * torch.randn(k, device="cuda")).bfloat16()
+    w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+    cfg = GemmConfig(block_m=1, gemv=True, num_stages=1, **gemv_shape_config(n, k))
+    ws = GemmWorkspace.for_shapes("cuda", [(cfg, 1, n)])
+    fused = gemv_rmsnorm(x, nw, 1e-5, w, cfg, ws)
+    normed, _ = fused_add_rmsnorm(x, None, nw, 1e-5)
+    ref = gemm(normed, w, cfg, ws)
+    assert _rel(fused, ref) < 2e-3
+    assert (fused != ref).float().mean().item() < 0.02  # only where 1/rms's last bit tips a rounding
+    assert ws.counters.eq(0).all()
+
+
+@pytest.mark.parametrize("n,k", [(4096, 14336), (4096, 4096)])
+def test_silu_prologue_and_residual_epilogue_at_7b_shapes(n, k):
+    """down_proj (silu_and_mul in, residual added out) and o_proj (residual added): the unfused pair's
+    values bit for bit (same arithmetic, same rounding)."""
+    from model.kernels.activation import silu_and_mul
+    from model.kernels.gemm import GemmConfig, GemmWorkspace, gemm, gemv_silu_mul
+    from model.layers.gemv import gemv_shape_config
+
+    torch.manual_seed(5)
+    gate_up = (torch.randn(1, 2 * k, device="cuda") * 3).bfloat16()
+    w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+    residual = torch.randn(1, n, device="cuda").bfloat16()
+    cfg = GemmConfig(block_m=1, gemv=True, num_stages=1, **gemv_shape_config(n, k))
+    ws = GemmWorkspace.for_shapes("cuda", [(cfg, 1, n)])
+    act = silu_and_mul(gate_up)
+    plain = gemm(act, w, cfg, ws)
+    assert torch.equal(gemv_silu_mul(gate_up, w, cfg, ws), plain)
+    assert torch.equal(gemv_silu_mul(gate_up, w, cfg, ws, add=residual), plain + residual)
+    assert torch.equal(gemm(act, w, cfg, ws, add=residual), plain + residual)

@@ -43,7 +43,7 @@ def test_layers_take_the_route_only_when_it_answers():
 
     calls = []
 
-    def router(x, w):
+    def router(x, w, add=None):
         calls.append(x.shape[0])
         return torch.full((x.shape[0], w.shape[0]), 7.0) if x.shape[0] == 1 else None
 
@@ -57,3 +57,25 @@ def test_layers_take_the_route_only_when_it_answers():
         layer.gemv = None
         assert torch.allclose(layer(one), one @ layer.weight.T)
     assert calls == [1, 2, 1, 2]
+
+
+def test_row_parallel_residual_is_added_by_the_route_or_after_the_matmul():
+    """RowParallelLinear(x, residual): on one rank the router gets the residual to add in its epilogue;
+    when it declines, F.linear's output plus the residual (in the activation dtype)."""
+    from model.layers.linear import RowParallelLinear
+    from model.parallel import TPGroup
+
+    seen = []
+
+    def router(x, w, add=None):
+        seen.append(add)
+        return (x @ w.T + add) * 0 - 1 if x.shape[0] == 1 else None
+
+    layer = RowParallelLinear(8, 4, TPGroup(), dtype=torch.bfloat16)
+    layer.weight.data.normal_()
+    layer.gemv = router
+    one, two = torch.randn(1, 8).bfloat16(), torch.randn(2, 8).bfloat16()
+    res1, res2 = torch.randn(1, 4).bfloat16(), torch.randn(2, 4).bfloat16()
+    assert torch.equal(layer(one, res1), torch.full((1, 4), -1.0).bfloat16())
+    assert seen[-1] is res1
+    assert torch.equal(layer(two, res2), two @ layer.weight.T + res2)

@@ -34,12 +34,17 @@ CASES = [
     gm.GemmConfig(block_m=16, block_n=64, block_k=128, split_k=2, swap_ab=True),
     gm.GemmConfig(block_m=64, block_n=128, block_k=64, split_k=1),
     gm.GemmConfig(block_m=128, block_n=128, block_k=64, split_k=2, num_warps=8),
+    # the one-row GEMV computing its row: RMSNorm of a 4096-wide row; silu_and_mul, adding the residual
+    gm.GemmConfig(gemv=True, block_m=1, block_n=64, block_k=128, split_k=4, num_stages=1),
+    gm.GemmConfig(gemv=True, block_m=1, block_n=32, block_k=256, split_k=4, num_stages=1),
 ]
+PROLOGUES = {5: dict(PROLOGUE=gm.ROW_RMSNORM, FULL_K=4096), 6: dict(PROLOGUE=gm.ROW_SILU_MUL, ADD=True)}
 for i, cfg in enumerate(CASES):
     fn = gm._gemv_kernel if cfg.gemv else gm._gemm_kernel
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k)
     if cfg.gemv:  # the first one as a programmatic dependent (griddepcontrol.wait / launch_dependents)
-        consts.update(PDL=i == 0)
+        consts.update(PDL=i in (0, 5, 6), **{**dict(PROLOGUE=gm.ROW_PLAIN, FULL_K=16, ADD=False),
+                                              **PROLOGUES.get(i, {})})
     else:
         consts.update(GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, DOT_PREC=None)
     split = cfg.split_k > 1
@@ -49,8 +54,9 @@ for i, cfg in enumerate(CASES):
         if name in consts:
             sig[name] = "constexpr"
         else:
-            sig[name] = types.get(name, "*bf16") if name.endswith("_ptr") else "i32"
-            if name != "M":  # what the runtime sees: 16-aligned allocations, N and K multiples of 64
+            scalar = "fp32" if name == "eps" else "i32"
+            sig[name] = types.get(name, "*bf16") if name.endswith("_ptr") else scalar
+            if name not in ("M", "eps"):  # as at run time: 16-aligned pointers, N and K multiples of 64
                 attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 64),
@@ -74,10 +80,10 @@ def test_gemm_kernels_compile_for_sm90_with_wgmma():
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
     rows = [line.split(" ", 1)[1].split("|") for line in lines if line.startswith("RESULT")]
-    assert len(rows) == 5, proc.stdout
+    assert len(rows) == 7, proc.stdout
     for i, (short, hgmma, ldg128, ldl, stack, pdl) in enumerate(rows):
         assert int(ldl) == 0 and int(stack) == 0, f"{short}: local memory"
-        assert (int(pdl) > 0) == (i == 0), f"{short}: griddepcontrol only in the programmatic-dependent build"
+        assert (int(pdl) > 0) == (i in (0, 5, 6)), f"{short}: griddepcontrol only in the dependent builds"
         if short.startswith("gemv"):
             assert int(ldg128) > 0 and int(hgmma) == 0, f"{short}: W not in 16-byte loads"
         else:

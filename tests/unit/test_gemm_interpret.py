@@ -115,3 +115,74 @@ def test_gemm_rejects_bad_shapes(gm):
     with pytest.raises(AssertionError, match="power of two"):
         cfg_of(gm, block_n=96)
 
+
+
+# The one-row GEMV computing its row (gemv_rmsnorm, gemv_silu_mul) and adding the residual (`add`): the row
+# it multiplies must be the unfused kernels' output (model/kernels/rmsnorm.py, activation.py, whose torch
+# references define the rounding), so the product is checked against gemm_ref of that row.
+PROLOGUE_CFGS = [dict(block_n=32, block_k=64, split_k=1), dict(block_n=64, block_k=32, split_k=4)]
+
+
+def _pid(f):
+    return f"s{f['split_k']}"
+
+
+@pytest.mark.parametrize("fields", PROLOGUE_CFGS, ids=_pid)
+def test_gemv_rmsnorm_equals_norm_then_gemv(gm, fields):
+    from model.kernels.rmsnorm import fused_add_rmsnorm_ref
+
+    cfg = cfg_of(gm, gemv=True, block_m=1, num_stages=1, **fields)
+    gen = torch.Generator().manual_seed(11)
+    k, n = 384, 128  # K not a power of two: the 1/rms pass masks its tail
+    x = (torch.randn(1, k, generator=gen) * 3).bfloat16()
+    nw = (1 + 0.1 * torch.randn(k, generator=gen)).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    ws = gm.GemmWorkspace.for_shapes("cpu", [(cfg, 1, n)])
+    out = gm.gemv_rmsnorm(x, nw, 1e-5, w, cfg, ws)
+    normed, _ = fused_add_rmsnorm_ref(x, None, nw, 1e-5)
+    check_close(out, normed, w)
+    # the same rounding as the unfused pair: differences only where fp32 1/rms sums in another order
+    # tip a bf16 rounding of the normed row (none at this size)
+    assert torch.equal(out, gm.gemm(normed.contiguous(), w, cfg, ws))
+    assert ws.counters.eq(0).all()
+
+
+@pytest.mark.parametrize("fields", PROLOGUE_CFGS, ids=_pid)
+@pytest.mark.parametrize("with_add", [False, True])
+def test_gemv_silu_mul_equals_activation_then_gemv(gm, fields, with_add):
+    from model.kernels.activation import silu_and_mul_ref
+
+    cfg = cfg_of(gm, gemv=True, block_m=1, num_stages=1, **fields)
+    gen = torch.Generator().manual_seed(12)
+    k, n = 256, 64
+    gate_up = (torch.randn(1, 2 * k, generator=gen) * 4).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    add = torch.randn(1, n, generator=gen).bfloat16() if with_add else None
+    ws = gm.GemmWorkspace.for_shapes("cpu", [(cfg, 1, n)])
+    out = gm.gemv_silu_mul(gate_up, w, cfg, ws, add=add)
+    act = silu_and_mul_ref(gate_up)
+    plain = gm.gemm(act.contiguous(), w, cfg, ws)
+    check_close(plain, act, w)
+    assert torch.equal(out, plain if add is None else plain + add)  # bf16 + bf16: rounded once, as torch
+
+
+@pytest.mark.parametrize("fields", PROLOGUE_CFGS, ids=_pid)
+def test_gemv_add_is_the_residual_add_in_the_activation_dtype(gm, fields):
+    cfg = cfg_of(gm, gemv=True, block_m=1, num_stages=1, **fields)
+    gen = torch.Generator().manual_seed(13)
+    x, w = torch.randn(1, 256, generator=gen).bfloat16(), torch.randn(128, 256, generator=gen).bfloat16()
+    add = (torch.randn(1, 128, generator=gen) * 10).bfloat16()
+    ws = gm.GemmWorkspace.for_shapes("cpu", [(cfg, 1, 128)])
+    assert torch.equal(gm.gemm(x, w, cfg, ws, add=add), gm.gemm(x, w, cfg, ws) + add)
+    assert ws.counters.eq(0).all()
+
+
+def test_gemv_prologues_reject_what_they_cannot_take(gm):
+    cfg = cfg_of(gm, gemv=True, block_m=1, block_n=32, block_k=64)
+    x, w, nw = torch.randn(1, 128).bfloat16(), torch.randn(64, 128).bfloat16(), torch.ones(128).bfloat16()
+    with pytest.raises(AssertionError, match="one row"):
+        gm.gemv_rmsnorm(x, nw, 1e-5, w, cfg_of(gm, gemv=True, block_m=2, block_n=32, block_k=64))
+    with pytest.raises(AssertionError, match="add: one-row"):
+        gm.gemm(torch.randn(2, 128).bfloat16(), w, cfg, add=torch.zeros(1, 64).bfloat16())
+    with pytest.raises(AssertionError):
+        gm.gemv_silu_mul(x, w, cfg)  # gate_up must be [1, 2K]
