@@ -16,12 +16,14 @@ but from the GEMV itself (4.345 ms with plain launches) and the early launch, no
 
 Cases, replayed in interleaved rounds (decode graph, context 544, the base graph's policy):
   cublas         every projection on cuBLAS (the model before the route)
-  gemv           projections through the Triton GEMV (model/layers/gemv.py), plain launches
-  gemv+pdl       ... launched as programmatic dependents, the norm / merge / silu before them trigger
-                 early (shipped at 78c618b)
-  gemv+rows      the norms and silu_and_mul computed by the GEMVs that read them (model/layers/
-                 deferred.py): three kernels a layer fewer; plain launches
-  gemv+rows+pdl  ... as programmatic dependents
+  gemv+pdl       projections through the Triton GEMV (model/layers/gemv.py) launched as programmatic
+                 dependents, the norm / silu before them triggering early (78c618b; then the attention
+                 triggered too: 4.298 ms, below)
+  gemv+rows      the norms and silu_and_mul computed by the GEMVs that read them, the residual added by
+                 o_proj / down_proj (model/layers/deferred.py): three kernels a layer fewer; plain launches
+  gemv+rows+pdl  ... the GEMVs as programmatic dependents (738f56b)
+  gemv+rows+pdl+attn   ... and rope + KV write and the decode attention too (each waits for the kernel
+                 before and lets the next launch at its start): the model as shipped on Hopper
 (A first version also had each GEMV program ask L2 for the first 1 / 2 / 4 chunks of its weight slice
 before it waits: 0.949 / 0.969 / 1.049 x cuBLAS against 0.949 without, h200-pdl-decode-2026-12-01-
 prefetch.json; dropped.)
@@ -31,7 +33,13 @@ order): checked.
 Prediction for the deferred rows, written before their first run: the two norms and silu_and_mul are ~2.5
 us each on the critical path at batch 1 (each GEMV already waits for them with PDL); every norm-fused GEMV
 program first reads the whole 8 KB row and residual from L2 (~1 us). Net ~5 us a layer, 0.15-0.2 ms a
-step: 4.30 -> ~4.12 ms, 0.84 of the roofline.
+step: 4.30 -> ~4.12 ms, 0.84 of the roofline. Measured: a first version whose norm GEMV also added the
+residual: 4.643 ms, slower (gate_up's GEMV in two waves of programs: bench/gemv_rows.py); with the residual
+moved to the epilogue of o_proj / down_proj: 4.206 against 4.357 (-0.15 ms). Each GEMV loading its next W
+tile before using the current one (register prefetch): 4.93-4.96 ms, lost (registers); dropped.
+
+Prediction for rope + KV write and the attention as dependents, before the run: ~1 us saved at each of the
+boundaries qkv -> rope -> attention (-> merge), 2-3 us a layer, 0.06-0.1 ms a step.
 """
 
 from __future__ import annotations
@@ -47,10 +55,13 @@ from bench.profile_decode import MAX_S, DecodeCase, bandwidth_model_and_weight_b
 
 
 @contextlib.contextmanager
-def route(model, router):
-    """Inside: the model's one-row projections through `router` (None: cuBLAS)."""
+def route(model, router, attention_pdl: bool | None = None):
+    """Inside: the model's one-row projections through `router` (None: cuBLAS); `attention_pdl`: rope +
+    KV write and the decode attention as programmatic dependents or not (None: as the router sets it)."""
     shipped = model.model.layers[0].self_attn.qkv_proj.gemv
     model.use_gemv(router)
+    if attention_pdl is not None:
+        model.attention.pdl = attention_pdl
     try:
         yield
     finally:
@@ -79,10 +90,11 @@ def main() -> None:
     def variant(pdl, prologues):
         return GemvRouter(shipped.configs, shipped.workspace, pdl=pdl, prologues=prologues)
 
-    cases = {"cublas": None, "gemv": variant(False, False), "gemv+pdl": variant(True, False),
-             "gemv+rows": variant(False, True), "gemv+rows+pdl": variant(True, True)}
+    cases = {"cublas": (None, None), "gemv+pdl": (variant(True, False), False),
+             "gemv+rows": (variant(False, True), None), "gemv+rows+pdl": (variant(True, True), False),
+             "gemv+rows+pdl+attn": (shipped, None)}  # fmt: skip
     # the plain launch each PDL variant must equal bit for bit
-    twin = {"gemv+pdl": "gemv", "gemv+rows+pdl": "gemv+rows"}
+    twin = {"gemv+rows+pdl": "gemv+rows", "gemv+rows+pdl+attn": "gemv+rows"}
     with torch.no_grad():
         for b in [int(x) for x in args.batches.split(",")]:
             case = DecodeCase(model, b, 544)
@@ -96,7 +108,7 @@ def main() -> None:
             graphs = {}
             for name, spec in cases.items():
                 try:
-                    with decode_policy(b, sms).applied(), route(model, spec):
+                    with decode_policy(b, sms).applied(), route(model, *spec):
                         graphs[name] = (*graph_of(step), spec)
                 except Exception as e:  # a variant this triton / driver cannot build: report, go on
                     print(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}")

@@ -149,6 +149,8 @@ class MistralAttention(nn.Module):
                 k_scale=kv.k_scale,
                 v_scale=kv.v_scale,
                 delta=delta,
+                # decode: a programmatic dependent of the qkv GEMV, letting the attention launch early
+                pdl=self.attention.pdl and not step.is_prefill,
             )
             if step.is_prefill:
                 attn = self.attention.prefill(
@@ -320,7 +322,7 @@ class FlashMistralForCausalLM(nn.Module):
         gemv = None
         if router_supported(device, dtype):  # one-row projections through the Triton GEMV
             gemv = GemvRouter.for_shapes([tuple(m.weight.shape) for m in self.decoder_projections()], device)
-            ops = ops.with_pdl_trigger()
+            ops = ops.with_pdl()
         self.use_fused_ops(ops)
         self.use_gemv(gemv)
         if weights is not None:
@@ -343,7 +345,7 @@ class FlashMistralForCausalLM(nn.Module):
             module.gemv = router
         for layer in self.model.layers:
             layer.defer_rows = router is not None and router.prologues and self.tp.world_size == 1
-        self.attention.pdl_trigger = router is not None and router.pdl
+        self.attention.pdl = router is not None and router.pdl
 
     def use_fused_ops(self, ops: FusedOps) -> None:
         """Route norms and the decode rope + KV write through `ops` (FusedOps() restores plain torch)."""

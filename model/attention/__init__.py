@@ -94,8 +94,9 @@ class AttentionBackend(ABC):
     name: str = "abstract"
     block_size: int = 16  # KV block size this backend needs (flash-attn's paged decode: 256)
     # Set by the model when its one-row projections run as programmatic dependents (model/layers/gemv.py):
-    # a backend whose decode ends in our Triton kernel lets that GEMV launch early; others ignore it.
-    pdl_trigger: bool = False
+    # a backend whose decode is our Triton kernel launches it as one too (it waits for rope + KV write,
+    # and lets o_proj's GEMV launch at its start); others ignore it.
+    pdl: bool = False
 
     @abstractmethod
     def prefill(

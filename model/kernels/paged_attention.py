@@ -69,10 +69,12 @@ def _paged_decode_kernel(
     stride_btb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, SPLIT: tl.constexpr, Q: tl.constexpr,
-    PDL_TRIGGER: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
-    if PDL_TRIGGER:  # no merge after us: let a programmatic dependent (o_proj's GEMV) launch now
+    if PDL:  # a programmatic dependent (of rope + KV write): let the next one (the merge, or o_proj's
+        # GEMV) launch now, then wait for our inputs to be complete
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)  # KV head
     s = tl.program_id(2)  # split
@@ -144,9 +146,10 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-                         D: tl.constexpr, S_PAD: tl.constexpr, PDL_TRIGGER: tl.constexpr = False):
-    if PDL_TRIGGER:  # let a programmatic dependent (the next matmul) launch now: it waits for us itself
+                         D: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # a programmatic dependent of the split kernel; the next matmul may launch now
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     hq = tl.program_id(1)
     row = b * tl.num_programs(1) + hq
@@ -170,7 +173,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_len, sliding_window,
-            k_scale, v_scale, out, num_splits, block_n=64, num_warps=4, num_stages=2, pdl_trigger=False):
+            k_scale, v_scale, out, num_splits, block_n=64, num_warps=4, num_stages=2, pdl=False):
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
     _, block_size, Hkv, Dk = k_cache.shape
@@ -200,6 +203,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_
         ks = 1.0 if k_scale is None else float(k_scale)
         vs = 1.0 if v_scale is None else float(v_scale)
     split = num_splits > 1
+    launch = {"launch_pdl": True} if pdl else {}
     if split:
         part_o = torch.empty((T, Hq, num_splits, D), device=q.device, dtype=torch.float32)
         part_m = torch.empty((T, Hq, num_splits), device=q.device, dtype=torch.float32)
@@ -214,20 +218,20 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, G_PAD=max(16, triton.next_power_of_2(G * Q)), D=D, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SCALE_FROM_PTR=scale_ptr, SPLIT=split, Q=Q, PDL_TRIGGER=pdl_trigger and not split,
-        num_warps=num_warps, num_stages=num_stages,
+        SCALE_FROM_PTR=scale_ptr, SPLIT=split, Q=Q, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )
     if split:
         _merge_splits_kernel[(T, Hq)](part_o, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
                                       D=D, S_PAD=max(2, triton.next_power_of_2(num_splits)),
-                                      PDL_TRIGGER=pdl_trigger, num_warps=4)
+                                      PDL=pdl, num_warps=4, **launch)
     return out
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale: float,
                            max_seq_len: int, *, sliding_window: int | None = None, k_scale=None,
                            v_scale=None, out: torch.Tensor | None = None,
-                           num_splits: int | None = None, pdl_trigger: bool = False) -> torch.Tensor:
+                           num_splits: int | None = None, pdl: bool = False) -> torch.Tensor:
     """Decode attention of the Q newest query tokens of each sequence against its paged K/V history.
 
     q [B * Q, Hq, D] (rows of one sequence adjacent; Q = 1: plain decode, Q > 1: a speculative verify
@@ -247,7 +251,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, softmax_
     K/V row once, as plain decode does.
     """
     return _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_len, sliding_window,
-                   k_scale, v_scale, out, num_splits, pdl_trigger=pdl_trigger)
+                   k_scale, v_scale, out, num_splits, pdl=pdl)
 
 
 def _gather_pages(cache, tables):

@@ -72,7 +72,11 @@ def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc
                       stride_cos, stride_sin,
                       stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
                       HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr, HALF: tl.constexpr,
-                      FP8: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, HAS_DELTA: tl.constexpr):
+                      FP8: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, HAS_DELTA: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    if PDL:  # a programmatic dependent: let the next one (attention) launch, then wait for our inputs
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, HALF)
@@ -101,7 +105,7 @@ def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc
 
 
 def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *, k_scale=None, v_scale=None,
-                    delta=None):
+                    delta=None, pdl: bool = False):
     """Rope on q and k in place, then k (rotated) and v into the paged cache.
 
     q [T, Hq, D], k/v [T, Hkv, D] (views of the fused qkv output are fine: last dim contiguous);
@@ -109,7 +113,8 @@ def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *, k_
     k_cache/v_cache [num_blocks, block_size, Hkv, D] (bf16/fp16, or fp8 e4m3 with k_scale/v_scale as
     python floats or 1-element device tensors); slots [T] int64, -1 = skip the write. delta: None or
     (dq, dk, dv) shaped as q, k, v: the qkv projection's LoRA delta, first added in place (rounded to the
-    input dtype, as PEFT adds it), v's included.
+    input dtype, as PEFT adds it), v's included. `pdl` (sm_90+): launched as a programmatic dependent
+    of the kernel before it (it waits for it before reading), letting the next one launch at its start.
 
         if delta: q[t], k[t], v[t] = q[t] + dq[t], k[t] + dk[t], v[t] + dv[t]
         c, s = cos[positions[t], :D/2], sin[positions[t], :D/2]
@@ -150,7 +155,8 @@ def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *, k_
         dq.stride(0), dq.stride(1), cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HQ_PAD=triton.next_power_of_2(Hq), HKV_PAD=triton.next_power_of_2(Hkv), HALF=D // 2,
-        FP8=fp8, SCALE_FROM_PTR=scale_ptr, HAS_DELTA=delta is not None, num_warps=4)
+        FP8=fp8, SCALE_FROM_PTR=scale_ptr, HAS_DELTA=delta is not None, PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
     return q, k
 
 

@@ -29,9 +29,10 @@ class FusedOps:
     rotary_kv_write: Callable | None = None
     silu_and_mul: Callable | None = None
 
-    def with_pdl_trigger(self) -> FusedOps:
+    def with_pdl(self) -> FusedOps:
         """The same ops, the norm and silu_and_mul letting a programmatic dependent (the GEMV of
-        model/layers/gemv.py that reads their output) launch at their start."""
+        model/layers/gemv.py that reads their output) launch at their start. (Decode's rope + KV write
+        is launched as a dependent itself when the attention backend's `pdl` is set.)"""
         return dataclasses.replace(
             self,
             add_rmsnorm=self.add_rmsnorm and functools.partial(self.add_rmsnorm, pdl_trigger=True),

@@ -56,7 +56,7 @@ def _rel(a, b):
 def test_router_is_installed_and_matches_cublas_eagerly():
     model = _model()
     router = model.model.layers[0].self_attn.qkv_proj.gemv
-    assert isinstance(router, GemvRouter) and router.pdl and model.attention.pdl_trigger
+    assert isinstance(router, GemvRouter) and router.pdl and model.attention.pdl
     for rows in (1, 2):
         _, run = _step(model, rows)
         routed = run().clone()
