@@ -65,12 +65,36 @@ def shape_cases(n: int, k: int, kind: str, dev) -> dict:
     if kind == "norm":
         cases["gemv_rmsnorm"] = lambda i: gemv_rmsnorm(x, nw, 1e-5, w(i), cfg, ws)
         cases["add_rmsnorm alone"] = lambda i: fused_add_rmsnorm(x, res, nw, 1e-5)
+        if n == 6144:  # Mistral-7B qkv: Hq 32, Hkv 8, D 128; rope + K/V write in the GEMV or after it
+            cases.update(rope_cases(x, nw, w, cfg, ws, dev))
     elif kind == "add":
         cases["gemv+add"] = lambda i: gemm(x, w(i), cfg, ws, add=out_res)
     else:
         cases["gemv_silu_mul+add"] = lambda i: gemv_silu_mul(gate_up, w(i), cfg, ws, add=out_res)
         cases["silu_and_mul alone"] = lambda i: silu_and_mul(gate_up)
     return {name: (fn, cfg) for name, fn in cases.items()}
+
+
+def rope_cases(x, nw, w, cfg, ws, dev) -> dict:
+    from model.kernels.gemv_rope import qkv_rope_gemv
+    from model.kernels.rotary import rotary_kv_write
+
+    hq, hkv, d = 32, 8, 128
+    cos = sin = torch.rand(1, d // 2, device=dev, dtype=torch.bfloat16)
+    kc, vc = (torch.zeros(4, 16, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    pos = torch.zeros(1, dtype=torch.int64, device=dev)
+    slots = torch.full((1,), 5, dtype=torch.int64, device=dev)
+    qkv = torch.randn(1, (hq + 2 * hkv) * d, device=dev, dtype=torch.bfloat16)
+    heads = qkv.view(1, -1, d)
+
+    def rope_alone(i):
+        q, k, v = heads[:, :hq], heads[:, hq : hq + hkv], heads[:, hq + hkv :]
+        rotary_kv_write(q, k, v, pos, cos, sin, kc, vc, slots)
+
+    def fused(i):
+        qkv_rope_gemv(x, nw, 1e-5, w(i), cfg, ws, pos, cos, sin, kc, vc, slots, hq, hkv)
+
+    return {"rotary_kv_write alone": rope_alone, "qkv_rope_gemv": fused}
 
 
 def main() -> None:

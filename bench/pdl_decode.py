@@ -23,7 +23,10 @@ Cases, replayed in interleaved rounds (decode graph, context 544, the base graph
                  o_proj / down_proj (model/layers/deferred.py): three kernels a layer fewer; plain launches
   gemv+rows+pdl  ... the GEMVs as programmatic dependents (738f56b)
   gemv+rows+pdl+attn   ... and rope + KV write and the decode attention too (each waits for the kernel
-                 before and lets the next launch at its start): the model as shipped on Hopper
+                 before and lets the next launch at its start) (9edbad6)
+  gemv+rows+rope       the qkv GEMV also rotating q, k and writing the K/V cache (model/kernels/
+                 gemv_rope.py): one kernel a layer fewer again; plain launches
+  gemv+rows+pdl+attn+rope   ... with every launch early: the model as shipped on Hopper
 (A first version also had each GEMV program ask L2 for the first 1 / 2 / 4 chunks of its weight slice
 before it waits: 0.949 / 0.969 / 1.049 x cuBLAS against 0.949 without, h200-pdl-decode-2026-12-01-
 prefetch.json; dropped.)
@@ -39,7 +42,13 @@ moved to the epilogue of o_proj / down_proj: 4.206 against 4.357 (-0.15 ms). Eac
 tile before using the current one (register prefetch): 4.93-4.96 ms, lost (registers); dropped.
 
 Prediction for rope + KV write and the attention as dependents, before the run: ~1 us saved at each of the
-boundaries qkv -> rope -> attention (-> merge), 2-3 us a layer, 0.06-0.1 ms a step.
+boundaries qkv -> rope -> attention (-> merge), 2-3 us a layer, 0.06-0.1 ms a step. Measured: 4.087 against
+4.199 ms (h200-pdl-decode-2026-12-01-attn.json).
+
+Prediction for rope + K/V write in the qkv GEMV's epilogue, before the run: the 2.3 us rope kernel gone,
+~0.5 us more in the GEMV's tail: ~0.06 ms a step. First version: 4.184 against 4.142 ms (slower: its K
+loop issued the x chunk's loads and math before W's load, 20.3 us alone against 16.3 + 2.3, -rope-first
+files); with W's load first: 16.9 us alone, **4.070 against 4.142 ms** (h200-pdl-decode-2026-12-01-rope.json).
 """
 
 from __future__ import annotations
@@ -87,14 +96,17 @@ def main() -> None:
 
     shipped = model.model.layers[0].self_attn.qkv_proj.gemv
     assert shipped is not None, "no GEMV route on this device (model/layers/gemv.py: Hopper and later)"
-    def variant(pdl, prologues):
-        return GemvRouter(shipped.configs, shipped.workspace, pdl=pdl, prologues=prologues)
+    def variant(pdl, prologues, rope=False):
+        return GemvRouter(shipped.configs, shipped.workspace, pdl=pdl, prologues=prologues, rope=rope)
 
     cases = {"cublas": (None, None), "gemv+pdl": (variant(True, False), False),
              "gemv+rows": (variant(False, True), None), "gemv+rows+pdl": (variant(True, True), False),
-             "gemv+rows+pdl+attn": (shipped, None)}  # fmt: skip
+             "gemv+rows+pdl+attn": (variant(True, True), None),
+             "gemv+rows+rope": (variant(False, True, True), None),
+             "gemv+rows+pdl+attn+rope": (variant(True, True, True), None)}  # fmt: skip
     # the plain launch each PDL variant must equal bit for bit
-    twin = {"gemv+rows+pdl": "gemv+rows", "gemv+rows+pdl+attn": "gemv+rows"}
+    twin = {"gemv+rows+pdl": "gemv+rows", "gemv+rows+pdl+attn": "gemv+rows",
+            "gemv+rows+pdl+attn+rope": "gemv+rows+rope"}
     with torch.no_grad():
         for b in [int(x) for x in args.batches.split(",")]:
             case = DecodeCase(model, b, 544)

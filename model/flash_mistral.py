@@ -114,6 +114,15 @@ class MistralAttention(nn.Module):
         """-> (o_proj's output [T, hidden], its LoRA delta for the next norm to add, or None).
         `residual` (no LoRA): added to o_proj's output, by its GEMV's epilogue where the route takes it."""
         q_size, k_size, v_size = self.qkv_proj.local_sizes()
+        if isinstance(x, NormedRow) and kv is not None and not step.is_prefill and self.qkv_proj.gemv:
+            # one decode row, no LoRA: norm, projection, rope and the K/V write in one kernel
+            qkv = self.qkv_proj.gemv.qkv_rope(x, self.qkv_proj.weight, self.num_heads, self.num_kv_heads,
+                                              kv, step)  # fmt: skip
+            if qkv is not None:
+                q = qkv[:, :q_size].view(1, -1, self.head_dim)
+                attn = self.attention.decode(q, kv, step.seqlen, step.block_tables, step.max_s,
+                                             scale=self.scale, window=self.window)  # fmt: skip
+                return self._project_out(attn, 1, step, residual)
         lora = _begin_lora(step.adapter_data, self.layer_idx, "qkv_proj", x, (q_size, k_size, v_size))
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
         t, d = qkv.shape[0], self.head_dim
@@ -149,8 +158,9 @@ class MistralAttention(nn.Module):
                 k_scale=kv.k_scale,
                 v_scale=kv.v_scale,
                 delta=delta,
-                # decode: a programmatic dependent of the qkv GEMV, letting the attention launch early
-                pdl=self.attention.pdl and not step.is_prefill,
+                # one decode row: a programmatic dependent of the qkv GEMV, letting the attention launch
+                # early (measured there only: more rows keep plain launches)
+                pdl=self.attention.pdl and not step.is_prefill and t == 1,
             )
             if step.is_prefill:
                 attn = self.attention.prefill(

@@ -94,8 +94,8 @@ class AttentionBackend(ABC):
     name: str = "abstract"
     block_size: int = 16  # KV block size this backend needs (flash-attn's paged decode: 256)
     # Set by the model when its one-row projections run as programmatic dependents (model/layers/gemv.py):
-    # a backend whose decode is our Triton kernel launches it as one too (it waits for rope + KV write,
-    # and lets o_proj's GEMV launch at its start); others ignore it.
+    # a backend whose decode is our Triton kernel launches it as one too for one query row (it waits for
+    # the kernel that wrote q and the K/V, and lets o_proj's GEMV launch at its start); others ignore it.
     pdl: bool = False
 
     @abstractmethod

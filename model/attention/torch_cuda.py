@@ -74,7 +74,8 @@ class TorchCudaBackend(AttentionBackend):
             return paged_decode(q, kv, seqlen, block_tables, max_s, scale=scale, window=window)
         return self._triton_decode(
             q, kv.k, kv.v, block_tables, seqlen.input_lengths, scale, max_s,
-            sliding_window=window, k_scale=kv.k_scale, v_scale=kv.v_scale, pdl=self.pdl,
+            sliding_window=window, k_scale=kv.k_scale, v_scale=kv.v_scale,
+            pdl=self.pdl and q.shape[0] == 1,  # one row (model/layers/gemv.py's route); measured there only
         )
 
 

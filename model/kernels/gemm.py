@@ -128,15 +128,13 @@ def _store_out(out_ptrs, add_ptrs, total, ok, ADD: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, num_tiles, split,
-              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              add_ptr, ADD: tl.constexpr):  # fmt: skip
-    # acc [BLOCK_M, BLOCK_N] fp32: this split's sum. Rows >= M are masked; N is a multiple of BLOCK_N.
-    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    add_ptrs = add_ptr + offs_m[:, None] * N + offs_n[None, :]  # read only with ADD
-    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+def _split_total(acc, part_ptr, cnt_ptr, ok, tile, num_tiles, split,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # -> (total, mine): the tile's sum over the K splits, and whether this program is the one that writes
+    # it (the last split to arrive; the only one without split-K). acc [BLOCK_M, BLOCK_N] fp32: this
+    # split's sum; `ok` masks rows >= M.
     if SPLIT_K == 1:
-        _store_out(out_ptrs, add_ptrs, acc, ok, ADD)
+        return acc, True
     else:
         # partials [SPLIT_K, num_tiles, BLOCK_M, BLOCK_N]: whole tiles, so no masks (the workspace is sized
         # for the padded rows)
@@ -147,16 +145,28 @@ def _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, num_t
         tl.store(tile_part + split * split_stride, acc)
         tl.debug_barrier()  # every thread's partial written before the arrival is counted
         counter = cnt_ptr + tile
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
-            # summed in split order whichever split arrives last (bitwise reproducible); its own partial
-            # is still in registers
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                other = tl.load(tile_part + s * split_stride, mask=(s != split) & ok, other=0.0,
-                                cache_modifier=".cg")  # fmt: skip
-                total += tl.where(s == split, acc, other)
-            _store_out(out_ptrs, add_ptrs, total, ok, ADD)
-            tl.atomic_xchg(counter, 0)  # ready for the next call: no memset, graph replays safe
+        mine = tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1
+        # summed in split order whichever split arrives last (bitwise reproducible); its own partial is
+        # still in registers. The others' loads are masked off in the programs that do not write.
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            other = tl.load(tile_part + s * split_stride, mask=(s != split) & ok & mine, other=0.0,
+                            cache_modifier=".cg")  # fmt: skip
+            total += tl.where(s == split, acc, other)
+        tl.atomic_xchg(counter, 0, mask=mine)  # ready for the next call: no memset, graph replays safe
+        return total, mine
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, num_tiles, split,
+              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              add_ptr, ADD: tl.constexpr):  # fmt: skip
+    # out[offs_m, offs_n] = the tile's total over the splits (+ add); N is a multiple of BLOCK_N.
+    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    add_ptrs = add_ptr + offs_m[:, None] * N + offs_n[None, :]  # read only with ADD
+    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    total, mine = _split_total(acc, part_ptr, cnt_ptr, ok, tile, num_tiles, split, SPLIT_K, BLOCK_M, BLOCK_N)
+    _store_out(out_ptrs, add_ptrs, total, ok & mine, ADD)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -73,6 +73,8 @@ class GemvRouter:
     # one-row layers hand their projections the norms / silu_and_mul deferred (model/layers/deferred.py)
     # for the GEMV to compute in its programs: three kernels a layer fewer
     prologues: bool = True
+    # with prologues: the qkv GEMV also rotates q, k and writes the K/V cache (model/kernels/gemv_rope.py)
+    rope: bool = True
 
     @classmethod
     def for_shapes(cls, shapes, device: torch.device, *, pdl: bool = True,
@@ -107,3 +109,20 @@ class GemvRouter:
         if cfg is None or not w.is_contiguous():
             return None
         return row.gemv(w, cfg, self.workspace, self.pdl, None if add is None else add.contiguous())
+
+    def qkv_rope(self, row, w: torch.Tensor, num_heads: int, num_kv_heads: int, kv,
+                 step) -> torch.Tensor | None:  # fmt: skip
+        """The qkv projection of a deferred norm row with rope and the K/V cache write in its epilogue
+        (model/kernels/gemv_rope.py): q, k rotated, K/V in kv's cache at step.slots. None when the kernel
+        cannot take the shape (the caller then runs the projection and rotary_kv_write)."""
+        from model.kernels import gemv_rope
+
+        cfg = self.configs.get(tuple(w.shape))
+        head_dim = w.shape[0] // (num_heads + 2 * num_kv_heads)
+        if not self.rope or cfg is None or not w.is_contiguous() or not gemv_rope.supports(cfg, head_dim):
+            return None
+        return gemv_rope.qkv_rope_gemv(
+            row.x.contiguous(), row.norm.weight, row.norm.eps, w, cfg, self.workspace, step.token_rows,
+            step.cos[:, 0], step.sin[:, 0], kv.k, kv.v, step.slots, num_heads, num_kv_heads,
+            k_scale=kv.k_scale, v_scale=kv.v_scale, pdl=self.pdl,
+        )  # fmt: skip

@@ -144,3 +144,41 @@ def test_silu_prologue_and_residual_epilogue_at_7b_shapes(n, k):
     assert torch.equal(gemv_silu_mul(gate_up, w, cfg, ws), plain)
     assert torch.equal(gemv_silu_mul(gate_up, w, cfg, ws, add=residual), plain + residual)
     assert torch.equal(gemm(act, w, cfg, ws, add=residual), plain + residual)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_qkv_rope_gemv_matches_norm_gemv_then_rotary_kv_write_at_7b_shape(fp8):
+    """The qkv GEMV with the norm in and rope + K/V write out (model/kernels/gemv_rope.py) against the
+    three kernels it replaces, Mistral-7B's qkv shape."""
+    from model.kernels.gemm import GemmConfig, GemmWorkspace, gemv_rmsnorm
+    from model.kernels.gemv_rope import qkv_rope_gemv
+    from model.kernels.rotary import rotary_kv_write
+    from model.layers.gemv import gemv_shape_config
+
+    torch.manual_seed(7)
+    hq, hkv, d, k, bs = 32, 8, 128, 4096, 16
+    n = (hq + 2 * hkv) * d
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    nw = (1 + 0.1 * torch.randn(k, device="cuda")).bfloat16()
+    w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+    freqs = torch.outer(torch.arange(4096, device="cuda").float(),
+                        1e6 ** (-torch.arange(0, d, 2, device="cuda").float() / d))  # fmt: skip
+    cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    scales = dict(k_scale=torch.tensor([0.05], device="cuda"), v_scale=torch.tensor([0.02], device="cuda")) \
+        if fp8 else {}  # fmt: skip
+    caches = [torch.zeros(9, bs, hkv, d, device="cuda").to(dtype) for _ in range(4)]
+    positions, slots = torch.tensor([1234], device="cuda"), torch.tensor([5 * bs + 3], device="cuda")
+    cfg = GemmConfig(block_m=1, gemv=True, num_stages=1, **gemv_shape_config(n, k))
+    ws = GemmWorkspace.for_shapes("cuda", [(cfg, 1, n)])
+    fused = qkv_rope_gemv(x, nw, 1e-5, w, cfg, ws, positions, cos, sin, caches[0], caches[1], slots, hq, hkv,
+                          **scales)  # fmt: skip
+    ref = gemv_rmsnorm(x, nw, 1e-5, w, cfg, ws)
+    heads = ref.view(1, -1, d)
+    q, k_, v = heads[:, :hq], heads[:, hq : hq + hkv], heads[:, hq + hkv :]
+    rotary_kv_write(q, k_, v, positions, cos, sin, caches[2], caches[3], slots, **scales)
+    assert ws.counters.eq(0).all()
+    assert _rel(fused, ref) < 1e-3 and (fused != ref).float().mean().item() < 0.01
+    for mine, theirs in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert mine.float().abs().sum() > 0
+        assert _rel(mine.float(), theirs.float()) < (5e-2 if fp8 else 1e-3)

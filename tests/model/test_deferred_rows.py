@@ -18,9 +18,10 @@ from model.layers.gemv import GemvRouter
 
 def _model():
     torch.manual_seed(0)
-    # every projection fits the GEMV's divisibility rules (multiples of 64); down_proj's K = 256 splits
+    # every projection fits the GEMV's divisibility rules (multiples of 64), o_proj's and down_proj's K = 256
+    # splits, and head_dim 64 lets the qkv GEMV rotate (model/kernels/gemv_rope.py)
     cfg = MistralConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                         max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=1e4, sliding_window=None,
                         tie_word_embeddings=False)
     model = FlashMistralForCausalLM(cfg, None, dtype=torch.float32, device="cpu")
@@ -94,9 +95,15 @@ def test_fused_prologues_equal_the_unfused_model(monkeypatch):
         model.use_gemv(_router(model, prologues=False))
         routed = _decode(model, 1)
         model.use_gemv(_router(model, prologues=True))
+        from model.kernels import gemv_rope
+
+        calls = []
         with monkeypatch.context() as mp:  # every deferred row goes to the GEMV, none is materialised
             mp.setattr(deferred.DeferredRow, "materialize", lambda self: pytest.fail("materialised"))
+            orig = gemv_rope.qkv_rope_gemv
+            mp.setattr(gemv_rope, "qkv_rope_gemv", lambda *a, **k: calls.append(1) or orig(*a, **k))
             fused = _decode(model, 1)
+        assert len(calls) == 2 * 2, "qkv with rope + K/V write in one kernel, every layer and step"
     torch.testing.assert_close(routed, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     model.use_gemv(None)

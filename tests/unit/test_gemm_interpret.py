@@ -186,3 +186,53 @@ def test_gemv_prologues_reject_what_they_cannot_take(gm):
         gm.gemm(torch.randn(2, 128).bfloat16(), w, cfg, add=torch.zeros(1, 64).bfloat16())
     with pytest.raises(AssertionError):
         gm.gemv_silu_mul(x, w, cfg)  # gate_up must be [1, 2K]
+
+
+@pytest.fixture(scope="module")
+def rope_gm():
+    with interpreted(("gemm", "gemv_rope", "rotary")) as mods:
+        yield mods
+
+
+@pytest.mark.parametrize("split_k,fp8,table", [(1, False, "half"), (2, True, "full"), (4, False, "full")])
+def test_qkv_rope_gemv_equals_norm_gemv_then_rotary_kv_write(rope_gm, split_k, fp8, table):
+    """The qkv projection with the norm in and rope + K/V cache write out equals the three-kernel chain
+    (gemv_rmsnorm, then rotary_kv_write's reference) bit for bit: same sums, same roundings."""
+    from model.kernels.rmsnorm import fused_add_rmsnorm_ref
+
+    gm, gr, rot = rope_gm["gemm"], rope_gm["gemv_rope"], rope_gm["rotary"]
+    hq, hkv, d, k, bs = 4, 2, 64, 256, 16
+    n = (hq + 2 * hkv) * d
+    cfg = cfg_of(gm, gemv=True, block_m=1, block_n=64, block_k=64, split_k=split_k, num_stages=1)
+    gen = torch.Generator().manual_seed(split_k)
+    x = (torch.randn(1, k, generator=gen) * 2).bfloat16()
+    nw = (1 + 0.1 * torch.randn(k, generator=gen)).bfloat16()
+    w = (torch.randn(n, k, generator=gen) * 0.1).bfloat16()
+    pos = 37
+    freqs = torch.outer(torch.arange(64).float(), 1e4 ** (-torch.arange(0, d, 2).float() / d))
+    cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()  # [64, D/2]
+    if table == "full":  # the [max_pos, D] layout (halves repeated)
+        cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    cache_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    scales = dict(k_scale=torch.tensor([0.05]), v_scale=torch.tensor([0.02])) if fp8 else {}
+    caches = [torch.zeros(6, bs, hkv, d).to(cache_dtype) for _ in range(4)]
+    positions, slots = torch.tensor([pos]), torch.tensor([3 * bs + 5])
+    ws = gm.GemmWorkspace.for_shapes("cpu", [(cfg, 1, n)])
+
+    out = gr.qkv_rope_gemv(x, nw, 1e-5, w, cfg, ws, positions, cos, sin, caches[0], caches[1], slots, hq, hkv,
+                           **scales)  # fmt: skip
+    assert ws.counters.eq(0).all()
+    normed, _ = fused_add_rmsnorm_ref(x, None, nw, 1e-5)
+    ref = gm.gemm(normed.contiguous(), w, cfg, ws)
+    heads = ref.view(-1, d)  # [Hq + 2 Hkv, D] view: the reference rotates q and k in place
+    q, kk, v = heads[:hq][None], heads[hq : hq + hkv][None], heads[hq + hkv :][None]
+    rot.rotary_kv_write_ref(q, kk, v, positions, cos, sin, caches[2], caches[3], slots, **scales)
+    assert torch.equal(out, ref), "q, k rotated in place and v as the GEMV wrote them"
+    for mine, theirs in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))  # raw bytes: fp8 too
+    assert caches[0].float().abs().sum() > 0 and caches[1].float().abs().sum() > 0
+
+    caches[0].zero_()
+    gr.qkv_rope_gemv(x, nw, 1e-5, w, cfg, ws, positions, cos, sin, caches[0], caches[1], torch.tensor([-1]),
+                     hq, hkv, **scales)  # fmt: skip
+    assert caches[0].float().abs().sum() == 0, "slot -1 (a padding row) writes nothing"

@@ -24,13 +24,13 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from model.kernels import activation, lora, lora_plan, paged_attention as pa, rmsnorm, rotary
+from model.kernels import activation, gemv_rope, lora, lora_plan, paged_attention as pa, rmsnorm, rotary
 
 PTR = {"bt": "*i32", "lens": "*i32", "idx": "*i32", "starts": "*i32", "ends": "*i32", "slots": "*i32",
        "part_o": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "k_scale": "*fp32", "v_scale": "*fp32",
        "cos": "*fp32", "sin": "*fp32", "pos": "*i64", "slot": "*i64", "ranks": "*i32", "perm": "*i32",
        "tiles": "*i32", "v": "*fp32", "scratch": "*i32", "count": "*i32", "sem": "*i32", "part": "*fp32",
-       "lora_rows": "*i32"}
+       "lora_rows": "*i32", "cnt": "*i32"}
 FLOATS = {"qk_scale", "v_scale_val", "eps", "k_inv", "v_inv"}
 CASES = [
     (pa._paged_decode_kernel, dict(G=4, G_PAD=16, D=128, BLOCK_SIZE=16, BLOCK_N=64, SCALE_FROM_PTR=False,
@@ -56,6 +56,8 @@ CASES = [
     (rotary._rotary_kv_kernel, dict(HQ_PAD=32, HKV_PAD=8, HALF=64, FP8=True, SCALE_FROM_PTR=True,
                                     HAS_DELTA=True), {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv"}),
     (activation._silu_mul_kernel, dict(BLOCK=1024, HAS_DELTA=True, PDL_TRIGGER=True)),
+    (gemv_rope._qkv_rope_kernel, dict(HALF=64, PAIRS=32, BLOCK_K=128, SPLIT_K=4, FULL_K=4096, PDL=True,
+                                      FP8=False, SCALE_FROM_PTR=False)),
 ]
 for fn, consts, *types in CASES:
     sig, attrs = {}, {}
@@ -80,4 +82,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 14
+    assert proc.stdout.count("compiled") == 15
