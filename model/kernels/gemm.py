@@ -102,6 +102,19 @@ class GemmWorkspace:
         return cfg.split_k * tiles * cfg.block_m * cfg.block_n, tiles
 
     @classmethod
+    def buffers(cls, workspace: GemmWorkspace | None, cfg: GemmConfig, m: int, n: int, out: torch.Tensor):
+        """(partials, counters) a launch of `cfg` on [m, n] passes: `workspace`'s (checked large enough;
+        one allocated for this call when None), or `out` twice without split-K (unread: any pointer)."""
+        part_elems, counters = cls.needs(cfg, m, n)
+        if not counters:
+            return out, out
+        if workspace is None:
+            workspace = cls.allocate(out.device, part_elems, counters)
+        assert workspace.partials.numel() >= part_elems and workspace.counters.numel() >= counters, \
+            f"workspace too small: needs {part_elems} partials and {counters} counters"
+        return workspace.partials, workspace.counters
+
+    @classmethod
     def for_shapes(cls, device, uses: Iterable[tuple[GemmConfig, int, int]]) -> GemmWorkspace:
         """Big enough for every (config, M, N) in `uses`."""
         p = c = 0
@@ -346,15 +359,7 @@ def _launch(x, m, k, w, cfg, workspace, out, pdl, *, prologue=ROW_PLAIN, norm=No
         assert add.shape == (1, n) and add.dtype == x.dtype and add.is_contiguous(), add.shape
     if m == 0:
         return out
-    part_elems, counters = GemmWorkspace.needs(cfg, m, n)
-    if counters:
-        if workspace is None:
-            workspace = GemmWorkspace.allocate(x.device, part_elems, counters)
-        assert workspace.partials.numel() >= part_elems and workspace.counters.numel() >= counters, \
-            f"workspace too small: needs {part_elems} partials and {counters} counters"
-        part, cnt = workspace.partials, workspace.counters
-    else:
-        part = cnt = out  # unread without split-K; any pointer
+    part, cnt = GemmWorkspace.buffers(workspace, cfg, m, n, out)
     if cfg.gemv:
         grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, cfg.block_m))
         launch = {"launch_pdl": True} if pdl else {}

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from model.kernels.gemm import GemmConfig, GemmWorkspace, _row_chunk, _row_rstd, _split_total
+from model.kernels.rotary import cache_scale_args
 
 PAIRS = 32  # rope pairs a program rotates: BLOCK_N = 2 * PAIRS output rows
 
@@ -136,24 +137,9 @@ def qkv_rope_gemv(x, norm_weight, eps: float, w, cfg: GemmConfig, workspace: Gem
     why = cfg.check(n, kdim)
     assert why is None, why
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    scale_ptr = isinstance(k_scale, torch.Tensor)
-    assert scale_ptr == isinstance(v_scale, torch.Tensor), "k_scale and v_scale: both floats or both tensors"
-    if scale_ptr:
-        ks_t, vs_t, k_inv, v_inv = k_scale, v_scale, 1.0, 1.0
-    else:
-        ks_t = vs_t = slots  # unread (SCALE_FROM_PTR=False)
-        k_inv = 1.0 / (1.0 if k_scale is None else float(k_scale))
-        v_inv = 1.0 / (1.0 if v_scale is None else float(v_scale))
+    scale_ptr, ks_t, vs_t, k_inv, v_inv = cache_scale_args(k_scale, v_scale, slots)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    part_elems, counters = GemmWorkspace.needs(cfg, 1, n)
-    if counters:
-        if workspace is None:
-            workspace = GemmWorkspace.allocate(x.device, part_elems, counters)
-        assert workspace.partials.numel() >= part_elems and workspace.counters.numel() >= counters, \
-            f"workspace too small: needs {part_elems} partials and {counters} counters"
-        part, cnt = workspace.partials, workspace.counters
-    else:
-        part = cnt = out  # unread without split-K
+    part, cnt = GemmWorkspace.buffers(workspace, cfg, 1, n, out)
     launch = {"launch_pdl": True} if pdl else {}
     _qkv_rope_kernel[(n // cfg.block_n, cfg.split_k)](
         x, norm_weight, float(eps), w, out, part, cnt, n, kdim,

@@ -104,6 +104,19 @@ def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc
                      HKV_PAD, HALF, FP8)
 
 
+def cache_scale_args(k_scale, v_scale, placeholder: torch.Tensor):
+    """A cache write's scales as kernel arguments: (SCALE_FROM_PTR, k_scale_ptr, v_scale_ptr, k_inv,
+    v_inv). 1-element tensors are read by the kernel (the pointers; inverses unused); python floats or None
+    (1.0) become the inverses, `placeholder` standing in for the unread pointers."""
+    scale_ptr = isinstance(k_scale, torch.Tensor)
+    assert scale_ptr == isinstance(v_scale, torch.Tensor), "k_scale and v_scale: both floats or both tensors"
+    if scale_ptr:
+        return True, k_scale, v_scale, 1.0, 1.0
+    k_inv = 1.0 / (1.0 if k_scale is None else float(k_scale))
+    v_inv = 1.0 / (1.0 if v_scale is None else float(v_scale))
+    return False, placeholder, placeholder, k_inv, v_inv
+
+
 def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *, k_scale=None, v_scale=None,
                     delta=None, pdl: bool = False):
     """Rope on q and k in place, then k (rotated) and v into the paged cache.
@@ -130,14 +143,7 @@ def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, *, k_
         assert x.stride(-1) == 1
     assert positions.stride(0) == 1 and slots.stride(0) == 1 and slots.dtype == torch.int64
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    scale_ptr = isinstance(k_scale, torch.Tensor)
-    assert scale_ptr == isinstance(v_scale, torch.Tensor), "k_scale and v_scale: both floats or both tensors"
-    if scale_ptr:
-        ks_t, vs_t, k_inv, v_inv = k_scale, v_scale, 1.0, 1.0
-    else:
-        ks_t = vs_t = slots  # unused placeholders (SCALE_FROM_PTR=False)
-        k_inv = 1.0 / (1.0 if k_scale is None else float(k_scale))
-        v_inv = 1.0 / (1.0 if v_scale is None else float(v_scale))
+    scale_ptr, ks_t, vs_t, k_inv, v_inv = cache_scale_args(k_scale, v_scale, slots)
     if delta is not None:
         dq, dk, dv = delta
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
