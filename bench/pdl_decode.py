@@ -37,9 +37,10 @@ Prediction for the deferred rows, written before their first run: the two norms 
 us each on the critical path at batch 1 (each GEMV already waits for them with PDL); every norm-fused GEMV
 program first reads the whole 8 KB row and residual from L2 (~1 us). Net ~5 us a layer, 0.15-0.2 ms a
 step: 4.30 -> ~4.12 ms, 0.84 of the roofline. Measured: a first version whose norm GEMV also added the
-residual: 4.643 ms, slower (gate_up's GEMV in two waves of programs: bench/gemv_rows.py); with the residual
-moved to the epilogue of o_proj / down_proj: 4.206 against 4.357 (-0.15 ms). Each GEMV loading its next W
-tile before using the current one (register prefetch): 4.93-4.96 ms, lost (registers); dropped.
+residual: 4.643 ms, slower (gate_up's GEMV in two waves of programs: bench/gemv_rows.py; -rows.json); with
+the residual moved to the epilogue of o_proj / down_proj: 4.206 against 4.357 (-0.15 ms, -rows-epilogue.json).
+Each GEMV loading its next W tile before using the current one (register prefetch): 4.93-4.96 ms, lost
+(registers; -rows-pf.json); dropped.
 
 Prediction for rope + KV write and the attention as dependents, before the run: ~1 us saved at each of the
 boundaries qkv -> rope -> attention (-> merge), 2-3 us a layer, 0.06-0.1 ms a step. Measured: 4.087 against
