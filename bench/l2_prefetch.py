@@ -108,7 +108,7 @@ class PrefetchHook:
     for the next group's weight (qkv -> o -> gate_up -> down -> next layer's qkv -> ... -> lm_head);
     lm_head's add_lora joins `side` back (a capture must end joined)."""
 
-    has_lora = True  # the model's AdapterHook protocol: begin_lora is called for every group
+    has_lora = True  # model.lora_hook.AdapterHook: begin_lora is called for every group
 
     ORDER = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 

@@ -80,7 +80,7 @@ class StaticDeltaHook:
     """AdapterHook whose every group returns a zero delta [T, N] of its own (per layer and group), for the
     consumers to read and add; lm_head gets nothing."""
 
-    has_lora = True  # the model's AdapterHook protocol: begin_lora is called for every group
+    has_lora = True  # model.lora_hook.AdapterHook: begin_lora is called for every group
 
     def __init__(self, model, rows: int):
         self.deltas = {}

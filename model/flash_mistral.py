@@ -6,8 +6,9 @@ group, x, widths)` before its base matmul and `delta = pending.finish(out)` afte
 for row-parallel ones), `out` being the fused output of the group (q|k|v, gate|up) with its members' column
 widths: the adapter either adds every member's delta to out in place (delta None) or returns it for out's
 consumer to add, fused into the kernel that reads out next (rope + KV write, silu_and_mul, the next
-RMSNorm), so that its work can run beside the base matmul (model/adapters/batch.py). lm_head calls
-`add_lora(-1, "lm_head", hidden, logits)` after its matmul.
+RMSNorm), so that its work can run beside the base matmul (model/adapters/batch.py; the contract:
+model/lora_hook.py). lm_head calls `add_lora(-1, "lm_head", hidden, logits)` after its matmul. One decode
+row without LoRA on Hopper takes the batch-1 route instead (model/layers/gemv.py, deferred.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -35,37 +35,8 @@ from model.layers import (
 from model.layers.deferred import NormedRow, SiluMulRow
 from model.layers.fused import FusedOps
 from model.layers.gemv import GemvRouter, router_supported
+from model.lora_hook import AdapterHook, begin_lora, has_lora, lora_output
 from model.parallel import TPGroup
-
-
-class PendingLora(Protocol):
-    def finish(self, out: torch.Tensor) -> torch.Tensor | None: ...
-
-
-class AdapterHook(Protocol):
-    has_lora: bool  # False: no row of the batch has an adapter (begin_lora / add_lora do nothing)
-
-    def begin_lora(self, layer_idx: int, target: str, x: torch.Tensor,
-                   widths: tuple[int, ...]) -> PendingLora | None: ...  # fmt: skip
-
-    def add_lora(self, layer_idx: int, target: str, x: torch.Tensor, out: torch.Tensor,
-                 widths: tuple[int, ...] | None = None) -> None: ...
-
-
-def _lora_output(pending: PendingLora | None, out: torch.Tensor) -> torch.Tensor | None:
-    """The delta out's consumer must add (None: nothing, or already added in place)."""
-    return None if pending is None else pending.finish(out)
-
-
-def _has_lora(adapter_data: AdapterHook | None) -> bool:
-    return adapter_data is not None and adapter_data.has_lora
-
-
-def _begin_lora(adapter_data: AdapterHook | None, layer_idx: int, target: str, x,
-                widths) -> PendingLora | None:  # fmt: skip
-    if not _has_lora(adapter_data):
-        return None
-    return adapter_data.begin_lora(layer_idx, target, x, tuple(widths))
 
 
 @dataclass
@@ -123,10 +94,10 @@ class MistralAttention(nn.Module):
                 attn = self.attention.decode(q, kv, step.seqlen, step.block_tables, step.max_s,
                                              scale=self.scale, window=self.window)  # fmt: skip
                 return self._project_out(attn, 1, step, residual)
-        lora = _begin_lora(step.adapter_data, self.layer_idx, "qkv_proj", x, (q_size, k_size, v_size))
+        lora = begin_lora(step.adapter_data, self.layer_idx, "qkv_proj", x, (q_size, k_size, v_size))
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
         t, d = qkv.shape[0], self.head_dim
-        delta = _lora_output(lora, qkv)  # [T, (Hq + 2 Hkv) * D] or None
+        delta = lora_output(lora, qkv)  # [T, (Hq + 2 Hkv) * D] or None
         q = qkv[:, :q_size]
         k = qkv[:, q_size : q_size + k_size]
         v = qkv[:, q_size + k_size :]
@@ -194,10 +165,10 @@ class MistralAttention(nn.Module):
         self, attn: torch.Tensor, t: int, step: StepInputs, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn = attn.reshape(t, -1)  # [T, Hq * D]
-        lora = _begin_lora(step.adapter_data, self.layer_idx, "o_proj", attn, (self.o_proj.output_size,))
+        lora = begin_lora(step.adapter_data, self.layer_idx, "o_proj", attn, (self.o_proj.output_size,))
         assert lora is None or residual is None, "the LoRA delta is added before the residual"
         out = self.o_proj(attn, residual)  # [T, hidden]
-        return out, _lora_output(lora, out)
+        return out, lora_output(lora, out)
 
     @staticmethod
     def _write_cache(kv: LayerKV | None, k: torch.Tensor, v: torch.Tensor, step: StepInputs) -> None:
@@ -224,9 +195,9 @@ class MistralMLP(nn.Module):
         """-> (down_proj's output [T, hidden], its LoRA delta for the next norm to add, or None).
         `defer_act` (one row, no LoRA): down_proj's GEMV computes silu_and_mul itself; `residual` (no
         LoRA): added to down_proj's output (by the GEMV's epilogue where the route takes it)."""
-        lora = _begin_lora(adapter_data, self.layer_idx, "gate_up_proj", x, self.gate_up_proj.local_sizes())
+        lora = begin_lora(adapter_data, self.layer_idx, "gate_up_proj", x, self.gate_up_proj.local_sizes())
         gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
-        delta = _lora_output(lora, gate_up)
+        delta = lora_output(lora, gate_up)
         if defer_act:
             assert delta is None, "a deferred activation has no LoRA delta to add"
             act = SiluMulRow(gate_up, self.silu_and_mul)
@@ -237,12 +208,12 @@ class MistralMLP(nn.Module):
                 gate_up = gate_up + delta
             gate, up = gate_up.chunk(2, dim=-1)
             act = nn.functional.silu(gate) * up  # [T, I / world]
-        lora = _begin_lora(adapter_data, self.layer_idx, "down_proj", act, (self.down_proj.output_size,))
+        lora = begin_lora(adapter_data, self.layer_idx, "down_proj", act, (self.down_proj.output_size,))
         assert lora is None or residual is None, "the LoRA delta is added before the residual"
         out = self.down_proj(act, residual)
         # finish here, not in the next layer's norm: act may be freed (and its memory reused) once the
         # current stream has waited for the LoRA work that reads it
-        return out, _lora_output(lora, out)
+        return out, lora_output(lora, out)
 
 
 class MistralLayer(nn.Module):
@@ -264,7 +235,7 @@ class MistralLayer(nn.Module):
         """Returns (this block's output, residual stream before it, the output's LoRA delta or None); the
         next norm adds the three."""
         if (self.defer_rows and hidden.shape[0] == 1 and residual is None and delta is None
-                and not _has_lora(step.adapter_data)):  # fmt: skip
+                and not has_lora(step.adapter_data)):  # fmt: skip
             # hidden is the residual stream itself: each block's output arrives with it added
             attn, _ = self.self_attn(NormedRow(self.input_layernorm, hidden), kv, step, residual=hidden)
             normed = NormedRow(self.post_attention_layernorm, attn)

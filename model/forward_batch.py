@@ -50,7 +50,7 @@ class ForwardBatch:
     is_prefill: bool
     block_tables: torch.Tensor | None  # [B, max_blocks] int32; None: no KV cache
     slots: torch.Tensor | None  # [T] int64 KV slot per token (-1: write nothing); None: no KV cache
-    adapter_data: object | None = None  # model.flash_mistral.AdapterHook (AdapterBatchData)
+    adapter_data: object | None = None  # model.lora_hook.AdapterHook (AdapterBatchData)
     prefill_cache_indices: torch.Tensor | None = None  # [N] rows written to the cache (sliding window)
     lm_head_indices: torch.Tensor | None = None  # [N] rows that get logits; None: every row
     skip_lm_head: bool = False  # return the final hidden states of those rows instead

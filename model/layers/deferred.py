@@ -51,10 +51,9 @@ class NormedRow(DeferredRow):
         return self.norm(self.x)[0]
 
     def gemv(self, w, cfg, workspace, pdl, add):
-        from model.kernels.gemm import gemm, gemv_rmsnorm
+        from model.kernels.gemm import gemv_rmsnorm
 
-        if add is not None:  # no projection that reads a norm adds the residual: the unfused op then
-            return gemm(self.materialize().contiguous(), w, cfg, workspace, pdl=pdl, add=add)
+        assert add is None, "a norm's projections (qkv, gate_up) add no residual"
         return gemv_rmsnorm(self.x.contiguous(), self.norm.weight, self.norm.eps, w, cfg, workspace, pdl=pdl)
 
 

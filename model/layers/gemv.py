@@ -89,13 +89,15 @@ class GemvRouter:
         workspace = GemmWorkspace.for_shapes(device, [(c, ROWS, nk[0]) for nk, c in configs.items()])
         return cls(configs, workspace, pdl, prologues)
 
+    def _config(self, w: torch.Tensor):
+        """The GEMV config for weight w (None: no config for its shape, or not contiguous)."""
+        return self.configs.get(tuple(w.shape)) if w.is_contiguous() else None
+
     def __call__(self, x: torch.Tensor, w: torch.Tensor,
                  add: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
         """x @ w^T (+ add [1, N], rounded as the activation dtype adds) for one row; None otherwise."""
-        if x.shape[0] != ROWS:
-            return None
-        cfg = self.configs.get(tuple(w.shape))
-        if cfg is None or not w.is_contiguous():
+        cfg = self._config(w)
+        if x.shape[0] != ROWS or cfg is None:
             return None
         from model.kernels.gemm import gemm
 
@@ -105,8 +107,8 @@ class GemvRouter:
     def deferred(self, row, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor | None:
         """row @ w^T (+ add) for a DeferredRow (model/layers/deferred.py), its norm or activation computed
         by the GEMV's programs; None when (N, K) has no config (the caller materialises the row)."""
-        cfg = self.configs.get(tuple(w.shape))
-        if cfg is None or not w.is_contiguous():
+        cfg = self._config(w)
+        if cfg is None:
             return None
         return row.gemv(w, cfg, self.workspace, self.pdl, None if add is None else add.contiguous())
 
@@ -117,9 +119,9 @@ class GemvRouter:
         cannot take the shape (the caller then runs the projection and rotary_kv_write)."""
         from model.kernels import gemv_rope
 
-        cfg = self.configs.get(tuple(w.shape))
+        cfg = self._config(w)
         head_dim = w.shape[0] // (num_heads + 2 * num_kv_heads)
-        if not self.rope or cfg is None or not w.is_contiguous() or not gemv_rope.supports(cfg, head_dim):
+        if not self.rope or cfg is None or not gemv_rope.supports(cfg, head_dim):
             return None
         return gemv_rope.qkv_rope_gemv(
             row.x.contiguous(), row.norm.weight, row.norm.eps, w, cfg, self.workspace, step.token_rows,

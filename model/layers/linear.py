@@ -40,17 +40,12 @@ def _matmul(gemv, x: torch.Tensor | DeferredRow, weight: torch.Tensor,
     """x @ weight^T (+ add, in the activation dtype): through the GEMV router when it takes this shape,
     else cuBLAS. A deferred row (model/layers/deferred.py) goes to the router's fused GEMV, or is
     computed first when it declines."""
-    if isinstance(x, DeferredRow):
-        out = gemv.deferred(x, weight, add) if gemv is not None else None
-        if out is None:
-            out = F.linear(x.materialize(), weight)
-            return out if add is None else out + add
-        return out
-    out = gemv(x, weight, add) if gemv is not None else None
-    if out is None:
-        out = F.linear(x, weight)
-        return out if add is None else out + add
-    return out
+    if gemv is not None:
+        out = gemv.deferred(x, weight, add) if isinstance(x, DeferredRow) else gemv(x, weight, add)
+        if out is not None:
+            return out
+    out = F.linear(x.materialize() if isinstance(x, DeferredRow) else x, weight)
+    return out if add is None else out + add
 
 
 class ColumnParallelLinear(nn.Module):
