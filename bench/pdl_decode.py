@@ -65,17 +65,21 @@ from bench.profile_decode import MAX_S, DecodeCase, bandwidth_model_and_weight_b
 
 
 @contextlib.contextmanager
-def route(model, router, attention_pdl: bool | None = None):
+def route(model, router, attention_pdl: bool | None = None, split_tokens: int | None = None):
     """Inside: the model's one-row projections through `router` (None: cuBLAS); `attention_pdl`: rope +
-    KV write and the decode attention as programmatic dependents or not (None: as the router sets it)."""
+    KV write and the decode attention as programmatic dependents or not (None: as the router sets it);
+    `split_tokens`: the decode attention's shortest flash-decoding split (None: its heuristic's)."""
     shipped = model.model.layers[0].self_attn.qkv_proj.gemv
+    shipped_split = getattr(model.attention, "min_split_tokens", None)
     model.use_gemv(router)
     if attention_pdl is not None:
         model.attention.pdl = attention_pdl
+    model.attention.min_split_tokens = split_tokens
     try:
         yield
     finally:
         model.use_gemv(shipped)
+        model.attention.min_split_tokens = shipped_split
 
 
 def main() -> None:
@@ -86,6 +90,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", default="")
+    ap.add_argument("--split-tokens", default="", help="also the shipped route with the decode attention's "
+                    "shortest split at each of these token counts, e.g. 64,128")
+    ap.add_argument("--cases", default="", help="only these cases (comma-separated names)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw_bytes, model, weight_bytes = bandwidth_model_and_weight_bytes(dev)
@@ -105,6 +112,11 @@ def main() -> None:
              "gemv+rows+pdl+attn": (variant(True, True), None),
              "gemv+rows+rope": (variant(False, True, True), None),
              "gemv+rows+pdl+attn+rope": (variant(True, True, True), None)}  # fmt: skip
+    for tokens in [int(x) for x in args.split_tokens.split(",") if x]:
+        cases[f"shipped/split{tokens}"] = (variant(True, True, True), None, tokens)
+    if args.cases:
+        keep = set(args.cases.split(",")) | {"cublas"}
+        cases = {k: v for k, v in cases.items() if k in keep or k.startswith("shipped/")}
     # the plain launch each PDL variant must equal bit for bit
     twin = {"gemv+rows+pdl": "gemv+rows", "gemv+rows+pdl+attn": "gemv+rows",
             "gemv+rows+pdl+attn+rope": "gemv+rows+rope"}

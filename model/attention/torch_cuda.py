@@ -25,6 +25,8 @@ TRITON_HEAD_DIMS = (64, 128, 256)  # model/kernels/paged_attention.py asserts th
 class TorchCudaBackend(AttentionBackend):
     name = "torch_cuda"
     block_size = 16
+    # the shortest flash-decoding split of the Triton decode kernel (None: its heuristic's)
+    min_split_tokens: int | None = None
 
     def __init__(self) -> None:
         # Older torch (2.11) has no enable_gqa: repeat the KV heads instead.
@@ -76,6 +78,7 @@ class TorchCudaBackend(AttentionBackend):
             q, kv.k, kv.v, block_tables, seqlen.input_lengths, scale, max_s,
             sliding_window=window, k_scale=kv.k_scale, v_scale=kv.v_scale,
             pdl=self.pdl and q.shape[0] == 1,  # one row (model/layers/gemv.py's route); measured there only
+            min_split_tokens=self.min_split_tokens,
         )
 
 

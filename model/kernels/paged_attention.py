@@ -48,13 +48,14 @@ _MAX_SPLITS = 64
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sliding_window: int | None,
-                      num_sms: int) -> int:
+                      num_sms: int, min_tokens: int | None = None) -> int:
     """Split-K count for flash-decoding: enough programs for ~2 waves of the SMs, but each split keeps
-    at least _MIN_TOKENS_PER_SPLIT tokens. Depends only on python ints (CUDA-graph bucket keys)."""
+    at least `min_tokens` tokens (None: _MIN_TOKENS_PER_SPLIT). Depends only on python ints (CUDA-graph
+    bucket keys)."""
     ctx = max_seq_len if not sliding_window else min(max_seq_len, sliding_window)
     programs = max(batch * num_kv_heads, 1)
     want = triton.cdiv(2 * num_sms, programs)
-    by_len = max(triton.cdiv(max(ctx, 1), _MIN_TOKENS_PER_SPLIT), 1)
+    by_len = max(triton.cdiv(max(ctx, 1), min_tokens or _MIN_TOKENS_PER_SPLIT), 1)
     return max(1, min(want, by_len, _MAX_SPLITS))
 
 
@@ -173,7 +174,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_len, sliding_window,
-            k_scale, v_scale, out, num_splits, block_n=64, num_warps=4, num_stages=2, pdl=False):
+            k_scale, v_scale, out, num_splits, block_n=64, num_warps=4, num_stages=2, pdl=False,
+            min_split_tokens=None):
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
     _, block_size, Hkv, Dk = k_cache.shape
@@ -193,7 +195,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_
         # batch 8, 1 at batch 16 and 32 (18.8 / 31.9 us against 23.4 / 39.6 us with the Q = 1 choice).
         programs_per_seq = (Q + 1) // 2
         num_splits = choose_num_splits(B * programs_per_seq, Hkv, max_seq_len, sliding_window,
-                                       _num_sms(q.device))  # fmt: skip
+                                       _num_sms(q.device), min_split_tokens)  # fmt: skip
     scale_ptr = isinstance(k_scale, torch.Tensor)
     assert scale_ptr == isinstance(v_scale, torch.Tensor), "k_scale and v_scale: both floats or both tensors"
     if scale_ptr:
@@ -231,7 +233,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale: float,
                            max_seq_len: int, *, sliding_window: int | None = None, k_scale=None,
                            v_scale=None, out: torch.Tensor | None = None,
-                           num_splits: int | None = None, pdl: bool = False) -> torch.Tensor:
+                           num_splits: int | None = None, pdl: bool = False,
+                           min_split_tokens: int | None = None) -> torch.Tensor:
     """Decode attention of the Q newest query tokens of each sequence against its paged K/V history.
 
     q [B * Q, Hq, D] (rows of one sequence adjacent; Q = 1: plain decode, Q > 1: a speculative verify
@@ -251,7 +254,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, softmax_
     K/V row once, as plain decode does.
     """
     return _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_len, sliding_window,
-                   k_scale, v_scale, out, num_splits, pdl=pdl)
+                   k_scale, v_scale, out, num_splits, pdl=pdl, min_split_tokens=min_split_tokens)
 
 
 def _gather_pages(cache, tables):
