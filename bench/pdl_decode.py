@@ -50,6 +50,12 @@ Prediction for rope + K/V write in the qkv GEMV's epilogue, before the run: the 
 ~0.5 us more in the GEMV's tail: ~0.06 ms a step. First version: 4.184 against 4.142 ms (slower: its K
 loop issued the x chunk's loads and math before W's load, 20.3 us alone against 16.3 + 2.3, -rope-first
 files); with W's load first: 16.9 us alone, **4.070 against 4.142 ms** (h200-pdl-decode-2026-12-01-rope.json).
+
+The decode attention's split count at batch 1 (--split-tokens: the shipped route with the shortest split
+at 32 / 64 / 128 tokens against the heuristic's 256 then), before the run: 4 splits of up to 3 KV tiles
+each run their tiles in series; one-tile splits should take ~3 us off the ~8 us attention + merge a
+layer, ~0.1 ms a step. Measured: 3.977 / **3.958** / 3.973 against 4.016 ms (h200-pdl-decode-2026-12-01-
+splits.json): 0.06 ms, so decode now splits down to one 64-token tile (model/kernels/paged_attention.py).
 """
 
 from __future__ import annotations
@@ -150,7 +156,7 @@ def main() -> None:
             base = median(samples["cublas"])
             for name in graphs:
                 ms, o = median(samples[name]), sorted(samples[name])
-                plain = twin.get(name, name)
+                plain = twin.get(name, None if name.startswith("shipped/") else name)
                 same = bool(torch.equal(logits[name], logits[plain])) if plain in logits else None
                 err = (logits[name] - logits["cublas"]).abs().max().item()
                 row = {"batch": b, "case": name, "replay_ms": ms, "vs_cublas": ms / base,

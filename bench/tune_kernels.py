@@ -13,9 +13,10 @@ decode  paged attention with Q = 1 at batch 1 / 32 / 64 / 128 and context 545 (b
         the bandwidth it reaches on the K/V bytes (4 KiB a cached token a layer). (A grid with the KV
         heads of a sequence next to each other was measured in a local variant and dropped: 73.6
         against 74.6 us at 128 rows, h200-tune-decode-attention-2026-12-01b.json.)
-decode-small  the same at batch 1 / 2 / 4 / 8, where a launch has too few programs to fill the SMs and
-        its serial tile loop, not bytes, sets the time: split counts 1-32 (splits as short as one KV
-        tile), each layer's K/V a separate cache as in a step (32 rotated, so they come from HBM).
+decode-small  the same at batch 1 / 2 / 4 / 8 (and batch 1 at context 4000), where a launch has too few
+        programs to fill the SMs and its serial tile loop, not bytes, sets the time: split counts 1-32
+        (splits as short as one KV tile), each layer's K/V a separate cache as in a step (32 rotated, so
+        they come from HBM).
 """
 
 from __future__ import annotations
@@ -171,19 +172,20 @@ def sec_decode(dev, out: dict) -> None:
         del kc, vc
 
 
-def _layers_launch(pa, q, caches, tables, lens, o, splits, block_n):
+def _layers_launch(pa, q, caches, tables, lens, o, splits, block_n, bucket):
     # one decode attention a layer, each on its own K/V cache (from HBM, as in a step)
     for kc, vc in caches:
-        pa._launch(q, kc, vc, tables, lens, q.shape[-1] ** -0.5, 1024, None, None, None, o, splits,
+        pa._launch(q, kc, vc, tables, lens, q.shape[-1] ** -0.5, bucket, None, None, None, o, splits,
                    block_n=block_n)  # fmt: skip
 
 
 def sec_decode_small(dev, out: dict) -> None:
     from model.kernels import paged_attention as pa
 
-    hq, hkv, d, bs, ctx, layers = 32, 8, 128, 16, 545, 32
+    hq, hkv, d, bs, layers = 32, 8, 128, 16, 32
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    for batch in (1, 2, 4, 8):
+    cases = ((1, 545, 1024), (2, 545, 1024), (4, 545, 1024), (8, 545, 1024), (1, 4000, 4096))
+    for batch, ctx, bucket in cases:  # context bucket: the graphs' max_s
         blocks_per = -(-ctx // bs)
         shape = (batch * blocks_per + 1, bs, hkv, d)
         caches = [(torch.randn(shape, device=dev, dtype=torch.bfloat16),
@@ -192,15 +194,19 @@ def sec_decode_small(dev, out: dict) -> None:
         lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
         q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
         o = torch.empty_like(q)
-        default = pa.choose_num_splits(batch, hkv, 1024, None, sms)
+        before = pa.choose_num_splits(batch, hkv, bucket, None, sms)  # 256-token splits
+        default = pa.choose_num_splits(batch, hkv, bucket, None, sms, 64)  # one 64-token tile (Q = 1)
         for block_n in (32, 64):
-            for splits in sorted({1, 2, 4, 8, 12, 16, 32, default}):
-                run = partial(_layers_launch, pa, q, caches, tables, lens, o, splits, block_n)
+            for splits in sorted({1, 2, 4, 8, 12, 16, 32, before, default}):
+                run = partial(_layers_launch, pa, q, caches, tables, lens, o, splits, block_n, bucket)
                 us = per_launch_ms(run, dev) / layers * 1e3
                 out.setdefault("decode_small", []).append(dict(
-                    batch=batch, block_n=block_n, splits=splits, default_splits=default, us=us))  # fmt: skip
+                    batch=batch, context=ctx, bucket=bucket, block_n=block_n, splits=splits,
+                    default_splits=default, splits_256_tokens=before, us=us))  # fmt: skip
                 mark = "  (default)" if (block_n, splits) == (64, default) else ""
-                print(f"decode-small B={batch} bn={block_n} s={splits:2d}: {us:6.2f} us{mark}", flush=True)
+                mark += "  (256-token splits)" if (block_n, splits) == (64, before) else ""
+                print(f"decode-small B={batch} ctx={ctx} bn={block_n} s={splits:2d}: {us:6.2f} us{mark}",
+                      flush=True)  # fmt: skip
         del caches
 
 

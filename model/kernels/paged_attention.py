@@ -6,8 +6,8 @@ Cost model, Mistral-7B decode, one layer (Hq=32, Hkv=8, D=128, bf16 K/V):
   FLOPs  = 4 * Hq * D per cached token (QK^T and PV), i.e. 16 KFLOP per 4 KiB: ~4 FLOP/B, so
            memory-bound by ~100x on an H100 even with the query group padded to 16 rows for tl.dot.
   Floors at 3.35 TB/s and predictions (bench/kernels.py cases, block size 16, bf16 unless noted):
-    B=1   ctx=512    2.1 MB     0.6 us   predicted   6 us (launch + merge dominate; 2 splits)
-    B=1   ctx=4096   16.8 MB    5.0 us   predicted  10 us (16 splits -> 128 programs stream it)
+    B=1   ctx=512    2.1 MB     0.6 us   predicted   6 us (launch + merge dominate; 8 one-tile splits)
+    B=1   ctx=4096   16.8 MB    5.0 us   predicted  10 us (33 splits -> 264 programs stream it)
     B=1   ctx=32768, window 4096: as ctx=4096 (only the window is read)
     B=8   ctx=4096   134 MB     40 us    predicted  50 us
     B=32  ctx=640    84 MB      25 us    predicted  32 us
@@ -42,8 +42,16 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-# Splits shorter than this stream too few bytes to pay for writing and merging partials.
+# The shortest flash-decoding split, where the launch has programs enough to stream bytes: shorter splits
+# write and merge more partials than they save. Verify steps (Q > 1 query rows) keep it at every batch.
 _MIN_TOKENS_PER_SPLIT = 256
+# Plain decode (Q = 1) splits down to one KV tile instead: below ~2 waves of programs (the only place
+# the split count is not capped by `want` anyway: batch <= 8 with 8 KV heads) a launch is bound by its
+# serial tile loop, not by bytes. H200, context 545 in the graphs' 1024 bucket, K/V of 32 layers rotated
+# (bench/tune_kernels.py decode-small, h200-tune-decode-small-2026-12-01.json), decode + merge: batch 1
+# 6.6 us against 9.8 with 256-token splits (16 splits against 4), batch 2 7.7 / 10.1 (16 / 4), batch 4
+# 9.5-9.7 / 10.8 (9 / 4), batch 8 12.7-13.3 / 13.3 (5 / 4); the batch-1 decode graph 3.958 against 4.016
+# ms (bench/pdl_decode.py, h200-pdl-decode-2026-12-01-splits.json).
 _MAX_SPLITS = 64
 
 
@@ -190,6 +198,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, max_seq_
     if out is None:
         out = torch.empty_like(q)
     if num_splits is None:
+        if min_split_tokens is None:
+            min_split_tokens = block_n if Q == 1 else _MIN_TOKENS_PER_SPLIT
         # Q > 1 (verify): each split writes Q times the partials and the tile has Q times the rows, so
         # fewer splits pay. Measured on an H200 (bench/tune_kernels.py, Q = 5, context 517): 2 splits at
         # batch 8, 1 at batch 16 and 32 (18.8 / 31.9 us against 23.4 / 39.6 us with the Q = 1 choice).

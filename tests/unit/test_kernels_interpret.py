@@ -155,6 +155,23 @@ def test_choose_num_splits(kernels):
     assert pa.choose_num_splits(64, 8, 4096, None, 132) == 1  # 512 programs already fill the chip
     assert pa.choose_num_splits(1, 8, 100, None, 132) == 1  # too short to pay for a merge
     assert pa.choose_num_splits(1, 8, 32768, 4096, 132) == 16  # the window bounds the work
+    # plain decode splits down to one 64-token tile while that still leaves programs under ~2 waves
+    assert pa.choose_num_splits(1, 8, 1024, None, 132, 64) == 16
+    assert pa.choose_num_splits(4, 8, 1024, None, 132, 64) == 9  # capped at ~2 waves (264 programs)
+    assert pa.choose_num_splits(32, 8, 1024, None, 132, 64) == 2  # as with 256-token splits
+
+
+def test_paged_decode_one_tile_splits_interpret(kernels):
+    """The default split of one decode row: one KV tile a split, most of them empty for a short
+    sequence in a long context bucket (16 splits, 3 with keys), merged to the reference."""
+    pa = kernels["paged_attention"]
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, tables, seq_lens, _, _ = make_paged_case(gen, 1, 8, 2, 64, 16, [150], torch.bfloat16)
+    assert pa.choose_num_splits(1, 2, 1024, None, 132, 64) == 16
+    out = torch.full_like(q, float("nan"))
+    pa.paged_decode_attention(q, k, v, tables, seq_lens, 0.125, 1024, out=out)
+    ref = pa.paged_decode_attention_ref(q, k, v, tables, seq_lens, 0.125, 1024)
+    assert rel_err(out, ref) <= 1e-2
 
 
 # ----------------------------------------------------------------------------------------------- DoRA
