@@ -56,6 +56,13 @@ at 32 / 64 / 128 tokens against the heuristic's 256 then), before the run: 4 spl
 each run their tiles in series; one-tile splits should take ~3 us off the ~8 us attention + merge a
 layer, ~0.1 ms a step. Measured: 3.977 / **3.958** / 3.973 against 4.016 ms (h200-pdl-decode-2026-12-01-
 splits.json): 0.06 ms, so decode now splits down to one 64-token tile (model/kernels/paged_attention.py).
+
+Rope + K/V write and the attention launched early at more than one row (--pdl-rows 1,65536 --batches
+32,64,128 --cases cublas; the projections are cuBLAS there, so only the rope -> attention (-> merge) edge
+can start early), before the run: ~1 us a layer, 0.03 ms a step. Measured (h200-pdl-decode-2026-12-01-
+pdlrows.json): 5.161 against 5.117 ms at batch 32, 5.600 / 5.628 at 64, 7.160 / 7.195 at 128 (p10-p90 of
+7.14-7.74 there): noise-sized and not one way, so more rows keep plain launches
+(AttentionBackend.pdl_max_rows).
 """
 
 from __future__ import annotations
@@ -71,21 +78,27 @@ from bench.profile_decode import MAX_S, DecodeCase, bandwidth_model_and_weight_b
 
 
 @contextlib.contextmanager
-def route(model, router, attention_pdl: bool | None = None, split_tokens: int | None = None):
+def route(model, router, attention_pdl: bool | None = None, split_tokens: int | None = None,
+          pdl_rows: int | None = None):
     """Inside: the model's one-row projections through `router` (None: cuBLAS); `attention_pdl`: rope +
     KV write and the decode attention as programmatic dependents or not (None: as the router sets it);
-    `split_tokens`: the decode attention's shortest flash-decoding split (None: its heuristic's)."""
+    `split_tokens`: the decode attention's shortest flash-decoding split (None: its heuristic's);
+    `pdl_rows`: the most rows for which rope + KV write and the attention launch early (None: shipped)."""
     shipped = model.model.layers[0].self_attn.qkv_proj.gemv
     shipped_split = getattr(model.attention, "min_split_tokens", None)
+    shipped_rows = model.attention.pdl_max_rows
     model.use_gemv(router)
     if attention_pdl is not None:
         model.attention.pdl = attention_pdl
     model.attention.min_split_tokens = split_tokens
+    if pdl_rows is not None:
+        model.attention.pdl_max_rows = pdl_rows
     try:
         yield
     finally:
         model.use_gemv(shipped)
         model.attention.min_split_tokens = shipped_split
+        model.attention.pdl_max_rows = shipped_rows
 
 
 def main() -> None:
@@ -98,6 +111,8 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--split-tokens", default="", help="also the shipped route with the decode attention's "
                     "shortest split at each of these token counts, e.g. 64,128")
+    ap.add_argument("--pdl-rows", default="", help="also the shipped route with rope + KV write and the "
+                    "attention launched early up to each of these row counts, e.g. 1,256")
     ap.add_argument("--cases", default="", help="only these cases (comma-separated names)")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -120,12 +135,15 @@ def main() -> None:
              "gemv+rows+pdl+attn+rope": (variant(True, True, True), None)}  # fmt: skip
     for tokens in [int(x) for x in args.split_tokens.split(",") if x]:
         cases[f"shipped/split{tokens}"] = (variant(True, True, True), None, tokens)
+    for rows in [int(x) for x in args.pdl_rows.split(",") if x]:
+        cases[f"shipped/pdlrows{rows}"] = (variant(True, True, True), None, None, rows)
     if args.cases:
         keep = set(args.cases.split(",")) | {"cublas"}
         cases = {k: v for k, v in cases.items() if k in keep or k.startswith("shipped/")}
     # the plain launch each PDL variant must equal bit for bit
     twin = {"gemv+rows+pdl": "gemv+rows", "gemv+rows+pdl+attn": "gemv+rows",
             "gemv+rows+pdl+attn+rope": "gemv+rows+rope"}
+    twin |= {n: "shipped/pdlrows1" for n in cases if n.startswith("shipped/pdlrows") and n[15:] != "1"}
     with torch.no_grad():
         for b in [int(x) for x in args.batches.split(",")]:
             case = DecodeCase(model, b, 544)

@@ -129,9 +129,8 @@ class MistralAttention(nn.Module):
                 k_scale=kv.k_scale,
                 v_scale=kv.v_scale,
                 delta=delta,
-                # one decode row: a programmatic dependent of the qkv GEMV, letting the attention launch
-                # early (measured there only: more rows keep plain launches)
-                pdl=self.attention.pdl and not step.is_prefill and t == 1,
+                # a programmatic dependent of the projection, letting the attention launch early
+                pdl=self.attention.pdl and not step.is_prefill and t <= self.attention.pdl_max_rows,
             )
             if step.is_prefill:
                 attn = self.attention.prefill(

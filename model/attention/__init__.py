@@ -97,6 +97,12 @@ class AttentionBackend(ABC):
     # a backend whose decode is our Triton kernel launches it as one too for one query row (it waits for
     # the kernel that wrote q and the K/V, and lets o_proj's GEMV launch at its start); others ignore it.
     pdl: bool = False
+    # The most query rows (tokens of a decode step) for which rope + K/V write and the decode attention
+    # launch as programmatic dependents when `pdl` is set; larger steps keep plain launches. H200, decode
+    # graph (bench/pdl_decode.py --pdl-rows, h200-pdl-decode-2026-12-01-pdlrows.json): early launches at
+    # every row count against one row only: 5.161 / 5.117 ms at batch 32, 5.600 / 5.628 at 64, 7.160 /
+    # 7.195 at 128 (+0.9%, -0.5%, -0.5%: noise-sized and not one way), so one row it stays.
+    pdl_max_rows: int = 1
 
     @abstractmethod
     def prefill(

@@ -77,7 +77,7 @@ class TorchCudaBackend(AttentionBackend):
         return self._triton_decode(
             q, kv.k, kv.v, block_tables, seqlen.input_lengths, scale, max_s,
             sliding_window=window, k_scale=kv.k_scale, v_scale=kv.v_scale,
-            pdl=self.pdl and q.shape[0] == 1,  # one row (model/layers/gemv.py's route); measured there only
+            pdl=self.pdl and q.shape[0] <= self.pdl_max_rows,
             min_split_tokens=self.min_split_tokens,
         )
 
