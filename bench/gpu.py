@@ -81,7 +81,7 @@ def print_table(report: Report) -> None:
         extra = r.get("error") or " ".join(
             f"{k}={shorten(r[k])}"
             for k in ("variant", "path", "overlap", "backend", "forward_ms", "floor_ms", "ratio_vs_direct",
-                      "tflops", "ratio")
+                      "prefill_ms", "decode_ms", "router_ms", "tflops", "ratio")
             if r.get(k) is not None
         )  # fmt: skip
         print(f"{r['kind']:<12} {r['system']:<12} {_fmt(r['batch'], 0):>5} {_fmt(r['adapters'], 0):>5} "

@@ -68,15 +68,22 @@ def _e2e_grpc_server(bench: Bench, overlap: bool) -> None:
             for batch in p.e2e_batches:
                 router.generate(bench.prompts.specs(batch, p.prompt, 4))  # warm, as the direct run
                 specs = bench.prompts.specs(batch, p.prompt, p.new_tokens)
+                rpc = dict(router.stats.rpc_seconds)
                 t1 = time.perf_counter()
                 results = router.generate(specs)
                 seconds = time.perf_counter() - t1
+                # where the wall time went: waiting on each RPC, and the router's own Python between them
+                waited = {m: v - rpc.get(m, 0.0) for m, v in router.stats.rpc_seconds.items()}
+                prefill_s, decode_s = waited.get("Prefill", 0.0), waited.get("Decode", 0.0)
+                split = {"prefill_ms": prefill_s * 1e3, "decode_ms": decode_s * 1e3,
+                         "other_rpc_ms": (sum(waited.values()) - prefill_s - decode_s) * 1e3,
+                         "router_ms": (seconds - sum(waited.values())) * 1e3}  # fmt: skip
                 tokens = sum(len(r.token_ids) for r in results)
                 direct = bench.direct_e2e.get((batch, overlap))
                 bench.report.add(
                     "e2e", "shard", batch=batch, adapters=0, tok_s=tokens / seconds,
                     step_ms=seconds / p.new_tokens * 1e3, ms=seconds * 1e3, path="grpc", tokens=tokens,
-                    overlap=overlap, ratio_vs_direct=tokens / seconds / direct if direct else None,
+                    overlap=overlap, ratio_vs_direct=tokens / seconds / direct if direct else None, **split,
                     notes="shard server process + fake router over a unix socket (Prefill, Decode..., "
                     "FilterBatch, ClearCache, protobuf both ways); same workload as the direct row with "
                     "the same overlap setting",

@@ -152,11 +152,13 @@ class Bench:
             cached = None if res.batch is None else res.batch.id
         return cached
 
-    def generate_direct(self, specs) -> tuple[float, int]:
-        """What the router does with one batch, minus gRPC: one Prefill, Decode until done -> (s, tokens)."""
+    def generate_direct(self, specs) -> tuple[float, int, float]:
+        """What the router does with one batch, minus gRPC: one Prefill, Decode until done -> (s, tokens,
+        s of the Prefill call)."""
         sync(self.plan.device)
         t0 = time.perf_counter()
         bid = self.prefill(specs, None)
+        prefill_s = time.perf_counter() - t0
         tokens = len(specs)
         while bid is not None:
             res = self.engine.decode([bid])
@@ -165,7 +167,7 @@ class Bench:
         sync(self.plan.device)
         seconds = time.perf_counter() - t0
         self.engine.clear_cache(None)
-        return seconds, tokens
+        return seconds, tokens, prefill_s
 
     def load_adapters(self, dirs: list[Path], first_index: int) -> tuple[list[float], list[float]]:
         """-> (ms per LoadAdapter, ms of it spent recapturing LoRA decode graphs after a re-layout)."""
@@ -392,12 +394,12 @@ class Bench:
         # Warm at the same batch size: first kernels and allocations at this shape stay out of the timing.
         self.generate_direct(self.prompts.specs(batch, p.prompt, 4))
         specs = self.prompts.specs(batch, p.prompt, p.new_tokens)
-        seconds, tokens = self.generate_direct(specs)
+        seconds, tokens, prefill_s = self.generate_direct(specs)
         self.direct_e2e[(batch, overlap)] = tokens / seconds
         self.report.add(
             "e2e", "shard", batch=batch, adapters=0, tok_s=tokens / seconds,
             step_ms=seconds / p.new_tokens * 1e3, ms=seconds * 1e3, path="direct", tokens=tokens,
-            overlap=overlap,
+            overlap=overlap, prefill_ms=prefill_s * 1e3, decode_ms=(seconds - prefill_s) * 1e3,
             notes=f"ShardEngine in process: one prefill of {batch} x {p.prompt} tokens, decode until "
             f"{p.new_tokens} new tokens each; tok_s = generated tokens / wall time",
         )  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ import grpc
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
 from shard_server.server.convert import adapter_to_pb
-from shard_server.testing.wire import generation_from_pb, request_to_pb, warmup_request
+from shard_server.testing.wire import generation_from_pb, request_to_pb, tokens_from_pb, warmup_request
 from shard_server.types import AdapterSpec, FinishReason, GenerationOut, RequestSpec, TokensOut
 
 CHANNEL_OPTIONS = [
@@ -85,6 +86,8 @@ class RouterStats:
     decodes: int = 0
     filters: int = 0
     chunked_requests: int = 0
+    # wall seconds spent waiting on each RPC method (all shards at once), for benchmarks' breakdowns
+    rpc_seconds: dict[str, float] = field(default_factory=dict)
 
 
 # on_token(index of the request in generate()'s list, event) -> False cancels that request.
@@ -159,8 +162,17 @@ class FakeRouter:
 
     def _call(self, method: str, request: Any) -> list[Any]:
         """Send to every shard at once; return their responses in rank order (first error raised)."""
-        futures = [self._pool.submit(getattr(s, method), request, timeout=self.timeout) for s in self.stubs]
-        return [f.result() for f in futures]
+        t0 = time.perf_counter()
+        try:
+            if len(self.stubs) == 1:  # no thread hop for one shard: it is on every step's critical path
+                return [getattr(self.stubs[0], method)(request, timeout=self.timeout)]
+            futures = [
+                self._pool.submit(getattr(s, method), request, timeout=self.timeout) for s in self.stubs
+            ]
+            return [f.result() for f in futures]
+        finally:
+            seconds = self.stats.rpc_seconds
+            seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------ single RPCs
     def health(self) -> None:
@@ -184,11 +196,19 @@ class FakeRouter:
     def prefill(
         self, batch: pb.Batch, cached: pb.CachedBatch | None = None
     ) -> tuple[list[GenerationOut], Any]:
+        gens, out = self._prefill_pb(batch, cached)
+        return [generation_from_pb(g) for g in gens], out
+
+    def decode(self, batches: Sequence[pb.CachedBatch]) -> tuple[list[GenerationOut], Any]:
+        gens, out = self._decode_pb(batches)
+        return [generation_from_pb(g) for g in gens], out
+
+    def _prefill_pb(self, batch: pb.Batch, cached: pb.CachedBatch | None) -> tuple[list[pb.Generation], Any]:
         self.stats.prefills += 1
         self.stats.prefills_into_running += cached is not None
         return self._merge(self._call("Prefill", pb.PrefillRequest(batch=batch, cached_batch=cached)))
 
-    def decode(self, batches: Sequence[pb.CachedBatch]) -> tuple[list[GenerationOut], Any]:
+    def _decode_pb(self, batches: Sequence[pb.CachedBatch]) -> tuple[list[pb.Generation], Any]:
         self.stats.decodes += 1
         self.stats.prefills_into_running += len(batches) > 1
         return self._merge(self._call("Decode", pb.DecodeRequest(batches=batches)))
@@ -218,8 +238,8 @@ class FakeRouter:
         return all(r.offloaded for r in self._call("OffloadAdapter", req))
 
     @staticmethod
-    def _merge(responses: list[Any]) -> tuple[list[GenerationOut], Any]:
-        gens = [generation_from_pb(g) for r in responses for g in r.generations]
+    def _merge(responses: list[Any]) -> tuple[list[pb.Generation], Any]:
+        gens = [g for r in responses for g in r.generations]
         first = responses[0]
         return gens, (first.batch if first.HasField("batch") else None)
 
@@ -326,20 +346,20 @@ class FakeRouter:
                 full = {e.spec.id for e in new if not e.chunked}  # these must emit their first token
                 live.update((e.spec.id, e) for e in new)
                 if running is not None and self.limits.concat_via == "decode":
-                    gens, fresh = self.prefill(batch)
+                    gens, fresh = self._prefill_pb(batch, None)
                     pending = self._apply(gens, fresh, full, new_ids, new_ids, live, done, on_token)
                 else:
                     members = new_ids | set(running.request_ids if running is not None else ())
                     # Pending prefills of the cached batch may finish here; its decoding rows do not step.
                     may = new_ids | {rid for rid in members if not live[rid].started}
-                    gens, running = self.prefill(batch, running)
+                    gens, running = self._prefill_pb(batch, running)
                     running = self._apply(gens, running, full, may, members, live, done, on_token)
                 prefilled_last = True
             elif running is not None or pending is not None:
                 batches = [b for b in (running, pending) if b is not None]
                 members = {rid for b in batches for rid in b.request_ids}
                 decoding = {rid for rid in members if live[rid].started}
-                gens, running = self.decode(batches)
+                gens, running = self._decode_pb(batches)
                 pending = None
                 running = self._apply(gens, running, decoding, members, members, live, done, on_token)
                 prefilled_last = False
@@ -351,7 +371,7 @@ class FakeRouter:
 
     def _apply(
         self,
-        gens: list[GenerationOut],
+        gens: list[pb.Generation],
         batch: pb.CachedBatch | None,
         must: set[int],
         may: set[int],
@@ -365,33 +385,48 @@ class FakeRouter:
         must: requests that must each get exactly one Generation (across all shards);
         may: requests that may get one (at most one): pending chunked prefills that can complete;
         members: requests the returned CachedBatch must list, less those that finished.
+        Reads the protobuf messages directly: this runs once a step for every row, between two Decodes.
         """
         seen: set[int] = set()
         finished: set[int] = set()
+        allowed = must | may
         for g in gens:
-            e = live.get(g.request_id)
-            if e is None or g.request_id in seen or g.request_id not in (must | may):
-                raise ProtocolViolation(f"unexpected or duplicate Generation for request {g.request_id}")
-            seen.add(g.request_id)
+            rid = g.request_id
+            e = live.get(rid)
+            if e is None or rid in seen or rid not in allowed:
+                raise ProtocolViolation(f"unexpected or duplicate Generation for request {rid}")
+            seen.add(rid)
             e.started = True
             res = e.result
-            if g.prefill_tokens is not None:
-                res.prefill_tokens, res.prefill_tokens_length = g.prefill_tokens, g.prefill_tokens_length
+            if g.HasField("prefill_tokens"):
+                res.prefill_tokens, res.prefill_tokens_length = (
+                    tokens_from_pb(g.prefill_tokens),
+                    g.prefill_tokens_length,
+                )
             nt = g.next_tokens
-            for k, tid in enumerate(nt.ids):
-                res.token_ids.append(tid)
-                res.logprobs.append(nt.logprobs[k] if k < len(nt.logprobs) else math.nan)
-                res.token_texts.append(nt.texts[k] if k < len(nt.texts) else "")
-                special = nt.is_special[k] if k < len(nt.is_special) else False
-                event = TokenEvent(tid, res.logprobs[-1], res.token_texts[-1], special)
-                if on_token is not None and on_token(e.index, event) is False:
-                    res.cancelled = True  # the client went away: the router filters it out below
-            if g.generated_text is not None:
+            ids = list(nt.ids)
+            n = len(ids)
+            # A shard may send fewer logprobs / texts than ids (the wire allows it): pad as the router does.
+            logprobs = list(nt.logprobs[:n])
+            texts = list(nt.texts[:n])
+            logprobs += [math.nan] * (n - len(logprobs))
+            texts += [""] * (n - len(texts))
+            res.token_ids += ids
+            res.logprobs += logprobs
+            res.token_texts += texts
+            if on_token is not None:
+                special = list(nt.is_special[:n])
+                special += [False] * (n - len(special))
+                for k in range(n):
+                    if on_token(e.index, TokenEvent(ids[k], logprobs[k], texts[k], special[k])) is False:
+                        res.cancelled = True  # the client went away: the router filters it out below
+            if g.HasField("generated_text"):
                 gt = g.generated_text
-                res.text, res.finish_reason, res.seed = gt.text, gt.finish_reason, gt.seed
+                res.text, res.finish_reason = gt.text, FinishReason(gt.finish_reason)
+                res.seed = gt.seed if gt.HasField("seed") else None
                 res.generated_tokens, res.cancelled = gt.generated_tokens, False
                 res.skipped_tokens = gt.skipped_tokens
-                finished.add(g.request_id)
+                finished.add(rid)
         if must - seen:
             raise ProtocolViolation(f"no Generation for live requests {sorted(must - seen)}")
         expected = members - finished
