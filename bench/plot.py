@@ -31,6 +31,13 @@ def _decode_rows(rows: list[dict], system: str) -> dict[int, dict[int, dict]]:
     return out
 
 
+def _adapters_label(n: int, by_batch: dict[int, dict]) -> str:
+    """'8 adapters', or for the mixed_ranks section's rows, which ranks shared the batch."""
+    if any(r.get("mixed_ranks") for r in by_batch.values()):
+        return f"{n} adapters, ranks mixed"
+    return f"{n} adapter{'s' if n > 1 else ''}"
+
+
 def plot(result_path: Path, out_path: Path | None = None) -> Path:
     import matplotlib
 
@@ -47,7 +54,7 @@ def plot(result_path: Path, out_path: Path | None = None) -> Path:
     ax = axes[0]
     for n, by_batch in sorted(shard.items()):
         b = sorted(by_batch)
-        label = "shard, no adapter" if n == 0 else f"shard, {n} adapter{'s' if n > 1 else ''}"
+        label = "shard, no adapter" if n == 0 else f"shard, {_adapters_label(n, by_batch)}"
         ax.plot(b, [by_batch[x]["tok_s"] for x in b], marker="o", color=color[n], label=label)
     for system, by_n in baselines.items():
         for n, by_batch in sorted(by_n.items()):
@@ -70,8 +77,9 @@ def plot(result_path: Path, out_path: Path | None = None) -> Path:
     for n, by_batch in sorted(shard.items()):
         if n:
             bb = sorted(by_batch)
+            label = f"step, {_adapters_label(n, by_batch)} (their bytes counted)"
             ax.plot(bb, [by_batch[x]["roofline_fraction"] for x in bb], marker=".", linestyle=":",
-                    color=color[n], label=f"step, {n} adapter(s) (adapter bytes counted)")  # fmt: skip
+                    color=color[n], label=label)  # fmt: skip
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set(xscale="log", ylim=(0, 1.05), xlabel="batch", ylabel="fraction of roofline",
            title=f"roofline (copy {data.get('bandwidth_GBps') or 0:.0f} GB/s, same run)")  # fmt: skip
@@ -83,7 +91,7 @@ def plot(result_path: Path, out_path: Path | None = None) -> Path:
         if n:
             bb = [x for x in sorted(by_batch) if x in base]
             ax.plot(bb, [by_batch[x]["tok_s"] / base[x]["tok_s"] for x in bb], marker="o", color=color[n],
-                    label=f"{n} adapter{'s' if n > 1 else ''} / no adapter")  # fmt: skip
+                    label=f"{_adapters_label(n, by_batch)} / no adapter")  # fmt: skip
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set(xscale="log", ylim=(0, 1.1), xlabel="batch", ylabel="tok/s ratio", title="adapters against base")
     ax.grid(True, alpha=0.3)
