@@ -64,7 +64,8 @@ class Bench:
         self.bandwidth = None  # bytes / s
         self.peak_flops = None  # FLOP / s
         self.adapter_dirs: dict[str, list[Path]] = {}
-        self.direct_e2e: dict[tuple[int, bool], float] = {}  # (batch, overlap) -> tok/s in process
+        # (batch, overlap) -> tok/s in process, one entry per trial (--e2e-batches may repeat a batch)
+        self.direct_e2e: dict[tuple[int, bool], list[float]] = {}
 
     # ---- setup ---------------------------------------------------------------------------------------
 
@@ -395,7 +396,7 @@ class Bench:
         self.generate_direct(self.prompts.specs(batch, p.prompt, 4))
         specs = self.prompts.specs(batch, p.prompt, p.new_tokens)
         seconds, tokens, prefill_s = self.generate_direct(specs)
-        self.direct_e2e[(batch, overlap)] = tokens / seconds
+        self.direct_e2e.setdefault((batch, overlap), []).append(tokens / seconds)
         self.report.add(
             "e2e", "shard", batch=batch, adapters=0, tok_s=tokens / seconds,
             step_ms=seconds / p.new_tokens * 1e3, ms=seconds * 1e3, path="direct", tokens=tokens,

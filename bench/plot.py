@@ -2,12 +2,13 @@
 
     python -m bench.plot bench/results/<card>-<date>.json     # writes <card>-<date>.png
 
-Three panels, all from the one run in the file:
+Up to four panels, all from the one run in the file:
   decode tok/s against batch (log-log): the shard without adapters, with 1/8/32 adapters, and the
       transformers / transformers+PEFT baselines measured in the same run;
   roofline fraction against batch: the whole engine step and the model forward alone (graph replay),
       each = (bytes the step must read / measured copy bandwidth) / time;
-  adapters against base: tok/s with N adapters divided by tok/s without, per batch.
+  adapters against base: tok/s with N adapters divided by tok/s without, per batch;
+  end to end: tok/s through gRPC over tok/s in process, per batch, overlap on and off.
 matplotlib is only needed here (the `bench` extra); nothing else in the project imports it.
 """
 
@@ -38,7 +39,30 @@ def _adapters_label(n: int, by_batch: dict[int, dict]) -> str:
     return f"{n} adapter{'s' if n > 1 else ''}"
 
 
+def _e2e_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("kind") == "e2e" and r.get("error") is None and r.get("tok_s")]
+
+
+def _panel_e2e(ax, rows: list[dict]) -> None:
+    """gRPC tok/s over direct tok/s per batch, overlap on and off; a repeated batch is one dot a trial."""
+    for overlap, color in ((True, "C0"), (False, "C3")):
+        grpc = [r for r in rows if r.get("path") == "grpc" and r.get("overlap") is overlap]
+        pts = [(r["batch"], r["ratio_vs_direct"]) for r in grpc if r.get("ratio_vs_direct")]
+        if pts:
+            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", linestyle="none", color=color,
+                    label=f"through gRPC / in process, overlap {'on' if overlap else 'off'}")  # fmt: skip
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.axhline(0.95, color="grey", linewidth=0.8, linestyle=":")
+    batches = [r["batch"] for r in rows]
+    ax.set(xscale="log", xlim=(min(batches) / 1.5, max(batches) * 1.5), ylim=(0, 1.1), xlabel="batch",
+           ylabel="tok/s ratio", title="end to end: gRPC (shard process + router) / in process")  # fmt: skip
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(result_path: Path, out_path: Path | None = None) -> Path:
+    """Up to four panels: the three decode panels when the file has decode rows, the end-to-end panel when
+    it has end-to-end rows (a run of some sections only draws what it has)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display anywhere this runs
@@ -48,7 +72,26 @@ def plot(result_path: Path, out_path: Path | None = None) -> Path:
     rows = data["rows"]
     shard = _decode_rows(rows, "shard")
     baselines = {s: _decode_rows(rows, s) for s in ("transformers", "peft")}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    e2e = _e2e_rows(rows)
+    if not shard.get(0) and not e2e:
+        raise ValueError(f"{result_path}: no decode rows without adapters and no end-to-end rows to draw")
+    n_panels = (3 if shard.get(0) else 0) + (1 if e2e else 0)
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.7 * n_panels, 5), squeeze=False)
+    axes = list(axes[0])
+    if e2e:
+        _panel_e2e(axes.pop(), e2e)
+    if shard.get(0):
+        _decode_panels(axes, data, shard, baselines)
+    commit = str(data.get("commit")).split(" ")[0]  # a hand-corrected field explains itself after the hash
+    fig.suptitle(f"{data.get('device')}  commit {commit}", fontsize=10)
+    fig.tight_layout()
+    out = out_path or result_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _decode_panels(axes, data: dict, shard: dict[int, dict[int, dict]], baselines: dict) -> None:
     color = {n: f"C{i}" for i, n in enumerate(sorted(shard))}  # one colour per adapter count, every panel
 
     ax = axes[0]
@@ -96,13 +139,6 @@ def plot(result_path: Path, out_path: Path | None = None) -> Path:
     ax.set(xscale="log", ylim=(0, 1.1), xlabel="batch", ylabel="tok/s ratio", title="adapters against base")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-
-    fig.suptitle(f"{data.get('device')}  commit {data.get('commit')}", fontsize=10)
-    fig.tight_layout()
-    out = out_path or result_path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
