@@ -26,6 +26,7 @@ from shard_server.server.convert import (
     generation_to_pb,
     info_to_pb,
     request_from_pb,
+    step_to_pb,
 )
 from shard_server.server.grpc_server import create_server
 from shard_server.testing.wire import generation_from_pb, request_to_pb, tiny_png
@@ -130,6 +131,44 @@ def test_generation_round_trip(gen):
     assert generation_from_pb(pb.Generation.FromString(msg.SerializeToString())) == gen
     if gen.generated_text is not None:
         assert msg.generated_text.HasField("seed") == (gen.generated_text.seed is not None)
+
+
+def test_a_step_response_is_the_generations_built_one_by_one():
+    """step_to_pb fills the response in place; the wire bytes are those of messages built field by field,
+    empty token lists and default generated texts stay present, the batch only when there is one."""
+    empty = TokensOut((), (), (), ())
+    gens = (
+        GenerationOut(request_id=3, next_tokens=TOKENS),
+        GenerationOut(request_id=4, next_tokens=empty, prefill_tokens=empty,
+                      generated_text=GeneratedTextOut("", 0, FinishReason(0), seed=None)),  # fmt: skip
+        GenerationOut(request_id=5, next_tokens=TOKENS, prefill_tokens=TOKENS, prefill_tokens_length=2,
+                      generated_text=GeneratedTextOut("a é", 2, FinishReason.LENGTH, seed=7)),  # fmt: skip
+    )
+
+    def built(t: TokensOut) -> pb.NextTokens:
+        alts = [pb.AlternativeTokens(ids=a.ids, logprobs=a.logprobs, texts=a.texts) for a in t.alternatives]
+        return pb.NextTokens(ids=t.ids, logprobs=t.logprobs, texts=t.texts, is_special=t.is_special,
+                             alternative_tokens=alts)  # fmt: skip
+
+    expected = []
+    for g in gens:
+        m = pb.Generation(request_id=g.request_id, next_tokens=built(g.next_tokens),
+                          prefill_tokens_length=g.prefill_tokens_length)  # fmt: skip
+        if g.prefill_tokens is not None:
+            m.prefill_tokens.CopyFrom(built(g.prefill_tokens))
+        if (gt := g.generated_text) is not None:
+            text = pb.GeneratedText(text=gt.text, generated_tokens=gt.generated_tokens,
+                                    finish_reason=int(gt.finish_reason), seed=gt.seed)  # fmt: skip
+            m.generated_text.CopyFrom(text)
+        expected.append(m)
+    for batch in (None, CachedBatchInfo(7, (3, 5), 100, 3)):
+        msg = step_to_pb(StepResult(gens, batch), pb.DecodeResponse)
+        assert list(msg.generations) == expected
+        assert msg.HasField("batch") == (batch is not None)
+        back = pb.DecodeResponse.FromString(msg.SerializeToString())
+        assert [generation_from_pb(g) for g in back.generations] == list(gens)
+        second = back.generations[1]
+        assert second.HasField("prefill_tokens") and second.HasField("generated_text")
 
 
 def test_nan_prefill_logprob_survives():
