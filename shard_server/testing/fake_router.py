@@ -26,7 +26,13 @@ import grpc
 from shard_server.pb.generate.v1 import generate_pb2 as pb
 from shard_server.pb.generate.v1 import generate_pb2_grpc
 from shard_server.server.convert import adapter_to_pb
-from shard_server.testing.wire import generation_from_pb, request_to_pb, tokens_from_pb, warmup_request
+from shard_server.testing.wire import (
+    generated_text_from_pb,
+    generation_from_pb,
+    request_to_pb,
+    tokens_from_pb,
+    warmup_request,
+)
 from shard_server.types import AdapterSpec, FinishReason, GenerationOut, RequestSpec, TokensOut
 
 CHANNEL_OPTIONS = [
@@ -420,10 +426,9 @@ class FakeRouter:
                 for k in range(n):
                     if on_token(e.index, TokenEvent(ids[k], logprobs[k], texts[k], special[k])) is False:
                         res.cancelled = True  # the client went away: the router filters it out below
-            if g.HasField("generated_text"):
-                gt = g.generated_text
-                res.text, res.finish_reason = gt.text, FinishReason(gt.finish_reason)
-                res.seed = gt.seed if gt.HasField("seed") else None
+            if g.HasField("generated_text"):  # once a request, so the dataclass costs nothing per step
+                gt = generated_text_from_pb(g.generated_text)
+                res.text, res.finish_reason, res.seed = gt.text, gt.finish_reason, gt.seed
                 res.generated_tokens, res.cancelled = gt.generated_tokens, False
                 res.skipped_tokens = gt.skipped_tokens
                 finished.add(rid)

@@ -78,23 +78,23 @@ def tokens_from_pb(t: pb.NextTokens) -> TokensOut:
     )
 
 
+def generated_text_from_pb(x: pb.GeneratedText) -> GeneratedTextOut:
+    return GeneratedTextOut(
+        text=x.text,
+        generated_tokens=x.generated_tokens,
+        finish_reason=FinishReason(x.finish_reason),
+        seed=x.seed if x.HasField("seed") else None,
+        skipped_tokens=x.skipped_tokens,
+    )
+
+
 def generation_from_pb(g: pb.Generation) -> GenerationOut:
-    gt = None
-    if g.HasField("generated_text"):
-        x = g.generated_text
-        gt = GeneratedTextOut(
-            text=x.text,
-            generated_tokens=x.generated_tokens,
-            finish_reason=FinishReason(x.finish_reason),
-            seed=x.seed if x.HasField("seed") else None,
-            skipped_tokens=x.skipped_tokens,
-        )
     return GenerationOut(
         request_id=g.request_id,
         next_tokens=tokens_from_pb(g.next_tokens),
         prefill_tokens=tokens_from_pb(g.prefill_tokens) if g.HasField("prefill_tokens") else None,
         prefill_tokens_length=g.prefill_tokens_length,
-        generated_text=gt,
+        generated_text=generated_text_from_pb(g.generated_text) if g.HasField("generated_text") else None,
     )
 
 
